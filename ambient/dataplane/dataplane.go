@@ -1,0 +1,574 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"kmesh.dev/kmesh/bpf"
+)
+
+// Options configure a Dataplane.
+type Options struct {
+	// Node is this node's topology: locality ranks are computed against it.
+	Node Topology
+	// Protocols get a frontend per service port; default TCP and UDP (Istio's
+	// workload API carries no protocol per port).
+	Protocols []bpf.Proto
+	Logger    *slog.Logger
+}
+
+// Stats counts what the writer did; exported as metrics by the daemon.
+type Stats struct {
+	ServiceWrites  atomic.Uint64 // services (re)written to the kernel
+	WorkloadWrites atomic.Uint64
+	Errors         atomic.Uint64 // failed applies (each also returned and logged)
+	MapFull        atomic.Uint64 // of which: a map had no room
+}
+
+// Dataplane owns the contents of the load-balancing maps.
+type Dataplane struct {
+	maps *bpf.Maps
+	opts Options
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	workloads map[string]*workloadRec
+	services  map[string]*serviceRec
+	// refs: workload UID -> keys of services listing it as an endpoint, so a
+	// workload change re-derives exactly the services it affects.
+	refs map[string]map[string]struct{}
+	// fe mirrors kmesh_frontend with each entry's owner ("svc:<key>" or
+	// "wl:<uid>"). Two owners may claim one address (a ServiceEntry shadowing
+	// a Service): the last writer wins, and the loser's cleanup must not
+	// delete the winner's entry.
+	fe       map[bpf.FrontendKey]feEntry
+	enrolled map[uint64]string // netns cookie -> workload UID
+
+	backendIDs, setIDs idAlloc
+	Stats              Stats
+}
+
+type feEntry struct {
+	owner string
+	val   bpf.Frontend
+}
+
+type workloadRec struct {
+	resolvedWorkload
+	frontends []bpf.FrontendKey
+}
+
+type serviceRec struct {
+	svc       Service
+	sets      []*liveSet
+	frontends map[bpf.FrontendKey]bpf.Frontend
+}
+
+// liveSet is a load-balancing set as it is in the kernel.
+type liveSet struct {
+	id    uint32
+	gen   uint8
+	epoch uint32
+	table *tableSet
+}
+
+// New returns a Dataplane writing to maps. The maps are assumed empty of
+// anything this Dataplane must own (see Adopt for a restart).
+func New(m *bpf.Maps, opts Options) *Dataplane {
+	if len(opts.Protocols) == 0 {
+		opts.Protocols = []bpf.Proto{bpf.TCP, bpf.UDP}
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Dataplane{
+		maps: m, opts: opts, log: log.With("component", "dataplane"),
+		workloads: map[string]*workloadRec{}, services: map[string]*serviceRec{},
+		refs: map[string]map[string]struct{}{}, fe: map[bpf.FrontendKey]feEntry{},
+		enrolled: map[uint64]string{},
+	}
+}
+
+func (d *Dataplane) lookup(uid string) *resolvedWorkload {
+	if w := d.workloads[uid]; w != nil {
+		return &w.resolvedWorkload
+	}
+	return nil
+}
+
+// fail records and logs an apply error and returns it.
+func (d *Dataplane) fail(what string, err error) error {
+	d.Stats.Errors.Add(1)
+	var full *bpf.MapFullError
+	if errors.As(err, &full) {
+		d.Stats.MapFull.Add(1)
+		d.log.Error("kernel map full: update not applied, previous state keeps serving", "object", what, "map", full.Map, "max_entries", full.MaxEntries)
+	} else {
+		d.log.Error("kernel update failed: previous state keeps serving", "object", what, "err", err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// --- workloads ---
+
+// lbRelevant reports whether a workload change can change service tables.
+func lbRelevant(a, b *Workload) bool {
+	return !slices.Equal(a.Addrs, b.Addrs) || a.Capacity != b.Capacity || a.Healthy != b.Healthy || a.Topology != b.Topology
+}
+
+// SetWorkload adds or updates a workload: its backend entry, its frontends
+// (connects to its IP), and every service table it appears in.
+func (d *Dataplane) SetWorkload(w Workload) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rec, existed := d.workloads[w.UID]
+	var prev Workload
+	if existed {
+		prev = rec.Workload
+	} else {
+		rec = &workloadRec{resolvedWorkload: resolvedWorkload{backend: d.backendIDs.get()}}
+	}
+	rec.Workload = w
+	if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec.resolvedWorkload)}); err != nil {
+		if existed {
+			rec.Workload = prev
+		} else {
+			d.backendIDs.put(rec.backend)
+		}
+		return d.fail("workload "+w.UID, err)
+	}
+	d.workloads[w.UID] = rec
+	d.Stats.WorkloadWrites.Add(1)
+
+	var errs []error
+	desired := map[bpf.FrontendKey]bpf.Frontend{}
+	for _, a := range w.Addrs {
+		for _, p := range d.opts.Protocols {
+			k := bpf.FrontendKey{Addr: a, Proto: p}
+			desired[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendWorkload, ID: rec.backend}
+		}
+	}
+	got, err := d.syncFrontends("wl:"+w.UID, rec.frontendMap(), desired)
+	rec.frontends = slices.Collect(maps.Keys(got))
+	if err != nil {
+		errs = append(errs, d.fail("workload "+w.UID+" frontends", err))
+	}
+	if !existed || lbRelevant(&prev, &w) {
+		errs = append(errs, d.reapply(w.UID)...)
+	}
+	for cookie, uid := range d.enrolled {
+		if uid == w.UID && !existed {
+			errs = append(errs, d.maps.SetManaged(cookie, rec.backend))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (r *workloadRec) frontendMap() map[bpf.FrontendKey]bpf.Frontend {
+	m := make(map[bpf.FrontendKey]bpf.Frontend, len(r.frontends))
+	for _, k := range r.frontends {
+		m[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendWorkload, ID: r.backend}
+	}
+	return m
+}
+
+func backendOf(w *resolvedWorkload) bpf.Backend {
+	b := bpf.Backend{ID: w.backend, Capacity: weightOf(&w.Workload), HBONE: w.HBONE}
+	for _, a := range w.Addrs {
+		a = a.Unmap()
+		if a.Is4() && !b.Addr4.IsValid() {
+			b.Addr4 = a
+		} else if a.Is6() && !b.Addr6.IsValid() {
+			b.Addr6 = a
+		}
+	}
+	return b
+}
+
+// DeleteWorkload removes a workload. Services listing it lose it first, so
+// no table ever points at a missing backend for longer than one retry.
+func (d *Dataplane) DeleteWorkload(uid string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rec, ok := d.workloads[uid]
+	if !ok {
+		return nil
+	}
+	delete(d.workloads, uid)
+	errs := d.reapply(uid)
+	if _, err := d.syncFrontends("wl:"+uid, rec.frontendMap(), nil); err != nil {
+		errs = append(errs, d.fail("workload "+uid+" frontends", err))
+	}
+	if err := d.maps.DeleteBackends([]uint32{rec.backend}); err != nil {
+		errs = append(errs, d.fail("workload "+uid, err))
+	} else {
+		d.backendIDs.put(rec.backend)
+	}
+	return errors.Join(errs...)
+}
+
+// reapply re-derives every service that lists uid.
+func (d *Dataplane) reapply(uid string) []error {
+	var errs []error
+	for _, key := range slices.Sorted(maps.Keys(d.refs[uid])) {
+		if rec := d.services[key]; rec != nil {
+			if err := d.apply(rec); err != nil {
+				errs = append(errs, d.fail("service "+key, err))
+			}
+		}
+	}
+	return errs
+}
+
+// --- enrolment ---
+
+// Enroll marks a pod's network namespace as managed: its connections are
+// load-balanced from now on. workloadUID may not be known yet.
+func (d *Dataplane) Enroll(netnsCookie uint64, workloadUID string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var id uint32
+	if w := d.workloads[workloadUID]; w != nil {
+		id = w.backend
+	}
+	if err := d.maps.SetManaged(netnsCookie, id); err != nil {
+		return d.fail("enrolment of "+workloadUID, err)
+	}
+	d.enrolled[netnsCookie] = workloadUID
+	return nil
+}
+
+// Unenroll stops managing a network namespace. Established connections are
+// not affected: they were rewritten at connect time.
+func (d *Dataplane) Unenroll(netnsCookie uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.enrolled, netnsCookie)
+	return d.maps.DeleteManaged(netnsCookie)
+}
+
+// --- services ---
+
+// SetService adds or updates a service. On error the kernel keeps serving
+// the previous version of the service, whole.
+func (d *Dataplane) SetService(s Service) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rec, existed := d.services[s.Key]
+	if !existed {
+		rec = &serviceRec{frontends: map[bpf.FrontendKey]bpf.Frontend{}}
+	}
+	prev := rec.svc
+	rec.svc = s
+	if err := d.apply(rec); err != nil {
+		rec.svc = prev
+		return d.fail("service "+s.Key, err)
+	}
+	d.services[s.Key] = rec
+	d.updateRefs(s.Key, prev.Endpoints, s.Endpoints)
+	d.Stats.ServiceWrites.Add(1)
+	return nil
+}
+
+func (d *Dataplane) updateRefs(key string, old, new []Endpoint) {
+	for _, ep := range old {
+		if m := d.refs[ep.WorkloadUID]; m != nil {
+			delete(m, key)
+			if len(m) == 0 {
+				delete(d.refs, ep.WorkloadUID)
+			}
+		}
+	}
+	for _, ep := range new {
+		m := d.refs[ep.WorkloadUID]
+		if m == nil {
+			m = map[string]struct{}{}
+			d.refs[ep.WorkloadUID] = m
+		}
+		m[key] = struct{}{}
+	}
+}
+
+// DeleteService removes a service: frontends first, so no new connect finds
+// it, then its tables.
+func (d *Dataplane) DeleteService(key string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rec, ok := d.services[key]
+	if !ok {
+		return nil
+	}
+	var errs []error
+	if _, err := d.syncFrontends("svc:"+key, rec.frontends, nil); err != nil {
+		errs = append(errs, err)
+	}
+	for _, ls := range rec.sets {
+		errs = append(errs, d.dropSet(ls))
+	}
+	d.updateRefs(key, rec.svc.Endpoints, nil)
+	delete(d.services, key)
+	if err := errors.Join(errs...); err != nil {
+		return d.fail("service "+key, err)
+	}
+	return nil
+}
+
+// apply makes the kernel serve rec.svc. It is a small transaction:
+//  1. write the new alias tables of new and changed sets into their
+//     inactive generation (invisible to connects);
+//  2. publish: write new sets' values, flip changed sets' generation;
+//  3. point the frontends at the sets;
+//  4. delete what is no longer referenced.
+//
+// A failure in 1-3 undoes what was done, leaving the previous state whole.
+// Updating an existing element never fails for room, so undo cannot fail
+// for the reason the apply did.
+func (d *Dataplane) apply(rec *serviceRec) error {
+	desired := buildTables(&rec.svc, d.lookup, d.opts.Node)
+	old := map[uint16]*liveSet{}
+	for _, ls := range rec.sets {
+		old[ls.table.ports[0]] = ls
+	}
+
+	var tx undoLog
+	type change struct {
+		ls    *liveSet
+		table *tableSet
+		fresh bool
+		write bool
+	}
+	var changes []change
+	for _, t := range desired {
+		ls, ok := old[t.ports[0]]
+		if ok {
+			delete(old, t.ports[0])
+			changes = append(changes, change{ls: ls, table: t, write: !ls.table.equalSlots(t)})
+			continue
+		}
+		id := d.setIDs.get()
+		tx.add(func() error { d.setIDs.put(id); return nil })
+		changes = append(changes, change{ls: &liveSet{id: id, gen: 1}, table: t, fresh: true, write: true})
+	}
+
+	// 1. tables into the inactive generation
+	for _, c := range changes {
+		if !c.write {
+			continue
+		}
+		eps := slotEntries(c.ls.id, c.ls.gen^1, c.table)
+		err := d.maps.PutEndpoints(eps)
+		keys := endpointKeys(eps)
+		tx.add(func() error { return d.maps.DeleteEndpoints(keys) })
+		if err != nil {
+			return errors.Join(err, tx.undo())
+		}
+	}
+	// 2. publish
+	for _, c := range changes {
+		if !c.write {
+			continue
+		}
+		prevVal := serviceValue(c.ls, rec.svc.LB.Mode)
+		next := &liveSet{id: c.ls.id, gen: c.ls.gen ^ 1, epoch: c.ls.epoch + 1, table: c.table}
+		if err := d.maps.PutServices([]bpf.Service{serviceValue(next, rec.svc.LB.Mode)}); err != nil {
+			return errors.Join(err, tx.undo())
+		}
+		if c.fresh {
+			tx.add(func() error { return d.maps.DeleteServices([]uint32{c.ls.id}) })
+		} else {
+			tx.add(func() error { return d.maps.PutServices([]bpf.Service{prevVal}) })
+		}
+	}
+	// 3. frontends
+	desiredFE := map[bpf.FrontendKey]bpf.Frontend{}
+	passthrough := rec.svc.LB.Mode == bpf.LBPassthrough
+	for _, vip := range rec.svc.VIPs {
+		for _, p := range d.opts.Protocols {
+			if passthrough {
+				for _, sp := range rec.svc.Ports {
+					k := bpf.FrontendKey{Addr: vip, Port: sp.ServicePort, Proto: p}
+					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, Passthrough: true}
+				}
+				continue
+			}
+			for _, c := range changes {
+				for _, sp := range c.table.ports {
+					k := bpf.FrontendKey{Addr: vip, Port: sp, Proto: p}
+					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, ID: c.ls.id, TargetPort: c.table.targets[sp]}
+				}
+			}
+		}
+	}
+	prevFE := rec.frontends
+	got, err := d.syncFrontends("svc:"+rec.svc.Key, prevFE, desiredFE)
+	if err != nil {
+		return errors.Join(err, tx.undo())
+	}
+	rec.frontends = got
+
+	// 4. commit: old generations, sets no longer used
+	var sets []*liveSet
+	var errs []error
+	for _, c := range changes {
+		if c.write {
+			if !c.fresh {
+				errs = append(errs, d.maps.DeleteEndpoints(endpointKeys(slotEntries(c.ls.id, c.ls.gen, c.ls.table))))
+			}
+			sets = append(sets, &liveSet{id: c.ls.id, gen: c.ls.gen ^ 1, epoch: c.ls.epoch + 1, table: c.table})
+		} else {
+			c.ls.table = c.table // same slots; ports and targets may differ
+			sets = append(sets, c.ls)
+		}
+	}
+	for _, ls := range old {
+		errs = append(errs, d.dropSet(ls))
+	}
+	rec.sets = sets
+	return errors.Join(errs...)
+}
+
+func serviceValue(ls *liveSet, mode bpf.LBMode) bpf.Service {
+	v := bpf.Service{ID: ls.id, Epoch: ls.epoch, Gen: ls.gen, Mode: mode}
+	if ls.table != nil {
+		v.Counts = ls.table.counts()
+	}
+	return v
+}
+
+func (d *Dataplane) dropSet(ls *liveSet) error {
+	err := errors.Join(
+		d.maps.DeleteServices([]uint32{ls.id}),
+		d.maps.DeleteEndpoints(endpointKeys(slotEntries(ls.id, ls.gen, ls.table))),
+	)
+	if err == nil {
+		d.setIDs.put(ls.id)
+	}
+	return err
+}
+
+func slotEntries(id uint32, gen uint8, t *tableSet) []bpf.Endpoint {
+	var out []bpf.Endpoint
+	if t == nil {
+		return nil
+	}
+	for f := range t.slots {
+		for r := range t.slots[f] {
+			for i, s := range t.slots[f][r] {
+				out = append(out, bpf.Endpoint{
+					Key:  bpf.EndpointKey{Service: id, Gen: gen, Family: bpf.Family(f), Rank: uint8(r), Index: uint32(i)},
+					Slot: s,
+				})
+			}
+		}
+	}
+	return out
+}
+
+func endpointKeys(es []bpf.Endpoint) []bpf.EndpointKey {
+	ks := make([]bpf.EndpointKey, len(es))
+	for i, e := range es {
+		ks[i] = e.Key
+	}
+	return ks
+}
+
+// syncFrontends moves owner's frontends from have to want: upserts first
+// (new and changed), then deletes (gone), never deleting an entry another
+// owner has taken over. It returns the frontends the owner now has. On error
+// it restores what the kernel held before and returns have.
+func (d *Dataplane) syncFrontends(owner string, have, want map[bpf.FrontendKey]bpf.Frontend) (map[bpf.FrontendKey]bpf.Frontend, error) {
+	var put []bpf.Frontend
+	for k, f := range want {
+		if cur, ok := d.fe[k]; !ok || cur.owner != owner || cur.val != f {
+			put = append(put, f)
+		}
+	}
+	slices.SortFunc(put, func(a, b bpf.Frontend) int { return compareFrontendKey(a.Key, b.Key) })
+	if err := d.maps.UpsertFrontends(put); err != nil {
+		// The batch may have landed in part: put every touched key back.
+		var restore []bpf.Frontend
+		var drop []bpf.FrontendKey
+		for _, f := range put {
+			if cur, ok := d.fe[f.Key]; ok {
+				restore = append(restore, cur.val)
+			} else {
+				drop = append(drop, f.Key)
+			}
+		}
+		return have, errors.Join(err, d.maps.UpsertFrontends(restore), d.maps.DeleteFrontends(drop))
+	}
+	for _, f := range put {
+		if cur, ok := d.fe[f.Key]; ok && cur.owner != owner {
+			d.log.Warn("address claimed by two owners, the newer wins", "frontend", f.Key.String(), "was", cur.owner, "now", owner)
+		}
+		d.fe[f.Key] = feEntry{owner: owner, val: f}
+	}
+	var del []bpf.FrontendKey
+	for k := range have {
+		if _, keep := want[k]; !keep && d.fe[k].owner == owner {
+			del = append(del, k)
+			delete(d.fe, k)
+		}
+	}
+	return maps.Clone(want), d.maps.DeleteFrontends(del)
+}
+
+func compareFrontendKey(a, b bpf.FrontendKey) int {
+	if c := a.Addr.Compare(b.Addr); c != 0 {
+		return c
+	}
+	if a.Port != b.Port {
+		return int(a.Port) - int(b.Port)
+	}
+	return int(a.Proto) - int(b.Proto)
+}
+
+// undoLog runs compensations in reverse order.
+type undoLog []func() error
+
+func (u *undoLog) add(f func() error) { *u = append(*u, f) }
+
+func (u *undoLog) undo() error {
+	var errs []error
+	for i := len(*u) - 1; i >= 0; i-- {
+		errs = append(errs, (*u)[i]())
+	}
+	*u = nil
+	return errors.Join(errs...)
+}
+
+// idAlloc hands out small non-zero ids and reuses freed ones.
+type idAlloc struct {
+	next uint32
+	free []uint32
+}
+
+func (a *idAlloc) get() uint32 {
+	if n := len(a.free); n > 0 {
+		id := a.free[n-1]
+		a.free = a.free[:n-1]
+		return id
+	}
+	a.next++
+	return a.next
+}
+
+func (a *idAlloc) put(id uint32) { a.free = append(a.free, id) }
+
+// ServiceVIPs returns the VIPs of a service known to the dataplane (for tests
+// and dumps).
+func (d *Dataplane) ServiceVIPs(key string) []netip.Addr {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if rec := d.services[key]; rec != nil {
+		return slices.Clone(rec.svc.VIPs)
+	}
+	return nil
+}

@@ -1,0 +1,84 @@
+// Package dataplane keeps the kernel's maps equal to the desired state of
+// workloads and services on this node. It computes everything the kernel
+// must not: locality ranks for this node, STRICT/FAILOVER/PASSTHROUGH,
+// health filtering, per-endpoint target ports and capacity weights (as alias
+// tables), and writes only what changed, make-before-break, so a connect
+// never sees a half-written service.
+package dataplane
+
+import (
+	"net/netip"
+
+	"kmesh.dev/kmesh/bpf"
+)
+
+// Locality is a workload's or node's place in the topology.
+type Locality struct {
+	Region, Zone, Subzone string
+}
+
+// Topology is what locality-aware load balancing compares.
+type Topology struct {
+	Node     string
+	Cluster  string
+	Network  string
+	Locality Locality
+}
+
+// Scope is one routing preference, as in Istio's LoadBalancing.Scope.
+type Scope uint8
+
+const (
+	ScopeRegion Scope = iota + 1
+	ScopeZone
+	ScopeSubzone
+	ScopeNode
+	ScopeCluster
+	ScopeNetwork
+)
+
+// LoadBalancing is a service's policy, as in Istio's LoadBalancing.
+type LoadBalancing struct {
+	Mode bpf.LBMode
+	// RoutingPreference is ordered: an endpoint's rank is the number of
+	// leading scopes it shares with this node.
+	RoutingPreference []Scope
+	// AllowUnhealthy is HealthPolicy ALLOW_ALL; the default keeps healthy only.
+	AllowUnhealthy bool
+}
+
+// Workload is a pod, VM or other addressable backend.
+type Workload struct {
+	UID   string
+	Addrs []netip.Addr
+	// Capacity is Istio's capacity weight; 0 means the default of 1.
+	Capacity uint32
+	Healthy  bool
+	// HBONE is true when the workload accepts HBONE (enrolled in the mesh).
+	HBONE    bool
+	Topology Topology
+}
+
+// Port maps a service port to the port the workloads listen on. TargetPort 0
+// means a named port that each endpoint resolves for itself.
+type Port struct {
+	ServicePort uint16
+	TargetPort  uint16
+}
+
+// Endpoint is a workload's membership in a service.
+type Endpoint struct {
+	WorkloadUID string
+	// Ports overrides the service's target port per service port.
+	Ports map[uint16]uint16
+}
+
+// Service is a set of workloads behind virtual IPs.
+type Service struct {
+	// Key identifies the service: "namespace/hostname".
+	Key       string
+	VIPs      []netip.Addr
+	Ports     []Port
+	LB        LoadBalancing
+	Endpoints []Endpoint
+}

@@ -1,0 +1,116 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The Go/C contract: every struct stored in a Kmesh map. bpf2go generates the
+ * Go types from these (see bpf/gen.go); TestABILayout checks the committed
+ * objects against the generated Go so the two cannot drift. Changing a struct
+ * here changes the pin layout: bump KMESH_PIN_LAYOUT in bpf/loader.go.
+ *
+ * Conventions: addresses are 16 bytes in network order, IPv4 as v4-mapped
+ * IPv6 (::ffff:a.b.c.d) so one key type serves both families; ports are in
+ * network order, the way the kernel hands them to sock_addr programs. */
+#ifndef KMESH_ABI_H
+#define KMESH_ABI_H
+
+#include <linux/types.h>
+
+/* kmesh_managed value: an enrolled pod's network namespace. */
+struct managed_value {
+	__u32 backend_id; /* the pod's own workload (0 while unknown) */
+	__u32 flags;
+};
+
+/* kmesh_frontend key: what a client may connect to. */
+struct frontend_key {
+	__u32 addr[4];
+	__u16 port; /* network order; 0 for a workload (matches any port) */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct frontend_value {
+	__u32 id;          /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
+	__u16 target_port; /* network order; endpoint_value.port overrides it when set */
+	__u8 kind;         /* FRONTEND_* */
+	__u8 flags;        /* FRONTEND_F_* */
+};
+
+/* kmesh_service value: one load-balancing set. count[f][r] endpoints of family
+ * f and locality rank r live in kmesh_endpoint under generation gen. User space
+ * writes a new generation completely, then flips gen here (one atomic element
+ * replacement), then deletes the old one: a connect sees either table whole. */
+struct service_value {
+	__u32 count[KMESH_FAMILIES][KMESH_MAX_RANKS];
+	__u32 epoch;   /* bumped on every membership change (UDP affinity check) */
+	__u32 waypoint; /* backend id of the service's waypoint, 0 for none */
+	__u8 gen;      /* live endpoint generation, 0 or 1 */
+	__u8 mode;     /* LB_MODE_* (informational) */
+	__u8 flags;
+	__u8 pad;
+};
+
+struct endpoint_key {
+	__u32 service_id;
+	__u8 gen;
+	__u8 family; /* KMESH_FAMILY_* */
+	__u8 rank;
+	__u8 pad;
+	__u32 index;
+};
+
+/* One slot of a Walker/Vose alias table: slot i is drawn uniformly, then
+ * backend_id with probability threshold/2^32, else alias_id. This makes
+ * capacity-weighted choice exact and O(1) in the kernel. */
+struct endpoint_value {
+	__u32 backend_id;
+	__u32 alias_id;
+	__u32 threshold;
+	__u16 port;       /* network order target port of backend_id, 0 = frontend's */
+	__u16 alias_port; /* same for alias_id */
+};
+
+/* kmesh_backend value: a workload. */
+struct backend_value {
+	__u32 addr4;    /* network order, 0 when the workload has no IPv4 address */
+	__u32 addr6[4]; /* all zero when it has no IPv6 address */
+	__u32 identity; /* identity id (for policy), 0 = unknown */
+	__u32 waypoint; /* backend id of the workload's waypoint, 0 for none */
+	__u32 capacity; /* Istio capacity weight (already folded into alias tables) */
+	__u32 flags;    /* BACKEND_F_* */
+};
+
+/* Per-socket storage: where the application meant to connect, so that
+ * getpeername() and recvmsg() can answer with the VIP it dialled. */
+struct sock_orig {
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+	__u32 backend_addr[4];
+	__u16 backend_port;
+	__u16 pad2;
+};
+
+/* Unconnected UDP: the backend chosen for (socket, VIP:port), so one socket's
+ * datagrams to a VIP keep going to one backend, and the reverse mapping so
+ * replies can be reported as coming from the VIP. */
+struct udp_key {
+	__u64 cookie;
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct udp_fwd_value {
+	__u32 backend_addr[4];
+	__u16 backend_port;
+	__u16 pad;
+	__u32 service_id;
+	__u32 epoch;
+};
+
+struct udp_rev_value {
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+};
+
+#endif

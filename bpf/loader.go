@@ -1,0 +1,268 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/kernel"
+)
+
+// PinLayout versions the layout of maps and links under the pin root. A
+// daemon only reuses pins of its own layout; bump it whenever a map's key or
+// value changes (kmesh_abi.h) or a map is added or removed.
+const PinLayout = 1
+
+// DefaultPinRoot is where a node's daemon pins maps and links.
+const DefaultPinRoot = "/sys/fs/bpf/kmesh"
+
+// MapSizes sets max_entries of the sized maps. Zero keeps the default
+// compiled into the object.
+type MapSizes struct {
+	Managed  uint32
+	Frontend uint32
+	Service  uint32
+	Endpoint uint32
+	Backend  uint32
+	UDP      uint32 // each of the two UDP affinity maps
+}
+
+// Config says where the data path lives.
+type Config struct {
+	// PinRoot holds one directory per pin layout (v1, v2 …). Tests use a
+	// private root so they never touch a node's real data path.
+	PinRoot string
+	// CgroupPath is the cgroup v2 directory the programs attach to: the
+	// hierarchy root in production, a test's own subtree in tests.
+	CgroupPath string
+	Sizes      MapSizes
+	// NoPeerVIP stops restoring the service VIP as the peer name of
+	// redirected sockets (getpeername), saving a socket-storage allocation
+	// per connect. Applications then see the backend's address as peer.
+	NoPeerVIP bool
+}
+
+type attachment struct {
+	name   string
+	prog   *ebpf.Program
+	attach ebpf.AttachType
+}
+
+// Datapath is the loaded, attached and pinned set of Kmesh programs and maps.
+type Datapath struct {
+	Maps *Maps
+
+	objs   sockAddrObjects
+	links  []link.Link
+	dir    string
+	cgroup string
+	// Reused is true when the maps were already pinned (a daemon restart or
+	// upgrade): their contents are live and must be reconciled, not reset.
+	Reused bool
+}
+
+// PinDir returns the directory of the current layout under root.
+func PinDir(root string) string {
+	return filepath.Join(root, fmt.Sprintf("v%d", PinLayout))
+}
+
+func applySizes(spec *ebpf.CollectionSpec, s MapSizes) {
+	set := func(name string, n uint32) {
+		if ms, ok := spec.Maps[name]; ok && n > 0 {
+			ms.MaxEntries = n
+		}
+	}
+	set("kmesh_managed", s.Managed)
+	set("kmesh_frontend", s.Frontend)
+	set("kmesh_service", s.Service)
+	set("kmesh_endpoint", s.Endpoint)
+	set("kmesh_backend", s.Backend)
+	set("kmesh_udp_fwd", s.UDP)
+	set("kmesh_udp_rev", s.UDP)
+}
+
+// Load loads the programs, reusing pinned maps of the same layout, and
+// attaches them to the cgroup through pinned bpf_links. When links are
+// already pinned (restart, upgrade), the new programs replace the old ones
+// atomically: the hooks never go unattached, so no connect is missed.
+func Load(cfg Config) (*Datapath, error) {
+	if cfg.PinRoot == "" {
+		cfg.PinRoot = DefaultPinRoot
+	}
+	if cfg.CgroupPath == "" {
+		root, err := kernel.Cgroup2Root()
+		if err != nil {
+			return nil, err
+		}
+		cfg.CgroupPath = root
+	}
+	dir := PinDir(cfg.PinRoot)
+	if err := kernel.EnsureBPFFS(filepath.Join(dir, "links")); err != nil {
+		return nil, err
+	}
+
+	spec, err := loadSockAddr()
+	if err != nil {
+		return nil, fmt.Errorf("parsing the embedded BPF object: %w", err)
+	}
+	applySizes(spec, cfg.Sizes)
+	if cfg.NoPeerVIP {
+		if err := spec.Variables["cfg_peer_vip"].Set(uint32(0)); err != nil {
+			return nil, err
+		}
+	}
+	reused := false
+	for name, ms := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue // .rodata and friends belong to one load, never pinned
+		}
+		ms.Pinning = ebpf.PinByName
+		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+			reused = true
+		}
+	}
+
+	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused}
+	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("the kernel's verifier rejected a Kmesh program: %+v", verr)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("%w: a map pinned under %s has another size or type than configured; "+
+				"keep the previous map sizes or remove the pins with 'kmesh-daemon --uninstall' (drops kernel state)", err, dir)
+		}
+		return nil, fmt.Errorf("loading BPF programs: %w", err)
+	}
+	o := &dp.objs
+	dp.Maps = &Maps{
+		managed: o.KmeshManaged, frontend: o.KmeshFrontend, service: o.KmeshService,
+		endpoint: o.KmeshEndpoint, backend: o.KmeshBackend, stats: o.KmeshStats,
+	}
+
+	for _, a := range dp.attachments() {
+		l, err := attachPinned(cfg.CgroupPath, filepath.Join(dir, "links", a.name), a)
+		if err != nil {
+			dp.Close()
+			return nil, err
+		}
+		dp.links = append(dp.links, l)
+	}
+	return dp, nil
+}
+
+func (dp *Datapath) attachments() []attachment {
+	o := &dp.objs
+	return []attachment{
+		{"connect4", o.KmeshConnect4, ebpf.AttachCGroupInet4Connect},
+		{"connect6", o.KmeshConnect6, ebpf.AttachCGroupInet6Connect},
+		{"sendmsg4", o.KmeshSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{"sendmsg6", o.KmeshSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{"recvmsg4", o.KmeshRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{"recvmsg6", o.KmeshRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{"getpeername4", o.KmeshGetpeer4, ebpf.AttachCgroupInet4GetPeername},
+		{"getpeername6", o.KmeshGetpeer6, ebpf.AttachCgroupInet6GetPeername},
+	}
+}
+
+// cgroupID is the id the kernel reports for a cgroup v2 directory: its inode.
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
+
+// attachPinned reuses the link pinned at pin when it is attached to the same
+// cgroup, swapping in the new program; otherwise it attaches and pins anew.
+func attachPinned(cgroup, pin string, a attachment) (link.Link, error) {
+	want, err := cgroupID(cgroup)
+	if err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", cgroup, err)
+	}
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := old.Info()
+		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == want {
+			if err := old.Update(a.prog); err != nil {
+				old.Close()
+				return nil, fmt.Errorf("replacing the program of pinned link %s: %w", pin, err)
+			}
+			return old, nil
+		}
+		// Pinned for another cgroup (the configuration changed): let it go.
+		_ = old.Unpin()
+		old.Close()
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: a.attach, Program: a.prog})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to cgroup %s: %w", a.name, cgroup, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pinning link %s (needs bpf_link support for cgroups): %w", pin, err)
+	}
+	return l, nil
+}
+
+// ProgramStats is the kernel's accounting of one program, available when
+// kernel.bpf_stats_enabled=1.
+type ProgramStats struct {
+	Name      string
+	RunCount  uint64
+	RunTimeNs uint64
+}
+
+// Programs reports run counts and run time of every attached program.
+func (dp *Datapath) Programs() ([]ProgramStats, error) {
+	var out []ProgramStats
+	for _, a := range dp.attachments() {
+		st, err := a.prog.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("program %s: %w", a.name, err)
+		}
+		out = append(out, ProgramStats{Name: a.name, RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())})
+	}
+	return out, nil
+}
+
+// Close releases this process's handles. Pinned maps and links stay: the
+// kernel keeps serving connections while no daemon runs.
+func (dp *Datapath) Close() error {
+	for _, l := range dp.links {
+		l.Close()
+	}
+	dp.links = nil
+	return dp.objs.Close()
+}
+
+// Uninstall detaches the programs and removes every pin of this layout,
+// dropping all kernel state. For `kmesh-daemon --uninstall` and tests.
+func (dp *Datapath) Uninstall() error {
+	var errs []error
+	for _, l := range dp.links {
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := dp.objs.KmeshManaged.Unpin(); err != nil {
+		errs = append(errs, err)
+	}
+	for _, m := range []*ebpf.Map{dp.objs.KmeshFrontend, dp.objs.KmeshService, dp.objs.KmeshEndpoint,
+		dp.objs.KmeshBackend, dp.objs.KmeshSockOrig, dp.objs.KmeshUdpFwd, dp.objs.KmeshUdpRev, dp.objs.KmeshStats} {
+		if err := m.Unpin(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	errs = append(errs, dp.Close())
+	_ = os.Remove(filepath.Join(dp.dir, "links"))
+	_ = os.Remove(dp.dir)
+	return errors.Join(errs...)
+}

@@ -1,0 +1,253 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+)
+
+// MapFullError says a map had no room for an entry. The caller gets it back
+// (nothing is dropped silently) and is expected to log and count it.
+type MapFullError struct {
+	Map        string
+	MaxEntries uint32
+}
+
+func (e *MapFullError) Error() string {
+	return fmt.Sprintf("BPF map %s is full (max_entries %d): raise its size in the daemon configuration", e.Map, e.MaxEntries)
+}
+
+// Maps is the typed API over the data path's maps.
+type Maps struct {
+	managed  *ebpf.Map
+	frontend *ebpf.Map
+	service  *ebpf.Map
+	endpoint *ebpf.Map
+	backend  *ebpf.Map
+	stats    *ebpf.Map
+}
+
+// batchChunk bounds one batch syscall: big enough to amortise the syscall,
+// small enough not to hold the map's buckets for long.
+const batchChunk = 4096
+
+func mapName(m *ebpf.Map) string {
+	if info, err := m.Info(); err == nil && info.Name != "" {
+		return info.Name
+	}
+	return m.String()
+}
+
+// wrapErr turns the kernel's "no room" answers into a MapFullError.
+func wrapErr(m *ebpf.Map, op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, syscall.E2BIG) || errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.ENOMEM) {
+		return &MapFullError{Map: mapName(m), MaxEntries: m.MaxEntries()}
+	}
+	return fmt.Errorf("%s %s: %w", op, mapName(m), err)
+}
+
+func batchUpdate[K, V any](m *ebpf.Map, keys []K, vals []V) error {
+	for start := 0; start < len(keys); start += batchChunk {
+		end := min(start+batchChunk, len(keys))
+		if _, err := m.BatchUpdate(keys[start:end], vals[start:end], nil); err != nil {
+			return wrapErr(m, "update", err)
+		}
+	}
+	return nil
+}
+
+// batchDelete deletes keys, ignoring the ones already gone.
+func batchDelete[K any](m *ebpf.Map, keys []K) error {
+	for start := 0; start < len(keys); start += batchChunk {
+		end := min(start+batchChunk, len(keys))
+		n, err := m.BatchDelete(keys[start:end], nil)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return wrapErr(m, "delete", err)
+		}
+		// The batch stopped at a missing key: finish the chunk one by one.
+		for _, k := range keys[start+n : end] {
+			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return wrapErr(m, "delete", err)
+			}
+		}
+	}
+	return nil
+}
+
+func dump[K, V any](m *ebpf.Map, fn func(K, V)) error {
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		fn(k, v)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("dumping %s: %w", mapName(m), err)
+	}
+	return nil
+}
+
+// SetManaged enrols a pod's network namespace: from now on its sockets are
+// load-balanced. backendID is the pod's own workload, 0 when not yet known.
+func (m *Maps) SetManaged(netnsCookie uint64, backendID uint32) error {
+	return wrapErr(m.managed, "update", m.managed.Put(netnsCookie, sockAddrManagedValue{BackendId: backendID}))
+}
+
+// DeleteManaged unenrols a network namespace; absent cookies are ignored.
+func (m *Maps) DeleteManaged(netnsCookie uint64) error {
+	return batchDelete(m.managed, []uint64{netnsCookie})
+}
+
+// Managed returns the enrolled network namespace cookies and their workloads.
+func (m *Maps) Managed() (map[uint64]uint32, error) {
+	out := map[uint64]uint32{}
+	err := dump(m.managed, func(k uint64, v sockAddrManagedValue) { out[k] = v.BackendId })
+	return out, err
+}
+
+// UpsertFrontends writes frontends, replacing existing ones.
+func (m *Maps) UpsertFrontends(fs []Frontend) error {
+	keys := make([]sockAddrFrontendKey, len(fs))
+	vals := make([]sockAddrFrontendValue, len(fs))
+	for i, f := range fs {
+		keys[i], vals[i] = encodeFrontendKey(f.Key), encodeFrontendValue(f)
+	}
+	return batchUpdate(m.frontend, keys, vals)
+}
+
+// DeleteFrontends removes frontends; absent keys are ignored.
+func (m *Maps) DeleteFrontends(ks []FrontendKey) error {
+	keys := make([]sockAddrFrontendKey, len(ks))
+	for i, k := range ks {
+		keys[i] = encodeFrontendKey(k)
+	}
+	return batchDelete(m.frontend, keys)
+}
+
+// Frontends dumps kmesh_frontend.
+func (m *Maps) Frontends() ([]Frontend, error) {
+	var out []Frontend
+	err := dump(m.frontend, func(k sockAddrFrontendKey, v sockAddrFrontendValue) { out = append(out, decodeFrontend(k, v)) })
+	return out, err
+}
+
+// PutServices writes services, replacing existing ones.
+func (m *Maps) PutServices(ss []Service) error {
+	keys := make([]uint32, len(ss))
+	vals := make([]sockAddrServiceValue, len(ss))
+	for i, s := range ss {
+		keys[i], vals[i] = s.ID, encodeService(s)
+	}
+	return batchUpdate(m.service, keys, vals)
+}
+
+// DeleteServices removes services; absent ids are ignored.
+func (m *Maps) DeleteServices(ids []uint32) error {
+	return batchDelete(m.service, ids)
+}
+
+// Services dumps kmesh_service.
+func (m *Maps) Services() ([]Service, error) {
+	var out []Service
+	err := dump(m.service, func(k uint32, v sockAddrServiceValue) { out = append(out, decodeService(k, v)) })
+	return out, err
+}
+
+// PutEndpoints writes alias-table slots.
+func (m *Maps) PutEndpoints(es []Endpoint) error {
+	keys := make([]sockAddrEndpointKey, len(es))
+	vals := make([]sockAddrEndpointValue, len(es))
+	for i, e := range es {
+		keys[i], vals[i] = encodeEndpointKey(e.Key), encodeSlot(e.Slot)
+	}
+	return batchUpdate(m.endpoint, keys, vals)
+}
+
+// DeleteEndpoints removes slots; absent keys are ignored.
+func (m *Maps) DeleteEndpoints(ks []EndpointKey) error {
+	keys := make([]sockAddrEndpointKey, len(ks))
+	for i, k := range ks {
+		keys[i] = encodeEndpointKey(k)
+	}
+	return batchDelete(m.endpoint, keys)
+}
+
+// Endpoints dumps kmesh_endpoint.
+func (m *Maps) Endpoints() ([]Endpoint, error) {
+	var out []Endpoint
+	err := dump(m.endpoint, func(k sockAddrEndpointKey, v sockAddrEndpointValue) {
+		out = append(out, Endpoint{Key: decodeEndpointKey(k), Slot: decodeSlot(v)})
+	})
+	return out, err
+}
+
+// PutBackends writes backends, replacing existing ones.
+func (m *Maps) PutBackends(bs []Backend) error {
+	keys := make([]uint32, len(bs))
+	vals := make([]sockAddrBackendValue, len(bs))
+	for i, b := range bs {
+		keys[i], vals[i] = b.ID, encodeBackend(b)
+	}
+	return batchUpdate(m.backend, keys, vals)
+}
+
+// DeleteBackends removes backends; absent ids are ignored.
+func (m *Maps) DeleteBackends(ids []uint32) error {
+	return batchDelete(m.backend, ids)
+}
+
+// Backends dumps kmesh_backend.
+func (m *Maps) Backends() ([]Backend, error) {
+	var out []Backend
+	err := dump(m.backend, func(k uint32, v sockAddrBackendValue) { out = append(out, decodeBackend(k, v)) })
+	return out, err
+}
+
+// Stat names, in the order of enum kmesh_stat.
+var statNames = []string{
+	"lb_service",
+	"lb_no_endpoint",
+	"lb_no_family",
+	"lb_retry",
+	"lb_passthrough",
+	"workload_direct",
+	"peer_rewritten",
+	"storage_fail",
+	"udp_affinity",
+}
+
+// Stats sums the per-CPU data path counters.
+func (m *Maps) Stats() (map[string]uint64, error) {
+	out := make(map[string]uint64, len(statNames))
+	for i, name := range statNames {
+		var perCPU []uint64
+		if err := m.stats.Lookup(uint32(i), &perCPU); err != nil {
+			return nil, fmt.Errorf("reading kmesh_stats[%s]: %w", name, err)
+		}
+		var sum uint64
+		for _, v := range perCPU {
+			sum += v
+		}
+		out[name] = sum
+	}
+	return out, nil
+}
+
+// MaxEntries returns the capacity of each sized map, by map name.
+func (m *Maps) MaxEntries() map[string]uint32 {
+	return map[string]uint32{
+		"kmesh_managed":  m.managed.MaxEntries(),
+		"kmesh_frontend": m.frontend.MaxEntries(),
+		"kmesh_service":  m.service.MaxEntries(),
+		"kmesh_endpoint": m.endpoint.MaxEntries(),
+		"kmesh_backend":  m.backend.MaxEntries(),
+	}
+}

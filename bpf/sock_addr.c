@@ -1,0 +1,375 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/* cgroup sock_addr programs: connect-time service load balancing.
+ *
+ * connect4/6   TCP and connected UDP: a VIP becomes one backend before the
+ *              first packet exists; the VIP is kept in socket storage.
+ * sendmsg4/6   unconnected UDP, per datagram, with per-socket affinity.
+ * recvmsg4/6   unconnected UDP replies are reported as coming from the VIP.
+ * getpeername4/6  the application sees the VIP it dialled as its peer.
+ *
+ * Only sockets of enrolled pods (netns cookie in kmesh_managed) are acted on;
+ * destinations not in kmesh_frontend pass untouched. A VIP with no usable
+ * endpoint fails the syscall (ECONNREFUSED / EHOSTUNREACH) instead of letting
+ * the VIP leak onto the network. */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "kmesh_consts.h"
+#include "kmesh_abi.h"
+#include "kmesh_maps.h"
+#include "kmesh_lb.h"
+
+char _license[] SEC("license") = "Dual BSD/GPL";
+
+/* Restore the VIP as the peer name (getpeername, recvmsg on connected UDP).
+ * Costs one socket-storage allocation per redirected connect (~0.6 us
+ * measured, see BenchmarkPrivilegedConnectProgram); applications that never
+ * look at their peer can turn it off. Set at load time. */
+const volatile __u32 cfg_peer_vip = 1;
+
+enum frontend_hit {
+	HIT_NONE,
+	HIT_SERVICE,
+	HIT_WORKLOAD,
+};
+
+/* Looks the destination up as a service VIP:port, then as a workload IP. */
+static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *key,
+							 struct frontend_value *out)
+{
+	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, key);
+
+	if (fe && fe->kind == FRONTEND_SERVICE) {
+		*out = *fe;
+		return HIT_SERVICE;
+	}
+	__u16 port = key->port;
+	key->port = 0;
+	fe = bpf_map_lookup_elem(&kmesh_frontend, key);
+	key->port = port;
+	if (fe && fe->kind == FRONTEND_WORKLOAD) {
+		*out = *fe;
+		return HIT_WORKLOAD;
+	}
+	return HIT_NONE;
+}
+
+static __always_inline int family_of(const __u32 addr[4])
+{
+	return addr_is_v4mapped(addr) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
+}
+
+/* Decides where a connect() goes. Returns 1 with *res filled when the
+ * destination must be rewritten, 0 to leave it, a negative errno to refuse. */
+static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
+					  struct lb_result *res)
+{
+	struct frontend_value fe;
+	__u32 epoch;
+
+	if (!is_managed(ctx))
+		return 0;
+
+	switch (frontend_lookup(key, &fe)) {
+	case HIT_SERVICE:
+		break;
+	case HIT_WORKLOAD:
+		stat_inc(STAT_WORKLOAD_DIRECT);
+		return 0;
+	default:
+		return 0;
+	}
+	if (fe.flags & FRONTEND_F_PASSTHROUGH) {
+		stat_inc(STAT_LB_PASSTHROUGH);
+		return 0;
+	}
+
+	int err = lb_pick(&fe, family_of(key->addr), res, &epoch);
+	if (err) {
+		count_lb_error(err);
+		return err;
+	}
+	stat_inc(STAT_LB_SERVICE);
+	return 1;
+}
+
+/* Remembers the dialled VIP for getpeername(). A socket may connect() again
+ * (UDP), so the backend is stored too and checked before answering. */
+static __always_inline void remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
+					  const struct lb_result *res)
+{
+	struct sock_orig *so;
+
+	if (!cfg_peer_vip)
+		return;
+	so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!so) {
+		stat_inc(STAT_STORAGE_FAIL);
+		return;
+	}
+	__builtin_memcpy(so->addr, key->addr, sizeof(so->addr));
+	so->port = key->port;
+	__builtin_memcpy(so->backend_addr, res->addr, sizeof(so->backend_addr));
+	so->backend_port = res->port;
+}
+
+static __always_inline int reject(int err)
+{
+	bpf_set_retval(err);
+	return SYS_REJECT;
+}
+
+SEC("cgroup/connect4")
+int kmesh_connect4(struct bpf_sock_addr *ctx)
+{
+	struct frontend_key key = {
+		.port = (__u16)ctx->user_port,
+		.proto = (__u8)ctx->protocol,
+	};
+	struct lb_result res = {};
+
+	addr_set_v4(key.addr, ctx->user_ip4);
+	int ret = connect_decide(ctx, &key, &res);
+	if (ret < 0)
+		return reject(ret);
+	if (ret == 0)
+		return SYS_PROCEED;
+
+	remember_orig(ctx, &key, &res);
+	ctx->user_ip4 = res.addr[3];
+	ctx->user_port = (__u32)res.port;
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect6")
+int kmesh_connect6(struct bpf_sock_addr *ctx)
+{
+	struct frontend_key key = {
+		.port = (__u16)ctx->user_port,
+		.proto = (__u8)ctx->protocol,
+	};
+	struct lb_result res = {};
+
+	key.addr[0] = ctx->user_ip6[0];
+	key.addr[1] = ctx->user_ip6[1];
+	key.addr[2] = ctx->user_ip6[2];
+	key.addr[3] = ctx->user_ip6[3];
+	int ret = connect_decide(ctx, &key, &res);
+	if (ret < 0)
+		return reject(ret);
+	if (ret == 0)
+		return SYS_PROCEED;
+
+	remember_orig(ctx, &key, &res);
+	/* A v4-mapped VIP got a v4-mapped backend: the socket stays dual-stack. */
+	ctx->user_ip6[0] = res.addr[0];
+	ctx->user_ip6[1] = res.addr[1];
+	ctx->user_ip6[2] = res.addr[2];
+	ctx->user_ip6[3] = res.addr[3];
+	ctx->user_port = (__u32)res.port;
+	return SYS_PROCEED;
+}
+
+/* Unconnected UDP. Every datagram passes here, so one socket talking to a VIP
+ * keeps its backend (QUIC and other stateful UDP would break otherwise) until
+ * the service's membership changes. */
+static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
+					  struct lb_result *res)
+{
+	struct frontend_value fe;
+	struct udp_key uk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.port = key->port,
+	};
+	__u32 epoch;
+
+	if (!is_managed(ctx))
+		return 0;
+	if (frontend_lookup(key, &fe) != HIT_SERVICE)
+		return 0;
+	if (fe.flags & FRONTEND_F_PASSTHROUGH) {
+		stat_inc(STAT_LB_PASSTHROUGH);
+		return 0;
+	}
+
+	__builtin_memcpy(uk.addr, key->addr, sizeof(uk.addr));
+	struct udp_fwd_value *fwd = bpf_map_lookup_elem(&kmesh_udp_fwd, &uk);
+	if (fwd && fwd->service_id == fe.id) {
+		__u32 id = fe.id;
+		struct service_value *svc = bpf_map_lookup_elem(&kmesh_service, &id);
+
+		if (svc && svc->epoch == fwd->epoch) {
+			__builtin_memcpy(res->addr, fwd->backend_addr, sizeof(res->addr));
+			res->port = fwd->backend_port;
+			stat_inc(STAT_UDP_AFFINITY);
+			return 1;
+		}
+	}
+
+	int err = lb_pick(&fe, family_of(key->addr), res, &epoch);
+	if (err) {
+		count_lb_error(err);
+		return err;
+	}
+	stat_inc(STAT_LB_SERVICE);
+
+	struct udp_fwd_value nf = {
+		.backend_port = res->port,
+		.service_id = fe.id,
+		.epoch = epoch,
+	};
+	__builtin_memcpy(nf.backend_addr, res->addr, sizeof(nf.backend_addr));
+	bpf_map_update_elem(&kmesh_udp_fwd, &uk, &nf, BPF_ANY);
+
+	struct udp_key rk = {
+		.cookie = uk.cookie,
+		.port = res->port,
+	};
+	struct udp_rev_value rv = {
+		.port = key->port,
+	};
+	__builtin_memcpy(rk.addr, res->addr, sizeof(rk.addr));
+	__builtin_memcpy(rv.addr, key->addr, sizeof(rv.addr));
+	bpf_map_update_elem(&kmesh_udp_rev, &rk, &rv, BPF_ANY);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int kmesh_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct frontend_key key = {
+		.port = (__u16)ctx->user_port,
+		.proto = IPPROTO_UDP,
+	};
+	struct lb_result res = {};
+
+	addr_set_v4(key.addr, ctx->user_ip4);
+	int ret = sendmsg_decide(ctx, &key, &res);
+	if (ret < 0)
+		return reject(ret);
+	if (ret > 0) {
+		ctx->user_ip4 = res.addr[3];
+		ctx->user_port = (__u32)res.port;
+	}
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/sendmsg6")
+int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct frontend_key key = {
+		.port = (__u16)ctx->user_port,
+		.proto = IPPROTO_UDP,
+	};
+	struct lb_result res = {};
+
+	key.addr[0] = ctx->user_ip6[0];
+	key.addr[1] = ctx->user_ip6[1];
+	key.addr[2] = ctx->user_ip6[2];
+	key.addr[3] = ctx->user_ip6[3];
+	int ret = sendmsg_decide(ctx, &key, &res);
+	if (ret < 0)
+		return reject(ret);
+	if (ret > 0) {
+		ctx->user_ip6[0] = res.addr[0];
+		ctx->user_ip6[1] = res.addr[1];
+		ctx->user_ip6[2] = res.addr[2];
+		ctx->user_ip6[3] = res.addr[3];
+		ctx->user_port = (__u32)res.port;
+	}
+	return SYS_PROCEED;
+}
+
+/* Finds the VIP a peer address stands for on this socket: the UDP reverse
+ * map for unconnected sockets, the socket's own storage for connected ones.
+ * No managed check: only sockets we redirected have entries. */
+static __always_inline int peer_to_vip(struct bpf_sock_addr *ctx, __u32 addr[4], __u16 *port,
+				       int udp)
+{
+	if (udp) {
+		struct udp_key rk = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.port = *port,
+		};
+		__builtin_memcpy(rk.addr, addr, sizeof(rk.addr));
+		struct udp_rev_value *rv = bpf_map_lookup_elem(&kmesh_udp_rev, &rk);
+		if (rv) {
+			__builtin_memcpy(addr, rv->addr, sizeof(rv->addr));
+			*port = rv->port;
+			return 1;
+		}
+	}
+	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, 0);
+	if (so && so->backend_port == *port && addr_eq(so->backend_addr, addr)) {
+		__builtin_memcpy(addr, so->addr, sizeof(so->addr));
+		*port = so->port;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void peer4(struct bpf_sock_addr *ctx, int udp)
+{
+	__u32 addr[4];
+	__u16 port = (__u16)ctx->user_port;
+
+	addr_set_v4(addr, ctx->user_ip4);
+	if (peer_to_vip(ctx, addr, &port, udp)) {
+		ctx->user_ip4 = addr[3];
+		ctx->user_port = (__u32)port;
+		stat_inc(STAT_PEER_REWRITTEN);
+	}
+}
+
+static __always_inline void peer6(struct bpf_sock_addr *ctx, int udp)
+{
+	__u32 addr[4] = {
+		ctx->user_ip6[0],
+		ctx->user_ip6[1],
+		ctx->user_ip6[2],
+		ctx->user_ip6[3],
+	};
+	__u16 port = (__u16)ctx->user_port;
+
+	if (peer_to_vip(ctx, addr, &port, udp)) {
+		ctx->user_ip6[0] = addr[0];
+		ctx->user_ip6[1] = addr[1];
+		ctx->user_ip6[2] = addr[2];
+		ctx->user_ip6[3] = addr[3];
+		ctx->user_port = (__u32)port;
+		stat_inc(STAT_PEER_REWRITTEN);
+	}
+}
+
+SEC("cgroup/recvmsg4")
+int kmesh_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	peer4(ctx, 1);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/recvmsg6")
+int kmesh_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	peer6(ctx, 1);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername4")
+int kmesh_getpeer4(struct bpf_sock_addr *ctx)
+{
+	peer4(ctx, 0);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername6")
+int kmesh_getpeer6(struct bpf_sock_addr *ctx)
+{
+	peer6(ctx, 0);
+	return SYS_PROCEED;
+}

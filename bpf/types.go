@@ -1,0 +1,289 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// Constants mirrored from include/kmesh_consts.h (TestABIConstants checks them).
+const (
+	MaxRanks    = 8
+	familyCount = 2
+)
+
+// Family indexes the per-family endpoint tables.
+type Family uint8
+
+const (
+	FamilyV4 Family = 0
+	FamilyV6 Family = 1
+)
+
+func (f Family) String() string {
+	if f == FamilyV4 {
+		return "ipv4"
+	}
+	return "ipv6"
+}
+
+// FamilyOf returns the endpoint table family an address belongs to.
+func FamilyOf(a netip.Addr) Family {
+	if a.Unmap().Is4() {
+		return FamilyV4
+	}
+	return FamilyV6
+}
+
+// Proto is the IP protocol of a frontend.
+type Proto uint8
+
+const (
+	TCP Proto = 6
+	UDP Proto = 17
+)
+
+func (p Proto) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	}
+	return fmt.Sprintf("proto(%d)", uint8(p))
+}
+
+// FrontendKind says what a frontend address is.
+type FrontendKind uint8
+
+const (
+	FrontendService  FrontendKind = 1
+	FrontendWorkload FrontendKind = 2
+)
+
+const frontendFlagPassthrough = 0x1
+
+// LBMode mirrors Istio's LoadBalancing.Mode (service_value.mode).
+type LBMode uint8
+
+const (
+	LBStandard    LBMode = 0
+	LBStrict      LBMode = 1
+	LBFailover    LBMode = 2
+	LBPassthrough LBMode = 3
+)
+
+func (m LBMode) String() string {
+	switch m {
+	case LBStandard:
+		return "standard"
+	case LBStrict:
+		return "strict"
+	case LBFailover:
+		return "failover"
+	case LBPassthrough:
+		return "passthrough"
+	}
+	return fmt.Sprintf("mode(%d)", uint8(m))
+}
+
+const (
+	backendFlagHBONE = 0x1
+	backendFlagLocal = 0x2
+)
+
+// FrontendKey is what a client connects to: a service VIP and port, or a
+// workload IP (Port 0, matching every port).
+type FrontendKey struct {
+	Addr  netip.Addr
+	Port  uint16 // host order
+	Proto Proto
+}
+
+func (k FrontendKey) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.Addr, k.Port), k.Proto)
+}
+
+// Frontend is one entry of kmesh_frontend.
+type Frontend struct {
+	Key  FrontendKey
+	Kind FrontendKind
+	// ID is the service id for FrontendService, the backend id for FrontendWorkload.
+	ID uint32
+	// TargetPort is where the service port forwards to, unless an endpoint
+	// slot carries its own port.
+	TargetPort  uint16
+	Passthrough bool
+}
+
+// Service is one entry of kmesh_service: the shape of a load-balancing set.
+type Service struct {
+	ID uint32
+	// Counts[family][rank] is the number of alias-table slots.
+	Counts   [familyCount][MaxRanks]uint32
+	Epoch    uint32
+	Waypoint uint32
+	Gen      uint8
+	Mode     LBMode
+}
+
+// EndpointKey addresses one alias-table slot.
+type EndpointKey struct {
+	Service uint32
+	Gen     uint8
+	Family  Family
+	Rank    uint8
+	Index   uint32
+}
+
+// EndpointSlot is one alias-table slot: Backend with probability
+// Threshold/2^32, otherwise Alias. Ports are target ports (0: the frontend's).
+type EndpointSlot struct {
+	Backend   uint32
+	Alias     uint32
+	Threshold uint32
+	Port      uint16
+	AliasPort uint16
+}
+
+// Endpoint is one entry of kmesh_endpoint.
+type Endpoint struct {
+	Key  EndpointKey
+	Slot EndpointSlot
+}
+
+// Backend is one entry of kmesh_backend: a workload.
+type Backend struct {
+	ID       uint32
+	Addr4    netip.Addr // invalid when the workload has no IPv4 address
+	Addr6    netip.Addr // invalid when the workload has no IPv6 address
+	Identity uint32
+	Waypoint uint32
+	Capacity uint32
+	HBONE    bool
+	Local    bool
+}
+
+// --- encoding to and from the generated ABI structs ---
+
+func htons(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func ntohs(v uint16) uint16 { return htons(v) }
+
+// addrWords encodes an address as 16 network-order bytes (IPv4 v4-mapped)
+// laid out as the four native-endian words the C struct holds.
+func addrWords(a netip.Addr) [4]uint32 {
+	var w [4]uint32
+	if !a.IsValid() {
+		return w
+	}
+	b := a.As16()
+	for i := range w {
+		w[i] = binary.NativeEndian.Uint32(b[i*4:])
+	}
+	return w
+}
+
+func wordsAddr(w [4]uint32) netip.Addr {
+	var b [16]byte
+	for i := range w {
+		binary.NativeEndian.PutUint32(b[i*4:], w[i])
+	}
+	return netip.AddrFrom16(b).Unmap()
+}
+
+func addr4Word(a netip.Addr) uint32 {
+	if !a.IsValid() {
+		return 0
+	}
+	b := a.Unmap().As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func wordAddr4(w uint32) netip.Addr {
+	if w == 0 {
+		return netip.Addr{}
+	}
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], w)
+	return netip.AddrFrom4(b)
+}
+
+func encodeFrontendKey(k FrontendKey) sockAddrFrontendKey {
+	return sockAddrFrontendKey{Addr: addrWords(k.Addr), Port: htons(k.Port), Proto: uint8(k.Proto)}
+}
+
+func decodeFrontendKey(k sockAddrFrontendKey) FrontendKey {
+	return FrontendKey{Addr: wordsAddr(k.Addr), Port: ntohs(k.Port), Proto: Proto(k.Proto)}
+}
+
+func encodeFrontendValue(f Frontend) sockAddrFrontendValue {
+	v := sockAddrFrontendValue{Id: f.ID, TargetPort: htons(f.TargetPort), Kind: uint8(f.Kind)}
+	if f.Passthrough {
+		v.Flags |= frontendFlagPassthrough
+	}
+	return v
+}
+
+func decodeFrontend(k sockAddrFrontendKey, v sockAddrFrontendValue) Frontend {
+	return Frontend{
+		Key:         decodeFrontendKey(k),
+		Kind:        FrontendKind(v.Kind),
+		ID:          v.Id,
+		TargetPort:  ntohs(v.TargetPort),
+		Passthrough: v.Flags&frontendFlagPassthrough != 0,
+	}
+}
+
+func encodeService(s Service) sockAddrServiceValue {
+	return sockAddrServiceValue{Count: s.Counts, Epoch: s.Epoch, Waypoint: s.Waypoint, Gen: s.Gen, Mode: uint8(s.Mode)}
+}
+
+func decodeService(id uint32, v sockAddrServiceValue) Service {
+	return Service{ID: id, Counts: v.Count, Epoch: v.Epoch, Waypoint: v.Waypoint, Gen: v.Gen, Mode: LBMode(v.Mode)}
+}
+
+func encodeEndpointKey(k EndpointKey) sockAddrEndpointKey {
+	return sockAddrEndpointKey{ServiceId: k.Service, Gen: k.Gen, Family: uint8(k.Family), Rank: k.Rank, Index: k.Index}
+}
+
+func decodeEndpointKey(k sockAddrEndpointKey) EndpointKey {
+	return EndpointKey{Service: k.ServiceId, Gen: k.Gen, Family: Family(k.Family), Rank: k.Rank, Index: k.Index}
+}
+
+func encodeSlot(s EndpointSlot) sockAddrEndpointValue {
+	return sockAddrEndpointValue{BackendId: s.Backend, AliasId: s.Alias, Threshold: s.Threshold,
+		Port: htons(s.Port), AliasPort: htons(s.AliasPort)}
+}
+
+func decodeSlot(v sockAddrEndpointValue) EndpointSlot {
+	return EndpointSlot{Backend: v.BackendId, Alias: v.AliasId, Threshold: v.Threshold,
+		Port: ntohs(v.Port), AliasPort: ntohs(v.AliasPort)}
+}
+
+func encodeBackend(b Backend) sockAddrBackendValue {
+	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Waypoint: b.Waypoint, Capacity: b.Capacity}
+	if b.Addr6.IsValid() {
+		v.Addr6 = addrWords(b.Addr6)
+	}
+	if b.HBONE {
+		v.Flags |= backendFlagHBONE
+	}
+	if b.Local {
+		v.Flags |= backendFlagLocal
+	}
+	return v
+}
+
+func decodeBackend(id uint32, v sockAddrBackendValue) Backend {
+	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Waypoint: v.Waypoint, Capacity: v.Capacity,
+		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0}
+	if v.Addr6 != [4]uint32{} {
+		b.Addr6 = wordsAddr(v.Addr6)
+	}
+	return b
+}

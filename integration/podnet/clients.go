@@ -1,0 +1,204 @@
+package podnet
+
+import (
+	"bufio"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Name servers answer every connection or datagram with their name. Clients
+// running inside pods tally the names, which is how tests see which backend
+// a VIP led to.
+
+// ServeTCPName answers each connection on l with name and a newline. It
+// returns when l is closed.
+func ServeTCPName(l net.Listener, name string) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			fmt.Fprintf(c, "%s\n", name)
+		}()
+	}
+}
+
+// ServeUDPName answers each datagram on c with name. It returns when c is closed.
+func ServeUDPName(c net.PacketConn, name string) {
+	buf := make([]byte, 2048)
+	for {
+		_, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = c.WriteTo([]byte(name), from)
+	}
+}
+
+// ClientResult is what a client helper reports.
+type ClientResult struct {
+	// Names tallies which server answered; Errors tallies failures by errno name.
+	Names  Tally `json:"names"`
+	Errors Tally `json:"errors"`
+	// Peers tallies the peer addresses the application saw (getpeername for
+	// TCP and connected UDP, recvfrom's source for unconnected UDP).
+	Peers Tally `json:"peers"`
+}
+
+func init() {
+	RegisterHelper("tcp", tcpClient)
+	RegisterHelper("udp", udpClient)
+}
+
+// errName reduces an error to a stable name for tallies ("ECONNREFUSED").
+func errName(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		if n := unix.ErrnoName(errno); n != "" {
+			return n
+		}
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "timeout"
+	}
+	return err.Error()
+}
+
+func sockaddrString(sa unix.Sockaddr) string {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)).String()
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port)).String()
+	}
+	return fmt.Sprint(sa)
+}
+
+func peerOf(c syscall.Conn) string {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	var peer string
+	_ = rc.Control(func(fd uintptr) {
+		sa, err := unix.Getpeername(int(fd))
+		if err != nil {
+			peer = "error: " + errName(err)
+			return
+		}
+		peer = sockaddrString(sa)
+	})
+	return peer
+}
+
+// tcpClient: -addr HOST:PORT -n COUNT [-network tcp|tcp4|tcp6]. Opens COUNT
+// connections one after another and reads the server's name from each.
+func tcpClient(args []string) (any, error) {
+	fs := flag.NewFlagSet("tcp", flag.ContinueOnError)
+	addr := fs.String("addr", "", "destination")
+	n := fs.Int("n", 1, "connections")
+	network := fs.String("network", "tcp", "network")
+	timeout := fs.Duration("timeout", 2*time.Second, "per-connection timeout")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
+	d := net.Dialer{Timeout: *timeout}
+	for i := 0; i < *n; i++ {
+		c, err := d.Dial(*network, *addr)
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		res.Peers[peerOf(c.(*net.TCPConn))]++
+		_ = c.SetDeadline(time.Now().Add(*timeout))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		res.Names[strings.TrimSpace(line)]++
+	}
+	return res, nil
+}
+
+// udpClient: -addr HOST:PORT -n COUNT [-connected] [-shared] [-network udp|udp4|udp6].
+// Sends COUNT datagrams and reads one answer each. -shared sends them all
+// from one socket (affinity), otherwise every exchange has a socket of its own.
+func udpClient(args []string) (any, error) {
+	fs := flag.NewFlagSet("udp", flag.ContinueOnError)
+	addr := fs.String("addr", "", "destination")
+	n := fs.Int("n", 1, "datagrams")
+	network := fs.String("network", "udp", "network")
+	connected := fs.Bool("connected", false, "connect() the socket")
+	shared := fs.Bool("shared", false, "one socket for all datagrams")
+	timeout := fs.Duration("timeout", 2*time.Second, "per-datagram timeout")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	dst, err := net.ResolveUDPAddr(*network, *addr)
+	if err != nil {
+		return nil, err
+	}
+	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
+	var sock *net.UDPConn
+	open := func() (*net.UDPConn, error) {
+		if *connected {
+			return net.DialUDP(*network, nil, dst)
+		}
+		return net.ListenUDP(*network, nil)
+	}
+	buf := make([]byte, 2048)
+	for i := 0; i < *n; i++ {
+		if sock == nil || !*shared {
+			if sock != nil {
+				sock.Close()
+			}
+			if sock, err = open(); err != nil {
+				res.Errors[errName(err)]++
+				sock = nil
+				continue
+			}
+			if *connected {
+				res.Peers[peerOf(sock)]++
+			}
+		}
+		_ = sock.SetDeadline(time.Now().Add(*timeout))
+		if *connected {
+			_, err = sock.Write([]byte("ping"))
+		} else {
+			_, err = sock.WriteToUDP([]byte("ping"), dst)
+		}
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		k, from, err := sock.ReadFromUDP(buf)
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		if !*connected {
+			ap := from.AddrPort()
+			res.Peers[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()]++
+		}
+		res.Names[string(buf[:k])]++
+	}
+	if sock != nil {
+		sock.Close()
+	}
+	return res, nil
+}

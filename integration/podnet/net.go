@@ -1,0 +1,192 @@
+package podnet
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func setLinkUp(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	return netlink.LinkSetUp(l)
+}
+
+// Node is a simulated node's network: a namespace holding a bridge that the
+// node's pods hang off. Pods of one node share an L2 segment.
+type Node struct {
+	Name string
+	NS   *Netns
+
+	h      *netlink.Handle
+	bridge netlink.Link
+	v4, v6 netip.Prefix
+
+	mu   sync.Mutex
+	pods []*Pod
+	seq  int
+}
+
+// Pod is a network namespace with one interface, eth0, on its node's bridge.
+type Pod struct {
+	Name string
+	NS   *Netns
+	IPv4 netip.Addr // invalid when the pod has no IPv4 address
+	IPv6 netip.Addr // invalid when the pod has no IPv6 address
+}
+
+// NewNode creates a node namespace with a bridge carrying the given pod
+// prefixes. Either prefix may be the zero value to leave that family out.
+func NewNode(name string, v4, v6 netip.Prefix) (*Node, error) {
+	ns, err := NewNetns("node-" + name)
+	if err != nil {
+		return nil, err
+	}
+	n := &Node{Name: name, NS: ns, v4: v4, v6: v6}
+	if err := n.init(); err != nil {
+		n.Close()
+		return nil, fmt.Errorf("node %s: %w", name, err)
+	}
+	return n, nil
+}
+
+func (n *Node) init() error {
+	h, err := netlink.NewHandleAt(n.NS.h)
+	if err != nil {
+		return err
+	}
+	n.h = h
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
+	if err := h.LinkAdd(br); err != nil {
+		return fmt.Errorf("adding bridge: %w", err)
+	}
+	n.bridge, err = h.LinkByName("br0")
+	if err != nil {
+		return err
+	}
+	return h.LinkSetUp(n.bridge)
+}
+
+// AddPod creates a pod namespace on this node with the given addresses (the
+// zero Addr leaves a family out). Routes cover the node's prefixes only.
+func (n *Node) AddPod(name string, v4, v6 netip.Addr) (*Pod, error) {
+	if v4.IsValid() && !n.v4.Contains(v4) || v6.IsValid() && !n.v6.Contains(v6) {
+		return nil, fmt.Errorf("pod %s: addresses %v %v outside node prefixes %v %v", name, v4, v6, n.v4, n.v6)
+	}
+	ns, err := NewNetns("pod-" + name)
+	if err != nil {
+		return nil, err
+	}
+	p := &Pod{Name: name, NS: ns, IPv4: v4, IPv6: v6}
+	if err := n.plumb(p); err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("pod %s: %w", name, err)
+	}
+	n.mu.Lock()
+	n.pods = append(n.pods, p)
+	n.mu.Unlock()
+	return p, nil
+}
+
+func (n *Node) plumb(p *Pod) error {
+	n.mu.Lock()
+	n.seq++
+	hostIf := fmt.Sprintf("veth%d", n.seq)
+	n.mu.Unlock()
+
+	veth := &netlink.Veth{
+		LinkAttrs: netlink.LinkAttrs{Name: hostIf, MasterIndex: n.bridge.Attrs().Index},
+		PeerName:  "eth0",
+		// Created directly inside the pod namespace: no rename dance.
+		PeerNamespace: netlink.NsFd(p.NS.Fd()),
+	}
+	if err := n.h.LinkAdd(veth); err != nil {
+		return fmt.Errorf("adding veth: %w", err)
+	}
+	host, err := n.h.LinkByName(hostIf)
+	if err != nil {
+		return err
+	}
+	if err := n.h.LinkSetUp(host); err != nil {
+		return err
+	}
+
+	ph, err := netlink.NewHandleAt(p.NS.h)
+	if err != nil {
+		return err
+	}
+	defer ph.Close()
+	eth, err := ph.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	for _, a := range []struct {
+		addr netip.Addr
+		pfx  netip.Prefix
+	}{{p.IPv4, n.v4}, {p.IPv6, n.v6}} {
+		if !a.addr.IsValid() {
+			continue
+		}
+		ipn := &net.IPNet{IP: a.addr.AsSlice(), Mask: net.CIDRMask(a.pfx.Bits(), a.addr.BitLen())}
+		// NODAD: an IPv6 address is usable at once instead of after ~2 s.
+		if err := ph.AddrAdd(eth, &netlink.Addr{IPNet: ipn, Flags: unix.IFA_F_NODAD}); err != nil {
+			return fmt.Errorf("adding %v: %w", a.addr, err)
+		}
+	}
+	return ph.LinkSetUp(eth)
+}
+
+// Pods returns the pods created on this node.
+func (n *Node) Pods() []*Pod {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]*Pod(nil), n.pods...)
+}
+
+// Close removes every pod namespace and the node namespace.
+func (n *Node) Close() error {
+	var errs []error
+	for _, p := range n.Pods() {
+		errs = append(errs, p.NS.Close())
+	}
+	if n.h != nil {
+		n.h.Close()
+	}
+	errs = append(errs, n.NS.Close())
+	return errors.Join(errs...)
+}
+
+// Addr returns the pod's address of the given family ("tcp4"/"udp4" → IPv4).
+func (p *Pod) Addr(v6 bool) netip.Addr {
+	if v6 {
+		return p.IPv6
+	}
+	return p.IPv4
+}
+
+// Listen opens a listener inside the pod. The caller serves it from any goroutine.
+func (p *Pod) Listen(network, addr string) (net.Listener, error) {
+	var l net.Listener
+	err := p.NS.Do(func() (err error) {
+		l, err = net.Listen(network, addr)
+		return err
+	})
+	return l, err
+}
+
+// ListenPacket opens a packet socket inside the pod.
+func (p *Pod) ListenPacket(network, addr string) (net.PacketConn, error) {
+	var c net.PacketConn
+	err := p.NS.Do(func() (err error) {
+		c, err = net.ListenPacket(network, addr)
+		return err
+	})
+	return c, err
+}
