@@ -266,3 +266,26 @@ func (dp *Datapath) Uninstall() error {
 	_ = os.Remove(dp.dir)
 	return errors.Join(errs...)
 }
+
+// OpenPinned opens the maps a running (or stopped) daemon pinned under
+// root, for inspection by kmeshctl. It loads no program and attaches nothing.
+func OpenPinned(root string) (*Maps, func(), error) {
+	dir := PinDir(root)
+	names := []string{"kmesh_managed", "kmesh_frontend", "kmesh_service", "kmesh_endpoint", "kmesh_backend", "kmesh_stats"}
+	ms := make([]*ebpf.Map, 0, len(names))
+	closeAll := func() {
+		for _, m := range ms {
+			m.Close()
+		}
+	}
+	for _, name := range names {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("opening %s (is kmesh-daemon installed on this node, and are you root?): %w",
+				filepath.Join(dir, name), err)
+		}
+		ms = append(ms, m)
+	}
+	return &Maps{managed: ms[0], frontend: ms[1], service: ms[2], endpoint: ms[3], backend: ms[4], stats: ms[5]}, closeAll, nil
+}

@@ -128,8 +128,8 @@ SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
 	struct frontend_key key = {
-		.port = (__u16)ctx->user_port,
-		.proto = (__u8)ctx->protocol,
+	    .port = (__u16)ctx->user_port,
+	    .proto = (__u8)ctx->protocol,
 	};
 	struct lb_result res = {};
 
@@ -150,8 +150,8 @@ SEC("cgroup/connect6")
 int kmesh_connect6(struct bpf_sock_addr *ctx)
 {
 	struct frontend_key key = {
-		.port = (__u16)ctx->user_port,
-		.proto = (__u8)ctx->protocol,
+	    .port = (__u16)ctx->user_port,
+	    .proto = (__u8)ctx->protocol,
 	};
 	struct lb_result res = {};
 
@@ -183,8 +183,8 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 {
 	struct frontend_value fe;
 	struct udp_key uk = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.port = key->port,
+	    .cookie = bpf_get_socket_cookie(ctx),
+	    .port = key->port,
 	};
 	__u32 epoch;
 
@@ -219,19 +219,19 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 	stat_inc(STAT_LB_SERVICE);
 
 	struct udp_fwd_value nf = {
-		.backend_port = res->port,
-		.service_id = fe.id,
-		.epoch = epoch,
+	    .backend_port = res->port,
+	    .service_id = fe.id,
+	    .epoch = epoch,
 	};
 	__builtin_memcpy(nf.backend_addr, res->addr, sizeof(nf.backend_addr));
 	bpf_map_update_elem(&kmesh_udp_fwd, &uk, &nf, BPF_ANY);
 
 	struct udp_key rk = {
-		.cookie = uk.cookie,
-		.port = res->port,
+	    .cookie = uk.cookie,
+	    .port = res->port,
 	};
 	struct udp_rev_value rv = {
-		.port = key->port,
+	    .port = key->port,
 	};
 	__builtin_memcpy(rk.addr, res->addr, sizeof(rk.addr));
 	__builtin_memcpy(rv.addr, key->addr, sizeof(rv.addr));
@@ -243,8 +243,8 @@ SEC("cgroup/sendmsg4")
 int kmesh_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	struct frontend_key key = {
-		.port = (__u16)ctx->user_port,
-		.proto = IPPROTO_UDP,
+	    .port = (__u16)ctx->user_port,
+	    .proto = IPPROTO_UDP,
 	};
 	struct lb_result res = {};
 
@@ -263,8 +263,8 @@ SEC("cgroup/sendmsg6")
 int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	struct frontend_key key = {
-		.port = (__u16)ctx->user_port,
-		.proto = IPPROTO_UDP,
+	    .port = (__u16)ctx->user_port,
+	    .proto = IPPROTO_UDP,
 	};
 	struct lb_result res = {};
 
@@ -293,8 +293,8 @@ static __always_inline int peer_to_vip(struct bpf_sock_addr *ctx, __u32 addr[4],
 {
 	if (udp) {
 		struct udp_key rk = {
-			.cookie = bpf_get_socket_cookie(ctx),
-			.port = *port,
+		    .cookie = bpf_get_socket_cookie(ctx),
+		    .port = *port,
 		};
 		__builtin_memcpy(rk.addr, addr, sizeof(rk.addr));
 		struct udp_rev_value *rv = bpf_map_lookup_elem(&kmesh_udp_rev, &rk);
@@ -329,10 +329,10 @@ static __always_inline void peer4(struct bpf_sock_addr *ctx, int udp)
 static __always_inline void peer6(struct bpf_sock_addr *ctx, int udp)
 {
 	__u32 addr[4] = {
-		ctx->user_ip6[0],
-		ctx->user_ip6[1],
-		ctx->user_ip6[2],
-		ctx->user_ip6[3],
+	    ctx->user_ip6[0],
+	    ctx->user_ip6[1],
+	    ctx->user_ip6[2],
+	    ctx->user_ip6[3],
 	};
 	__u16 port = (__u16)ctx->user_port;
 

@@ -449,7 +449,7 @@ func BenchmarkPrivilegedConnectProgram(b *testing.B) {
 			b.Run(tc.name, func(b *testing.B) {
 				before := connect4Stats(b, f)
 				start := time.Now()
-				res := f.run(b, tc.pod, "tcp", "-addr", tc.addr, "-n", strconv.Itoa(b.N), "-network", "tcp4")
+				res := f.run(b, tc.pod, "tcp", "-addr", tc.addr, "-n", strconv.Itoa(b.N), "-network", "tcp4", "-rst")
 				wall := time.Since(start)
 				after := connect4Stats(b, f)
 				if res.Errors.Total() != 0 {

@@ -27,10 +27,10 @@ struct frontend_key {
 };
 
 struct frontend_value {
-	__u32 id;          /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
+	__u32 id;	   /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
 	__u16 target_port; /* network order; endpoint_value.port overrides it when set */
-	__u8 kind;         /* FRONTEND_* */
-	__u8 flags;        /* FRONTEND_F_* */
+	__u8 kind;	   /* FRONTEND_* */
+	__u8 flags;	   /* FRONTEND_F_* */
 };
 
 /* kmesh_service value: one load-balancing set. count[f][r] endpoints of family
@@ -39,10 +39,10 @@ struct frontend_value {
  * replacement), then deletes the old one: a connect sees either table whole. */
 struct service_value {
 	__u32 count[KMESH_FAMILIES][KMESH_MAX_RANKS];
-	__u32 epoch;   /* bumped on every membership change (UDP affinity check) */
+	__u32 epoch;	/* bumped on every membership change (UDP affinity check) */
 	__u32 waypoint; /* backend id of the service's waypoint, 0 for none */
-	__u8 gen;      /* live endpoint generation, 0 or 1 */
-	__u8 mode;     /* LB_MODE_* (informational) */
+	__u8 gen;	/* live endpoint generation, 0 or 1 */
+	__u8 mode;	/* LB_MODE_* (informational) */
 	__u8 flags;
 	__u8 pad;
 };
@@ -63,18 +63,18 @@ struct endpoint_value {
 	__u32 backend_id;
 	__u32 alias_id;
 	__u32 threshold;
-	__u16 port;       /* network order target port of backend_id, 0 = frontend's */
+	__u16 port;	  /* network order target port of backend_id, 0 = frontend's */
 	__u16 alias_port; /* same for alias_id */
 };
 
 /* kmesh_backend value: a workload. */
 struct backend_value {
-	__u32 addr4;    /* network order, 0 when the workload has no IPv4 address */
+	__u32 addr4;	/* network order, 0 when the workload has no IPv4 address */
 	__u32 addr6[4]; /* all zero when it has no IPv6 address */
 	__u32 identity; /* identity id (for policy), 0 = unknown */
 	__u32 waypoint; /* backend id of the workload's waypoint, 0 for none */
 	__u32 capacity; /* Istio capacity weight (already folded into alias tables) */
-	__u32 flags;    /* BACKEND_F_* */
+	__u32 flags;	/* BACKEND_F_* */
 };
 
 /* Per-socket storage: where the application meant to connect, so that

@@ -7,7 +7,7 @@
 /* Program verdicts for cgroup hooks: the kernel reads 1 as "let the syscall
  * continue" and 0 as "fail it" (with the errno set by bpf_set_retval). */
 #define SYS_PROCEED 1
-#define SYS_REJECT 0
+#define SYS_REJECT  0
 
 /* Locality ranks per service. Rank 0 is the best match for this node; user
  * space ranks endpoints by how many routing-preference scopes they share with
@@ -17,10 +17,10 @@
 /* Address families index the per-family endpoint tables. */
 #define KMESH_FAMILY_V4 0
 #define KMESH_FAMILY_V6 1
-#define KMESH_FAMILIES 2
+#define KMESH_FAMILIES	2
 
 /* frontend_value.kind */
-#define FRONTEND_SERVICE 1  /* a service VIP:port, load-balanced */
+#define FRONTEND_SERVICE  1 /* a service VIP:port, load-balanced */
 #define FRONTEND_WORKLOAD 2 /* a workload IP (any port), addressed directly */
 
 /* frontend_value.flags */
@@ -31,22 +31,22 @@
 #define BACKEND_F_LOCAL 0x2 /* the workload runs on this node */
 
 /* service_value.mode (for dumps; the kernel acts on ranks, not on the mode) */
-#define LB_MODE_STANDARD 0
-#define LB_MODE_STRICT 1
-#define LB_MODE_FAILOVER 2
+#define LB_MODE_STANDARD    0
+#define LB_MODE_STRICT	    1
+#define LB_MODE_FAILOVER    2
 #define LB_MODE_PASSTHROUGH 3
 
 /* Counters in the kmesh_stats per-CPU array. */
 enum kmesh_stat {
-	STAT_LB_SERVICE = 0,      /* connect/sendmsg rewritten to a service endpoint */
+	STAT_LB_SERVICE = 0,	  /* connect/sendmsg rewritten to a service endpoint */
 	STAT_LB_NO_ENDPOINT = 1,  /* service without a usable endpoint: refused */
-	STAT_LB_NO_FAMILY = 2,    /* endpoint lacks an address of the socket's family */
-	STAT_LB_RETRY = 3,        /* endpoint table changed under us, picked again */
+	STAT_LB_NO_FAMILY = 2,	  /* endpoint lacks an address of the socket's family */
+	STAT_LB_RETRY = 3,	  /* endpoint table changed under us, picked again */
 	STAT_LB_PASSTHROUGH = 4,  /* PASSTHROUGH service left untouched */
 	STAT_WORKLOAD_DIRECT = 5, /* connect to a known workload IP */
 	STAT_PEER_REWRITTEN = 6,  /* getpeername/recvmsg answered with the VIP */
-	STAT_STORAGE_FAIL = 7,    /* no socket storage: peer name cannot be restored */
-	STAT_UDP_AFFINITY = 8,    /* UDP datagram sent to the backend already chosen */
+	STAT_STORAGE_FAIL = 7,	  /* no socket storage: peer name cannot be restored */
+	STAT_UDP_AFFINITY = 8,	  /* UDP datagram sent to the backend already chosen */
 	STAT_MAX = 16,
 };
 

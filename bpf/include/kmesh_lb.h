@@ -77,11 +77,11 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 		return -ECONNREFUSED;
 
 	struct endpoint_key ek = {
-		.service_id = service_id,
-		.gen = svc->gen,
-		.family = family,
-		.rank = rank,
-		.index = rand_below(n),
+	    .service_id = service_id,
+	    .gen = svc->gen,
+	    .family = family,
+	    .rank = rank,
+	    .index = rand_below(n),
 	};
 	struct endpoint_value *ep = bpf_map_lookup_elem(&kmesh_endpoint, &ek);
 	if (!ep)

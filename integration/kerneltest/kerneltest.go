@@ -5,8 +5,6 @@
 package kerneltest
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"os"
 	"path/filepath"
 	"testing"
@@ -44,20 +42,13 @@ type Env struct {
 	DP     *bpf.Datapath
 }
 
-// RandomSuffix returns a short random name component.
-func RandomSuffix() string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
-
 // New creates a cgroup and pin root for the test and loads the data path
 // there with cfg (whose PinRoot and CgroupPath it sets). Cleanup uninstalls
 // it and fails the test if anything remains.
 func New(t testing.TB, cfg bpf.Config) *Env {
 	t.Helper()
 	RequireRoot(t)
-	id := RandomSuffix()
+	id := podnet.RandomSuffix()
 	cg, err := podnet.NewCgroup("", "kmesh-test-"+id)
 	if err != nil {
 		t.Fatal(err)

@@ -54,6 +54,9 @@ type ClientResult struct {
 	// Peers tallies the peer addresses the application saw (getpeername for
 	// TCP and connected UDP, recvfrom's source for unconnected UDP).
 	Peers Tally `json:"peers"`
+	// LatencyUS holds one sample per successful exchange when asked for
+	// (-latency): connect + first answer + close, in microseconds.
+	LatencyUS []float64 `json:"latency_us,omitempty"`
 }
 
 func init() {
@@ -111,12 +114,15 @@ func tcpClient(args []string) (any, error) {
 	n := fs.Int("n", 1, "connections")
 	network := fs.String("network", "tcp", "network")
 	timeout := fs.Duration("timeout", 2*time.Second, "per-connection timeout")
+	latency := fs.Bool("latency", false, "record per-connection latency")
+	rst := fs.Bool("rst", false, "close with RST (SO_LINGER 0): no TIME_WAIT piles up in long runs")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
 	d := net.Dialer{Timeout: *timeout}
 	for i := 0; i < *n; i++ {
+		start := time.Now()
 		c, err := d.Dial(*network, *addr)
 		if err != nil {
 			res.Errors[errName(err)]++
@@ -125,10 +131,16 @@ func tcpClient(args []string) (any, error) {
 		res.Peers[peerOf(c.(*net.TCPConn))]++
 		_ = c.SetDeadline(time.Now().Add(*timeout))
 		line, err := bufio.NewReader(c).ReadString('\n')
+		if *rst {
+			_ = c.(*net.TCPConn).SetLinger(0)
+		}
 		c.Close()
 		if err != nil {
 			res.Errors[errName(err)]++
 			continue
+		}
+		if *latency {
+			res.LatencyUS = append(res.LatencyUS, float64(time.Since(start).Nanoseconds())/1e3)
 		}
 		res.Names[strings.TrimSpace(line)]++
 	}

@@ -9,6 +9,8 @@
 package podnet
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"runtime"
@@ -18,6 +20,14 @@ import (
 
 	"kmesh.dev/kmesh/kernel"
 )
+
+// RandomSuffix returns a short random name component, so that concurrent
+// runs never share a cgroup or pin directory.
+func RandomSuffix() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
 
 // Netns is an anonymous network namespace.
 type Netns struct {

@@ -1,0 +1,42 @@
+# Kmesh. `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN := bin
+
+.PHONY: help build generate check-generate test lint bench bench-quick demo clean
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+build: ## build kmesh-daemon, kmesh-cni and kmeshctl into bin/
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+generate: ## regenerate the bpf2go output (needs clang, llvm-strip, libbpf headers)
+	$(GO) generate ./bpf/...
+
+check-generate: generate ## fail if the committed bpf2go output is stale
+	@git diff --exit-code -- bpf/ || { echo "bpf2go output differs from the committed one: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- bpf/)" || { git status --porcelain -- bpf/; echo "untracked bpf2go output: commit it"; exit 1; }
+
+test: ## all test tiers; kernel and end-to-end tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
+	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m ./...
+
+lint: ## gofmt, go vet, clang-format
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); test -z "$$out" || { echo "gofmt:"; echo "$$out"; exit 1; }
+	$(GO) vet ./...
+	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h
+
+bench: ## benchmark harness, results under docs/benchmarks/ (needs root)
+	@mkdir -p docs/benchmarks
+	$(GO) test -run '^$$' -bench . -benchtime 10000x -count 5 ./ambient/dataplane/ | tee docs/benchmarks/connect-program.txt
+
+bench-quick: ## a few minutes' worth of the harness
+	$(GO) test -run '^$$' -bench . -benchtime 5000x -count 1 ./ambient/dataplane/
+
+demo: build ## the node simulator demo (needs root)
+	$(BIN)/kmeshctl demo
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,52 @@
+package agent_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"testing"
+
+	"kmesh.dev/kmesh/ambient/agent"
+	"kmesh.dev/kmesh/ambient/config"
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/integration/kerneltest"
+)
+
+func TestPrivilegedAgentLifecycle(t *testing.T) {
+	env := kerneltest.New(t, bpf.Config{}) // owns the cgroup and pin root, uninstalls at the end
+	env.DP.Close()                         // the agent takes over as a restarted daemon would
+
+	cfg, err := config.Load(nil, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "127.0.0.1:0", "", ""
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, err := agent.Start(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !a.DP.Reused {
+		t.Error("agent did not take over the pinned data path")
+	}
+	resp, err := http.Get("http://" + a.Addrs["readiness"].String() + "/healthz/ready")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("readiness %d, want 200", resp.StatusCode)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Closing the daemon leaves the data path pinned for the next one.
+	if _, err := os.Stat(bpf.PinDir(cfg.PinRoot) + "/links/connect4"); err != nil {
+		t.Fatalf("daemon exit removed the data path: %v", err)
+	}
+	env.DP = env.Load(t) // for the cleanup's uninstall
+}

@@ -1,0 +1,155 @@
+// Package config reads the daemon's configuration from, in increasing
+// precedence: built-in defaults, an optional YAML file, environment
+// variables (ztunnel's names where ztunnel has one, so Kmesh can run in
+// ztunnel's DaemonSet slot unchanged), and command-line flags.
+package config
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+
+	"kmesh.dev/kmesh/bpf"
+)
+
+// Config is everything the daemon is told.
+type Config struct {
+	// Kernel data path.
+	CgroupPath string `mapstructure:"cgroup_path"`
+	PinRoot    string `mapstructure:"pin_root"`
+	NoPeerVIP  bool   `mapstructure:"no_peer_vip"`
+	Maps       struct {
+		Managed  uint32 `mapstructure:"managed"`
+		Frontend uint32 `mapstructure:"frontend"`
+		Service  uint32 `mapstructure:"service"`
+		Endpoint uint32 `mapstructure:"endpoint"`
+		Backend  uint32 `mapstructure:"backend"`
+		UDP      uint32 `mapstructure:"udp"`
+	} `mapstructure:"maps"`
+
+	// Ports of the node-level servers (ztunnel's).
+	AdminAddr     string `mapstructure:"admin_addr"`
+	StatsAddr     string `mapstructure:"stats_addr"`
+	ReadinessAddr string `mapstructure:"readiness_addr"`
+
+	// Identity of this node and of the daemon's own pod, as ztunnel takes them.
+	NodeName     string `mapstructure:"node_name"`
+	PodName      string `mapstructure:"pod_name"`
+	PodNamespace string `mapstructure:"pod_namespace"`
+	InstanceIP   string `mapstructure:"instance_ip"`
+	ClusterID    string `mapstructure:"cluster_id"`
+	Network      string `mapstructure:"network"`
+	TrustDomain  string `mapstructure:"trust_domain"`
+
+	// Control plane.
+	XDSAddress    string        `mapstructure:"xds_address"`
+	CAAddress     string        `mapstructure:"ca_address"`
+	RootCertFile  string        `mapstructure:"root_cert_file"`
+	TokenFile     string        `mapstructure:"token_file"`
+	LocalXDSPath  string        `mapstructure:"local_xds_path"`
+	DrainDuration time.Duration `mapstructure:"drain_duration"`
+
+	LogLevel string `mapstructure:"log_level"`
+}
+
+// MapSizes converts the configured sizes for the loader.
+func (c *Config) MapSizes() bpf.MapSizes {
+	return bpf.MapSizes{Managed: c.Maps.Managed, Frontend: c.Maps.Frontend, Service: c.Maps.Service,
+		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend, UDP: c.Maps.UDP}
+}
+
+// setting is one configuration key: its default, the environment variable
+// that sets it (ztunnel's where one exists) and its flag help.
+type setting struct {
+	key, env, help string
+	def            any
+}
+
+var settings = []setting{
+	{"cgroup_path", "KMESH_CGROUP_PATH", "cgroup v2 directory to attach to (default: the hierarchy root)", ""},
+	{"pin_root", "KMESH_PIN_ROOT", "bpffs directory holding pinned maps and links", bpf.DefaultPinRoot},
+	{"no_peer_vip", "KMESH_NO_PEER_VIP", "do not restore the service VIP as peer name (saves ~0.6us per connect)", false},
+	{"maps.managed", "KMESH_MAP_MANAGED", "max enrolled pods on the node", uint32(4096)},
+	{"maps.frontend", "KMESH_MAP_FRONTEND", "max service VIP:port/proto and workload IP/proto entries", uint32(65536)},
+	{"maps.service", "KMESH_MAP_SERVICE", "max load-balancing sets", uint32(16384)},
+	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(262144)},
+	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(65536)},
+	{"maps.udp", "KMESH_MAP_UDP", "max unconnected-UDP flows remembered", uint32(65536)},
+	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (config dump, log level)", "localhost:15000"},
+	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
+	{"readiness_addr", "KMESH_READINESS_ADDR", "readiness probe", ":15021"},
+	{"node_name", "NODE_NAME", "name of this node", ""},
+	{"pod_name", "POD_NAME", "name of the daemon's pod", ""},
+	{"pod_namespace", "POD_NAMESPACE", "namespace of the daemon's pod", "istio-system"},
+	{"instance_ip", "INSTANCE_IP", "IP of the daemon's pod", ""},
+	{"cluster_id", "CLUSTER_ID", "cluster the node belongs to", "Kubernetes"},
+	{"network", "NETWORK", "network the node belongs to", ""},
+	{"trust_domain", "TRUST_DOMAIN", "SPIFFE trust domain", "cluster.local"},
+	{"xds_address", "XDS_ADDRESS", "istiod xDS address", "istiod.istio-system.svc:15012"},
+	{"ca_address", "CA_ADDRESS", "istiod CA address (default: the xDS address)", ""},
+	{"root_cert_file", "XDS_ROOT_CA", "mesh root certificate for the control plane", "/var/run/secrets/istio/root-cert.pem"},
+	{"token_file", "KMESH_TOKEN_FILE", "service account token presented to istiod", "/var/run/secrets/tokens/istio-token"},
+	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
+	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown", 5 * time.Second},
+	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
+}
+
+// Flags registers every setting as a flag (dots become dashes).
+func Flags(fs *pflag.FlagSet) {
+	fs.String("config", "", "YAML configuration file")
+	for _, s := range settings {
+		name := strings.ReplaceAll(strings.ReplaceAll(s.key, ".", "-"), "_", "-")
+		help := fmt.Sprintf("%s (env %s)", s.help, s.env)
+		switch d := s.def.(type) {
+		case string:
+			fs.String(name, d, help)
+		case bool:
+			fs.Bool(name, d, help)
+		case uint32:
+			fs.Uint32(name, d, help)
+		case time.Duration:
+			fs.Duration(name, d, help)
+		}
+	}
+}
+
+// Load resolves the configuration from defaults, file, environment and fs.
+func Load(fs *pflag.FlagSet, getenv func(string) string) (*Config, error) {
+	// Environment and flags are applied with Set, which viper ranks above the
+	// file; flags come last and win.
+	v := viper.New()
+	for _, s := range settings {
+		v.SetDefault(s.key, s.def)
+		if e := getenv(s.env); e != "" {
+			if s.key == "drain_duration" && !strings.ContainsAny(e, "smh") {
+				e += "s" // ztunnel's variable is whole seconds
+			}
+			v.Set(s.key, e)
+		}
+	}
+	if fs != nil {
+		if f := fs.Lookup("config"); f != nil && f.Value.String() != "" {
+			v.SetConfigFile(f.Value.String())
+			if err := v.ReadInConfig(); err != nil {
+				return nil, fmt.Errorf("reading config file: %w", err)
+			}
+		}
+		for _, s := range settings {
+			name := strings.ReplaceAll(strings.ReplaceAll(s.key, ".", "-"), "_", "-")
+			if f := fs.Lookup(name); f != nil && f.Changed {
+				v.Set(s.key, f.Value.String())
+			}
+		}
+	}
+	var c Config
+	if err := v.Unmarshal(&c); err != nil {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	if c.CAAddress == "" {
+		c.CAAddress = c.XDSAddress
+	}
+	return &c, nil
+}

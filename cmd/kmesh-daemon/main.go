@@ -1,0 +1,94 @@
+// Command kmesh-daemon is Kmesh's node agent: it replaces ztunnel on a node.
+// It also accepts ztunnel's invocation ("proxy ztunnel") so that it can run
+// in ztunnel's DaemonSet slot unchanged.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"kmesh.dev/kmesh/ambient/agent"
+	"kmesh.dev/kmesh/ambient/config"
+	"kmesh.dev/kmesh/bpf"
+)
+
+const usage = `kmesh-daemon [run | proxy ztunnel | uninstall] [flags]
+
+  run            (default) load the data path and follow the control plane
+  proxy ztunnel  the same, as invoked in ztunnel's DaemonSet
+  uninstall      detach the programs and remove all pinned state from this node
+`
+
+func main() {
+	fs := pflag.NewFlagSet("kmesh-daemon", pflag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(os.Stderr, usage, fs.FlagUsages()) }
+	config.Flags(fs)
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		os.Exit(2)
+	}
+	cfg, err := config.Load(fs, os.Getenv)
+	if err != nil {
+		fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level(cfg.LogLevel)}))
+	slog.SetDefault(log)
+
+	switch cmd := strings.Join(fs.Args(), " "); cmd {
+	case "", "run", "proxy ztunnel":
+		err = run(cfg, log)
+	case "uninstall":
+		err = uninstall(cfg)
+	default:
+		fmt.Fprintf(os.Stderr, "unknown command %q\n\n", cmd)
+		fs.Usage()
+		os.Exit(2)
+	}
+	if err != nil {
+		fatal(err)
+	}
+}
+
+func run(cfg *config.Config, log *slog.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	a, err := agent.Start(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	log.Info("kmesh-daemon running")
+	<-ctx.Done()
+	log.Info("shutting down; the kernel data path stays in place")
+	return a.Close()
+}
+
+func uninstall(cfg *config.Config) error {
+	dp, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath, Sizes: cfg.MapSizes()})
+	if err != nil {
+		return err
+	}
+	if err := dp.Uninstall(); err != nil {
+		return err
+	}
+	fmt.Println("kmesh data path detached and unpinned")
+	return nil
+}
+
+func level(s string) slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "kmesh-daemon:", err)
+	os.Exit(1)
+}
