@@ -62,6 +62,7 @@ type Datapath struct {
 	links  []link.Link
 	dir    string
 	cgroup string
+	closed bool
 	// Reused is true when the maps were already pinned (a daemon restart or
 	// upgrade): their contents are live and must be reconciled, not reset.
 	Reused bool
@@ -240,31 +241,28 @@ func (dp *Datapath) Close() error {
 		l.Close()
 	}
 	dp.links = nil
+	if dp.closed {
+		return nil
+	}
+	dp.closed = true
 	return dp.objs.Close()
 }
 
 // Uninstall detaches the programs and removes every pin of this layout,
-// dropping all kernel state. For `kmesh-daemon --uninstall` and tests.
+// dropping all kernel state. For `kmesh-daemon uninstall` and tests. It
+// works on a closed Datapath too: removing the pin files drops the last
+// references, which detaches the links and frees the maps.
 func (dp *Datapath) Uninstall() error {
-	var errs []error
-	for _, l := range dp.links {
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, err)
-		}
+	return errors.Join(dp.Close(), RemovePins(filepath.Dir(dp.dir)))
+}
+
+// RemovePins removes the pins of this layout under root.
+func RemovePins(root string) error {
+	dir := PinDir(root)
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("removing pins under %s: %w", dir, err)
 	}
-	if err := dp.objs.KmeshManaged.Unpin(); err != nil {
-		errs = append(errs, err)
-	}
-	for _, m := range []*ebpf.Map{dp.objs.KmeshFrontend, dp.objs.KmeshService, dp.objs.KmeshEndpoint,
-		dp.objs.KmeshBackend, dp.objs.KmeshSockOrig, dp.objs.KmeshUdpFwd, dp.objs.KmeshUdpRev, dp.objs.KmeshStats} {
-		if err := m.Unpin(); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	errs = append(errs, dp.Close())
-	_ = os.Remove(filepath.Join(dp.dir, "links"))
-	_ = os.Remove(dp.dir)
-	return errors.Join(errs...)
+	return nil
 }
 
 // OpenPinned opens the maps a running (or stopped) daemon pinned under

@@ -5,16 +5,26 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/reconcile"
+	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/kernel"
 )
@@ -25,13 +35,20 @@ type Agent struct {
 	log   *slog.Logger
 	DP    *bpf.Datapath
 	Plane *dataplane.Dataplane
-	ready atomic.Bool
+	Store *state.Store
+	rec   *reconcile.Reconciler
+	Reg   *prometheus.Registry
+
+	ready  atomic.Bool
+	synced chan struct{}
+	wg     sync.WaitGroup
+	cancel context.CancelFunc
 	// Addrs are the bound addresses of the node servers, by name.
 	Addrs map[string]net.Addr
 }
 
-// Start checks the kernel, loads (or takes over) the data path and starts
-// the node servers. The caller runs Wait and then Close.
+// Start checks the kernel, loads (or takes over) the data path, starts the
+// node servers and, when configured, follows istiod. Call Close to stop.
 func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	if err := kernel.Check(kernel.Probe()); err != nil {
 		return nil, err
@@ -45,25 +62,146 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	} else {
 		log.Info("data path loaded and attached", "pin_root", cfg.PinRoot, "cgroup", cfg.CgroupPath)
 	}
-	a := &Agent{cfg: cfg, log: log, DP: dp, Addrs: map[string]net.Addr{}}
-	a.Plane = dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network}, Logger: log})
-	if err := a.serve(ctx, "readiness", cfg.ReadinessAddr, a.readinessHandler()); err != nil {
+	ctx, cancel := context.WithCancel(ctx)
+	a := &Agent{cfg: cfg, log: log, DP: dp, Store: state.NewStore(), Reg: prometheus.NewRegistry(),
+		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}}
+	node := reconcile.Node{Name: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network}
+	a.Plane = dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster, Network: node.Network}, Logger: log})
+	if dp.Reused {
+		// Adopt what the previous daemon left so that the first sync rewrites
+		// only what changed; what nobody claims is swept after that sync.
+		if err := a.Plane.Adopt(); err != nil {
+			cancel()
+			dp.Close()
+			return nil, err
+		}
+	}
+	a.rec = reconcile.New(a.Store, a.Plane, node, log)
+	a.Reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.dataplaneCollector())
+
+	fail := func(err error) (*Agent, error) {
+		cancel()
+		a.wg.Wait()
 		dp.Close()
 		return nil, err
 	}
+	for _, s := range []struct {
+		name, addr string
+		h          http.Handler
+	}{
+		{"readiness", cfg.ReadinessAddr, a.readinessHandler()},
+		{"admin", cfg.AdminAddr, a.adminHandler()},
+		{"stats", cfg.StatsAddr, a.statsHandler()},
+	} {
+		if err := a.serve(ctx, s.name, s.addr, s.h); err != nil {
+			return fail(err)
+		}
+	}
+	if cfg.XDSAddress == "" {
+		close(a.synced)
+	} else if err := a.startXDS(ctx); err != nil {
+		return fail(err)
+	}
+	a.wg.Add(1)
+	go a.retryLoop(ctx)
 	a.ready.Store(true)
 	return a, nil
 }
 
+func (a *Agent) startXDS(ctx context.Context) error {
+	node, err := xdsNode(a.cfg, environ())
+	if err != nil {
+		return err
+	}
+	xc := xds.Config{
+		Address: a.cfg.XDSAddress, TokenFile: a.cfg.TokenFile, ClusterID: a.cfg.ClusterID, Node: node,
+		Types: []string{xds.AddressType, xds.AuthorizationType}, Handler: a.handleXDS,
+		OnSynced: func() {
+			w, s, p := a.Store.Counts()
+			a.log.Info("first xDS state applied to the kernel", "workloads", w, "services", s, "policies", p)
+			if err := a.Plane.Sweep(); err != nil {
+				a.log.Error("sweeping state left by the previous daemon", "err", err)
+			}
+			close(a.synced)
+		},
+		Metrics: xds.NewMetrics(a.Reg), Log: a.log,
+	}
+	if !a.cfg.XDSPlaintext {
+		// Fail fast on a missing root; later reads pick up rotations.
+		if _, err := xds.TLSConfig(a.cfg.RootCertFile, a.cfg.XDSServerName); err != nil {
+			return err
+		}
+		xc.TLS = func() (*tls.Config, error) { return xds.TLSConfig(a.cfg.RootCertFile, a.cfg.XDSServerName) }
+	}
+	client := xds.New(xc)
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		_ = client.Run(ctx)
+	}()
+	return nil
+}
+
+// retryLoop re-applies objects the kernel refused (a full map frees up when
+// other services go away).
+func (a *Agent) retryLoop(ctx context.Context) {
+	defer a.wg.Done()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if a.rec.Failed() > 0 {
+				if errs := a.rec.Retry(); len(errs) == 0 {
+					a.log.Info("objects the kernel refused earlier are applied now")
+				}
+			}
+		}
+	}
+}
+
+// Failed returns how many objects the kernel refused and wait for a retry.
+func (a *Agent) Failed() int { return a.rec.Failed() }
+
+// Synced is closed once the first full control-plane state is in the maps.
+func (a *Agent) Synced() <-chan struct{} { return a.synced }
+
 func (a *Agent) readinessHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
+		select {
+		case <-a.synced:
+		default:
+			http.Error(w, "waiting for the first control-plane state", http.StatusServiceUnavailable)
+			return
+		}
 		if !a.ready.Load() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	return mux
+}
+
+func (a *Agent) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(a.Store.Snapshot())
+	})
+	return mux
+}
+
+func (a *Agent) statsHandler() http.Handler {
+	mux := http.NewServeMux()
+	h := promhttp.HandlerFor(a.Reg, promhttp.HandlerOpts{})
+	mux.Handle("/metrics", h)
+	mux.Handle("/stats/prometheus", h)
 	return mux
 }
 
@@ -78,23 +216,29 @@ func (a *Agent) serve(ctx context.Context, name, addr string, h http.Handler) er
 	}
 	a.Addrs[name] = l.Addr()
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	a.wg.Add(2)
 	go func() {
+		defer a.wg.Done()
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
 	go func() {
+		defer a.wg.Done()
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			a.log.Error("server stopped", "addr", addr, "err", err)
+			a.log.Error("server stopped", "server", name, "addr", addr, "err", err)
 		}
 	}()
 	return nil
 }
 
-// Close releases the daemon's handles. The data path stays attached and
-// pinned: connections keep flowing until the next daemon takes over.
+// Close stops the daemon's work and releases its handles. The data path
+// stays attached and pinned: connections keep flowing until the next
+// daemon takes over.
 func (a *Agent) Close() error {
 	a.ready.Store(false)
+	a.cancel()
+	a.wg.Wait()
 	return a.DP.Close()
 }

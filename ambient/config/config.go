@@ -46,6 +46,8 @@ type Config struct {
 
 	// Control plane.
 	XDSAddress    string        `mapstructure:"xds_address"`
+	XDSServerName string        `mapstructure:"xds_server_name"`
+	XDSPlaintext  bool          `mapstructure:"xds_plaintext"`
 	CAAddress     string        `mapstructure:"ca_address"`
 	RootCertFile  string        `mapstructure:"root_cert_file"`
 	TokenFile     string        `mapstructure:"token_file"`
@@ -89,6 +91,8 @@ var settings = []setting{
 	{"network", "NETWORK", "network the node belongs to", ""},
 	{"trust_domain", "TRUST_DOMAIN", "SPIFFE trust domain", "cluster.local"},
 	{"xds_address", "XDS_ADDRESS", "istiod xDS address", "istiod.istio-system.svc:15012"},
+	{"xds_server_name", "ALT_XDS_HOSTNAME", "name verified in istiod's certificate (default: host of the xDS address)", ""},
+	{"xds_plaintext", "KMESH_XDS_PLAINTEXT", "talk to istiod without TLS (development only)", false},
 	{"ca_address", "CA_ADDRESS", "istiod CA address (default: the xDS address)", ""},
 	{"root_cert_file", "XDS_ROOT_CA", "mesh root certificate for the control plane", "/var/run/secrets/istio/root-cert.pem"},
 	{"token_file", "KMESH_TOKEN_FILE", "service account token presented to istiod", "/var/run/secrets/tokens/istio-token"},

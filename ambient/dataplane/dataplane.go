@@ -2,7 +2,6 @@ package dataplane
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -51,7 +50,9 @@ type Dataplane struct {
 	enrolled map[uint64]string // netns cookie -> workload UID
 
 	backendIDs, setIDs idAlloc
-	Stats              Stats
+	// orphans is the previous daemon's kernel state not yet adopted (see adopt.go).
+	orphans *orphans
+	Stats   Stats
 }
 
 type feEntry struct {
@@ -103,7 +104,7 @@ func (d *Dataplane) lookup(uid string) *resolvedWorkload {
 	return nil
 }
 
-// fail records and logs an apply error and returns it.
+// fail records and logs an apply error and returns it unchanged.
 func (d *Dataplane) fail(what string, err error) error {
 	d.Stats.Errors.Add(1)
 	var full *bpf.MapFullError
@@ -113,41 +114,152 @@ func (d *Dataplane) fail(what string, err error) error {
 	} else {
 		d.log.Error("kernel update failed: previous state keeps serving", "object", what, "err", err)
 	}
-	return fmt.Errorf("%s: %w", what, err)
+	return err
 }
 
-// --- workloads ---
+// --- workloads and services ---
+
+// ObjectError is the failure to apply one workload or service. The kernel
+// keeps serving that object's previous state.
+type ObjectError struct {
+	Kind string // "workload" or "service"
+	Name string // workload UID or service key
+	Err  error
+}
+
+func (e *ObjectError) Error() string { return e.Kind + " " + e.Name + ": " + e.Err.Error() }
+func (e *ObjectError) Unwrap() error { return e.Err }
+
+// Batch is a set of changes applied together: each affected service is
+// recomputed once, however many of its workloads changed.
+type Batch struct {
+	Workloads       []Workload
+	DeleteWorkloads []string
+	Services        []Service
+	DeleteServices  []string
+}
 
 // lbRelevant reports whether a workload change can change service tables.
 func lbRelevant(a, b *Workload) bool {
 	return !slices.Equal(a.Addrs, b.Addrs) || a.Capacity != b.Capacity || a.Healthy != b.Healthy || a.Topology != b.Topology
 }
 
-// SetWorkload adds or updates a workload: its backend entry, its frontends
-// (connects to its IP), and every service table it appears in.
-func (d *Dataplane) SetWorkload(w Workload) error {
+// Apply applies a batch. Order matters for connections in flight: deleted
+// workloads leave the tables before their backends go; new workloads get
+// backends before any table points at them; frontends of deleted services
+// go before their tables.
+func (d *Dataplane) Apply(b Batch) []*ObjectError {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	var errs []*ObjectError
+	failed := func(kind, name string, err error) {
+		if err != nil {
+			errs = append(errs, &ObjectError{Kind: kind, Name: name, Err: d.fail(kind+" "+name, err)})
+		}
+	}
+	affected := map[string]struct{}{}
+	gone := map[string]*workloadRec{}
+	for _, uid := range b.DeleteWorkloads {
+		if rec, ok := d.workloads[uid]; ok {
+			delete(d.workloads, uid)
+			gone[uid] = rec
+			for k := range d.refs[uid] {
+				affected[k] = struct{}{}
+			}
+		}
+	}
+	for _, w := range b.Workloads {
+		changed, err := d.setWorkload(w)
+		failed("workload", w.UID, err)
+		if changed {
+			for k := range d.refs[w.UID] {
+				affected[k] = struct{}{}
+			}
+		}
+	}
+	for _, s := range b.Services {
+		delete(affected, s.Key)
+		failed("service", s.Key, d.setService(s))
+	}
+	for _, key := range b.DeleteServices {
+		delete(affected, key)
+		failed("service", key, d.deleteService(key))
+	}
+	for _, key := range slices.Sorted(maps.Keys(affected)) {
+		if rec := d.services[key]; rec != nil {
+			failed("service", key, d.apply(rec))
+		}
+	}
+	for uid, rec := range gone {
+		_, ferr := d.syncFrontends("wl:"+uid, rec.frontendMap(), nil)
+		berr := d.maps.DeleteBackends([]uint32{rec.backend})
+		if berr == nil {
+			d.backendIDs.put(rec.backend)
+		}
+		failed("workload", uid, errors.Join(ferr, berr))
+	}
+	return errs
+}
+
+func joinObjectErrors(errs []*ObjectError) error {
+	var out []error
+	for _, e := range errs {
+		out = append(out, e)
+	}
+	return errors.Join(out...)
+}
+
+// SetWorkload adds or updates one workload (see Apply).
+func (d *Dataplane) SetWorkload(w Workload) error {
+	return joinObjectErrors(d.Apply(Batch{Workloads: []Workload{w}}))
+}
+
+// DeleteWorkload removes one workload (see Apply).
+func (d *Dataplane) DeleteWorkload(uid string) error {
+	return joinObjectErrors(d.Apply(Batch{DeleteWorkloads: []string{uid}}))
+}
+
+// SetService adds or updates one service (see Apply). On error the kernel
+// keeps serving the previous version of the service, whole.
+func (d *Dataplane) SetService(s Service) error {
+	return joinObjectErrors(d.Apply(Batch{Services: []Service{s}}))
+}
+
+// DeleteService removes one service (see Apply).
+func (d *Dataplane) DeleteService(key string) error {
+	return joinObjectErrors(d.Apply(Batch{DeleteServices: []string{key}}))
+}
+
+// setWorkload writes a workload's backend entry and frontends. It reports
+// whether tables that list it must be recomputed.
+func (d *Dataplane) setWorkload(w Workload) (bool, error) {
 	rec, existed := d.workloads[w.UID]
 	var prev Workload
+	var inKernel *bpf.Backend // what the kernel holds under rec.backend, if anything
 	if existed {
 		prev = rec.Workload
+		b := backendOf(&rec.resolvedWorkload)
+		inKernel = &b
+	} else if b, ok := d.adoptBackend(&w); ok {
+		rec = &workloadRec{resolvedWorkload: resolvedWorkload{backend: b.ID}}
+		inKernel = &b
 	} else {
 		rec = &workloadRec{resolvedWorkload: resolvedWorkload{backend: d.backendIDs.get()}}
 	}
 	rec.Workload = w
-	if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec.resolvedWorkload)}); err != nil {
-		if existed {
-			rec.Workload = prev
-		} else {
-			d.backendIDs.put(rec.backend)
+	if inKernel == nil || backendOf(&rec.resolvedWorkload) != *inKernel {
+		if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec.resolvedWorkload)}); err != nil {
+			if existed {
+				rec.Workload = prev
+			} else if inKernel == nil {
+				d.backendIDs.put(rec.backend)
+			}
+			return false, err
 		}
-		return d.fail("workload "+w.UID, err)
 	}
 	d.workloads[w.UID] = rec
 	d.Stats.WorkloadWrites.Add(1)
 
-	var errs []error
 	desired := map[bpf.FrontendKey]bpf.Frontend{}
 	for _, a := range w.Addrs {
 		for _, p := range d.opts.Protocols {
@@ -157,18 +269,14 @@ func (d *Dataplane) SetWorkload(w Workload) error {
 	}
 	got, err := d.syncFrontends("wl:"+w.UID, rec.frontendMap(), desired)
 	rec.frontends = slices.Collect(maps.Keys(got))
-	if err != nil {
-		errs = append(errs, d.fail("workload "+w.UID+" frontends", err))
-	}
-	if !existed || lbRelevant(&prev, &w) {
-		errs = append(errs, d.reapply(w.UID)...)
-	}
-	for cookie, uid := range d.enrolled {
-		if uid == w.UID && !existed {
-			errs = append(errs, d.maps.SetManaged(cookie, rec.backend))
+	if !existed {
+		for cookie, uid := range d.enrolled {
+			if uid == w.UID {
+				err = errors.Join(err, d.maps.SetManaged(cookie, rec.backend))
+			}
 		}
 	}
-	return errors.Join(errs...)
+	return !existed || lbRelevant(&prev, &w), err
 }
 
 func (r *workloadRec) frontendMap() map[bpf.FrontendKey]bpf.Frontend {
@@ -179,8 +287,10 @@ func (r *workloadRec) frontendMap() map[bpf.FrontendKey]bpf.Frontend {
 	return m
 }
 
-func backendOf(w *resolvedWorkload) bpf.Backend {
-	b := bpf.Backend{ID: w.backend, Capacity: weightOf(&w.Workload), HBONE: w.HBONE}
+func backendOf(w *resolvedWorkload) bpf.Backend { return backendOfWorkload(w.backend, &w.Workload) }
+
+func backendOfWorkload(id uint32, w *Workload) bpf.Backend {
+	b := bpf.Backend{ID: id, Capacity: w.Capacity, HBONE: w.HBONE}
 	for _, a := range w.Addrs {
 		a = a.Unmap()
 		if a.Is4() && !b.Addr4.IsValid() {
@@ -192,36 +302,74 @@ func backendOf(w *resolvedWorkload) bpf.Backend {
 	return b
 }
 
-// DeleteWorkload removes a workload. Services listing it lose it first, so
-// no table ever points at a missing backend for longer than one retry.
-func (d *Dataplane) DeleteWorkload(uid string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	rec, ok := d.workloads[uid]
+func (d *Dataplane) setService(s Service) error {
+	rec, existed := d.services[s.Key]
+	if !existed {
+		rec = &serviceRec{frontends: map[bpf.FrontendKey]bpf.Frontend{}}
+	}
+	prev := rec.svc
+	rec.svc = s
+	if err := d.apply(rec); err != nil {
+		rec.svc = prev
+		return err
+	}
+	d.services[s.Key] = rec
+	d.updateRefs(s.Key, prev.Endpoints, s.Endpoints)
+	d.Stats.ServiceWrites.Add(1)
+	return nil
+}
+
+// deleteService removes a service: frontends first, so no new connect finds
+// it, then its tables.
+func (d *Dataplane) deleteService(key string) error {
+	rec, ok := d.services[key]
 	if !ok {
 		return nil
 	}
-	delete(d.workloads, uid)
-	errs := d.reapply(uid)
-	if _, err := d.syncFrontends("wl:"+uid, rec.frontendMap(), nil); err != nil {
-		errs = append(errs, d.fail("workload "+uid+" frontends", err))
+	var errs []error
+	if _, err := d.syncFrontends("svc:"+key, rec.frontends, nil); err != nil {
+		errs = append(errs, err)
 	}
-	if err := d.maps.DeleteBackends([]uint32{rec.backend}); err != nil {
-		errs = append(errs, d.fail("workload "+uid, err))
-	} else {
-		d.backendIDs.put(rec.backend)
+	for _, ls := range rec.sets {
+		errs = append(errs, d.dropSet(ls))
 	}
+	d.updateRefs(key, rec.svc.Endpoints, nil)
+	delete(d.services, key)
 	return errors.Join(errs...)
 }
 
-// reapply re-derives every service that lists uid.
-func (d *Dataplane) reapply(uid string) []error {
-	var errs []error
-	for _, key := range slices.Sorted(maps.Keys(d.refs[uid])) {
-		if rec := d.services[key]; rec != nil {
-			if err := d.apply(rec); err != nil {
-				errs = append(errs, d.fail("service "+key, err))
+func (d *Dataplane) updateRefs(key string, old, new []Endpoint) {
+	for _, ep := range old {
+		if m := d.refs[ep.WorkloadUID]; m != nil {
+			delete(m, key)
+			if len(m) == 0 {
+				delete(d.refs, ep.WorkloadUID)
 			}
+		}
+	}
+	for _, ep := range new {
+		m := d.refs[ep.WorkloadUID]
+		if m == nil {
+			m = map[string]struct{}{}
+			d.refs[ep.WorkloadUID] = m
+		}
+		m[key] = struct{}{}
+	}
+}
+
+// SetNode changes this node's topology (its locality became known, say)
+// and recomputes every service's ranks against it.
+func (d *Dataplane) SetNode(t Topology) []*ObjectError {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.opts.Node == t {
+		return nil
+	}
+	d.opts.Node = t
+	var errs []*ObjectError
+	for _, key := range slices.Sorted(maps.Keys(d.services)) {
+		if err := d.apply(d.services[key]); err != nil {
+			errs = append(errs, &ObjectError{Kind: "service", Name: key, Err: d.fail("service "+key, err)})
 		}
 	}
 	return errs
@@ -254,72 +402,6 @@ func (d *Dataplane) Unenroll(netnsCookie uint64) error {
 	return d.maps.DeleteManaged(netnsCookie)
 }
 
-// --- services ---
-
-// SetService adds or updates a service. On error the kernel keeps serving
-// the previous version of the service, whole.
-func (d *Dataplane) SetService(s Service) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	rec, existed := d.services[s.Key]
-	if !existed {
-		rec = &serviceRec{frontends: map[bpf.FrontendKey]bpf.Frontend{}}
-	}
-	prev := rec.svc
-	rec.svc = s
-	if err := d.apply(rec); err != nil {
-		rec.svc = prev
-		return d.fail("service "+s.Key, err)
-	}
-	d.services[s.Key] = rec
-	d.updateRefs(s.Key, prev.Endpoints, s.Endpoints)
-	d.Stats.ServiceWrites.Add(1)
-	return nil
-}
-
-func (d *Dataplane) updateRefs(key string, old, new []Endpoint) {
-	for _, ep := range old {
-		if m := d.refs[ep.WorkloadUID]; m != nil {
-			delete(m, key)
-			if len(m) == 0 {
-				delete(d.refs, ep.WorkloadUID)
-			}
-		}
-	}
-	for _, ep := range new {
-		m := d.refs[ep.WorkloadUID]
-		if m == nil {
-			m = map[string]struct{}{}
-			d.refs[ep.WorkloadUID] = m
-		}
-		m[key] = struct{}{}
-	}
-}
-
-// DeleteService removes a service: frontends first, so no new connect finds
-// it, then its tables.
-func (d *Dataplane) DeleteService(key string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	rec, ok := d.services[key]
-	if !ok {
-		return nil
-	}
-	var errs []error
-	if _, err := d.syncFrontends("svc:"+key, rec.frontends, nil); err != nil {
-		errs = append(errs, err)
-	}
-	for _, ls := range rec.sets {
-		errs = append(errs, d.dropSet(ls))
-	}
-	d.updateRefs(key, rec.svc.Endpoints, nil)
-	delete(d.services, key)
-	if err := errors.Join(errs...); err != nil {
-		return d.fail("service "+key, err)
-	}
-	return nil
-}
-
 // apply makes the kernel serve rec.svc. It is a small transaction:
 //  1. write the new alias tables of new and changed sets into their
 //     inactive generation (invisible to connects);
@@ -349,6 +431,10 @@ func (d *Dataplane) apply(rec *serviceRec) error {
 		ls, ok := old[t.ports[0]]
 		if ok {
 			delete(old, t.ports[0])
+		} else {
+			ls = d.adoptSet(rec.svc.VIPs, t.ports[0])
+		}
+		if ls != nil {
 			changes = append(changes, change{ls: ls, table: t, write: !ls.table.equalSlots(t)})
 			continue
 		}
@@ -486,7 +572,12 @@ func endpointKeys(es []bpf.Endpoint) []bpf.EndpointKey {
 func (d *Dataplane) syncFrontends(owner string, have, want map[bpf.FrontendKey]bpf.Frontend) (map[bpf.FrontendKey]bpf.Frontend, error) {
 	var put []bpf.Frontend
 	for k, f := range want {
-		if cur, ok := d.fe[k]; !ok || cur.owner != owner || cur.val != f {
+		cur, ok := d.fe[k]
+		switch {
+		case ok && cur.val == f && cur.owner == owner:
+		case ok && cur.val == f && cur.owner == orphanOwner:
+			d.fe[k] = feEntry{owner: owner, val: f} // adopted as it is
+		default:
 			put = append(put, f)
 		}
 	}
@@ -505,7 +596,7 @@ func (d *Dataplane) syncFrontends(owner string, have, want map[bpf.FrontendKey]b
 		return have, errors.Join(err, d.maps.UpsertFrontends(restore), d.maps.DeleteFrontends(drop))
 	}
 	for _, f := range put {
-		if cur, ok := d.fe[f.Key]; ok && cur.owner != owner {
+		if cur, ok := d.fe[f.Key]; ok && cur.owner != owner && cur.owner != orphanOwner {
 			d.log.Warn("address claimed by two owners, the newer wins", "frontend", f.Key.String(), "was", cur.owner, "now", owner)
 		}
 		d.fe[f.Key] = feEntry{owner: owner, val: f}

@@ -6,7 +6,10 @@ import (
 	"math"
 	"net/netip"
 	"os"
+	"reflect"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -478,4 +481,116 @@ func connect4Stats(b *testing.B, f *fixture) bpf.ProgramStats {
 	}
 	b.Fatal("connect4 not found")
 	return bpf.ProgramStats{}
+}
+
+type kernelDump struct {
+	fe  []bpf.Frontend
+	svc []bpf.Service
+	ep  []bpf.Endpoint
+	be  []bpf.Backend
+}
+
+func dumpKernel(t testing.TB, m *bpf.Maps) kernelDump {
+	t.Helper()
+	var d kernelDump
+	var err error
+	if d.fe, err = m.Frontends(); err != nil {
+		t.Fatal(err)
+	}
+	if d.svc, err = m.Services(); err != nil {
+		t.Fatal(err)
+	}
+	if d.ep, err = m.Endpoints(); err != nil {
+		t.Fatal(err)
+	}
+	if d.be, err = m.Backends(); err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(d.fe, func(a, b bpf.Frontend) int { return strings.Compare(a.Key.String(), b.Key.String()) })
+	slices.SortFunc(d.svc, func(a, b bpf.Service) int { return int(a.ID) - int(b.ID) })
+	slices.SortFunc(d.ep, func(a, b bpf.Endpoint) int { return strings.Compare(fmt.Sprint(a.Key), fmt.Sprint(b.Key)) })
+	slices.SortFunc(d.be, func(a, b bpf.Backend) int { return int(a.ID) - int(b.ID) })
+	return d
+}
+
+// A restarted daemon adopts the kernel state it finds: unchanged objects
+// are not rewritten at all (same ids, same generation, same epoch), stale
+// ones are swept after the first sync, and traffic never notices.
+func TestPrivilegedAdoptAfterRestart(t *testing.T) {
+	f := newFixture(t, bpf.Config{})
+	svc := f.service(dataplane.LoadBalancing{}, web, "a", "b", "c")
+	stale := dataplane.Service{Key: "default/gone", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.99")}, Ports: web,
+		Endpoints: []dataplane.Endpoint{{WorkloadUID: "a"}}}
+	for _, err := range []error{f.dp.SetService(svc), f.dp.SetService(stale)} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A crash mid-update leaves slots of an unpublished generation behind.
+	if err := f.env.DP.Maps.PutEndpoints([]bpf.Endpoint{{Key: bpf.EndpointKey{Service: 1, Gen: 1, Index: 7}, Slot: bpf.EndpointSlot{Backend: 1, Alias: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	before := dumpKernel(t, f.env.DP.Maps)
+
+	done := make(chan podnet.ClientResult)
+	go func() {
+		var res podnet.ClientResult
+		if err := f.client.Helper(f.env.Cgroup, &res, "tcp", "-addr", "10.96.0.10:80", "-n", "2000", "-network", "tcp4"); err != nil {
+			t.Error(err)
+		}
+		done <- res
+	}()
+
+	// The daemon dies; a new one starts and learns the same state again.
+	f.env.DP.Close()
+	f.env.DP = f.env.Load(t)
+	dp2 := dataplane.New(f.env.DP.Maps, dataplane.Options{Node: f.node})
+	if err := dp2.Adopt(); err != nil {
+		t.Fatal(err)
+	}
+	b := dataplane.Batch{Services: []dataplane.Service{svc}}
+	for _, name := range []string{"a", "b", "c"} {
+		b.Workloads = append(b.Workloads, f.workload(name, 1, true, f.node))
+	}
+	if errs := dp2.Apply(b); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if n := dp2.Stats.ServiceWrites.Load(); n != 1 {
+		t.Fatalf("%d service applies, want 1", n)
+	}
+	mid := dumpKernel(t, f.env.DP.Maps)
+	if !reflect.DeepEqual(before, mid) {
+		t.Fatalf("adoption rewrote the kernel state:\nbefore %+v\nafter  %+v", before, mid)
+	}
+	if err := dp2.Sweep(); err != nil {
+		t.Fatal(err)
+	}
+	after := dumpKernel(t, f.env.DP.Maps)
+	for _, fe := range after.fe {
+		if fe.Key.Addr == netip.MustParseAddr("10.96.0.99") {
+			t.Errorf("stale service frontend survived the sweep: %+v", fe)
+		}
+	}
+	if len(after.svc) != 1 {
+		t.Errorf("%d sets after sweep, want 1: %+v", len(after.svc), after.svc)
+	}
+	for _, e := range after.ep {
+		if e.Key.Gen != after.svc[0].Gen || e.Key.Service != after.svc[0].ID {
+			t.Errorf("stray slot survived the sweep: %+v", e.Key)
+		}
+	}
+	res := <-done
+	if res.Errors.Total() != 0 {
+		t.Fatalf("connections failed across the restart: %v", res.Errors)
+	}
+
+	// The adopted daemon carries on normally: a change flips the generation.
+	if err := dp2.SetService(f.service(dataplane.LoadBalancing{}, web, "b")); err != nil {
+		t.Fatal(err)
+	}
+	got := f.run(t, f.client, "tcp", "-addr", "10.96.0.10:80", "-n", "20", "-network", "tcp4")
+	expectOnly(t, got.Names, "b:8080", 20)
+	if eps := dumpKernel(t, f.env.DP.Maps).ep; len(eps) != 2 {
+		t.Errorf("%d slots, want 2 (b in each family)", len(eps))
+	}
 }

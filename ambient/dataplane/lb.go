@@ -185,13 +185,6 @@ func resolvePort(p Port, ep Endpoint) (uint16, bool) {
 	return 0, false
 }
 
-func weightOf(w *Workload) uint32 {
-	if w.Capacity == 0 {
-		return 1
-	}
-	return w.Capacity
-}
-
 func hasFamily(addrs []netip.Addr) (fam [2]bool) {
 	for _, a := range addrs {
 		fam[bpf.FamilyOf(a)] = true
@@ -218,7 +211,7 @@ func buildTables(svc *Service, workloads func(uid string) *resolvedWorkload, nod
 		var cands []candidate
 		for _, ep := range eps {
 			w := workloads(ep.WorkloadUID)
-			if w == nil || len(w.Addrs) == 0 || (!w.Healthy && !svc.LB.AllowUnhealthy) {
+			if w == nil || len(w.Addrs) == 0 || w.Capacity == 0 || (!w.Healthy && !svc.LB.AllowUnhealthy) {
 				continue
 			}
 			target, ok := resolvePort(p, ep)
@@ -226,7 +219,7 @@ func buildTables(svc *Service, workloads func(uid string) *resolvedWorkload, nod
 				continue
 			}
 			cands = append(cands, candidate{uid: w.UID, backend: w.backend, port: target,
-				weight: weightOf(&w.Workload), topo: w.Topology, addrs: hasFamily(w.Addrs)})
+				weight: w.Capacity, topo: w.Topology, addrs: hasFamily(w.Addrs)})
 		}
 		// One shared target port lives in the frontend; only divergent
 		// ports are carried per slot.

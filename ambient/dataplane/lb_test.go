@@ -131,7 +131,7 @@ func TestResolvePort(t *testing.T) {
 }
 
 func wl(uid string, backend uint32, addrs ...string) *resolvedWorkload {
-	w := &resolvedWorkload{Workload: Workload{UID: uid, Healthy: true}, backend: backend}
+	w := &resolvedWorkload{Workload: Workload{UID: uid, Healthy: true, Capacity: 1}, backend: backend}
 	for _, a := range addrs {
 		w.Addrs = append(w.Addrs, netip.MustParseAddr(a))
 	}
@@ -149,7 +149,9 @@ func TestBuildTables(t *testing.T) {
 	sick := wl("sick", 4, "10.0.0.4")
 	sick.Healthy = false
 	noAddr := wl("noaddr", 5)
-	all := map[string]*resolvedWorkload{"a": a, "b": b, "c": c, "sick": sick, "noaddr": noAddr}
+	drained := wl("drained", 6, "10.0.0.6")
+	drained.Capacity = 0
+	all := map[string]*resolvedWorkload{"a": a, "b": b, "c": c, "sick": sick, "noaddr": noAddr, "drained": drained}
 	lookup := func(uid string) *resolvedWorkload { return all[uid] }
 	eps := func(uids ...string) []Endpoint {
 		var out []Endpoint
@@ -159,8 +161,8 @@ func TestBuildTables(t *testing.T) {
 		return out
 	}
 
-	t.Run("families, health and unknown workloads", func(t *testing.T) {
-		svc := &Service{Ports: []Port{{80, 8080}}, Endpoints: eps("a", "b", "c", "sick", "noaddr", "ghost")}
+	t.Run("families, health, drained and unknown workloads", func(t *testing.T) {
+		svc := &Service{Ports: []Port{{80, 8080}}, Endpoints: eps("a", "b", "c", "sick", "noaddr", "drained", "ghost")}
 		sets := buildTables(svc, lookup, node)
 		if len(sets) != 1 {
 			t.Fatalf("%d sets, want 1", len(sets))

@@ -51,7 +51,8 @@ type LoadBalancing struct {
 type Workload struct {
 	UID   string
 	Addrs []netip.Addr
-	// Capacity is Istio's capacity weight; 0 means the default of 1.
+	// Capacity is Istio's capacity weight (Istio's default is 1); a
+	// workload with capacity 0 is drained: it gets no new connections.
 	Capacity uint32
 	Healthy  bool
 	// HBONE is true when the workload accepts HBONE (enrolled in the mesh).

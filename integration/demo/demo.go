@@ -111,7 +111,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		return err
 	}
 	plane := dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: "demo"}})
-	if err := plane.SetWorkload(dataplane.Workload{UID: "client", Addrs: []netip.Addr{client.IPv4}, Healthy: true, Topology: dataplane.Topology{Node: "demo"}}); err != nil {
+	if err := plane.SetWorkload(dataplane.Workload{UID: "client", Addrs: []netip.Addr{client.IPv4}, Healthy: true, Capacity: 1, Topology: dataplane.Topology{Node: "demo"}}); err != nil {
 		return err
 	}
 	svc := dataplane.Service{Key: "demo/web.demo.svc.cluster.local", VIPs: []netip.Addr{netip.MustParseAddr(vip)},
@@ -132,7 +132,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		}
 		cleanups = append(cleanups, func() { l.Close() })
 		go podnet.ServeTCPName(l, name)
-		if err := plane.SetWorkload(dataplane.Workload{UID: name, Addrs: []netip.Addr{pod.IPv4}, Healthy: true, Topology: dataplane.Topology{Node: "demo"}}); err != nil {
+		if err := plane.SetWorkload(dataplane.Workload{UID: name, Addrs: []netip.Addr{pod.IPv4}, Healthy: true, Capacity: 1, Topology: dataplane.Topology{Node: "demo"}}); err != nil {
 			return err
 		}
 		svc.Endpoints = append(svc.Endpoints, dataplane.Endpoint{WorkloadUID: name})

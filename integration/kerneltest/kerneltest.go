@@ -60,6 +60,8 @@ func New(t testing.TB, cfg bpf.Config) *Env {
 			if err := e.DP.Uninstall(); err != nil {
 				t.Errorf("uninstall: %v", err)
 			}
+		} else if err := bpf.RemovePins(e.Config.PinRoot); err != nil {
+			t.Errorf("removing pins: %v", err)
 		}
 		if err := cg.Remove(); err != nil {
 			t.Errorf("removing cgroup: %v", err)

@@ -1,0 +1,230 @@
+// Package reconcile keeps the kernel data path equal to the control plane's
+// state: it turns changes of ambient/state into ambient/dataplane batches,
+// derives this node's locality, and retries objects the kernel refused
+// (a full map) until they fit.
+package reconcile
+
+import (
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"istio.io/istio/pkg/workloadapi"
+
+	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/bpf"
+)
+
+// Node is what the daemon knows about its node from configuration.
+type Node struct {
+	Name    string
+	Cluster string
+	Network string
+}
+
+// Reconciler applies state changes to the data path.
+type Reconciler struct {
+	store *state.Store
+	plane *dataplane.Dataplane
+	node  Node
+	log   *slog.Logger
+
+	mu       sync.Mutex
+	locality state.Locality
+	// failed holds objects the kernel did not take, by xDS resource name,
+	// with the error; Retry tries them again.
+	failed map[string]*dataplane.ObjectError
+}
+
+// New returns a reconciler for store and plane.
+func New(store *state.Store, plane *dataplane.Dataplane, node Node, log *slog.Logger) *Reconciler {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Reconciler{store: store, plane: plane, node: node, log: log.With("component", "reconcile"), failed: map[string]*dataplane.ObjectError{}}
+}
+
+// Apply pushes what changed to the kernel. It returns the objects the
+// kernel refused, by resource name (workload UID or service key); their
+// previous state keeps serving and they are retried by Retry.
+func (r *Reconciler) Apply(ch state.Changes) map[string]error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.applyChanges(ch)
+}
+
+func (r *Reconciler) applyChanges(ch state.Changes) map[string]error {
+	r.refreshLocality(ch)
+	var b dataplane.Batch
+	for _, uid := range slices.Sorted(maps.Keys(ch.Workloads)) {
+		if w := r.store.Workload(uid); w != nil {
+			b.Workloads = append(b.Workloads, r.workload(w))
+		} else {
+			b.DeleteWorkloads = append(b.DeleteWorkloads, uid)
+		}
+	}
+	for _, key := range slices.Sorted(maps.Keys(ch.Services)) {
+		if svc := r.store.Service(key); svc != nil && len(r.vips(svc)) > 0 {
+			b.Services = append(b.Services, r.service(svc))
+		} else {
+			// Gone, or nothing to intercept (headless, or VIPs on another network).
+			b.DeleteServices = append(b.DeleteServices, key)
+		}
+	}
+	return r.apply(b)
+}
+
+func (r *Reconciler) apply(b dataplane.Batch) map[string]error {
+	for _, w := range b.Workloads {
+		delete(r.failed, w.UID)
+	}
+	for _, uid := range b.DeleteWorkloads {
+		delete(r.failed, uid)
+	}
+	for _, s := range b.Services {
+		delete(r.failed, s.Key)
+	}
+	for _, k := range b.DeleteServices {
+		delete(r.failed, k)
+	}
+	errs := r.plane.Apply(b)
+	if len(errs) == 0 {
+		return nil
+	}
+	out := make(map[string]error, len(errs))
+	for _, e := range errs {
+		r.failed[e.Name] = e
+		out[e.Name] = e
+	}
+	return out
+}
+
+// Failed returns how many objects wait for a retry.
+func (r *Reconciler) Failed() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.failed)
+}
+
+// Retry re-applies the objects the kernel refused before.
+func (r *Reconciler) Retry() map[string]error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.failed) == 0 {
+		return nil
+	}
+	ch := state.Changes{Workloads: map[string]struct{}{}, Services: map[string]struct{}{}}
+	for name, e := range r.failed {
+		if e.Kind == "workload" {
+			ch.Workloads[name] = struct{}{}
+		} else {
+			ch.Services[name] = struct{}{}
+		}
+	}
+	return r.applyChanges(ch)
+}
+
+// refreshLocality takes this node's locality from the workloads running on
+// it (they all share the node's topology labels), and re-ranks every
+// service when it changes.
+func (r *Reconciler) refreshLocality(ch state.Changes) {
+	touched := false
+	for uid := range ch.Workloads {
+		if w := r.store.Workload(uid); w == nil || w.Node == r.node.Name {
+			touched = true
+			break
+		}
+	}
+	if !touched {
+		return
+	}
+	var loc state.Locality
+	for _, w := range r.store.WorkloadsOnNode(r.node.Name) {
+		if w.Locality != (state.Locality{}) {
+			loc = w.Locality
+			break
+		}
+	}
+	if loc == r.locality {
+		return
+	}
+	r.locality = loc
+	r.log.Info("node locality", "region", loc.Region, "zone", loc.Zone, "subzone", loc.Subzone)
+	for _, e := range r.plane.SetNode(r.topology()) {
+		r.failed[e.Name] = e
+	}
+}
+
+func (r *Reconciler) topology() dataplane.Topology {
+	return dataplane.Topology{Node: r.node.Name, Cluster: r.node.Cluster, Network: r.node.Network,
+		Locality: dataplane.Locality(r.locality)}
+}
+
+// sameNetwork: addresses of another network are reached through its
+// gateway, never directly.
+func (r *Reconciler) sameNetwork(n string) bool {
+	return n == "" || r.node.Network == "" || n == r.node.Network
+}
+
+func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
+	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
+		Topology: dataplane.Topology{Node: w.Node, Cluster: w.ClusterID, Network: w.Network, Locality: dataplane.Locality(w.Locality)}}
+	if r.sameNetwork(w.Network) {
+		out.Addrs = slices.Clone(w.Addresses)
+	}
+	return out
+}
+
+func (r *Reconciler) vips(s *state.Service) []netip.Addr {
+	var out []netip.Addr
+	for _, v := range s.VIPs {
+		if r.sameNetwork(v.Network) {
+			out = append(out, v.Addr)
+		}
+	}
+	return out
+}
+
+var modes = map[workloadapi.LoadBalancing_Mode]bpf.LBMode{
+	workloadapi.LoadBalancing_UNSPECIFIED_MODE: bpf.LBStandard,
+	workloadapi.LoadBalancing_STRICT:           bpf.LBStrict,
+	workloadapi.LoadBalancing_FAILOVER:         bpf.LBFailover,
+	workloadapi.LoadBalancing_PASSTHROUGH:      bpf.LBPassthrough,
+}
+
+var scopes = map[workloadapi.LoadBalancing_Scope]dataplane.Scope{
+	workloadapi.LoadBalancing_REGION:  dataplane.ScopeRegion,
+	workloadapi.LoadBalancing_ZONE:    dataplane.ScopeZone,
+	workloadapi.LoadBalancing_SUBZONE: dataplane.ScopeSubzone,
+	workloadapi.LoadBalancing_NODE:    dataplane.ScopeNode,
+	workloadapi.LoadBalancing_CLUSTER: dataplane.ScopeCluster,
+	workloadapi.LoadBalancing_NETWORK: dataplane.ScopeNetwork,
+}
+
+func (r *Reconciler) service(s *state.Service) dataplane.Service {
+	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s)}
+	for _, p := range s.Ports {
+		out.Ports = append(out.Ports, dataplane.Port{ServicePort: p.ServicePort, TargetPort: p.TargetPort})
+	}
+	if lb := s.LoadBalancing; lb != nil {
+		out.LB.Mode = modes[lb.Mode]
+		for _, sc := range lb.RoutingPreference {
+			out.LB.RoutingPreference = append(out.LB.RoutingPreference, scopes[sc])
+		}
+		out.LB.AllowUnhealthy = lb.HealthPolicy == workloadapi.LoadBalancing_ALLOW_ALL
+	}
+	for _, ep := range r.store.Endpoints(s.Key()) {
+		e := dataplane.Endpoint{WorkloadUID: ep.Workload.UID}
+		if len(ep.Ports) > 0 {
+			e.Ports = make(map[uint16]uint16, len(ep.Ports))
+			for _, p := range ep.Ports {
+				e.Ports[p.ServicePort] = p.TargetPort
+			}
+		}
+		out.Endpoints = append(out.Endpoints, e)
+	}
+	return out
+}

@@ -1,0 +1,289 @@
+// Package state holds what the control plane told this node: workloads,
+// services and authorization policies, as pure data with the indexes the
+// data path and the proxies look things up by. It does no I/O; the xDS
+// client fills it, the reconciler reads it.
+package state
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"istio.io/istio/pkg/workloadapi"
+	"istio.io/istio/pkg/workloadapi/security"
+)
+
+// NetworkAddr is an IP address within a network: the same IP can exist in
+// several networks of a multi-network mesh.
+type NetworkAddr struct {
+	Network string
+	Addr    netip.Addr
+}
+
+func (a NetworkAddr) String() string {
+	if a.Network == "" {
+		return a.Addr.String()
+	}
+	return a.Network + "/" + a.Addr.String()
+}
+
+// Locality is where a workload runs.
+type Locality struct {
+	Region, Zone, Subzone string
+}
+
+// Port maps a service port to a target port.
+type Port struct {
+	ServicePort uint16 `json:"servicePort"`
+	TargetPort  uint16 `json:"targetPort"`
+}
+
+// GatewayAddress is a waypoint or network gateway: by hostname or address.
+type GatewayAddress struct {
+	// Hostname is "namespace/hostname" when addressed by name.
+	Hostname      string       `json:"hostname,omitempty"`
+	Address       *NetworkAddr `json:"address,omitempty"`
+	HBONEMTLSPort uint16       `json:"hboneMtlsPort"`
+}
+
+// Workload is one workload (a pod, a WorkloadEntry, …).
+type Workload struct {
+	UID       string       `json:"uid"`
+	Name      string       `json:"name"`
+	Namespace string       `json:"namespace"`
+	Addresses []netip.Addr `json:"workloadIps"`
+	Hostname  string       `json:"hostname,omitempty"`
+	Network   string       `json:"network,omitempty"`
+	// HBONE is true when the workload accepts HBONE (it is in the mesh).
+	HBONE          bool     `json:"hbone"`
+	TrustDomain    string   `json:"trustDomain"`
+	ServiceAccount string   `json:"serviceAccount"`
+	Node           string   `json:"node"`
+	ClusterID      string   `json:"clusterId"`
+	Locality       Locality `json:"locality"`
+	Healthy        bool     `json:"healthy"`
+	// Capacity is Istio's load-balancing weight (1 when unset; 0 drains).
+	Capacity uint32 `json:"capacity"`
+	// Services maps "namespace/hostname" of each service selecting this
+	// workload to the workload's own port mapping for it.
+	Services              map[string][]Port `json:"services,omitempty"`
+	AuthorizationPolicies []string          `json:"authorizationPolicies,omitempty"`
+	Waypoint              *GatewayAddress   `json:"waypoint,omitempty"`
+	NetworkGateway        *GatewayAddress   `json:"networkGateway,omitempty"`
+	CanonicalName         string            `json:"canonicalName"`
+	CanonicalRevision     string            `json:"canonicalRevision"`
+	WorkloadName          string            `json:"workloadName"`
+	WorkloadType          string            `json:"workloadType"`
+	HostNetwork           bool              `json:"hostNetwork,omitempty"`
+}
+
+// LBScope mirrors Istio's LoadBalancing.Scope.
+type LBScope = workloadapi.LoadBalancing_Scope
+
+// LoadBalancing is a service's policy.
+type LoadBalancing struct {
+	Mode              workloadapi.LoadBalancing_Mode         `json:"mode"`
+	RoutingPreference []LBScope                              `json:"routingPreference,omitempty"`
+	HealthPolicy      workloadapi.LoadBalancing_HealthPolicy `json:"healthPolicy"`
+}
+
+// Service is one service: a Kubernetes Service or a ServiceEntry host.
+type Service struct {
+	Name            string          `json:"name"`
+	Namespace       string          `json:"namespace"`
+	Hostname        string          `json:"hostname"`
+	VIPs            []NetworkAddr   `json:"vips"`
+	Ports           []Port          `json:"ports"`
+	SubjectAltNames []string        `json:"subjectAltNames,omitempty"`
+	Waypoint        *GatewayAddress `json:"waypoint,omitempty"`
+	LoadBalancing   *LoadBalancing  `json:"loadBalancer,omitempty"`
+}
+
+// Key is the service's resource name: "namespace/hostname".
+func (s *Service) Key() string { return s.Namespace + "/" + s.Hostname }
+
+// Policy is an authorization policy as istiod sends it to node proxies.
+type Policy struct {
+	*security.Authorization
+}
+
+// Key is the policy's resource name: "namespace/name".
+func (p Policy) Key() string { return p.Namespace + "/" + p.Name }
+
+// --- conversion from Istio's protos, with validation ---
+
+func parseIP(b []byte) (netip.Addr, error) {
+	a, ok := netip.AddrFromSlice(b)
+	if !ok {
+		return netip.Addr{}, fmt.Errorf("address of %d bytes is neither IPv4 nor IPv6", len(b))
+	}
+	return a.Unmap(), nil
+}
+
+func port16(v uint32, what string) (uint16, error) {
+	if v > 65535 {
+		return 0, fmt.Errorf("%s %d is not a port", what, v)
+	}
+	return uint16(v), nil
+}
+
+func convertPorts(ps []*workloadapi.Port) ([]Port, error) {
+	out := make([]Port, 0, len(ps))
+	for _, p := range ps {
+		sp, err := port16(p.GetServicePort(), "service port")
+		if err != nil {
+			return nil, err
+		}
+		tp, err := port16(p.GetTargetPort(), "target port")
+		if err != nil {
+			return nil, err
+		}
+		if sp == 0 {
+			return nil, fmt.Errorf("service port 0")
+		}
+		out = append(out, Port{ServicePort: sp, TargetPort: tp})
+	}
+	return out, nil
+}
+
+func convertGateway(g *workloadapi.GatewayAddress) (*GatewayAddress, error) {
+	if g == nil {
+		return nil, nil
+	}
+	hp, err := port16(g.GetHboneMtlsPort(), "HBONE port")
+	if err != nil {
+		return nil, err
+	}
+	out := &GatewayAddress{HBONEMTLSPort: hp}
+	switch d := g.GetDestination().(type) {
+	case *workloadapi.GatewayAddress_Hostname:
+		out.Hostname = d.Hostname.GetNamespace() + "/" + d.Hostname.GetHostname()
+	case *workloadapi.GatewayAddress_Address:
+		a, err := parseIP(d.Address.GetAddress())
+		if err != nil {
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
+		out.Address = &NetworkAddr{Network: d.Address.GetNetwork(), Addr: a}
+	default:
+		return nil, fmt.Errorf("gateway without destination")
+	}
+	return out, nil
+}
+
+// ConvertWorkload validates and converts a workload.
+func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
+	if w.GetUid() == "" {
+		return nil, fmt.Errorf("workload %s/%s without uid", w.GetNamespace(), w.GetName())
+	}
+	out := &Workload{
+		UID: w.GetUid(), Name: w.GetName(), Namespace: w.GetNamespace(), Hostname: w.GetHostname(),
+		Network: w.GetNetwork(), HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE,
+		TrustDomain: w.GetTrustDomain(), ServiceAccount: w.GetServiceAccount(), Node: w.GetNode(),
+		ClusterID: w.GetClusterId(), Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
+		Capacity: 1, CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
+		WorkloadName: w.GetWorkloadName(), WorkloadType: strings.ToLower(w.GetWorkloadType().String()),
+		AuthorizationPolicies: w.GetAuthorizationPolicies(),
+		HostNetwork:           w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
+	}
+	if out.TrustDomain == "" {
+		out.TrustDomain = "cluster.local"
+	}
+	if out.ServiceAccount == "" {
+		out.ServiceAccount = "default"
+	}
+	if c := w.GetCapacity(); c != nil {
+		out.Capacity = c.GetValue()
+	}
+	if l := w.GetLocality(); l != nil {
+		out.Locality = Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubzone()}
+	}
+	for i, b := range w.GetAddresses() {
+		a, err := parseIP(b)
+		if err != nil {
+			return nil, fmt.Errorf("workload %s: address %d: %w", out.UID, i, err)
+		}
+		out.Addresses = append(out.Addresses, a)
+	}
+	if len(w.GetServices()) > 0 {
+		out.Services = make(map[string][]Port, len(w.GetServices()))
+		for svc, pl := range w.GetServices() {
+			ps, err := convertPorts(pl.GetPorts())
+			if err != nil {
+				return nil, fmt.Errorf("workload %s: service %s: %w", out.UID, svc, err)
+			}
+			out.Services[svc] = ps
+		}
+	}
+	var err error
+	if out.Waypoint, err = convertGateway(w.GetWaypoint()); err != nil {
+		return nil, fmt.Errorf("workload %s: waypoint: %w", out.UID, err)
+	}
+	if out.NetworkGateway, err = convertGateway(w.GetNetworkGateway()); err != nil {
+		return nil, fmt.Errorf("workload %s: network gateway: %w", out.UID, err)
+	}
+	return out, nil
+}
+
+// ConvertService validates and converts a service.
+func ConvertService(s *workloadapi.Service) (*Service, error) {
+	if s.GetHostname() == "" || s.GetNamespace() == "" {
+		return nil, fmt.Errorf("service %q without namespace or hostname", s.GetName())
+	}
+	out := &Service{Name: s.GetName(), Namespace: s.GetNamespace(), Hostname: s.GetHostname(),
+		SubjectAltNames: s.GetSubjectAltNames()}
+	for i, a := range s.GetAddresses() {
+		ip, err := parseIP(a.GetAddress())
+		if err != nil {
+			return nil, fmt.Errorf("service %s: address %d: %w", out.Key(), i, err)
+		}
+		out.VIPs = append(out.VIPs, NetworkAddr{Network: a.GetNetwork(), Addr: ip})
+	}
+	ps, err := convertPorts(s.GetPorts())
+	if err != nil {
+		return nil, fmt.Errorf("service %s: %w", out.Key(), err)
+	}
+	out.Ports = ps
+	if out.Waypoint, err = convertGateway(s.GetWaypoint()); err != nil {
+		return nil, fmt.Errorf("service %s: waypoint: %w", out.Key(), err)
+	}
+	if lb := s.GetLoadBalancing(); lb != nil {
+		out.LoadBalancing = &LoadBalancing{Mode: lb.GetMode(), RoutingPreference: lb.GetRoutingPreference(), HealthPolicy: lb.GetHealthPolicy()}
+		for _, sc := range lb.GetRoutingPreference() {
+			if sc == workloadapi.LoadBalancing_UNSPECIFIED_SCOPE || workloadapi.LoadBalancing_Scope_name[int32(sc)] == "" {
+				return nil, fmt.Errorf("service %s: unknown routing preference %d", out.Key(), sc)
+			}
+		}
+	}
+	return out, nil
+}
+
+// ConvertPolicy validates an authorization policy.
+func ConvertPolicy(a *security.Authorization) (Policy, error) {
+	if a.GetName() == "" {
+		return Policy{}, fmt.Errorf("authorization policy without name")
+	}
+	p := Policy{a}
+	for _, g := range a.GetGroups() {
+		for _, r := range g.GetRules() {
+			for _, m := range r.GetMatches() {
+				for _, set := range [][]*security.Address{m.GetSourceIps(), m.GetNotSourceIps(), m.GetDestinationIps(), m.GetNotDestinationIps()} {
+					for _, ad := range set {
+						ip, err := parseIP(ad.GetAddress())
+						if err != nil {
+							return Policy{}, fmt.Errorf("policy %s: %w", p.Key(), err)
+						}
+						if int(ad.GetLength()) > ip.BitLen() {
+							return Policy{}, fmt.Errorf("policy %s: prefix /%d longer than %s", p.Key(), ad.GetLength(), ip)
+						}
+					}
+				}
+				for _, dp := range append(m.GetDestinationPorts(), m.GetNotDestinationPorts()...) {
+					if _, err := port16(dp, "destination port"); err != nil {
+						return Policy{}, fmt.Errorf("policy %s: %w", p.Key(), err)
+					}
+				}
+			}
+		}
+	}
+	return p, nil
+}

@@ -1,0 +1,145 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"kmesh.dev/kmesh/ambient/xds/xdstest"
+)
+
+func recv(t *testing.T, s *xdstest.Stream) *discovery.DeltaDiscoveryRequest {
+	t.Helper()
+	select {
+	case r := <-s.Requests:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("no request from the client")
+		return nil
+	}
+}
+
+func nextStream(t *testing.T, srv *xdstest.Server) *xdstest.Stream {
+	t.Helper()
+	select {
+	case s := <-srv.Streams:
+		return s
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client did not connect")
+		return nil
+	}
+}
+
+func res(name, version string) *discovery.Resource {
+	body, _ := anypb.New(wrapperspb.String(name))
+	return &discovery.Resource{Name: name, Version: version, Resource: body}
+}
+
+func TestClientAckNackAndReconnect(t *testing.T) {
+	srv, err := xdstest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	tok := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tok, []byte("secret-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var synced atomic.Int32
+	var applied atomic.Int32
+	c := New(Config{
+		Address: srv.Addr, TokenFile: tok, ClusterID: "c1", Node: &core.Node{Id: "ztunnel~1.2.3.4~p.ns~ns.svc.cluster.local"},
+		Types: []string{AddressType, AuthorizationType},
+		Handler: func(typeURL string, rs []*discovery.Resource, removed []string) []Rejection {
+			var rej []Rejection
+			for _, r := range rs {
+				if strings.HasPrefix(r.GetName(), "bad") {
+					rej = append(rej, Rejection{Name: r.GetName(), Reason: errors.New("address of 3 bytes")})
+				} else {
+					applied.Add(1)
+				}
+			}
+			return rej
+		},
+		OnSynced: func() { synced.Add(1) },
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go c.Run(ctx)
+
+	s := nextStream(t, srv)
+	if got := s.MD.Get("clusterid"); len(got) != 1 || got[0] != "c1" {
+		t.Errorf("clusterid metadata %v", got)
+	}
+	if got := s.MD.Get("authorization"); len(got) != 1 || got[0] != "Bearer secret-token" {
+		t.Errorf("authorization metadata %v", got)
+	}
+	for _, want := range []string{AddressType, AuthorizationType} {
+		r := recv(t, s)
+		if r.GetTypeUrl() != want || r.GetNode().GetId() == "" || len(r.GetInitialResourceVersions()) != 0 || len(r.GetResourceNamesSubscribe()) != 0 {
+			t.Fatalf("initial request %v: want a wildcard subscription to %s with the node", r, want)
+		}
+	}
+
+	s.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: AddressType, Nonce: "n1",
+		Resources: []*discovery.Resource{res("good", "v1"), res("bad", "v1"), res("other", "v7")}})
+	nack := recv(t, s)
+	if nack.GetResponseNonce() != "n1" || nack.GetErrorDetail() == nil || !strings.Contains(nack.GetErrorDetail().GetMessage(), "bad: address of 3 bytes") {
+		t.Fatalf("want a NACK naming bad, got %v", nack)
+	}
+	if synced.Load() != 0 {
+		t.Fatal("synced before every type answered")
+	}
+	s.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: AuthorizationType, Nonce: "n2"})
+	ack := recv(t, s)
+	if ack.GetResponseNonce() != "n2" || ack.GetErrorDetail() != nil {
+		t.Fatalf("want an ACK, got %v", ack)
+	}
+	if synced.Load() != 1 {
+		t.Fatal("OnSynced did not run after every type answered")
+	}
+	s.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: AddressType, Nonce: "n3", RemovedResources: []string{"other"}})
+	recv(t, s)
+
+	// The server drops the stream: the client reconnects and reports what it
+	// holds, with the versions it applied (never the rejected resource).
+	s.Close()
+	s2 := nextStream(t, srv)
+	r := recv(t, s2)
+	if got := r.GetInitialResourceVersions(); len(got) != 1 || got["good"] != "v1" {
+		t.Fatalf("initial_resource_versions %v, want only good@v1", got)
+	}
+	recv(t, s2)
+	s2.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: AddressType, Nonce: "n4"})
+	recv(t, s2)
+	if synced.Load() != 1 {
+		t.Fatal("OnSynced ran twice")
+	}
+	if applied.Load() != 2 {
+		t.Fatalf("%d resources applied, want 2", applied.Load())
+	}
+}
+
+func TestTerminationReason(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{nil, "complete"},
+		{errors.New("dial tcp: connection refused"), "connection_error"},
+	} {
+		if got := terminationReason(tc.err); got != tc.want {
+			t.Errorf("terminationReason(%v) = %s, want %s", tc.err, got, tc.want)
+		}
+	}
+}
