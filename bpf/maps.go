@@ -251,3 +251,28 @@ func (m *Maps) MaxEntries() map[string]uint32 {
 		"kmesh_backend":  m.backend.MaxEntries(),
 	}
 }
+
+// LookupFrontend reads one frontend.
+func (m *Maps) LookupFrontend(k FrontendKey) (Frontend, bool, error) {
+	var v sockAddrFrontendValue
+	ek := encodeFrontendKey(k)
+	if err := m.frontend.Lookup(&ek, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Frontend{}, false, nil
+		}
+		return Frontend{}, false, wrapErr(m.frontend, "lookup", err)
+	}
+	return decodeFrontend(ek, v), true, nil
+}
+
+// LookupService reads one service.
+func (m *Maps) LookupService(id uint32) (Service, bool, error) {
+	var v sockAddrServiceValue
+	if err := m.service.Lookup(&id, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Service{}, false, nil
+		}
+		return Service{}, false, wrapErr(m.service, "lookup", err)
+	}
+	return decodeService(id, v), true, nil
+}

@@ -48,10 +48,14 @@ static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *ke
 		*out = *fe;
 		return HIT_SERVICE;
 	}
+	/* Workloads are keyed by address alone: port 0, protocol 0. */
 	__u16 port = key->port;
+	__u8 proto = key->proto;
 	key->port = 0;
+	key->proto = 0;
 	fe = bpf_map_lookup_elem(&kmesh_frontend, key);
 	key->port = port;
+	key->proto = proto;
 	if (fe && fe->kind == FRONTEND_WORKLOAD) {
 		*out = *fe;
 		return HIT_WORKLOAD;

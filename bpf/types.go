@@ -45,6 +45,8 @@ const (
 
 func (p Proto) String() string {
 	switch p {
+	case 0:
+		return "any"
 	case TCP:
 		return "tcp"
 	case UDP:

@@ -12,6 +12,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,6 +124,9 @@ func (a *Agent) startXDS(ctx context.Context) error {
 			if err := a.Plane.Sweep(); err != nil {
 				a.log.Error("sweeping state left by the previous daemon", "err", err)
 			}
+			// The first sync decodes the whole mesh at once; hand the
+			// garbage back to the node instead of keeping it as headroom.
+			debug.FreeOSMemory()
 			close(a.synced)
 		},
 		Metrics: xds.NewMetrics(a.Reg), Log: a.log,
@@ -188,6 +193,10 @@ func (a *Agent) readinessHandler() http.Handler {
 
 func (a *Agent) adminHandler() http.Handler {
 	mux := http.NewServeMux()
+	// The admin server listens on localhost (ztunnel's 15000): profiles are
+	// safe to offer there and invaluable for memory and CPU questions.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)

@@ -33,7 +33,7 @@ func TestPrecedence(t *testing.T) {
 		{"flag beats env", c.NodeName, "flag-node"},
 		{"nested from file", c.Maps.Endpoint, uint32(1000)},
 		{"nested from flag", c.Maps.Frontend, uint32(77)},
-		{"default", c.Maps.Backend, uint32(65536)},
+		{"default", c.Maps.Backend, uint32(131072)},
 		{"CA defaults to xDS", c.CAAddress, "from-env:15012"},
 		{"ztunnel's seconds", c.DrainDuration, 30 * time.Second},
 	} {

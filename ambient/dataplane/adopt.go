@@ -30,6 +30,7 @@ const orphanOwner = ""
 type orphans struct {
 	backends map[backendAddrs]bpf.Backend
 	sets     map[uint32]*liveSet
+	wlFE     map[netip.Addr]uint32 // workload frontends: address -> backend id
 }
 
 type backendAddrs struct{ v4, v6 netip.Addr }
@@ -56,7 +57,7 @@ func (d *Dataplane) Adopt() error {
 	if err != nil {
 		return err
 	}
-	o := &orphans{backends: map[backendAddrs]bpf.Backend{}, sets: map[uint32]*liveSet{}}
+	o := &orphans{backends: map[backendAddrs]bpf.Backend{}, sets: map[uint32]*liveSet{}, wlFE: map[netip.Addr]uint32{}}
 	var backendIDs, setIDs []uint32
 	for _, b := range bes {
 		o.backends[backendAddrs{b.Addr4, b.Addr6}] = b
@@ -84,7 +85,11 @@ func (d *Dataplane) Adopt() error {
 		}
 	}
 	for _, f := range fes {
-		d.fe[f.Key] = feEntry{owner: orphanOwner, val: f}
+		if f.Kind == bpf.FrontendWorkload {
+			o.wlFE[f.Key.Addr] = f.ID
+		} else {
+			d.fe[f.Key] = feEntry{owner: orphanOwner, val: f}
+		}
 	}
 	d.backendIDs.reserve(backendIDs)
 	d.setIDs.reserve(setIDs)
@@ -98,13 +103,28 @@ func (d *Dataplane) adoptBackend(w *Workload) (bpf.Backend, bool) {
 	if d.orphans == nil {
 		return bpf.Backend{}, false
 	}
-	want := backendOfWorkload(0, w)
+	var want bpf.Backend
+	setBackendAddrs(&want, w.Addrs)
 	k := backendAddrs{want.Addr4, want.Addr6}
 	b, ok := d.orphans.backends[k]
 	if ok {
 		delete(d.orphans.backends, k)
 	}
 	return b, ok
+}
+
+// adoptWorkloadFrontend reports whether the kernel already maps addr to
+// backend, left so by the previous daemon.
+func (d *Dataplane) adoptWorkloadFrontend(addr netip.Addr, backend uint32) bool {
+	if d.orphans == nil {
+		return false
+	}
+	id, ok := d.orphans.wlFE[addr]
+	if ok && id == backend {
+		delete(d.orphans.wlFE, addr)
+		return true
+	}
+	return false
 }
 
 // adoptSet returns the orphan set the service's frontends point at.
@@ -140,6 +160,11 @@ func (d *Dataplane) Sweep() error {
 		if e.owner == orphanOwner {
 			stale = append(stale, k)
 			delete(d.fe, k)
+		}
+	}
+	for a := range d.orphans.wlFE {
+		if _, taken := d.wlFE[a]; !taken {
+			stale = append(stale, bpf.FrontendKey{Addr: a})
 		}
 	}
 	errs := []error{d.maps.DeleteFrontends(stale)}

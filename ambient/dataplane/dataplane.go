@@ -37,11 +37,16 @@ type Dataplane struct {
 	log  *slog.Logger
 
 	mu        sync.Mutex
-	workloads map[string]*workloadRec
+	workloads map[string]*resolvedWorkload
 	services  map[string]*serviceRec
 	// refs: workload UID -> keys of services listing it as an endpoint, so a
-	// workload change re-derives exactly the services it affects.
-	refs map[string]map[string]struct{}
+	// workload change re-derives exactly the services it affects. Slices:
+	// almost every workload is in one or two services.
+	refs map[string][]string
+	// wlFE: workload address -> UID owning its frontend (kind workload, port
+	// 0, protocol 0, id = the owner's backend). Kept apart from fe and
+	// without values: the kernel value follows from the owner.
+	wlFE map[netip.Addr]string
 	// fe mirrors kmesh_frontend with each entry's owner ("svc:<key>" or
 	// "wl:<uid>"). Two owners may claim one address (a ServiceEntry shadowing
 	// a Service): the last writer wins, and the loser's cleanup must not
@@ -58,11 +63,6 @@ type Dataplane struct {
 type feEntry struct {
 	owner string
 	val   bpf.Frontend
-}
-
-type workloadRec struct {
-	resolvedWorkload
-	frontends []bpf.FrontendKey
 }
 
 type serviceRec struct {
@@ -91,18 +91,13 @@ func New(m *bpf.Maps, opts Options) *Dataplane {
 	}
 	return &Dataplane{
 		maps: m, opts: opts, log: log.With("component", "dataplane"),
-		workloads: map[string]*workloadRec{}, services: map[string]*serviceRec{},
-		refs: map[string]map[string]struct{}{}, fe: map[bpf.FrontendKey]feEntry{},
+		workloads: map[string]*resolvedWorkload{}, services: map[string]*serviceRec{},
+		refs: map[string][]string{}, fe: map[bpf.FrontendKey]feEntry{}, wlFE: map[netip.Addr]string{},
 		enrolled: map[uint64]string{},
 	}
 }
 
-func (d *Dataplane) lookup(uid string) *resolvedWorkload {
-	if w := d.workloads[uid]; w != nil {
-		return &w.resolvedWorkload
-	}
-	return nil
-}
+func (d *Dataplane) lookup(uid string) *resolvedWorkload { return d.workloads[uid] }
 
 // fail records and logs an apply error and returns it unchanged.
 func (d *Dataplane) fail(what string, err error) error {
@@ -139,11 +134,6 @@ type Batch struct {
 	DeleteServices  []string
 }
 
-// lbRelevant reports whether a workload change can change service tables.
-func lbRelevant(a, b *Workload) bool {
-	return !slices.Equal(a.Addrs, b.Addrs) || a.Capacity != b.Capacity || a.Healthy != b.Healthy || a.Topology != b.Topology
-}
-
 // Apply applies a batch. Order matters for connections in flight: deleted
 // workloads leave the tables before their backends go; new workloads get
 // backends before any table points at them; frontends of deleted services
@@ -158,12 +148,12 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		}
 	}
 	affected := map[string]struct{}{}
-	gone := map[string]*workloadRec{}
+	gone := map[string]*resolvedWorkload{}
 	for _, uid := range b.DeleteWorkloads {
 		if rec, ok := d.workloads[uid]; ok {
 			delete(d.workloads, uid)
 			gone[uid] = rec
-			for k := range d.refs[uid] {
+			for _, k := range d.refs[uid] {
 				affected[k] = struct{}{}
 			}
 		}
@@ -172,7 +162,7 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		changed, err := d.setWorkload(w)
 		failed("workload", w.UID, err)
 		if changed {
-			for k := range d.refs[w.UID] {
+			for _, k := range d.refs[w.UID] {
 				affected[k] = struct{}{}
 			}
 		}
@@ -191,7 +181,11 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		}
 	}
 	for uid, rec := range gone {
-		_, ferr := d.syncFrontends("wl:"+uid, rec.frontendMap(), nil)
+		var keep []netip.Addr // the same UID set again in this batch
+		if cur := d.workloads[uid]; cur != nil {
+			keep = cur.addrs
+		}
+		ferr := d.syncWorkloadFrontends(uid, rec.backend, rec.addrs, keep)
 		berr := d.maps.DeleteBackends([]uint32{rec.backend})
 		if berr == nil {
 			d.backendIDs.put(rec.backend)
@@ -233,42 +227,38 @@ func (d *Dataplane) DeleteService(key string) error {
 // setWorkload writes a workload's backend entry and frontends. It reports
 // whether tables that list it must be recomputed.
 func (d *Dataplane) setWorkload(w Workload) (bool, error) {
-	rec, existed := d.workloads[w.UID]
-	var prev Workload
-	var inKernel *bpf.Backend // what the kernel holds under rec.backend, if anything
-	if existed {
-		prev = rec.Workload
-		b := backendOf(&rec.resolvedWorkload)
+	prev, existed := d.workloads[w.UID]
+	var inKernel *bpf.Backend // what the kernel holds under the backend id, if anything
+	var id uint32
+	switch {
+	case existed:
+		id = prev.backend
+		b := backendOf(prev)
 		inKernel = &b
-	} else if b, ok := d.adoptBackend(&w); ok {
-		rec = &workloadRec{resolvedWorkload: resolvedWorkload{backend: b.ID}}
-		inKernel = &b
-	} else {
-		rec = &workloadRec{resolvedWorkload: resolvedWorkload{backend: d.backendIDs.get()}}
+	default:
+		if b, ok := d.adoptBackend(&w); ok {
+			id, inKernel = b.ID, &b
+		} else {
+			id = d.backendIDs.get()
+		}
 	}
-	rec.Workload = w
-	if inKernel == nil || backendOf(&rec.resolvedWorkload) != *inKernel {
-		if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec.resolvedWorkload)}); err != nil {
-			if existed {
-				rec.Workload = prev
-			} else if inKernel == nil {
-				d.backendIDs.put(rec.backend)
+	rec := resolve(&w, id)
+	if inKernel == nil || backendOf(&rec) != *inKernel {
+		if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec)}); err != nil {
+			if !existed && inKernel == nil {
+				d.backendIDs.put(id)
 			}
 			return false, err
 		}
 	}
-	d.workloads[w.UID] = rec
+	d.workloads[w.UID] = &rec
 	d.Stats.WorkloadWrites.Add(1)
 
-	desired := map[bpf.FrontendKey]bpf.Frontend{}
-	for _, a := range w.Addrs {
-		for _, p := range d.opts.Protocols {
-			k := bpf.FrontendKey{Addr: a, Proto: p}
-			desired[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendWorkload, ID: rec.backend}
-		}
+	var oldAddrs []netip.Addr
+	if existed {
+		oldAddrs = prev.addrs
 	}
-	got, err := d.syncFrontends("wl:"+w.UID, rec.frontendMap(), desired)
-	rec.frontends = slices.Collect(maps.Keys(got))
+	err := d.syncWorkloadFrontends(w.UID, id, oldAddrs, rec.addrs)
 	if !existed {
 		for cookie, uid := range d.enrolled {
 			if uid == w.UID {
@@ -276,22 +266,51 @@ func (d *Dataplane) setWorkload(w Workload) (bool, error) {
 			}
 		}
 	}
-	return !existed || lbRelevant(&prev, &w), err
+	return !existed || !prev.lbEqual(&rec), err
 }
 
-func (r *workloadRec) frontendMap() map[bpf.FrontendKey]bpf.Frontend {
-	m := make(map[bpf.FrontendKey]bpf.Frontend, len(r.frontends))
-	for _, k := range r.frontends {
-		m[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendWorkload, ID: r.backend}
+// syncWorkloadFrontends points the workload's addresses (want) at its
+// backend and drops the ones it no longer has (in old, not in want). An
+// address another workload took over since is left to that workload.
+func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want []netip.Addr) error {
+	var put []bpf.Frontend
+	for _, a := range want {
+		if d.wlFE[a] == uid && slices.Contains(old, a) {
+			continue // already ours, and a workload keeps its backend id
+		}
+		if d.adoptWorkloadFrontend(a, backend) {
+			d.wlFE[a] = uid
+			continue
+		}
+		put = append(put, bpf.Frontend{Key: bpf.FrontendKey{Addr: a}, Kind: bpf.FrontendWorkload, ID: backend})
 	}
-	return m
+	if err := d.maps.UpsertFrontends(put); err != nil {
+		return err
+	}
+	for _, f := range put {
+		if owner, ok := d.wlFE[f.Key.Addr]; ok && owner != uid {
+			d.log.Warn("address claimed by two workloads, the newer wins", "address", f.Key.Addr, "was", owner, "now", uid)
+		}
+		d.wlFE[f.Key.Addr] = uid
+	}
+	var del []bpf.FrontendKey
+	for _, a := range old {
+		if !slices.Contains(want, a) && d.wlFE[a] == uid {
+			del = append(del, bpf.FrontendKey{Addr: a})
+			delete(d.wlFE, a)
+		}
+	}
+	return d.maps.DeleteFrontends(del)
 }
 
-func backendOf(w *resolvedWorkload) bpf.Backend { return backendOfWorkload(w.backend, &w.Workload) }
+func backendOf(w *resolvedWorkload) bpf.Backend {
+	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, HBONE: w.hbone}
+	setBackendAddrs(&b, w.addrs)
+	return b
+}
 
-func backendOfWorkload(id uint32, w *Workload) bpf.Backend {
-	b := bpf.Backend{ID: id, Capacity: w.Capacity, HBONE: w.HBONE}
-	for _, a := range w.Addrs {
+func setBackendAddrs(b *bpf.Backend, addrs []netip.Addr) {
+	for _, a := range addrs {
 		a = a.Unmap()
 		if a.Is4() && !b.Addr4.IsValid() {
 			b.Addr4 = a
@@ -299,7 +318,6 @@ func backendOfWorkload(id uint32, w *Workload) bpf.Backend {
 			b.Addr6 = a
 		}
 	}
-	return b
 }
 
 func (d *Dataplane) setService(s Service) error {
@@ -340,20 +358,17 @@ func (d *Dataplane) deleteService(key string) error {
 
 func (d *Dataplane) updateRefs(key string, old, new []Endpoint) {
 	for _, ep := range old {
-		if m := d.refs[ep.WorkloadUID]; m != nil {
-			delete(m, key)
-			if len(m) == 0 {
-				delete(d.refs, ep.WorkloadUID)
-			}
+		keys := slices.DeleteFunc(d.refs[ep.WorkloadUID], func(k string) bool { return k == key })
+		if len(keys) == 0 {
+			delete(d.refs, ep.WorkloadUID)
+		} else {
+			d.refs[ep.WorkloadUID] = keys
 		}
 	}
 	for _, ep := range new {
-		m := d.refs[ep.WorkloadUID]
-		if m == nil {
-			m = map[string]struct{}{}
-			d.refs[ep.WorkloadUID] = m
+		if keys := d.refs[ep.WorkloadUID]; !slices.Contains(keys, key) {
+			d.refs[ep.WorkloadUID] = append(keys, key)
 		}
-		m[key] = struct{}{}
 	}
 }
 

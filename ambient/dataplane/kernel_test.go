@@ -268,8 +268,8 @@ func TestPrivilegedServiceLoadBalancing(t *testing.T) {
 	})
 	t.Run("per-endpoint target ports (named port)", func(t *testing.T) {
 		s := f.service(dataplane.LoadBalancing{}, []dataplane.Port{{ServicePort: 80, TargetPort: 0}}, "a", "b", "c")
-		s.Endpoints[0].Ports = map[uint16]uint16{80: 9090} // a serves it on 9090
-		s.Endpoints[1].Ports = map[uint16]uint16{80: 8080} // b on 8080, c not at all
+		s.Endpoints[0].Ports = []dataplane.Port{{80, 9090}} // a serves it on 9090
+		s.Endpoints[1].Ports = []dataplane.Port{{80, 8080}} // b on 8080, c not at all
 		must(f.dp.SetService(s))
 		defer func() { must(f.dp.SetService(f.service(dataplane.LoadBalancing{}, web, "a", "b", "c"))) }()
 		res := f.run(t, f.client, "tcp", "-addr", "10.96.0.10:80", "-n", "600", "-network", "tcp4")

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unique"
 
 	"kmesh.dev/kmesh/bpf"
 )
@@ -166,18 +167,38 @@ func (t *tableSet) equalSlots(o *tableSet) bool {
 	return true
 }
 
-// resolvedWorkload is a workload as tables need it.
+// resolvedWorkload is a workload as the dataplane keeps it. Compact: a
+// node holds every workload of the mesh. Topologies are interned (every
+// pod of a node shares one).
 type resolvedWorkload struct {
-	Workload
-	backend uint32
+	uid      string
+	addrs    []netip.Addr
+	capacity uint32
+	healthy  bool
+	hbone    bool
+	topo     unique.Handle[Topology]
+	backend  uint32
+}
+
+func resolve(w *Workload, backend uint32) resolvedWorkload {
+	return resolvedWorkload{uid: w.UID, addrs: w.Addrs, capacity: w.Capacity, healthy: w.Healthy, hbone: w.HBONE,
+		topo: unique.Make(w.Topology), backend: backend}
+}
+
+// lbEqual reports whether two versions of a workload weigh the same in
+// every load-balancing table.
+func (r *resolvedWorkload) lbEqual(o *resolvedWorkload) bool {
+	return slices.Equal(r.addrs, o.addrs) && r.capacity == o.capacity && r.healthy == o.healthy && r.topo == o.topo
 }
 
 // resolvePort returns the target port endpoint ep serves service port p on,
 // as ztunnel does: the endpoint's own mapping first, then the service's
 // numeric target port; a named port the endpoint does not map excludes it.
 func resolvePort(p Port, ep Endpoint) (uint16, bool) {
-	if t, ok := ep.Ports[p.ServicePort]; ok && t != 0 {
-		return t, true
+	for _, o := range ep.Ports {
+		if o.ServicePort == p.ServicePort && o.TargetPort != 0 {
+			return o.TargetPort, true
+		}
 	}
 	if p.TargetPort != 0 {
 		return p.TargetPort, true
@@ -211,15 +232,15 @@ func buildTables(svc *Service, workloads func(uid string) *resolvedWorkload, nod
 		var cands []candidate
 		for _, ep := range eps {
 			w := workloads(ep.WorkloadUID)
-			if w == nil || len(w.Addrs) == 0 || w.Capacity == 0 || (!w.Healthy && !svc.LB.AllowUnhealthy) {
+			if w == nil || len(w.addrs) == 0 || w.capacity == 0 || (!w.healthy && !svc.LB.AllowUnhealthy) {
 				continue
 			}
 			target, ok := resolvePort(p, ep)
 			if !ok {
 				continue
 			}
-			cands = append(cands, candidate{uid: w.UID, backend: w.backend, port: target,
-				weight: w.Capacity, topo: w.Topology, addrs: hasFamily(w.Addrs)})
+			cands = append(cands, candidate{uid: w.uid, backend: w.backend, port: target,
+				weight: w.capacity, topo: w.topo.Value(), addrs: hasFamily(w.addrs)})
 		}
 		// One shared target port lives in the frontend; only divergent
 		// ports are carried per slot.

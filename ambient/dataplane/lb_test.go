@@ -116,10 +116,10 @@ func TestResolvePort(t *testing.T) {
 		ok   bool
 	}{
 		{"service target port", Port{80, 8080}, Endpoint{}, 8080, true},
-		{"endpoint override wins", Port{80, 8080}, Endpoint{Ports: map[uint16]uint16{80: 9090}}, 9090, true},
-		{"named port resolved by endpoint", Port{80, 0}, Endpoint{Ports: map[uint16]uint16{80: 7070}}, 7070, true},
-		{"named port unmapped excludes endpoint", Port{80, 0}, Endpoint{Ports: map[uint16]uint16{443: 7070}}, 0, false},
-		{"override for another port ignored", Port{80, 8080}, Endpoint{Ports: map[uint16]uint16{443: 1}}, 8080, true},
+		{"endpoint override wins", Port{80, 8080}, Endpoint{Ports: []Port{{80, 9090}}}, 9090, true},
+		{"named port resolved by endpoint", Port{80, 0}, Endpoint{Ports: []Port{{80, 7070}}}, 7070, true},
+		{"named port unmapped excludes endpoint", Port{80, 0}, Endpoint{Ports: []Port{{443, 7070}}}, 0, false},
+		{"override for another port ignored", Port{80, 8080}, Endpoint{Ports: []Port{{443, 1}}}, 8080, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok := resolvePort(tc.p, tc.ep)
@@ -130,8 +130,8 @@ func TestResolvePort(t *testing.T) {
 	}
 }
 
-func wl(uid string, backend uint32, addrs ...string) *resolvedWorkload {
-	w := &resolvedWorkload{Workload: Workload{UID: uid, Healthy: true, Capacity: 1}, backend: backend}
+func wl(uid string, addrs ...string) *Workload {
+	w := &Workload{UID: uid, Healthy: true, Capacity: 1}
 	for _, a := range addrs {
 		w.Addrs = append(w.Addrs, netip.MustParseAddr(a))
 	}
@@ -140,18 +140,22 @@ func wl(uid string, backend uint32, addrs ...string) *resolvedWorkload {
 
 func TestBuildTables(t *testing.T) {
 	node := Topology{Node: "n1", Locality: Locality{Zone: "z1"}}
-	a := wl("a", 1, "10.0.0.1", "fd00::1")
+	a := wl("a", "10.0.0.1", "fd00::1")
 	a.Topology = node
-	b := wl("b", 2, "10.0.0.2")
+	b := wl("b", "10.0.0.2")
 	b.Topology = Topology{Node: "n2", Locality: Locality{Zone: "z2"}}
-	c := wl("c", 3, "fd00::3")
+	c := wl("c", "fd00::3")
 	c.Capacity = 3
-	sick := wl("sick", 4, "10.0.0.4")
+	sick := wl("sick", "10.0.0.4")
 	sick.Healthy = false
-	noAddr := wl("noaddr", 5)
-	drained := wl("drained", 6, "10.0.0.6")
+	noAddr := wl("noaddr")
+	drained := wl("drained", "10.0.0.6")
 	drained.Capacity = 0
-	all := map[string]*resolvedWorkload{"a": a, "b": b, "c": c, "sick": sick, "noaddr": noAddr, "drained": drained}
+	all := map[string]*resolvedWorkload{}
+	for i, w := range []*Workload{a, b, c, sick, noAddr, drained} {
+		r := resolve(w, uint32(i+1))
+		all[w.UID] = &r
+	}
 	lookup := func(uid string) *resolvedWorkload { return all[uid] }
 	eps := func(uids ...string) []Endpoint {
 		var out []Endpoint
@@ -215,8 +219,8 @@ func TestBuildTables(t *testing.T) {
 	})
 	t.Run("named port with divergent endpoint ports", func(t *testing.T) {
 		svc := &Service{Ports: []Port{{80, 0}, {90, 9000}}, Endpoints: []Endpoint{
-			{WorkloadUID: "a", Ports: map[uint16]uint16{80: 8081}},
-			{WorkloadUID: "b", Ports: map[uint16]uint16{80: 8082}},
+			{WorkloadUID: "a", Ports: []Port{{80, 8081}}},
+			{WorkloadUID: "b", Ports: []Port{{80, 8082}}},
 		}}
 		sets := buildTables(svc, lookup, node)
 		if len(sets) != 2 {
@@ -235,7 +239,7 @@ func TestBuildTables(t *testing.T) {
 	})
 	t.Run("named port unmapped by some endpoints", func(t *testing.T) {
 		svc := &Service{Ports: []Port{{80, 0}}, Endpoints: []Endpoint{
-			{WorkloadUID: "a", Ports: map[uint16]uint16{80: 8081}},
+			{WorkloadUID: "a", Ports: []Port{{80, 8081}}},
 			{WorkloadUID: "b"},
 		}}
 		sets := buildTables(svc, lookup, node)

@@ -70,8 +70,9 @@ type Port struct {
 // Endpoint is a workload's membership in a service.
 type Endpoint struct {
 	WorkloadUID string
-	// Ports overrides the service's target port per service port.
-	Ports map[uint16]uint16
+	// Ports overrides the service's target port per service port. Usually
+	// empty or one entry: a slice, not a map.
+	Ports []Port
 }
 
 // Service is a set of workloads behind virtual IPs.

@@ -218,10 +218,10 @@ func (r *Reconciler) service(s *state.Service) dataplane.Service {
 	}
 	for _, ep := range r.store.Endpoints(s.Key()) {
 		e := dataplane.Endpoint{WorkloadUID: ep.Workload.UID}
-		if len(ep.Ports) > 0 {
-			e.Ports = make(map[uint16]uint16, len(ep.Ports))
-			for _, p := range ep.Ports {
-				e.Ports[p.ServicePort] = p.TargetPort
+		for _, p := range ep.Ports {
+			// Only what differs from the service's own mapping is worth carrying.
+			if i := slices.IndexFunc(s.Ports, func(sp state.Port) bool { return sp.ServicePort == p.ServicePort }); i < 0 || s.Ports[i].TargetPort != p.TargetPort {
+				e.Ports = append(e.Ports, dataplane.Port{ServicePort: p.ServicePort, TargetPort: p.TargetPort})
 			}
 		}
 		out.Endpoints = append(out.Endpoints, e)

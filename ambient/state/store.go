@@ -141,9 +141,9 @@ func (s *Store) upsertWorkload(w *Workload, ch Changes) {
 		s.wlByHost[w.Hostname] = w.UID
 	}
 	addTo(s.wlByNode, w.Node, w.UID)
-	for svc := range w.Services {
-		addTo(s.endpoints, svc, w.UID)
-		ch.Services[svc] = struct{}{}
+	for _, sp := range w.Services {
+		addTo(s.endpoints, sp.Service, w.UID)
+		ch.Services[sp.Service] = struct{}{}
 	}
 	ch.Workloads[w.UID] = struct{}{}
 }
@@ -159,9 +159,9 @@ func (s *Store) unindexWorkload(w *Workload, ch Changes) {
 		delete(s.wlByHost, w.Hostname)
 	}
 	removeFrom(s.wlByNode, w.Node, w.UID)
-	for svc := range w.Services {
-		removeFrom(s.endpoints, svc, w.UID)
-		ch.Services[svc] = struct{}{}
+	for _, sp := range w.Services {
+		removeFrom(s.endpoints, sp.Service, w.UID)
+		ch.Services[sp.Service] = struct{}{}
 	}
 }
 
@@ -305,7 +305,8 @@ func (s *Store) Endpoints(key string) []Endpoint {
 	out := make([]Endpoint, 0, len(uids))
 	for _, uid := range uids {
 		if w := s.workloads[uid]; w != nil {
-			out = append(out, Endpoint{Workload: w, Ports: w.Services[key]})
+			ports, _ := w.PortsFor(key)
+			out = append(out, Endpoint{Workload: w, Ports: ports})
 		}
 	}
 	return out

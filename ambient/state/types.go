@@ -7,7 +7,9 @@ package state
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
+	"unique"
 
 	"istio.io/istio/pkg/workloadapi"
 	"istio.io/istio/pkg/workloadapi/security"
@@ -64,9 +66,11 @@ type Workload struct {
 	Healthy        bool     `json:"healthy"`
 	// Capacity is Istio's load-balancing weight (1 when unset; 0 drains).
 	Capacity uint32 `json:"capacity"`
-	// Services maps "namespace/hostname" of each service selecting this
-	// workload to the workload's own port mapping for it.
-	Services              map[string][]Port `json:"services,omitempty"`
+	// Services lists the services selecting this workload ("namespace/
+	// hostname") with the workload's own port mapping for each. A slice,
+	// not a map: nearly every workload is in one or two services, and a
+	// map per workload costs half a kilobyte.
+	Services              []ServicePorts    `json:"services,omitempty"`
 	AuthorizationPolicies []string          `json:"authorizationPolicies,omitempty"`
 	Waypoint              *GatewayAddress   `json:"waypoint,omitempty"`
 	NetworkGateway        *GatewayAddress   `json:"networkGateway,omitempty"`
@@ -75,6 +79,22 @@ type Workload struct {
 	WorkloadName          string            `json:"workloadName"`
 	WorkloadType          string            `json:"workloadType"`
 	HostNetwork           bool              `json:"hostNetwork,omitempty"`
+}
+
+// ServicePorts is a workload's port mapping for one service.
+type ServicePorts struct {
+	Service string `json:"service"`
+	Ports   []Port `json:"ports"`
+}
+
+// PortsFor returns the workload's port mapping for a service.
+func (w *Workload) PortsFor(svc string) ([]Port, bool) {
+	for _, sp := range w.Services {
+		if sp.Service == svc {
+			return sp.Ports, true
+		}
+	}
+	return nil, false
 }
 
 // LBScope mirrors Istio's LoadBalancing.Scope.
@@ -111,6 +131,21 @@ type Policy struct {
 func (p Policy) Key() string { return p.Namespace + "/" + p.Name }
 
 // --- conversion from Istio's protos, with validation ---
+
+// intern returns the canonical copy of a string shared by many objects.
+func intern(s string) string {
+	if s == "" {
+		return ""
+	}
+	return unique.Make(s).Value()
+}
+
+var workloadTypes = map[workloadapi.WorkloadType]string{
+	workloadapi.WorkloadType_DEPLOYMENT: "deployment",
+	workloadapi.WorkloadType_CRONJOB:    "cronjob",
+	workloadapi.WorkloadType_POD:        "pod",
+	workloadapi.WorkloadType_JOB:        "job",
+}
 
 func parseIP(b []byte) (netip.Addr, error) {
 	a, ok := netip.AddrFromSlice(b)
@@ -175,15 +210,20 @@ func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
 	if w.GetUid() == "" {
 		return nil, fmt.Errorf("workload %s/%s without uid", w.GetNamespace(), w.GetName())
 	}
+	// Fields shared by many workloads are interned: a node's daemon holds
+	// every workload of the mesh, and "cluster.local" 100,000 times over
+	// is memory for nothing.
 	out := &Workload{
-		UID: w.GetUid(), Name: w.GetName(), Namespace: w.GetNamespace(), Hostname: w.GetHostname(),
-		Network: w.GetNetwork(), HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE,
-		TrustDomain: w.GetTrustDomain(), ServiceAccount: w.GetServiceAccount(), Node: w.GetNode(),
-		ClusterID: w.GetClusterId(), Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
-		Capacity: 1, CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
-		WorkloadName: w.GetWorkloadName(), WorkloadType: strings.ToLower(w.GetWorkloadType().String()),
-		AuthorizationPolicies: w.GetAuthorizationPolicies(),
-		HostNetwork:           w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
+		UID: w.GetUid(), Name: w.GetName(), Namespace: intern(w.GetNamespace()), Hostname: w.GetHostname(),
+		Network: intern(w.GetNetwork()), HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE,
+		TrustDomain: intern(w.GetTrustDomain()), ServiceAccount: intern(w.GetServiceAccount()), Node: intern(w.GetNode()),
+		ClusterID: intern(w.GetClusterId()), Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
+		Capacity: 1, CanonicalName: intern(w.GetCanonicalName()), CanonicalRevision: intern(w.GetCanonicalRevision()),
+		WorkloadName: intern(w.GetWorkloadName()), WorkloadType: workloadTypes[w.GetWorkloadType()],
+		HostNetwork: w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
+	}
+	for _, p := range w.GetAuthorizationPolicies() {
+		out.AuthorizationPolicies = append(out.AuthorizationPolicies, intern(p))
 	}
 	if out.TrustDomain == "" {
 		out.TrustDomain = "cluster.local"
@@ -195,7 +235,7 @@ func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
 		out.Capacity = c.GetValue()
 	}
 	if l := w.GetLocality(); l != nil {
-		out.Locality = Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubzone()}
+		out.Locality = Locality{Region: intern(l.GetRegion()), Zone: intern(l.GetZone()), Subzone: intern(l.GetSubzone())}
 	}
 	for i, b := range w.GetAddresses() {
 		a, err := parseIP(b)
@@ -205,14 +245,16 @@ func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
 		out.Addresses = append(out.Addresses, a)
 	}
 	if len(w.GetServices()) > 0 {
-		out.Services = make(map[string][]Port, len(w.GetServices()))
+		out.Services = make([]ServicePorts, 0, len(w.GetServices()))
 		for svc, pl := range w.GetServices() {
 			ps, err := convertPorts(pl.GetPorts())
 			if err != nil {
 				return nil, fmt.Errorf("workload %s: service %s: %w", out.UID, svc, err)
 			}
-			out.Services[svc] = ps
+			out.Services = append(out.Services, ServicePorts{Service: intern(svc), Ports: ps})
 		}
+		// Map iteration order is random: sort so equal workloads compare equal.
+		slices.SortFunc(out.Services, func(a, b ServicePorts) int { return strings.Compare(a.Service, b.Service) })
 	}
 	var err error
 	if out.Waypoint, err = convertGateway(w.GetWaypoint()); err != nil {
@@ -229,7 +271,7 @@ func ConvertService(s *workloadapi.Service) (*Service, error) {
 	if s.GetHostname() == "" || s.GetNamespace() == "" {
 		return nil, fmt.Errorf("service %q without namespace or hostname", s.GetName())
 	}
-	out := &Service{Name: s.GetName(), Namespace: s.GetNamespace(), Hostname: s.GetHostname(),
+	out := &Service{Name: s.GetName(), Namespace: intern(s.GetNamespace()), Hostname: s.GetHostname(),
 		SubjectAltNames: s.GetSubjectAltNames()}
 	for i, a := range s.GetAddresses() {
 		ip, err := parseIP(a.GetAddress())

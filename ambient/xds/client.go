@@ -100,6 +100,7 @@ type Client struct {
 	versions map[string]map[string]string
 	synced   map[string]bool
 	onSynced sync.Once
+	started  time.Time
 }
 
 // New returns a client; nothing happens until Run.
@@ -128,6 +129,7 @@ func New(cfg Config) *Client {
 // exponential backoff and jitter. State already applied keeps serving
 // while disconnected.
 func (c *Client) Run(ctx context.Context) error {
+	c.started = time.Now()
 	backoff := c.cfg.InitialBackoff
 	for {
 		start := time.Now()
@@ -312,8 +314,13 @@ func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.Delta
 	} else {
 		c.log.Debug("ACK", "type", t, "resources", len(resp.GetResources()), "removed", len(resp.GetRemovedResources()))
 	}
-	if first && all && c.cfg.OnSynced != nil {
-		c.onSynced.Do(c.cfg.OnSynced)
+	if first && all {
+		c.onSynced.Do(func() {
+			m.InitialSync.Set(time.Since(c.started).Seconds())
+			if c.cfg.OnSynced != nil {
+				c.cfg.OnSynced()
+			}
+		})
 	}
 	return ack
 }

@@ -21,8 +21,8 @@ struct managed_value {
 /* kmesh_frontend key: what a client may connect to. */
 struct frontend_key {
 	__u32 addr[4];
-	__u16 port; /* network order; 0 for a workload (matches any port) */
-	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u16 port; /* network order; 0 for a workload (any port) */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP; 0 for a workload (any protocol) */
 	__u8 pad;
 };
 

@@ -24,7 +24,7 @@ struct {
 /* Service VIP:port/proto and workload IP/proto -> what they are. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 262144);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct frontend_key);
 	__type(value, struct frontend_value);
@@ -33,7 +33,7 @@ struct {
 /* Service id -> endpoint counts per family and rank, live generation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct service_value);
@@ -42,7 +42,7 @@ struct {
 /* (service, generation, family, rank, slot) -> alias-table slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 524288);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct endpoint_key);
 	__type(value, struct endpoint_value);
@@ -51,7 +51,7 @@ struct {
 /* Backend (workload) id -> addresses, identity and flags. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 131072);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct backend_value);

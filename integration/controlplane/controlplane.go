@@ -21,6 +21,7 @@ import (
 	"istio.io/istio/pilot/test/xds"
 	"istio.io/istio/pkg/cluster"
 	kubelib "istio.io/istio/pkg/kube"
+	"k8s.io/apimachinery/pkg/runtime"
 	istiolog "istio.io/istio/pkg/log"
 )
 
@@ -28,6 +29,9 @@ import (
 type Options struct {
 	// Objects are Kubernetes and Istio objects as YAML documents.
 	Objects string
+	// KubeObjects are Kubernetes objects given directly (large synthetic
+	// clusters, where YAML parsing would dominate).
+	KubeObjects []runtime.Object
 	// Addr is where to listen; default 127.0.0.1:0. A restarted control
 	// plane passes the address of the previous one.
 	Addr string
@@ -131,6 +135,7 @@ func Start(opts Options) (cp *ControlPlane, err error) {
 	var addr string
 	fds := xds.NewFakeDiscoveryServer(f, xds.FakeOptions{
 		KubernetesObjectString: opts.Objects,
+		KubernetesObjects:      opts.KubeObjects,
 		DefaultClusterName:     clusterID(opts.ClusterID),
 		ListenerBuilder: func() (net.Listener, error) {
 			l, err := net.Listen("tcp", opts.Addr)

@@ -157,12 +157,11 @@ func (c *cluster) startAgent() {
 	cfg.XDSPlaintext = c.plaintext
 	cfg.TokenFile = ""
 	cfg.NodeName, cfg.PodName, cfg.PodNamespace, cfg.InstanceIP = "node-1", "kmesh-node-1", "istio-system", "10.244.1.1"
-	cfg.Maps.Endpoint, cfg.Maps.Frontend = c.sizes.Endpoint, c.sizes.Frontend
-	if cfg.Maps.Endpoint == 0 {
-		cfg.Maps.Endpoint = 262144
+	if c.sizes.Endpoint != 0 {
+		cfg.Maps.Endpoint = c.sizes.Endpoint
 	}
-	if cfg.Maps.Frontend == 0 {
-		cfg.Maps.Frontend = 65536
+	if c.sizes.Frontend != 0 {
+		cfg.Maps.Frontend = c.sizes.Frontend
 	}
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(c.logs, testWriter{c.t}), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	a, err := agent.Start(context.Background(), cfg, log)
