@@ -70,15 +70,15 @@ type Workload struct {
 	// hostname") with the workload's own port mapping for each. A slice,
 	// not a map: nearly every workload is in one or two services, and a
 	// map per workload costs half a kilobyte.
-	Services              []ServicePorts    `json:"services,omitempty"`
-	AuthorizationPolicies []string          `json:"authorizationPolicies,omitempty"`
-	Waypoint              *GatewayAddress   `json:"waypoint,omitempty"`
-	NetworkGateway        *GatewayAddress   `json:"networkGateway,omitempty"`
-	CanonicalName         string            `json:"canonicalName"`
-	CanonicalRevision     string            `json:"canonicalRevision"`
-	WorkloadName          string            `json:"workloadName"`
-	WorkloadType          string            `json:"workloadType"`
-	HostNetwork           bool              `json:"hostNetwork,omitempty"`
+	Services              []ServicePorts  `json:"services,omitempty"`
+	AuthorizationPolicies []string        `json:"authorizationPolicies,omitempty"`
+	Waypoint              *GatewayAddress `json:"waypoint,omitempty"`
+	NetworkGateway        *GatewayAddress `json:"networkGateway,omitempty"`
+	CanonicalName         string          `json:"canonicalName"`
+	CanonicalRevision     string          `json:"canonicalRevision"`
+	WorkloadName          string          `json:"workloadName"`
+	WorkloadType          string          `json:"workloadType"`
+	HostNetwork           bool            `json:"hostNetwork,omitempty"`
 }
 
 // ServicePorts is a workload's port mapping for one service.

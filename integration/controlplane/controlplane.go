@@ -21,8 +21,8 @@ import (
 	"istio.io/istio/pilot/test/xds"
 	"istio.io/istio/pkg/cluster"
 	kubelib "istio.io/istio/pkg/kube"
-	"k8s.io/apimachinery/pkg/runtime"
 	istiolog "istio.io/istio/pkg/log"
+	"k8s.io/apimachinery/pkg/runtime"
 )
 
 // Options configure a control plane.
