@@ -28,6 +28,7 @@ import (
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/cni/zds"
 	"kmesh.dev/kmesh/kernel"
 )
 
@@ -39,6 +40,7 @@ type Agent struct {
 	Plane *dataplane.Dataplane
 	Store *state.Store
 	rec   *reconcile.Reconciler
+	enr   *enroller
 	Reg   *prometheus.Registry
 
 	ready  atomic.Bool
@@ -103,6 +105,15 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		close(a.synced)
 	} else if err := a.startXDS(ctx); err != nil {
 		return fail(err)
+	}
+	a.enr = newEnroller(a.Plane, cfg.ClusterID, log)
+	if cfg.ZDSSocket != "" {
+		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			_ = zc.Run(ctx)
+		}()
 	}
 	a.wg.Add(1)
 	go a.retryLoop(ctx)
@@ -249,5 +260,6 @@ func (a *Agent) Close() error {
 	a.ready.Store(false)
 	a.cancel()
 	a.wg.Wait()
+	a.enr.close()
 	return a.DP.Close()
 }

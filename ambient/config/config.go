@@ -52,6 +52,7 @@ type Config struct {
 	RootCertFile  string        `mapstructure:"root_cert_file"`
 	TokenFile     string        `mapstructure:"token_file"`
 	LocalXDSPath  string        `mapstructure:"local_xds_path"`
+	ZDSSocket     string        `mapstructure:"zds_socket"`
 	DrainDuration time.Duration `mapstructure:"drain_duration"`
 
 	LogLevel string `mapstructure:"log_level"`
@@ -96,6 +97,7 @@ var settings = []setting{
 	{"ca_address", "CA_ADDRESS", "istiod CA address (default: the xDS address)", ""},
 	{"root_cert_file", "XDS_ROOT_CA", "mesh root certificate for the control plane", "/var/run/secrets/istio/root-cert.pem"},
 	{"token_file", "KMESH_TOKEN_FILE", "service account token presented to istiod", "/var/run/secrets/tokens/istio-token"},
+	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown", 5 * time.Second},
 	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},

@@ -678,3 +678,22 @@ func (d *Dataplane) ServiceVIPs(key string) []netip.Addr {
 	}
 	return nil
 }
+
+// SweepManaged unenrols every network namespace in the kernel that keep
+// does not name: pods that went away while no daemon ran.
+func (d *Dataplane) SweepManaged(keep map[uint64]bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ms, err := d.maps.Managed()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for cookie := range ms {
+		if !keep[cookie] {
+			errs = append(errs, d.maps.DeleteManaged(cookie))
+			delete(d.enrolled, cookie)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -49,6 +49,8 @@ type ControlPlane struct {
 	Addr string
 	fds  *xds.FakeDiscoveryServer
 	f    *failer
+	done chan struct{}
+	stop sync.Once
 }
 
 // failer adapts istio's test.Failer to a long-running process.
@@ -149,7 +151,7 @@ func Start(opts Options) (cp *ControlPlane, err error) {
 			return l, nil
 		},
 	})
-	return &ControlPlane{Addr: addr, fds: fds, f: f}, nil
+	return &ControlPlane{Addr: addr, fds: fds, f: f, done: make(chan struct{})}, nil
 }
 
 func clusterID(id string) cluster.ID {
@@ -164,8 +166,14 @@ func (c *ControlPlane) Kube() kubelib.Client { return c.fds.KubeClient() }
 
 // Stop shuts the control plane down; connected clients see their streams end.
 func (c *ControlPlane) Stop() {
-	c.f.runCleanups()
+	c.stop.Do(func() {
+		close(c.done)
+		c.f.runCleanups()
+	})
 }
+
+// Done is closed when the control plane stops.
+func (c *ControlPlane) Done() <-chan struct{} { return c.done }
 
 // Kube objects are created through Kube().Kube() (client-go's Interface) and
 // Kube().Istio(); the ambient index sees them within milliseconds and istiod

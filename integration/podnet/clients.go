@@ -5,7 +5,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"syscall"
@@ -62,6 +64,111 @@ type ClientResult struct {
 func init() {
 	RegisterHelper("tcp", tcpClient)
 	RegisterHelper("udp", udpClient)
+	RegisterHelper("http", httpClient)
+	RegisterHelper("stream", streamClient)
+}
+
+// StreamResult is what the stream helper reports.
+type StreamResult struct {
+	Exchanges int    `json:"exchanges"`
+	Error     string `json:"error,omitempty"`
+	Hostname  string `json:"hostname,omitempty"`
+}
+
+// streamClient: -addr HOST:PORT -duration D -interval I. Holds one TCP
+// connection open for D, sending a line every I and waiting for it to come
+// back (Istio's echo server echoes TCP). Any failure ends the run and is
+// reported: the question is whether an established connection survives.
+func streamClient(args []string) (any, error) {
+	fs := flag.NewFlagSet("stream", flag.ContinueOnError)
+	addr := fs.String("addr", "", "destination")
+	duration := fs.Duration("duration", 3*time.Second, "how long to hold the connection")
+	interval := fs.Duration("interval", 50*time.Millisecond, "time between exchanges")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	var res StreamResult
+	c, err := net.DialTimeout("tcp", *addr, 3*time.Second)
+	if err != nil {
+		res.Error = "dial: " + errName(err)
+		return res, nil
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	end := time.Now().Add(*duration)
+	for i := 0; time.Now().Before(end); i++ {
+		msg := fmt.Sprintf("ping-%d", i)
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := fmt.Fprintf(c, "%s\n", msg); err != nil {
+			res.Error = fmt.Sprintf("exchange %d: write: %s", i, errName(err))
+			return res, nil
+		}
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				res.Error = fmt.Sprintf("exchange %d: read: %s", i, errName(err))
+				return res, nil
+			}
+			line = strings.TrimSpace(line)
+			if h, ok := strings.CutPrefix(line, "Hostname="); ok {
+				res.Hostname = h
+			}
+			if line == msg {
+				break
+			}
+		}
+		res.Exchanges++
+		time.Sleep(*interval)
+	}
+	return res, nil
+}
+
+// httpClient: -url URL -n COUNT [-keepalive]. Sends COUNT GETs and tallies
+// the "Hostname=" line of each answer (what Istio's echo server reports).
+// Without -keepalive every request has a connection of its own.
+func httpClient(args []string) (any, error) {
+	fs := flag.NewFlagSet("http", flag.ContinueOnError)
+	url := fs.String("url", "", "URL")
+	n := fs.Int("n", 1, "requests")
+	keepalive := fs.Bool("keepalive", false, "reuse connections")
+	latency := fs.Bool("latency", false, "record per-request latency")
+	timeout := fs.Duration("timeout", 3*time.Second, "per-request timeout")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	tr := &http.Transport{DisableKeepAlives: !*keepalive, MaxIdleConnsPerHost: 4}
+	cl := &http.Client{Transport: tr, Timeout: *timeout}
+	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
+	for i := 0; i < *n; i++ {
+		start := time.Now()
+		resp, err := cl.Get(*url)
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			res.Errors[errName(err)]++
+			continue
+		}
+		if *latency {
+			res.LatencyUS = append(res.LatencyUS, float64(time.Since(start).Nanoseconds())/1e3)
+		}
+		if resp.StatusCode != http.StatusOK {
+			res.Errors[fmt.Sprintf("HTTP %d", resp.StatusCode)]++
+			continue
+		}
+		name := "?"
+		for _, line := range strings.Split(string(body), "\n") {
+			if v, ok := strings.CutPrefix(line, "Hostname="); ok {
+				name = v
+				break
+			}
+		}
+		res.Names[name]++
+	}
+	return res, nil
 }
 
 // errName reduces an error to a stable name for tallies ("ECONNREFUSED").

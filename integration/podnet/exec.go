@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Start starts cmd as a process of the pod: inside its network namespace
@@ -31,6 +33,10 @@ func (p *Pod) Start(cmd *exec.Cmd, cg *Cgroup) error {
 	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	return p.NS.Do(cmd.Start)
 }
+
+// PodHostnameEnv, set together with CLONE_NEWUTS, names the hostname a
+// pod process takes.
+const PodHostnameEnv = "KMESH_POD_HOSTNAME"
 
 // helperEnv selects a registered helper when the current binary re-executes
 // itself as a process inside a pod.
@@ -55,6 +61,14 @@ func MaybeRunHelper() {
 	if !ok {
 		fmt.Fprintf(os.Stderr, "podnet: unknown helper %q\n", name)
 		os.Exit(2)
+	}
+	// The simulator starts pod processes in a UTS namespace of their own and
+	// says so; only then is the hostname ours to set.
+	if h := os.Getenv(PodHostnameEnv); h != "" {
+		if err := unix.Sethostname([]byte(h)); err != nil {
+			fmt.Fprintf(os.Stderr, "podnet: setting hostname: %v\n", err)
+			os.Exit(1)
+		}
 	}
 	res, err := fn(os.Args[1:])
 	if err != nil {
@@ -110,3 +124,13 @@ func (t Tally) Keys() []string {
 	sort.Strings(ks)
 	return ks
 }
+
+// HasHelper reports whether a helper of that name is registered.
+func HasHelper(name string) bool {
+	_, ok := helpers[name]
+	return ok
+}
+
+// HelperEnv is the environment entry that makes a re-executed binary run
+// the named helper (see MaybeRunHelper).
+func HelperEnv(name string) string { return helperEnv + "=" + name }

@@ -28,6 +28,11 @@ type Node struct {
 	h      *netlink.Handle
 	bridge netlink.Link
 	v4, v6 netip.Prefix
+	// gw4/gw6 are the node's addresses on its pod bridge when the node is on
+	// a Fabric; pods then route the cluster prefixes through them.
+	gw4, gw6           netip.Addr
+	cluster4, cluster6 netip.Prefix
+	uplink4, uplink6   netip.Addr
 
 	mu   sync.Mutex
 	pods []*Pod
@@ -140,7 +145,24 @@ func (n *Node) plumb(p *Pod) error {
 			return fmt.Errorf("adding %v: %w", a.addr, err)
 		}
 	}
-	return ph.LinkSetUp(eth)
+	if err := ph.LinkSetUp(eth); err != nil {
+		return err
+	}
+	// On a fabric, the rest of the cluster is through the node. Only the
+	// cluster's prefixes: nothing else has a route.
+	for _, r := range []struct {
+		dst netip.Prefix
+		gw  netip.Addr
+		has bool
+	}{{n.cluster4, n.gw4, p.IPv4.IsValid()}, {n.cluster6, n.gw6, p.IPv6.IsValid()}} {
+		if !r.gw.IsValid() || !r.has {
+			continue
+		}
+		if err := ph.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: prefixNet(r.dst), Gw: r.gw.AsSlice()}); err != nil {
+			return fmt.Errorf("route to %v: %w", r.dst, err)
+		}
+	}
+	return nil
 }
 
 // Pods returns the pods created on this node.
@@ -189,4 +211,26 @@ func (p *Pod) ListenPacket(network, addr string) (net.PacketConn, error) {
 		return err
 	})
 	return c, err
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Masked().Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// Uplink4 returns the node's address on the fabric (invalid when the node
+// is not on one).
+func (n *Node) Uplink4() netip.Addr { return n.uplink4 }
+
+// RemovePod deletes a pod's namespace (its veth goes with it). Processes
+// still inside keep it alive until they exit: stop them first.
+func (n *Node) RemovePod(p *Pod) error {
+	n.mu.Lock()
+	for i, q := range n.pods {
+		if q == p {
+			n.pods = append(n.pods[:i], n.pods[i+1:]...)
+			break
+		}
+	}
+	n.mu.Unlock()
+	return p.NS.Close()
 }

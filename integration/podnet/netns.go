@@ -42,7 +42,19 @@ func NewNetns(name string) (*Netns, error) {
 		return nil, fmt.Errorf("creating network namespace %s: %w", name, err)
 	}
 	n := &Netns{Name: name, h: h}
-	if err := n.Do(func() error { return setLinkUp("lo") }); err != nil {
+	if err := n.Do(func() error {
+		// No duplicate address detection on the links made later (link-local
+		// addresses included): a tentative link-local address cannot speak
+		// NDP, which would stall the first second of IPv6 traffic.
+		for _, k := range []string{"default", "all"} {
+			for _, v := range []string{"accept_dad", "dad_transmits"} {
+				if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+k+"/"+v, []byte("0"), 0); err != nil {
+					return err
+				}
+			}
+		}
+		return setLinkUp("lo")
+	}); err != nil {
 		n.Close()
 		return nil, err
 	}

@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+
+	"istio.io/istio/pkg/zdsapi"
+
+	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/kernel"
+)
+
+// enroller is the daemon's ZDS handler: it turns the node agent's pod
+// events into managed network namespaces in the kernel, and keeps each
+// pod's namespace open (the in-pod listeners of the tunnel need it).
+type enroller struct {
+	plane   *dataplane.Dataplane
+	cluster string
+	log     *slog.Logger
+
+	mu   sync.Mutex
+	pods map[string]*enrolledPod
+	// seen: pods announced since the current ZDS connection began.
+	seen map[string]bool
+	// blind: a keep named a pod whose namespace this daemon never saw;
+	// its kernel entry cannot be told from a stale one, so sweeping waits.
+	blind bool
+}
+
+type enrolledPod struct {
+	info        *zdsapi.WorkloadInfo
+	workloadUID string
+	netns       *os.File
+	cookie      uint64
+}
+
+func newEnroller(plane *dataplane.Dataplane, cluster string, log *slog.Logger) *enroller {
+	return &enroller{plane: plane, cluster: cluster, log: log.With("component", "enrol"), pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
+}
+
+// workloadUID is istiod's UID for a pod's workload.
+func (e *enroller) workloadUID(info *zdsapi.WorkloadInfo) string {
+	return fmt.Sprintf("%s//Pod/%s/%s", e.cluster, info.GetNamespace(), info.GetName())
+}
+
+func (e *enroller) Add(uid string, info *zdsapi.WorkloadInfo, netns *os.File) error {
+	cookie, err := kernel.NetnsCookie(int(netns.Fd()))
+	if err != nil {
+		netns.Close()
+		return fmt.Errorf("pod %s/%s: %w", info.GetNamespace(), info.GetName(), err)
+	}
+	wuid := e.workloadUID(info)
+	if err := e.plane.Enroll(cookie, wuid); err != nil {
+		netns.Close()
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if old := e.pods[uid]; old != nil {
+		old.netns.Close()
+		if old.cookie != cookie { // the pod's sandbox was recreated
+			_ = e.plane.Unenroll(old.cookie)
+		}
+	}
+	e.pods[uid] = &enrolledPod{info: info, workloadUID: wuid, netns: netns, cookie: cookie}
+	e.seen[uid] = true
+	e.log.Info("pod enrolled", "pod", info.GetNamespace()+"/"+info.GetName(), "uid", uid, "netns_cookie", cookie)
+	return nil
+}
+
+func (e *enroller) Keep(uid string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.seen[uid] = true
+	if e.pods[uid] == nil {
+		e.blind = true
+	}
+	return nil
+}
+
+func (e *enroller) Del(uid string) error {
+	e.mu.Lock()
+	p := e.pods[uid]
+	delete(e.pods, uid)
+	delete(e.seen, uid)
+	e.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	defer p.netns.Close()
+	e.log.Info("pod unenrolled", "pod", p.info.GetNamespace()+"/"+p.info.GetName(), "uid", uid)
+	return e.plane.Unenroll(p.cookie)
+}
+
+// SnapshotSent drops pods the node agent no longer knows, and kernel
+// entries of pods that went away while no daemon ran.
+func (e *enroller) SnapshotSent() error {
+	e.mu.Lock()
+	var gone []string
+	for uid := range e.pods {
+		if !e.seen[uid] {
+			gone = append(gone, uid)
+		}
+	}
+	e.mu.Unlock()
+	var errs []error
+	for _, uid := range gone {
+		errs = append(errs, e.Del(uid))
+	}
+	e.mu.Lock()
+	keep := make(map[uint64]bool, len(e.pods))
+	for _, p := range e.pods {
+		keep[p.cookie] = true
+	}
+	blind := e.blind
+	e.seen, e.blind = map[string]bool{}, false
+	e.mu.Unlock()
+	if !blind {
+		errs = append(errs, e.plane.SweepManaged(keep))
+	}
+	return errors.Join(errs...)
+}
+
+// close releases every namespace the daemon holds. The kernel keeps the
+// pods enrolled: the next daemon learns them again from the node agent.
+func (e *enroller) close() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, p := range e.pods {
+		p.netns.Close()
+	}
+	e.pods = map[string]*enrolledPod{}
+}

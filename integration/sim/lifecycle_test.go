@@ -1,0 +1,139 @@
+package sim_test
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+
+	"kmesh.dev/kmesh/integration/podnet"
+	"kmesh.dev/kmesh/integration/sim"
+)
+
+// stream holds a connection through the VIP while the test changes things.
+func stream(t *testing.T, p *sim.Pod, addr string, d time.Duration) <-chan podnet.StreamResult {
+	ch := make(chan podnet.StreamResult, 1)
+	go func() {
+		var res podnet.StreamResult
+		if err := p.Helper(&res, "stream", "-addr", addr, "-duration", d.String()); err != nil {
+			res.Error = err.Error()
+		}
+		ch <- res
+	}()
+	return ch
+}
+
+func setNamespaceLabel(t *testing.T, c *sim.Cluster, ns, value string) {
+	t.Helper()
+	var v any = value
+	if value == "" {
+		v = nil
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"labels": map[string]any{"istio.io/dataplane-mode": v}}})
+	if _, err := c.Kube().CoreV1().Namespaces().Patch(context.Background(), ns, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func enrolled(n *sim.Node, uid string) bool {
+	for _, u := range n.ZDS.Enrolled() {
+		if u == uid {
+			return true
+		}
+	}
+	return false
+}
+
+// A namespace leaves the mesh and comes back while a connection through the
+// VIP is open: new connections follow the label, the open one never breaks.
+func TestPrivilegedSimNamespaceLabelToggle(t *testing.T) {
+	c := startCluster(t)
+	create(t, c, echoPod("demo", "web-0", "node-2", map[string]string{"app": "web"}), clientPod("demo", "client", "node-1"))
+	client, _ := c.Pod("demo", "client")
+	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
+
+	held := stream(t, client, "10.96.0.10:90", 3*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	setNamespaceLabel(t, c, "demo", "")
+	eventually(t, "client unenrolled", func() (bool, string) { return !enrolled(c.Nodes[0], "demo/client"), "" })
+	if res := httpFrom(t, client, "http://10.96.0.10/", 3); res.Errors["ENETUNREACH"] != 3 {
+		t.Fatalf("an unenrolled pod still reaches the VIP: %+v", res)
+	}
+	setNamespaceLabel(t, c, "demo", "ambient")
+	eventually(t, "the VIP works again", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
+	res := <-held
+	if res.Error != "" || res.Exchanges < 20 || res.Hostname != "web-0" {
+		t.Fatalf("the established connection did not survive the label changes: %+v", res)
+	}
+}
+
+// istiod and the API server go away and come back with a changed cluster:
+// traffic keeps flowing during the outage, and converges afterwards.
+func TestPrivilegedSimControlPlaneRestart(t *testing.T) {
+	c := startCluster(t)
+	create(t, c,
+		echoPod("demo", "web-0", "node-1", map[string]string{"app": "web"}),
+		echoPod("demo", "web-1", "node-2", map[string]string{"app": "web"}),
+		clientPod("demo", "client", "node-1"),
+	)
+	client, _ := c.Pod("demo", "client")
+	eventually(t, "both backends", func() (bool, string) {
+		return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 40), "web-0", "web-1")
+	})
+	objs, err := c.Snapshot(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.StopControlPlane()
+	if ok, s := sameKeys(httpFrom(t, client, "http://10.96.0.10/", 40), "web-0", "web-1"); !ok {
+		t.Fatalf("traffic changed while istiod was down: %s", s)
+	}
+	// While it was down, web-1 was deleted.
+	var kept []runtime.Object
+	for _, o := range objs {
+		if p, ok := o.(*corev1.Pod); ok && p.Name == "web-1" {
+			continue
+		}
+		kept = append(kept, o)
+	}
+	if err := c.RestartControlPlane(kept); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "web-1 gone everywhere", func() (bool, string) {
+		_, err := c.Pod("demo", "web-1")
+		ok, s := sameKeys(httpFrom(t, client, "http://10.96.0.10/", 20), "web-0")
+		return err != nil && ok, s
+	})
+}
+
+// The daemon crashes (SIGKILL) and comes back: an open connection and new
+// connections through the VIP all keep working, with and without a daemon.
+func TestPrivilegedSimDaemonCrash(t *testing.T) {
+	c := startCluster(t)
+	create(t, c, echoPod("demo", "web-0", "node-2", map[string]string{"app": "web"}), clientPod("demo", "client", "node-1"))
+	client, _ := c.Pod("demo", "client")
+	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
+	held := stream(t, client, "10.96.0.10:90", 3*time.Second)
+	n := c.Nodes[0]
+	n.KillDaemon()
+	if res := httpFrom(t, client, "http://10.96.0.10/", 20); res.Errors.Total() != 0 {
+		t.Fatalf("new connections failed with no daemon running: %+v", res)
+	}
+	if err := n.StartDaemon(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WaitReady(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if res := httpFrom(t, client, "http://10.96.0.10/", 20); res.Errors.Total() != 0 {
+		t.Fatalf("new connections failed after the restart: %+v", res)
+	}
+	if res := <-held; res.Error != "" || res.Exchanges < 20 {
+		t.Fatalf("the established connection did not survive the crash: %+v", res)
+	}
+}
