@@ -6,9 +6,9 @@ import (
 	"os/signal"
 	"syscall"
 
+	"istio.io/istio/pkg/config/protocol"
 	"istio.io/istio/pkg/test/echo/common"
 	"istio.io/istio/pkg/test/echo/server"
-	"istio.io/istio/pkg/config/protocol"
 
 	"kmesh.dev/kmesh/integration/podnet"
 )
