@@ -13,12 +13,13 @@ import (
 
 func demoCmd(args []string) error {
 	fs := pflag.NewFlagSet("demo", pflag.ContinueOnError)
-	conns := fs.Int("connections", 3000, "connections sent through the service VIP")
-	keep := fs.Bool("keep", false, "keep everything running until Ctrl-C (to inspect with kmeshctl dump)")
+	requests := fs.Int("requests", 600, "requests sent through the service VIP")
+	daemon := fs.String("daemon", "", "kmesh-daemon binary (default: next to kmeshctl, then PATH)")
+	keep := fs.Bool("keep", false, "keep the cluster running until Ctrl-C (to look around)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return demo.Run(ctx, demo.Options{Out: os.Stdout, Connections: *conns, Keep: *keep})
+	return demo.Run(ctx, demo.Options{Out: os.Stdout, Requests: *requests, DaemonBin: *daemon, Keep: *keep})
 }
