@@ -71,6 +71,9 @@ func (a *Agent) handleXDS(typeURL string, resources []*discovery.Resource, remov
 					reject(r.GetName(), err)
 					continue
 				}
+				if w.UID == r.GetName() {
+					w.UID = r.GetName() // one copy of the string, shared with the xDS bookkeeping
+				}
 				u.Workloads = append(u.Workloads, w)
 			case *workloadapi.Address_Service:
 				s, err := state.ConvertService(t.Service)

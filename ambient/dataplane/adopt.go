@@ -67,14 +67,20 @@ func (d *Dataplane) Adopt() error {
 		o.sets[s.ID] = &liveSet{id: s.ID, gen: s.Gen, epoch: s.Epoch, table: &tableSet{}}
 		setIDs = append(setIDs, s.ID)
 	}
-	slices.SortFunc(eps, func(a, b bpf.Endpoint) int { return cmp.Compare(a.Key.Index, b.Key.Index) })
+	// Rebuild each live set's table: slots sorted by (family, rank, index)
+	// are laid out the way tableSet lays them.
+	slices.SortFunc(eps, func(a, b bpf.Endpoint) int {
+		return cmp.Or(cmp.Compare(a.Key.Service, b.Key.Service), cmp.Compare(a.Key.Family, b.Key.Family),
+			cmp.Compare(a.Key.Rank, b.Key.Rank), cmp.Compare(a.Key.Index, b.Key.Index))
+	})
 	for _, e := range eps {
 		ls := o.sets[e.Key.Service]
-		if ls == nil || e.Key.Gen != ls.gen || int(e.Key.Family) >= len(ls.table.slots) || int(e.Key.Rank) >= bpf.MaxRanks {
-			continue // stray: swept later
+		if ls == nil || e.Key.Gen != ls.gen || int(e.Key.Family) >= 2 || int(e.Key.Rank) >= bpf.MaxRanks ||
+			e.Key.Index != ls.table.n[e.Key.Family][e.Key.Rank] {
+			continue // stray or out of order: swept later, or makes the set unadoptable below
 		}
-		t := ls.table
-		t.slots[e.Key.Family][e.Key.Rank] = append(t.slots[e.Key.Family][e.Key.Rank], e.Slot)
+		ls.table.slots = append(ls.table.slots, e.Slot)
+		ls.table.n[e.Key.Family][e.Key.Rank]++
 	}
 	for _, sv := range svcs {
 		ls := o.sets[sv.ID]
@@ -111,20 +117,6 @@ func (d *Dataplane) adoptBackend(w *Workload) (bpf.Backend, bool) {
 		delete(d.orphans.backends, k)
 	}
 	return b, ok
-}
-
-// adoptWorkloadFrontend reports whether the kernel already maps addr to
-// backend, left so by the previous daemon.
-func (d *Dataplane) adoptWorkloadFrontend(addr netip.Addr, backend uint32) bool {
-	if d.orphans == nil {
-		return false
-	}
-	id, ok := d.orphans.wlFE[addr]
-	if ok && id == backend {
-		delete(d.orphans.wlFE, addr)
-		return true
-	}
-	return false
 }
 
 // adoptSet returns the orphan set the service's frontends point at.

@@ -47,12 +47,13 @@ type Dataplane struct {
 	// 0, protocol 0, id = the owner's backend). Kept apart from fe and
 	// without values: the kernel value follows from the owner.
 	wlFE map[netip.Addr]string
-	// fe mirrors kmesh_frontend with each entry's owner ("svc:<key>" or
-	// "wl:<uid>"). Two owners may claim one address (a ServiceEntry shadowing
-	// a Service): the last writer wins, and the loser's cleanup must not
-	// delete the winner's entry.
-	fe       map[bpf.FrontendKey]feEntry
-	enrolled map[uint64]string // netns cookie -> workload UID
+	// fe mirrors the service entries of kmesh_frontend with each entry's
+	// owner (the service key). Two services may claim one address (a
+	// ServiceEntry shadowing a Service): the last writer wins, and the
+	// loser's cleanup must not delete the winner's entry.
+	fe         map[bpf.FrontendKey]feEntry
+	enrolled   map[uint64]string   // netns cookie -> workload UID
+	enrolledBy map[string][]uint64 // workload UID -> netns cookies
 
 	backendIDs, setIDs idAlloc
 	// orphans is the previous daemon's kernel state not yet adopted (see adopt.go).
@@ -68,7 +69,7 @@ type feEntry struct {
 type serviceRec struct {
 	svc       Service
 	sets      []*liveSet
-	frontends map[bpf.FrontendKey]bpf.Frontend
+	frontends []bpf.FrontendKey // the kernel values are in Dataplane.fe
 }
 
 // liveSet is a load-balancing set as it is in the kernel.
@@ -93,7 +94,7 @@ func New(m *bpf.Maps, opts Options) *Dataplane {
 		maps: m, opts: opts, log: log.With("component", "dataplane"),
 		workloads: map[string]*resolvedWorkload{}, services: map[string]*serviceRec{},
 		refs: map[string][]string{}, fe: map[bpf.FrontendKey]feEntry{}, wlFE: map[netip.Addr]string{},
-		enrolled: map[uint64]string{},
+		enrolled: map[uint64]string{}, enrolledBy: map[string][]uint64{},
 	}
 }
 
@@ -158,13 +159,13 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 			}
 		}
 	}
+	changed, werrs := d.setWorkloads(b.Workloads)
 	for _, w := range b.Workloads {
-		changed, err := d.setWorkload(w)
-		failed("workload", w.UID, err)
-		if changed {
-			for _, k := range d.refs[w.UID] {
-				affected[k] = struct{}{}
-			}
+		failed("workload", w.UID, werrs[w.UID])
+	}
+	for _, uid := range changed {
+		for _, k := range d.refs[uid] {
+			affected[k] = struct{}{}
 		}
 	}
 	for _, s := range b.Services {
@@ -224,83 +225,157 @@ func (d *Dataplane) DeleteService(key string) error {
 	return joinObjectErrors(d.Apply(Batch{DeleteServices: []string{key}}))
 }
 
-// setWorkload writes a workload's backend entry and frontends. It reports
-// whether tables that list it must be recomputed.
-func (d *Dataplane) setWorkload(w Workload) (bool, error) {
-	prev, existed := d.workloads[w.UID]
-	var inKernel *bpf.Backend // what the kernel holds under the backend id, if anything
-	var id uint32
-	switch {
-	case existed:
-		id = prev.backend
-		b := backendOf(prev)
-		inKernel = &b
-	default:
-		if b, ok := d.adoptBackend(&w); ok {
+// setWorkloads writes workloads' backend entries and frontends, batched:
+// a full sync sets every workload of the mesh, and one syscall per object
+// would dominate it. When a batch fails, the items are retried one by one
+// so that the error lands on the object it belongs to. It returns the UIDs
+// whose changes affect load-balancing tables.
+func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[string]error) {
+	errs = map[string]error{}
+	type item struct {
+		rec     resolvedWorkload
+		prev    *resolvedWorkload
+		fresh   bool // id newly allocated
+		write   bool // backend entry differs from the kernel's
+		oldAddr []netip.Addr
+	}
+	items := make([]item, len(ws))
+	var puts []bpf.Backend
+	var putIdx []int
+	for i := range ws {
+		w := &ws[i]
+		it := &items[i]
+		var inKernel *bpf.Backend
+		var id uint32
+		if prev, ok := d.workloads[w.UID]; ok {
+			it.prev, id, it.oldAddr = prev, prev.backend, prev.addrs
+			b := backendOf(prev)
+			inKernel = &b
+		} else if b, ok := d.adoptBackend(w); ok {
 			id, inKernel = b.ID, &b
 		} else {
-			id = d.backendIDs.get()
+			id, it.fresh = d.backendIDs.get(), true
+		}
+		it.rec = resolve(w, id)
+		if inKernel == nil || backendOf(&it.rec) != *inKernel {
+			puts = append(puts, backendOf(&it.rec))
+			putIdx = append(putIdx, i)
 		}
 	}
-	rec := resolve(&w, id)
-	if inKernel == nil || backendOf(&rec) != *inKernel {
-		if err := d.maps.PutBackends([]bpf.Backend{backendOf(&rec)}); err != nil {
-			if !existed && inKernel == nil {
-				d.backendIDs.put(id)
-			}
-			return false, err
-		}
-	}
-	d.workloads[w.UID] = &rec
-	d.Stats.WorkloadWrites.Add(1)
-
-	var oldAddrs []netip.Addr
-	if existed {
-		oldAddrs = prev.addrs
-	}
-	err := d.syncWorkloadFrontends(w.UID, id, oldAddrs, rec.addrs)
-	if !existed {
-		for cookie, uid := range d.enrolled {
-			if uid == w.UID {
-				err = errors.Join(err, d.maps.SetManaged(cookie, rec.backend))
+	if err := d.maps.PutBackends(puts); err != nil {
+		for k, i := range putIdx {
+			if err := d.maps.PutBackends(puts[k : k+1]); err != nil {
+				errs[ws[i].UID] = err
 			}
 		}
 	}
-	return !existed || !prev.lbEqual(&rec), err
-}
-
-// syncWorkloadFrontends points the workload's addresses (want) at its
-// backend and drops the ones it no longer has (in old, not in want). An
-// address another workload took over since is left to that workload.
-func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want []netip.Addr) error {
-	var put []bpf.Frontend
-	for _, a := range want {
-		if d.wlFE[a] == uid && slices.Contains(old, a) {
-			continue // already ours, and a workload keeps its backend id
-		}
-		if d.adoptWorkloadFrontend(a, backend) {
-			d.wlFE[a] = uid
+	type feChange struct {
+		uid        string
+		put        []bpf.Frontend
+		adopt, del []netip.Addr
+	}
+	var fes []feChange
+	var fePut []bpf.Frontend
+	var feDel []bpf.FrontendKey
+	for i := range ws {
+		it := &items[i]
+		uid := ws[i].UID
+		if errs[uid] != nil {
+			if it.fresh {
+				d.backendIDs.put(it.rec.backend)
+			}
 			continue
 		}
-		put = append(put, bpf.Frontend{Key: bpf.FrontendKey{Addr: a}, Kind: bpf.FrontendWorkload, ID: backend})
+		rec := it.rec
+		d.workloads[uid] = &rec
+		d.Stats.WorkloadWrites.Add(1)
+		put, adopt, del := d.wlFrontendDiff(uid, rec.backend, it.oldAddr, rec.addrs)
+		fes = append(fes, feChange{uid, put, adopt, del})
+		fePut = append(fePut, put...)
+		for _, a := range del {
+			feDel = append(feDel, bpf.FrontendKey{Addr: a})
+		}
+		if it.prev == nil || !it.prev.lbEqual(&rec) {
+			changed = append(changed, uid)
+		}
+		if it.prev == nil {
+			for _, cookie := range d.enrolledBy[uid] {
+				if err := d.maps.SetManaged(cookie, rec.backend); err != nil {
+					errs[uid] = err
+				}
+			}
+		}
 	}
-	if err := d.maps.UpsertFrontends(put); err != nil {
-		return err
+	if err := errors.Join(d.maps.UpsertFrontends(fePut), d.maps.DeleteFrontends(feDel)); err != nil {
+		// Attribute by redoing each workload's frontends alone.
+		for i := range ws {
+			if errs[ws[i].UID] == nil {
+				if err := d.syncWorkloadFrontends(ws[i].UID, items[i].rec.backend, items[i].oldAddr, items[i].rec.addrs); err != nil {
+					errs[ws[i].UID] = err
+				}
+			}
+		}
+		return changed, errs
 	}
+	for _, c := range fes {
+		d.wlFrontendCommit(c.uid, c.put, c.adopt, c.del)
+	}
+	return changed, errs
+}
+
+// wlFrontendDiff says what makes the workload's address frontends right:
+// entries to write, the previous daemon's to adopt as they are, and
+// addresses to drop. It changes nothing.
+func (d *Dataplane) wlFrontendDiff(uid string, backend uint32, old, want []netip.Addr) (put []bpf.Frontend, adopt, del []netip.Addr) {
+	for _, a := range want {
+		switch {
+		case d.wlFE[a] == uid && slices.Contains(old, a):
+			// already ours, and a workload keeps its backend id
+		case d.orphans != nil && d.orphans.wlFE[a] == backend && d.orphans.wlFE[a] != 0:
+			adopt = append(adopt, a)
+		default:
+			put = append(put, bpf.Frontend{Key: bpf.FrontendKey{Addr: a}, Kind: bpf.FrontendWorkload, ID: backend})
+		}
+	}
+	for _, a := range old {
+		if !slices.Contains(want, a) && d.wlFE[a] == uid {
+			del = append(del, a)
+		}
+	}
+	return put, adopt, del
+}
+
+// wlFrontendCommit records a diff the kernel has taken.
+func (d *Dataplane) wlFrontendCommit(uid string, put []bpf.Frontend, adopt, del []netip.Addr) {
 	for _, f := range put {
 		if owner, ok := d.wlFE[f.Key.Addr]; ok && owner != uid {
 			d.log.Warn("address claimed by two workloads, the newer wins", "address", f.Key.Addr, "was", owner, "now", uid)
 		}
 		d.wlFE[f.Key.Addr] = uid
 	}
-	var del []bpf.FrontendKey
-	for _, a := range old {
-		if !slices.Contains(want, a) && d.wlFE[a] == uid {
-			del = append(del, bpf.FrontendKey{Addr: a})
-			delete(d.wlFE, a)
-		}
+	for _, a := range adopt {
+		delete(d.orphans.wlFE, a)
+		d.wlFE[a] = uid
 	}
-	return d.maps.DeleteFrontends(del)
+	for _, a := range del {
+		delete(d.wlFE, a)
+	}
+}
+
+// syncWorkloadFrontends points the workload's addresses (want) at its
+// backend and drops the ones it no longer has (in old, not in want). An
+// address another workload took over since is left to that workload.
+func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want []netip.Addr) error {
+	put, adopt, del := d.wlFrontendDiff(uid, backend, old, want)
+	keys := make([]bpf.FrontendKey, len(del))
+	for i, a := range del {
+		keys[i] = bpf.FrontendKey{Addr: a}
+	}
+	if err := errors.Join(d.maps.UpsertFrontends(put), d.maps.DeleteFrontends(keys)); err != nil {
+		return err
+	}
+	d.wlFrontendCommit(uid, put, adopt, del)
+	return nil
 }
 
 func backendOf(w *resolvedWorkload) bpf.Backend {
@@ -323,7 +398,7 @@ func setBackendAddrs(b *bpf.Backend, addrs []netip.Addr) {
 func (d *Dataplane) setService(s Service) error {
 	rec, existed := d.services[s.Key]
 	if !existed {
-		rec = &serviceRec{frontends: map[bpf.FrontendKey]bpf.Frontend{}}
+		rec = &serviceRec{}
 	}
 	prev := rec.svc
 	rec.svc = s
@@ -345,7 +420,7 @@ func (d *Dataplane) deleteService(key string) error {
 		return nil
 	}
 	var errs []error
-	if _, err := d.syncFrontends("svc:"+key, rec.frontends, nil); err != nil {
+	if _, err := d.syncFrontends(key, rec.frontends, nil); err != nil {
 		errs = append(errs, err)
 	}
 	for _, ls := range rec.sets {
@@ -404,8 +479,25 @@ func (d *Dataplane) Enroll(netnsCookie uint64, workloadUID string) error {
 	if err := d.maps.SetManaged(netnsCookie, id); err != nil {
 		return d.fail("enrolment of "+workloadUID, err)
 	}
+	d.forget(netnsCookie)
 	d.enrolled[netnsCookie] = workloadUID
+	d.enrolledBy[workloadUID] = append(d.enrolledBy[workloadUID], netnsCookie)
 	return nil
+}
+
+// forget drops a cookie from the enrolment indexes.
+func (d *Dataplane) forget(cookie uint64) {
+	uid, ok := d.enrolled[cookie]
+	if !ok {
+		return
+	}
+	delete(d.enrolled, cookie)
+	cs := slices.DeleteFunc(d.enrolledBy[uid], func(c uint64) bool { return c == cookie })
+	if len(cs) == 0 {
+		delete(d.enrolledBy, uid)
+	} else {
+		d.enrolledBy[uid] = cs
+	}
 }
 
 // Unenroll stops managing a network namespace. Established connections are
@@ -413,7 +505,7 @@ func (d *Dataplane) Enroll(netnsCookie uint64, workloadUID string) error {
 func (d *Dataplane) Unenroll(netnsCookie uint64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	delete(d.enrolled, netnsCookie)
+	d.forget(netnsCookie)
 	return d.maps.DeleteManaged(netnsCookie)
 }
 
@@ -502,13 +594,12 @@ func (d *Dataplane) apply(rec *serviceRec) error {
 			for _, c := range changes {
 				for _, sp := range c.table.ports {
 					k := bpf.FrontendKey{Addr: vip, Port: sp, Proto: p}
-					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, ID: c.ls.id, TargetPort: c.table.targets[sp]}
+					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, ID: c.ls.id, TargetPort: c.table.target(sp)}
 				}
 			}
 		}
 	}
-	prevFE := rec.frontends
-	got, err := d.syncFrontends("svc:"+rec.svc.Key, prevFE, desiredFE)
+	got, err := d.syncFrontends(rec.svc.Key, rec.frontends, desiredFE)
 	if err != nil {
 		return errors.Join(err, tx.undo())
 	}
@@ -559,9 +650,9 @@ func slotEntries(id uint32, gen uint8, t *tableSet) []bpf.Endpoint {
 	if t == nil {
 		return nil
 	}
-	for f := range t.slots {
-		for r := range t.slots[f] {
-			for i, s := range t.slots[f][r] {
+	for f := range t.n {
+		for r := range t.n[f] {
+			for i, s := range t.bucket(f, r) {
 				out = append(out, bpf.Endpoint{
 					Key:  bpf.EndpointKey{Service: id, Gen: gen, Family: bpf.Family(f), Rank: uint8(r), Index: uint32(i)},
 					Slot: s,
@@ -580,11 +671,12 @@ func endpointKeys(es []bpf.Endpoint) []bpf.EndpointKey {
 	return ks
 }
 
-// syncFrontends moves owner's frontends from have to want: upserts first
-// (new and changed), then deletes (gone), never deleting an entry another
-// owner has taken over. It returns the frontends the owner now has. On error
-// it restores what the kernel held before and returns have.
-func (d *Dataplane) syncFrontends(owner string, have, want map[bpf.FrontendKey]bpf.Frontend) (map[bpf.FrontendKey]bpf.Frontend, error) {
+// syncFrontends moves a service's frontends (owner: its key) from have to
+// want: upserts first (new and changed), then deletes (gone), never
+// deleting an entry another service has taken over. It returns the
+// frontends the service now has. On error it restores what the kernel held
+// before and returns have.
+func (d *Dataplane) syncFrontends(owner string, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) ([]bpf.FrontendKey, error) {
 	var put []bpf.Frontend
 	for k, f := range want {
 		cur, ok := d.fe[k]
@@ -617,13 +709,14 @@ func (d *Dataplane) syncFrontends(owner string, have, want map[bpf.FrontendKey]b
 		d.fe[f.Key] = feEntry{owner: owner, val: f}
 	}
 	var del []bpf.FrontendKey
-	for k := range have {
+	for _, k := range have {
 		if _, keep := want[k]; !keep && d.fe[k].owner == owner {
 			del = append(del, k)
 			delete(d.fe, k)
 		}
 	}
-	return maps.Clone(want), d.maps.DeleteFrontends(del)
+	got := slices.SortedFunc(maps.Keys(want), compareFrontendKey)
+	return slices.Clip(got), d.maps.DeleteFrontends(del)
 }
 
 func compareFrontendKey(a, b bpf.FrontendKey) int {
@@ -692,7 +785,7 @@ func (d *Dataplane) SweepManaged(keep map[uint64]bool) error {
 	for cookie := range ms {
 		if !keep[cookie] {
 			errs = append(errs, d.maps.DeleteManaged(cookie))
-			delete(d.enrolled, cookie)
+			d.forget(cookie)
 		}
 	}
 	return errors.Join(errs...)

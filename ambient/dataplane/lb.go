@@ -137,34 +137,48 @@ type candidate struct {
 
 // tableSet is the kernel load-balancing set of one group of service ports:
 // ports whose eligible endpoints and target ports coincide share one set.
+// Compact (one of these per service in the mesh): the alias tables of all
+// (family, rank) buckets are laid end to end in slots.
 type tableSet struct {
-	// ports are the service ports served by this set, ascending.
-	ports []uint16
-	// targets gives each port's frontend target port; 0 when endpoints
-	// carry their own ports in the slots.
-	targets map[uint16]uint16
-	// slots[family][rank] is the alias table of that bucket.
-	slots [2][bpf.MaxRanks][]bpf.EndpointSlot
+	// ports are the service ports served by this set, ascending; targets[i]
+	// is ports[i]'s frontend target port, 0 when endpoints carry their own.
+	ports, targets []uint16
+	n              [2][bpf.MaxRanks]uint32
+	slots          []bpf.EndpointSlot
 }
 
-func (t *tableSet) counts() (c [2][bpf.MaxRanks]uint32) {
-	for f := range t.slots {
-		for r := range t.slots[f] {
-			c[f][r] = uint32(len(t.slots[f][r]))
+// target returns the frontend target port of service port p.
+func (t *tableSet) target(p uint16) uint16 {
+	if i := slices.Index(t.ports, p); i >= 0 {
+		return t.targets[i]
+	}
+	return 0
+}
+
+func (t *tableSet) counts() [2][bpf.MaxRanks]uint32 { return t.n }
+
+// bucket returns the alias table of one family and rank.
+func (t *tableSet) bucket(f, r int) []bpf.EndpointSlot {
+	off := uint32(0)
+	for ff := 0; ff < 2; ff++ {
+		for rr := 0; rr < bpf.MaxRanks; rr++ {
+			if ff == f && rr == r {
+				return t.slots[off : off+t.n[f][r]]
+			}
+			off += t.n[ff][rr]
 		}
 	}
-	return c
+	return nil
+}
+
+// add appends a bucket; buckets must be added in (family, rank) order.
+func (t *tableSet) add(f, r int, slots []bpf.EndpointSlot) {
+	t.slots = append(t.slots, slots...)
+	t.n[f][r] = uint32(len(slots))
 }
 
 func (t *tableSet) equalSlots(o *tableSet) bool {
-	for f := range t.slots {
-		for r := range t.slots[f] {
-			if !slices.Equal(t.slots[f][r], o.slots[f][r]) {
-				return false
-			}
-		}
-	}
-	return true
+	return t.n == o.n && slices.Equal(t.slots, o.slots)
 }
 
 // resolvedWorkload is a workload as the dataplane keeps it. Compact: a
@@ -262,13 +276,13 @@ func buildTables(svc *Service, workloads func(uid string) *resolvedWorkload, nod
 		sig := signature(cands)
 		set, ok := bySig[sig]
 		if !ok {
-			set = &tableSet{targets: map[uint16]uint16{}}
+			set = &tableSet{}
 			fillSlots(set, cands, svc.LB, node)
 			bySig[sig] = set
 			sets = append(sets, set)
 		}
 		set.ports = append(set.ports, p.ServicePort)
-		set.targets[p.ServicePort] = frontTarget
+		set.targets = append(set.targets, frontTarget)
 	}
 	return sets
 }
@@ -311,7 +325,7 @@ func fillSlots(set *tableSet, cands []candidate, lb LoadBalancing, node Topology
 				p, a := ms[s.Primary], ms[s.Alias]
 				slots[i] = bpf.EndpointSlot{Backend: p.backend, Port: p.port, Alias: a.backend, AliasPort: a.port, Threshold: s.Threshold}
 			}
-			set.slots[f][r] = slots
+			set.add(f, r, slots)
 		}
 	}
 }

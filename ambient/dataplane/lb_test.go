@@ -175,8 +175,8 @@ func TestBuildTables(t *testing.T) {
 		if got[bpf.FamilyV4][0] != 2 || got[bpf.FamilyV6][0] != 2 {
 			t.Fatalf("counts %v: want 2 IPv4 (a,b) and 2 IPv6 (a,c) in rank 0", got)
 		}
-		if sets[0].targets[80] != 8080 {
-			t.Fatalf("frontend target %d, want 8080", sets[0].targets[80])
+		if sets[0].target(80) != 8080 {
+			t.Fatalf("frontend target %d, want 8080", sets[0].target(80))
 		}
 	})
 	t.Run("allow unhealthy", func(t *testing.T) {
@@ -208,10 +208,10 @@ func TestBuildTables(t *testing.T) {
 	t.Run("ports with equal endpoints share one set", func(t *testing.T) {
 		svc := &Service{Ports: []Port{{443, 8443}, {80, 8080}}, Endpoints: eps("a", "b")}
 		sets := buildTables(svc, lookup, node)
-		if len(sets) != 1 || len(sets[0].ports) != 2 || sets[0].targets[443] != 8443 || sets[0].targets[80] != 8080 {
+		if len(sets) != 1 || len(sets[0].ports) != 2 || sets[0].target(443) != 8443 || sets[0].target(80) != 8080 {
 			t.Fatalf("sets %v targets %v", sets, sets[0].targets)
 		}
-		for _, s := range sets[0].slots[bpf.FamilyV4][0] {
+		for _, s := range sets[0].bucket(int(bpf.FamilyV4), 0) {
 			if s.Port != 0 || s.AliasPort != 0 {
 				t.Fatalf("uniform target port must live in the frontend, slot %+v", s)
 			}
@@ -226,11 +226,11 @@ func TestBuildTables(t *testing.T) {
 		if len(sets) != 2 {
 			t.Fatalf("%d sets, want 2 (port 80 per-endpoint, port 90 shared)", len(sets))
 		}
-		if sets[0].targets[80] != 0 {
+		if sets[0].target(80) != 0 {
 			t.Fatalf("divergent ports must not set a frontend target: %v", sets[0].targets)
 		}
 		ports := map[uint32]uint16{}
-		for _, s := range sets[0].slots[bpf.FamilyV4][0] {
+		for _, s := range sets[0].bucket(int(bpf.FamilyV4), 0) {
 			ports[s.Backend] = s.Port
 		}
 		if ports[1] != 8081 || ports[2] != 8082 {
@@ -243,8 +243,8 @@ func TestBuildTables(t *testing.T) {
 			{WorkloadUID: "b"},
 		}}
 		sets := buildTables(svc, lookup, node)
-		if got := sets[0].counts()[bpf.FamilyV4][0]; got != 1 || sets[0].targets[80] != 8081 {
-			t.Fatalf("count %d target %d: want only a, on 8081", got, sets[0].targets[80])
+		if got := sets[0].counts()[bpf.FamilyV4][0]; got != 1 || sets[0].target(80) != 8081 {
+			t.Fatalf("count %d target %d: want only a, on 8081", got, sets[0].target(80))
 		}
 	})
 	t.Run("deterministic", func(t *testing.T) {

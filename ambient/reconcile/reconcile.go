@@ -129,23 +129,16 @@ func (r *Reconciler) Retry() map[string]error {
 
 // refreshLocality takes this node's locality from the workloads running on
 // it (they all share the node's topology labels), and re-ranks every
-// service when it changes.
+// service when it changes. It looks at the changed workloads only: a node
+// may run hundreds of pods, and this runs on every update.
 func (r *Reconciler) refreshLocality(ch state.Changes) {
-	touched := false
+	loc := r.locality
 	for uid := range ch.Workloads {
-		if w := r.store.Workload(uid); w == nil || w.Node == r.node.Name {
-			touched = true
-			break
-		}
-	}
-	if !touched {
-		return
-	}
-	var loc state.Locality
-	for _, w := range r.store.WorkloadsOnNode(r.node.Name) {
-		if w.Locality != (state.Locality{}) {
-			loc = w.Locality
-			break
+		if w := r.store.Workload(uid); w != nil {
+			if m := w.Meta(); m.Node == r.node.Name && m.Locality != (state.Locality{}) {
+				loc = m.Locality
+				break
+			}
 		}
 	}
 	if loc == r.locality {
@@ -170,10 +163,11 @@ func (r *Reconciler) sameNetwork(n string) bool {
 }
 
 func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
+	m := w.Meta()
 	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
-		Topology: dataplane.Topology{Node: w.Node, Cluster: w.ClusterID, Network: w.Network, Locality: dataplane.Locality(w.Locality)}}
-	if r.sameNetwork(w.Network) {
-		out.Addrs = slices.Clone(w.Addresses)
+		Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+	if r.sameNetwork(m.Network) {
+		out.Addrs = w.Addresses // immutable once converted: shared, not copied
 	}
 	return out
 }

@@ -134,13 +134,14 @@ func (s *Store) upsertWorkload(w *Workload, ch Changes) {
 		s.unindexWorkload(old, ch)
 	}
 	s.workloads[w.UID] = w
+	m := w.Meta()
 	for _, a := range w.Addresses {
-		s.wlByAddr[NetworkAddr{Network: w.Network, Addr: a}] = w.UID
+		s.wlByAddr[NetworkAddr{Network: m.Network, Addr: a}] = w.UID
 	}
 	if w.Hostname != "" {
 		s.wlByHost[w.Hostname] = w.UID
 	}
-	addTo(s.wlByNode, w.Node, w.UID)
+	addTo(s.wlByNode, m.Node, w.UID)
 	for _, sp := range w.Services {
 		addTo(s.endpoints, sp.Service, w.UID)
 		ch.Services[sp.Service] = struct{}{}
@@ -149,8 +150,9 @@ func (s *Store) upsertWorkload(w *Workload, ch Changes) {
 }
 
 func (s *Store) unindexWorkload(w *Workload, ch Changes) {
+	m := w.Meta()
 	for _, a := range w.Addresses {
-		k := NetworkAddr{Network: w.Network, Addr: a}
+		k := NetworkAddr{Network: m.Network, Addr: a}
 		if s.wlByAddr[k] == w.UID {
 			delete(s.wlByAddr, k)
 		}
@@ -158,7 +160,7 @@ func (s *Store) unindexWorkload(w *Workload, ch Changes) {
 	if w.Hostname != "" && s.wlByHost[w.Hostname] == w.UID {
 		delete(s.wlByHost, w.Hostname)
 	}
-	removeFrom(s.wlByNode, w.Node, w.UID)
+	removeFrom(s.wlByNode, m.Node, w.UID)
 	for _, sp := range w.Services {
 		removeFrom(s.endpoints, sp.Service, w.UID)
 		ch.Services[sp.Service] = struct{}{}
@@ -327,7 +329,7 @@ func (s *Store) PoliciesFor(w *Workload) []Policy {
 	defer s.mu.RUnlock()
 	keys := set{}
 	maps.Copy(keys, s.polGlobal)
-	maps.Copy(keys, s.polByNS[w.Namespace])
+	maps.Copy(keys, s.polByNS[w.Meta().Namespace])
 	for _, k := range w.AuthorizationPolicies {
 		keys[k] = struct{}{}
 	}

@@ -76,7 +76,7 @@ func TestConvertValidation(t *testing.T) {
 		})
 	}
 	w := mustWorkload(t, &workloadapi.Workload{Uid: "u", Addresses: [][]byte{netip.MustParseAddr("::ffff:10.0.0.1").AsSlice()}, Capacity: wrapperspb.UInt32(0)})
-	if w.Addresses[0] != netip.MustParseAddr("10.0.0.1") || w.Capacity != 0 || w.ServiceAccount != "default" || w.TrustDomain != "cluster.local" {
+	if w.Addresses[0] != netip.MustParseAddr("10.0.0.1") || w.Capacity != 0 || w.Meta().ServiceAccount != "default" || w.Meta().TrustDomain != "cluster.local" {
 		t.Fatalf("conversion defaults wrong: %+v", w)
 	}
 	if w := mustWorkload(t, &workloadapi.Workload{Uid: "u"}); w.Capacity != 1 {

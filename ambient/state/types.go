@@ -5,6 +5,7 @@
 package state
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -48,37 +49,71 @@ type GatewayAddress struct {
 	HBONEMTLSPort uint16       `json:"hboneMtlsPort"`
 }
 
-// Workload is one workload (a pod, a WorkloadEntry, …).
+// Workload is one workload (a pod, a WorkloadEntry, …). A node's daemon
+// holds every workload of the mesh, so the struct is kept small: what all
+// pods of a deployment on a node share lives once, in an interned Meta.
 type Workload struct {
-	UID       string       `json:"uid"`
-	Name      string       `json:"name"`
-	Namespace string       `json:"namespace"`
-	Addresses []netip.Addr `json:"workloadIps"`
-	Hostname  string       `json:"hostname,omitempty"`
-	Network   string       `json:"network,omitempty"`
+	UID       string
+	Name      string
+	Addresses []netip.Addr
+	Hostname  string
+	meta      unique.Handle[WorkloadMeta]
 	// HBONE is true when the workload accepts HBONE (it is in the mesh).
-	HBONE          bool     `json:"hbone"`
-	TrustDomain    string   `json:"trustDomain"`
-	ServiceAccount string   `json:"serviceAccount"`
-	Node           string   `json:"node"`
-	ClusterID      string   `json:"clusterId"`
-	Locality       Locality `json:"locality"`
-	Healthy        bool     `json:"healthy"`
+	HBONE       bool
+	Healthy     bool
+	HostNetwork bool
 	// Capacity is Istio's load-balancing weight (1 when unset; 0 drains).
-	Capacity uint32 `json:"capacity"`
+	Capacity uint32
 	// Services lists the services selecting this workload ("namespace/
 	// hostname") with the workload's own port mapping for each. A slice,
 	// not a map: nearly every workload is in one or two services, and a
 	// map per workload costs half a kilobyte.
-	Services              []ServicePorts  `json:"services,omitempty"`
-	AuthorizationPolicies []string        `json:"authorizationPolicies,omitempty"`
-	Waypoint              *GatewayAddress `json:"waypoint,omitempty"`
-	NetworkGateway        *GatewayAddress `json:"networkGateway,omitempty"`
-	CanonicalName         string          `json:"canonicalName"`
-	CanonicalRevision     string          `json:"canonicalRevision"`
-	WorkloadName          string          `json:"workloadName"`
-	WorkloadType          string          `json:"workloadType"`
-	HostNetwork           bool            `json:"hostNetwork,omitempty"`
+	Services              []ServicePorts
+	AuthorizationPolicies []string
+	Waypoint              *GatewayAddress
+	NetworkGateway        *GatewayAddress
+}
+
+// WorkloadMeta is what workloads of one deployment on one node share.
+type WorkloadMeta struct {
+	Namespace         string   `json:"namespace"`
+	Network           string   `json:"network,omitempty"`
+	TrustDomain       string   `json:"trustDomain"`
+	ServiceAccount    string   `json:"serviceAccount"`
+	Node              string   `json:"node"`
+	ClusterID         string   `json:"clusterId"`
+	Locality          Locality `json:"locality"`
+	CanonicalName     string   `json:"canonicalName"`
+	CanonicalRevision string   `json:"canonicalRevision"`
+	WorkloadName      string   `json:"workloadName"`
+	WorkloadType      string   `json:"workloadType"`
+}
+
+// Meta returns the workload's shared attributes.
+func (w *Workload) Meta() WorkloadMeta { return w.meta.Value() }
+
+// SetMeta replaces the workload's shared attributes (tests, conversions).
+func (w *Workload) SetMeta(m WorkloadMeta) { w.meta = unique.Make(m) }
+
+// MarshalJSON flattens the workload for /config_dump.
+func (w *Workload) MarshalJSON() ([]byte, error) {
+	type plain struct {
+		UID                   string          `json:"uid"`
+		Name                  string          `json:"name"`
+		Addresses             []netip.Addr    `json:"workloadIps"`
+		Hostname              string          `json:"hostname,omitempty"`
+		HBONE                 bool            `json:"hbone"`
+		Healthy               bool            `json:"healthy"`
+		HostNetwork           bool            `json:"hostNetwork,omitempty"`
+		Capacity              uint32          `json:"capacity"`
+		Services              []ServicePorts  `json:"services,omitempty"`
+		AuthorizationPolicies []string        `json:"authorizationPolicies,omitempty"`
+		Waypoint              *GatewayAddress `json:"waypoint,omitempty"`
+		NetworkGateway        *GatewayAddress `json:"networkGateway,omitempty"`
+		WorkloadMeta
+	}
+	return json.Marshal(plain{w.UID, w.Name, w.Addresses, w.Hostname, w.HBONE, w.Healthy, w.HostNetwork, w.Capacity,
+		w.Services, w.AuthorizationPolicies, w.Waypoint, w.NetworkGateway, w.Meta()})
 }
 
 // ServicePorts is a workload's port mapping for one service.
@@ -117,10 +152,16 @@ type Service struct {
 	SubjectAltNames []string        `json:"subjectAltNames,omitempty"`
 	Waypoint        *GatewayAddress `json:"waypoint,omitempty"`
 	LoadBalancing   *LoadBalancing  `json:"loadBalancer,omitempty"`
+	key             string          // cached Key: it is looked up on every change
 }
 
 // Key is the service's resource name: "namespace/hostname".
-func (s *Service) Key() string { return s.Namespace + "/" + s.Hostname }
+func (s *Service) Key() string {
+	if s.key == "" {
+		return s.Namespace + "/" + s.Hostname
+	}
+	return s.key
+}
 
 // Policy is an authorization policy as istiod sends it to node proxies.
 type Policy struct {
@@ -210,32 +251,31 @@ func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
 	if w.GetUid() == "" {
 		return nil, fmt.Errorf("workload %s/%s without uid", w.GetNamespace(), w.GetName())
 	}
-	// Fields shared by many workloads are interned: a node's daemon holds
-	// every workload of the mesh, and "cluster.local" 100,000 times over
-	// is memory for nothing.
 	out := &Workload{
-		UID: w.GetUid(), Name: w.GetName(), Namespace: intern(w.GetNamespace()), Hostname: w.GetHostname(),
-		Network: intern(w.GetNetwork()), HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE,
-		TrustDomain: intern(w.GetTrustDomain()), ServiceAccount: intern(w.GetServiceAccount()), Node: intern(w.GetNode()),
-		ClusterID: intern(w.GetClusterId()), Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
-		Capacity: 1, CanonicalName: intern(w.GetCanonicalName()), CanonicalRevision: intern(w.GetCanonicalRevision()),
-		WorkloadName: intern(w.GetWorkloadName()), WorkloadType: workloadTypes[w.GetWorkloadType()],
-		HostNetwork: w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
+		UID: w.GetUid(), Name: w.GetName(), Hostname: w.GetHostname(),
+		HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE, Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
+		Capacity: 1, HostNetwork: w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
 	}
+	meta := WorkloadMeta{
+		Namespace: w.GetNamespace(), Network: w.GetNetwork(), TrustDomain: w.GetTrustDomain(), ServiceAccount: w.GetServiceAccount(),
+		Node: w.GetNode(), ClusterID: w.GetClusterId(), CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
+		WorkloadName: w.GetWorkloadName(), WorkloadType: workloadTypes[w.GetWorkloadType()],
+	}
+	if meta.TrustDomain == "" {
+		meta.TrustDomain = "cluster.local"
+	}
+	if meta.ServiceAccount == "" {
+		meta.ServiceAccount = "default"
+	}
+	if l := w.GetLocality(); l != nil {
+		meta.Locality = Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubzone()}
+	}
+	out.SetMeta(meta)
 	for _, p := range w.GetAuthorizationPolicies() {
 		out.AuthorizationPolicies = append(out.AuthorizationPolicies, intern(p))
 	}
-	if out.TrustDomain == "" {
-		out.TrustDomain = "cluster.local"
-	}
-	if out.ServiceAccount == "" {
-		out.ServiceAccount = "default"
-	}
 	if c := w.GetCapacity(); c != nil {
 		out.Capacity = c.GetValue()
-	}
-	if l := w.GetLocality(); l != nil {
-		out.Locality = Locality{Region: intern(l.GetRegion()), Zone: intern(l.GetZone()), Subzone: intern(l.GetSubzone())}
 	}
 	for i, b := range w.GetAddresses() {
 		a, err := parseIP(b)
@@ -280,6 +320,7 @@ func ConvertService(s *workloadapi.Service) (*Service, error) {
 		}
 		out.VIPs = append(out.VIPs, NetworkAddr{Network: a.GetNetwork(), Addr: ip})
 	}
+	out.key = intern(out.Namespace + "/" + out.Hostname)
 	ps, err := convertPorts(s.GetPorts())
 	if err != nil {
 		return nil, fmt.Errorf("service %s: %w", out.Key(), err)

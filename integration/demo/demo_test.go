@@ -61,11 +61,16 @@ func TestPrivilegedDemo(t *testing.T) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}
 	}
-	root, _ := kernel.Cgroup2Root()
-	if left, _ := filepath.Glob(filepath.Join(root, "kmesh-sim-*")); len(left) > 0 {
-		t.Errorf("cgroups left behind: %v", left)
+	// Other packages' clusters may run meanwhile: look for this one's only.
+	m := regexp.MustCompile(`kmesh-sim/([0-9a-f]+)/node-1`).FindSubmatch(out.Bytes())
+	if m == nil {
+		t.Fatalf("no pin root in the report:\n%s", out.String())
 	}
-	if left, _ := filepath.Glob(sim.PinParent + "/*"); len(left) > 0 {
-		t.Errorf("pins left behind: %v", left)
+	id := string(m[1])
+	root, _ := kernel.Cgroup2Root()
+	for _, p := range []string{filepath.Join(root, "kmesh-sim-"+id), filepath.Join(sim.PinParent, id), "/run/kmesh-sim/" + id} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("left behind: %s", p)
+		}
 	}
 }

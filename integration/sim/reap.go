@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/integration/podnet"
@@ -55,6 +56,8 @@ func reapStale() {
 			if pid, _ := strconv.Atoi(strings.TrimSpace(string(b))); alive(pid) {
 				continue
 			}
+		} else if st, err := os.Stat(filepath.Join(runParent, id)); err == nil && time.Since(st.ModTime()) < time.Minute {
+			continue // a run starting right now, before it wrote its owner file
 		}
 		if root != "" {
 			_ = (&podnet.Cgroup{Path: filepath.Join(root, "kmesh-sim-"+id)}).Remove()

@@ -207,15 +207,6 @@ func TestPrivilegedSimLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	create(t, c, echoPod("demo", "web-0", "node-1", map[string]string{"app": "web"}), clientPod("demo", "client", "node-2"))
-	p, _ := c.Pod("demo", "web-0")
-	nsFile, err := p.Net.NS.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st1 struct{ ino uint64 }
-	fi, _ := nsFile.Stat()
-	_ = fi
-	nsFile.Close()
 	pids := []int{}
 	for _, n := range c.Nodes {
 		pids = append(pids, n.Daemon.Pid())
@@ -224,13 +215,11 @@ func TestPrivilegedSimLeavesNothing(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	_ = st1
 	root, _ := kernel.Cgroup2Root()
-	if left, _ := filepath.Glob(filepath.Join(root, "kmesh-sim-*")); len(left) > 0 {
-		t.Errorf("cgroups left: %v", left)
-	}
-	if left, _ := filepath.Glob(sim.PinParent + "/*"); len(left) > 0 {
-		t.Errorf("pins left: %v", left)
+	for _, p := range []string{filepath.Join(root, "kmesh-sim-"+c.ID), filepath.Join(sim.PinParent, c.ID)} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("left behind: %s", p)
+		}
 	}
 	if _, err := os.Stat(runDir); err == nil {
 		t.Errorf("run directory left: %s", runDir)

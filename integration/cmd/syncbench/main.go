@@ -29,20 +29,26 @@ import (
 	"syscall"
 	"time"
 
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"google.golang.org/protobuf/types/known/anypb"
+	"istio.io/istio/pkg/workloadapi"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"kmesh.dev/kmesh/ambient/xds"
+	"kmesh.dev/kmesh/ambient/xds/xdstest"
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/integration/controlplane"
 	"kmesh.dev/kmesh/integration/podnet"
 )
 
 type result struct {
+	Source            string  `json:"source"`
 	Services          int     `json:"services"`
 	EndpointsPerSvc   int     `json:"endpoints_per_service"`
 	IstiodReadySec    float64 `json:"istiod_ready_seconds"`
@@ -69,6 +75,7 @@ var profileDir = flag.String("profile", "", "directory to save the daemon's heap
 
 func main() {
 	services := flag.String("services", "1000,10000", "service counts to measure")
+	istiodMax := flag.Int("istiod-max", 1000, "largest size also measured against Istio's discovery server (the in-memory istiod takes minutes per thousand services)")
 	eps := flag.Int("endpoints", 10, "endpoints per service")
 	updates := flag.Int("updates", 200, "single updates to time")
 	daemon := flag.String("daemon", "bin/kmesh-daemon", "kmesh-daemon binary")
@@ -83,12 +90,18 @@ func main() {
 		if err != nil {
 			log.Fatal(err)
 		}
-		r, err := run(n, *eps, *updates, *daemon)
-		if err != nil {
-			log.Fatalf("%d services: %v", n, err)
+		kinds := []string{"synthetic"}
+		if n <= *istiodMax {
+			kinds = append([]string{"istiod"}, kinds...)
 		}
-		results = append(results, r)
-		log.Printf("%d services × %d: sync %.2fs, RSS %.1f MiB, update p50 %.2f ms p99 %.2f ms", n, *eps, r.SyncSec, r.RSSMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+		for _, kind := range kinds {
+			r, err := run(n, *eps, *updates, *daemon, kind)
+			if err != nil {
+				log.Fatalf("%d services (%s): %v", n, kind, err)
+			}
+			results = append(results, r)
+			log.Printf("%s %d services × %d: sync %.2fs, RSS %.1f MiB, update p50 %.2f ms p99 %.2f ms", kind, n, *eps, r.SyncSec, r.RSSMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+		}
 	}
 	if err := write(*out, results); err != nil {
 		log.Fatal(err)
@@ -242,8 +255,109 @@ func percentile(xs []float64, p float64) float64 {
 	return s[int(float64(len(s)-1)*p/100)]
 }
 
-func run(n, e, updates int, daemon string) (result, error) {
-	r := result{Services: n, EndpointsPerSvc: e, Updates: updates, GoVersion: runtime.Version(), TargetUpdateP99Ms: 10, TargetRSSMiB: 80}
+// source is a control plane for the daemon: Istio's discovery server, or a
+// synthetic one for sizes the in-memory istiod cannot build in reasonable
+// time on this machine.
+type source struct {
+	addr     string
+	rootFile string // empty: plaintext
+	readySec float64
+	update   func(i int, healthy bool) (svc int, err error)
+	close    func()
+}
+
+func istiodSource(n, e int, dir string) (*source, error) {
+	tlsCfg, rootFile, err := controlplane.ServingTLS(dir)
+	if err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	cp, err := controlplane.Start(controlplane.Options{KubeObjects: objects(n, e), TLS: tlsCfg})
+	if err != nil {
+		return nil, err
+	}
+	pods := cp.Kube().Kube().CoreV1().Pods(benchNS)
+	return &source{addr: cp.Addr, rootFile: rootFile, readySec: time.Since(t0).Seconds(), close: cp.Stop,
+		update: func(idx int, healthy bool) (int, error) {
+			p := pod(idx, idx/e)
+			if !healthy {
+				p.Status.Conditions[0].Status = corev1.ConditionFalse
+			}
+			_, err := pods.UpdateStatus(context.Background(), p, metav1.UpdateOptions{})
+			return idx / e, err
+		}}, nil
+}
+
+func svcKey(s int) string { return fmt.Sprintf("%s/svc-%d.%s.svc.cluster.local", benchNS, s, benchNS) }
+
+func syntheticWorkload(idx, e int, healthy bool) *discovery.Resource {
+	status := workloadapi.WorkloadStatus_HEALTHY
+	if !healthy {
+		status = workloadapi.WorkloadStatus_UNHEALTHY
+	}
+	ip := netip.MustParseAddr(ipOf([4]byte{10, 128, 0, 1}, idx))
+	uid := fmt.Sprintf("Kubernetes//Pod/%s/pod-%d", benchNS, idx)
+	w := &workloadapi.Workload{Uid: uid, Name: fmt.Sprintf("pod-%d", idx), Namespace: benchNS, Addresses: [][]byte{ip.AsSlice()},
+		Node: fmt.Sprintf("node-%d", idx%4), ClusterId: "Kubernetes", TunnelProtocol: workloadapi.TunnelProtocol_HBONE, Status: status,
+		ServiceAccount: fmt.Sprintf("app-%d", idx/e), TrustDomain: "cluster.local", CanonicalName: fmt.Sprintf("app-%d", idx/e),
+		CanonicalRevision: "latest", WorkloadName: fmt.Sprintf("app-%d", idx/e), WorkloadType: workloadapi.WorkloadType_DEPLOYMENT,
+		Services: map[string]*workloadapi.PortList{svcKey(idx / e): {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}}
+	body, _ := anypb.New(&workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+	return &discovery.Resource{Name: uid, Version: fmt.Sprintf("%d-%v", idx, healthy), Resource: body}
+}
+
+func syntheticService(s int) *discovery.Resource {
+	vip := netip.MustParseAddr(ipOf([4]byte{10, 96, 0, 1}, s))
+	svc := &workloadapi.Service{Name: fmt.Sprintf("svc-%d", s), Namespace: benchNS, Hostname: fmt.Sprintf("svc-%d.%s.svc.cluster.local", s, benchNS),
+		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}
+	body, _ := anypb.New(&workloadapi.Address{Type: &workloadapi.Address_Service{Service: svc}})
+	return &discovery.Resource{Name: svcKey(s), Version: "1", Resource: body}
+}
+
+// syntheticSource serves the Address resources istiod would send for the
+// same cluster, built with Istio's own types, over a plaintext Delta ADS
+// stream, all in one response as istiod sends an initial state.
+func syntheticSource(n, e int) (*source, error) {
+	srv, err := xdstest.Start()
+	if err != nil {
+		return nil, err
+	}
+	res := make([]*discovery.Resource, 0, n+n*e)
+	for s := 0; s < n; s++ {
+		res = append(res, syntheticService(s))
+	}
+	for i := 0; i < n*e; i++ {
+		res = append(res, syntheticWorkload(i, e, true))
+	}
+	streams := make(chan *xdstest.Stream, 1)
+	go func() {
+		st := <-srv.Streams
+		<-st.Requests
+		<-st.Requests
+		st.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, Nonce: "full", Resources: res})
+		st.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: xds.AuthorizationType, Nonce: "auth"})
+		go func() {
+			for range st.Requests { // acks
+			}
+		}()
+		streams <- st
+	}()
+	var st *xdstest.Stream
+	nonce := 0
+	return &source{addr: srv.Addr, close: srv.Stop,
+		update: func(idx int, healthy bool) (int, error) {
+			if st == nil {
+				st = <-streams
+			}
+			nonce++
+			st.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, Nonce: fmt.Sprint(nonce),
+				Resources: []*discovery.Resource{syntheticWorkload(idx, e, healthy)}})
+			return idx / e, nil
+		}}, nil
+}
+
+func run(n, e, updates int, daemon, kind string) (result, error) {
+	r := result{Services: n, EndpointsPerSvc: e, Updates: updates, GoVersion: runtime.Version(), TargetUpdateP99Ms: 10, TargetRSSMiB: 80, Source: kind}
 	if n >= 10000 {
 		r.TargetSyncSec = 2
 	}
@@ -255,17 +369,17 @@ func run(n, e, updates int, daemon string) (result, error) {
 		return r, err
 	}
 	defer os.RemoveAll(dir)
-	tlsCfg, rootFile, err := controlplane.ServingTLS(dir)
+	var src *source
+	if kind == "istiod" {
+		src, err = istiodSource(n, e, dir)
+	} else {
+		src, err = syntheticSource(n, e)
+	}
 	if err != nil {
 		return r, err
 	}
-	t0 := time.Now()
-	cp, err := controlplane.Start(controlplane.Options{KubeObjects: objects(n, e), TLS: tlsCfg})
-	if err != nil {
-		return r, err
-	}
-	defer cp.Stop()
-	r.IstiodReadySec = time.Since(t0).Seconds()
+	defer src.close()
+	r.IstiodReadySec = src.readySec
 
 	id := podnet.RandomSuffix()
 	cg, err := podnet.NewCgroup("", "kmesh-syncbench-"+id)
@@ -286,13 +400,18 @@ func run(n, e, updates int, daemon string) (result, error) {
 	stats, ready, admin := freePort(), freePort(), freePort()
 	cmd := exec.Command(daemon)
 	cmd.Env = append(os.Environ(),
-		"XDS_ADDRESS="+cp.Addr, "XDS_ROOT_CA="+rootFile, "ALT_XDS_HOSTNAME="+controlplane.IstiodName, "KMESH_TOKEN_FILE="+tokenFile,
-		"NODE_NAME=node-0", "POD_NAME=kmesh-bench", "INSTANCE_IP=10.0.0.1",
+		"XDS_ADDRESS="+src.addr, "ALT_XDS_HOSTNAME="+controlplane.IstiodName, "KMESH_TOKEN_FILE="+tokenFile,
+		"NODE_NAME=node-0", "POD_NAME=kmesh-bench", "INSTANCE_IP=10.0.0.1", "KMESH_ZDS_SOCKET=",
 		"KMESH_CGROUP_PATH="+cg.Path, "KMESH_PIN_ROOT="+pinRoot,
 		"KMESH_STATS_ADDR="+stats, "KMESH_READINESS_ADDR="+ready, "KMESH_ADMIN_ADDR="+admin,
 		"KMESH_MAP_FRONTEND="+strconv.Itoa(4*n+2*n*e+1024), "KMESH_MAP_BACKEND="+strconv.Itoa(n*e+1024),
 		"KMESH_MAP_ENDPOINT="+strconv.Itoa(4*n*e+1024), "KMESH_MAP_SERVICE="+strconv.Itoa(2*n+1024),
 		"KMESH_LOG_LEVEL=warn")
+	if src.rootFile != "" {
+		cmd.Env = append(cmd.Env, "XDS_ROOT_CA="+src.rootFile)
+	} else {
+		cmd.Env = append(cmd.Env, "KMESH_XDS_PLAINTEXT=true")
+	}
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	start := time.Now()
@@ -303,6 +422,25 @@ func run(n, e, updates int, daemon string) (result, error) {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		_ = cmd.Wait()
 	}()
+	cpuDone := make(chan struct{})
+	if *profileDir != "" {
+		go func() {
+			defer close(cpuDone)
+			for i := 0; i < 500; i++ {
+				resp, err := http.Get("http://" + admin + "/debug/pprof/profile?seconds=4")
+				if err != nil {
+					time.Sleep(2 * time.Millisecond)
+					continue
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				_ = os.WriteFile(filepath.Join(*profileDir, fmt.Sprintf("cpu-%s-%d.pprof", kind, n)), b, 0o644)
+				return
+			}
+		}()
+	} else {
+		close(cpuDone)
+	}
 	for {
 		resp, err := http.Get("http://" + ready + "/healthz/ready")
 		if err == nil {
@@ -318,26 +456,31 @@ func run(n, e, updates int, daemon string) (result, error) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	r.ReadyWallSec = time.Since(start).Seconds()
+	<-cpuDone
 	r.DaemonCPUSec = cpuSeconds(cmd.Process.Pid)
 	mfs, err := scrape(stats)
 	if err != nil {
 		return r, err
 	}
 	r.SyncSec = gauge(mfs, "kmesh_xds_initial_sync_seconds")
-	runtime.GC()
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(time.Second) // let the freed sync garbage reach the OS
 	r.RSSMiB = procStatus(cmd.Process.Pid, "VmRSS")
+	r.PeakRSSMiB = procStatus(cmd.Process.Pid, "VmHWM")
+	if mfs2, err := scrape(stats); err == nil {
+		for _, name := range []string{"go_memstats_heap_alloc_bytes", "go_memstats_heap_inuse_bytes", "go_memstats_heap_idle_bytes", "go_memstats_heap_released_bytes", "go_memstats_sys_bytes", "go_memstats_stack_inuse_bytes"} {
+			log.Printf("  %s = %.1f MiB", name, gauge(mfs2, name)/(1<<20))
+		}
+	}
 	if *profileDir != "" {
 		for _, p := range []string{"heap", "allocs"} {
 			resp, err := http.Get("http://" + admin + "/debug/pprof/" + p)
 			if err == nil {
 				b, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
-				_ = os.WriteFile(filepath.Join(*profileDir, fmt.Sprintf("%s-%d.pprof", p, n)), b, 0o644)
+				_ = os.WriteFile(filepath.Join(*profileDir, fmt.Sprintf("%s-%s-%d.pprof", p, kind, n)), b, 0o644)
 			}
 		}
 	}
-	r.PeakRSSMiB = procStatus(cmd.Process.Pid, "VmHWM")
 
 	maps, closeMaps, err := bpf.OpenPinned(pinRoot)
 	if err != nil {
@@ -353,17 +496,13 @@ func run(n, e, updates int, daemon string) (result, error) {
 
 	// Single updates: a pod turns unready and ready again, one at a time.
 	bounds, before := histogram(mfs, "kmesh_xds_apply_seconds")
-	pods := cp.Kube().Kube().CoreV1().Pods(benchNS)
 	var e2e []float64
 	for i := 0; i < updates; i++ {
-		idx := (i * 7919) % (n * e)
+		idx := (i / 2 * 7919) % (n * e)
+		healthy := i%2 == 1
 		svc := idx / e
-		p := pod(idx, svc)
-		if i%2 == 0 {
-			p.Status.Conditions[0].Status = corev1.ConditionFalse
-		}
 		want := uint32(e - 1)
-		if i%2 == 1 {
+		if healthy {
 			want = uint32(e)
 		}
 		fe, ok, err := maps.LookupFrontend(bpf.FrontendKey{Addr: netip.MustParseAddr(ipOf([4]byte{10, 96, 0, 1}, svc)), Port: 80, Proto: bpf.TCP})
@@ -371,7 +510,7 @@ func run(n, e, updates int, daemon string) (result, error) {
 			return r, fmt.Errorf("service %d not in the kernel: %v", svc, err)
 		}
 		t := time.Now()
-		if _, err := pods.UpdateStatus(context.Background(), p, metav1.UpdateOptions{}); err != nil {
+		if _, err := src.update(idx, healthy); err != nil {
 			return r, err
 		}
 		for {
@@ -409,13 +548,16 @@ func write(dir string, rs []result) error {
 	}
 	var b strings.Builder
 	b.WriteString("# Control-plane sync: istiod → Kmesh daemon → kernel maps\n\n")
-	b.WriteString("Produced by `make bench-sync` (`integration/cmd/syncbench`): Istio's real discovery server in-process\n")
-	b.WriteString("with a synthetic ambient cluster, `kmesh-daemon` as its own process over TLS on loopback.\n\n")
-	b.WriteString("| services × endpoints | istiod ready | full sync (xDS start → maps) | daemon CPU during sync | RSS after sync | peak RSS | update apply p50 / p99 | pod update → kernel p50 / p99 |\n")
+	b.WriteString("Produced by `make bench-sync` (`integration/cmd/syncbench`). `kmesh-daemon` runs as its own process;\n")
+	b.WriteString("the control plane is either Istio's discovery server in-process (\"istiod\", TLS on loopback, a pod's\n")
+	b.WriteString("readiness flipped through the Kubernetes API for updates) or, for sizes the in-memory istiod cannot\n")
+	b.WriteString("build in reasonable time on this machine, a Delta ADS server sending the same resources built with\n")
+	b.WriteString("Istio's workloadapi types in one initial response (\"synthetic\", plaintext).\n\n")
+	b.WriteString("| control plane | services × endpoints | full sync (xDS start → maps) | daemon CPU until ready | RSS after sync | peak RSS | update apply p50 / p99 | update → kernel p50 / p99 |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "| %d × %d | %.1f s | %.2f s | %.2f s | %.1f MiB | %.1f MiB | %.2f / %.2f ms | %.1f / %.1f ms |\n",
-			r.Services, r.EndpointsPerSvc, r.IstiodReadySec, r.SyncSec, r.DaemonCPUSec, r.RSSMiB, r.PeakRSSMiB, r.UpdateP50Ms, r.UpdateP99Ms, r.UpdateE2EP50Ms, r.UpdateE2EP99Ms)
+		fmt.Fprintf(&b, "| %s | %d × %d | %.2f s | %.2f s | %.1f MiB | %.1f MiB | %.2f / %.2f ms | %.1f / %.1f ms |\n",
+			r.Source, r.Services, r.EndpointsPerSvc, r.SyncSec, r.DaemonCPUSec, r.RSSMiB, r.PeakRSSMiB, r.UpdateP50Ms, r.UpdateP99Ms, r.UpdateE2EP50Ms, r.UpdateE2EP99Ms)
 	}
 	b.WriteString("\nTargets: 10k × 10 in ≤ 2 s, update p99 ≤ 10 ms, RSS ≤ 80 MiB.\n")
 	b.WriteString("\"update apply\" is the daemon's own time from receiving an xDS response to the last map write\n")
