@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin
 
-.PHONY: help build generate check-generate test lint bench bench-quick demo clean
+.PHONY: help build generate check-generate test lint bench bench-sync bench-quick demo clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ lint: ## gofmt, go vet, clang-format
 bench: ## benchmark harness, results under docs/benchmarks/ (needs root)
 	@mkdir -p docs/benchmarks
 	$(GO) test -run '^$$' -bench . -benchtime 10000x -count 5 ./ambient/dataplane/ | tee docs/benchmarks/connect-program.txt
+
+bench-sync: build ## control-plane sync: full sync time, daemon RSS, update latency (needs root)
+	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -out docs/benchmarks
 
 bench-quick: ## a few minutes' worth of the harness
 	$(GO) test -run '^$$' -bench . -benchtime 5000x -count 1 ./ambient/dataplane/
