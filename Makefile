@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin
 
-.PHONY: help build generate check-generate test lint bench bench-sync bench-quick demo clean
+.PHONY: help build generate check-generate test lint bench bench-tools bench-quick bench-program bench-sync demo clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,15 +28,27 @@ lint: ## gofmt, go vet, clang-format
 	$(GO) vet ./...
 	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h
 
-bench: ## benchmark harness, results under docs/benchmarks/ (needs root)
+TOOLS := $(abspath bin/tools)
+
+$(TOOLS)/fortio:
+	GOBIN=$(TOOLS) $(GO) install fortio.org/fortio@v1.68.2
+
+bench-tools: $(TOOLS)/fortio
+	$(GO) build -o $(BIN)/kmesh-bench ./integration/cmd/kmesh-bench
+
+bench: build bench-tools ## the data path harness (~1 h) and the program cost; results in docs/benchmarks/ (needs root)
+	$(BIN)/kmesh-bench -out docs/benchmarks -daemon $(BIN)/kmesh-daemon -fortio $(TOOLS)/fortio
+	$(MAKE) bench-program
+
+bench-quick: build bench-tools ## the data path harness in a few minutes (needs root)
+	$(BIN)/kmesh-bench -quick -out docs/benchmarks -daemon $(BIN)/kmesh-daemon -fortio $(TOOLS)/fortio
+
+bench-program: ## cost of one connect through kmesh_connect4 (needs root)
 	@mkdir -p docs/benchmarks
 	$(GO) test -run '^$$' -bench . -benchtime 10000x -count 5 ./ambient/dataplane/ | tee docs/benchmarks/connect-program.txt
 
 bench-sync: build ## control-plane sync: full sync time, daemon RSS, update latency (needs root)
 	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -out docs/benchmarks
-
-bench-quick: ## a few minutes' worth of the harness
-	$(GO) test -run '^$$' -bench . -benchtime 5000x -count 1 ./ambient/dataplane/
 
 demo: build ## the node simulator demo (needs root)
 	$(BIN)/kmeshctl demo

@@ -20,4 +20,10 @@ func TestPrivilegedLoadAttachPin(t *testing.T) {
 	if env.DP.Reused {
 		t.Error("fresh pin root reported as reused")
 	}
+	// The programs are reachable from the pins alone (kmesh-bench and
+	// kmeshctl read them that way).
+	ps, err := bpf.PinnedProgramStats(env.Config.PinRoot)
+	if err != nil || len(ps) != 8 {
+		t.Fatalf("PinnedProgramStats = %d programs, %v; want 8", len(ps), err)
+	}
 }

@@ -287,3 +287,36 @@ func OpenPinned(root string) (*Maps, func(), error) {
 	}
 	return &Maps{managed: ms[0], frontend: ms[1], service: ms[2], endpoint: ms[3], backend: ms[4], stats: ms[5]}, closeAll, nil
 }
+
+// PinnedProgramStats reports the run count and run time of the programs
+// attached through the links pinned under root (a daemon's data path).
+func PinnedProgramStats(root string) ([]ProgramStats, error) {
+	dir := filepath.Join(PinDir(root), "links")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []ProgramStats
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			return nil, err
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, err
+		}
+		prog, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			return nil, err
+		}
+		st, err := prog.Stats()
+		prog.Close()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ProgramStats{Name: e.Name(), RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())})
+	}
+	return out, nil
+}

@@ -234,3 +234,25 @@ func (n *Node) RemovePod(p *Pod) error {
 	n.mu.Unlock()
 	return p.NS.Close()
 }
+
+// RouteVia routes dst from pod p through its node's gateway. Only for
+// prefixes the cluster owns: a pod never gets a route out of the machine.
+func (n *Node) RouteVia(p *Pod, dst netip.Prefix) error {
+	gw := n.gw4
+	if dst.Addr().Is6() {
+		gw = n.gw6
+	}
+	if !gw.IsValid() {
+		return fmt.Errorf("node %s has no gateway address (not on a fabric)", n.Name)
+	}
+	ph, err := netlink.NewHandleAt(p.NS.h)
+	if err != nil {
+		return err
+	}
+	defer ph.Close()
+	eth, err := ph.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	return ph.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Dst: prefixNet(dst), Gw: gw.AsSlice()})
+}

@@ -337,3 +337,33 @@ func (c *Cluster) WaitPod(namespace, name string, timeout time.Duration) (*Pod, 
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Start runs an extra process in the pod (like `kubectl exec` of a
+// long-running command): in its network namespace and cgroup.
+func (p *Pod) Start(cmd *exec.Cmd) error {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	if err := p.Net.Start(cmd, p.Cgroup); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.procs = append(p.procs, cmd)
+	p.mu.Unlock()
+	return nil
+}
+
+// Pids lists the pod's processes (containers and extra ones).
+func (p *Pod) Pids() []int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]int, 0, len(p.procs))
+	for _, c := range p.procs {
+		out = append(out, c.Process.Pid)
+	}
+	return out
+}
+
+// RouteToNode adds a route for dst through the pod's node (a VIP that an
+// in-pod iptables rule rewrites still needs a route for the first lookup).
+func (p *Pod) RouteToNode(dst netip.Prefix) error { return p.Node.Net.RouteVia(p.Net, dst) }

@@ -14,7 +14,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log"
 	"math"
 	"net"
 	"net/http"
@@ -82,13 +81,13 @@ func main() {
 	out := flag.String("out", "docs/benchmarks", "directory for sync.json and sync.md")
 	flag.Parse()
 	if os.Geteuid() != 0 {
-		log.Fatal("syncbench loads BPF programs: run it as root")
+		fatalf("%v", "syncbench loads BPF programs: run it as root")
 	}
 	var results []result
 	for _, s := range strings.Split(*services, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil {
-			log.Fatal(err)
+			fatalf("%v", err)
 		}
 		kinds := []string{"synthetic"}
 		if n <= *istiodMax {
@@ -97,14 +96,14 @@ func main() {
 		for _, kind := range kinds {
 			r, err := run(n, *eps, *updates, *daemon, kind)
 			if err != nil {
-				log.Fatalf("%d services (%s): %v", n, kind, err)
+				fatalf("%d services (%s): %v", n, kind, err)
 			}
 			results = append(results, r)
-			log.Printf("%s %d services × %d: sync %.2fs, RSS %.1f MiB, update p50 %.2f ms p99 %.2f ms", kind, n, *eps, r.SyncSec, r.RSSMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+			logf("%s %d services × %d: sync %.2fs, RSS %.1f MiB, update p50 %.2f ms p99 %.2f ms", kind, n, *eps, r.SyncSec, r.RSSMiB, r.UpdateP50Ms, r.UpdateP99Ms)
 		}
 	}
 	if err := write(*out, results); err != nil {
-		log.Fatal(err)
+		fatalf("%v", err)
 	}
 }
 
@@ -146,7 +145,7 @@ func objects(n, e int) []k8sruntime.Object {
 func freePort() string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		log.Fatal(err)
+		fatalf("%v", err)
 	}
 	defer l.Close()
 	return l.Addr().String()
@@ -468,7 +467,7 @@ func run(n, e, updates int, daemon, kind string) (result, error) {
 	r.PeakRSSMiB = procStatus(cmd.Process.Pid, "VmHWM")
 	if mfs2, err := scrape(stats); err == nil {
 		for _, name := range []string{"go_memstats_heap_alloc_bytes", "go_memstats_heap_inuse_bytes", "go_memstats_heap_idle_bytes", "go_memstats_heap_released_bytes", "go_memstats_sys_bytes", "go_memstats_stack_inuse_bytes"} {
-			log.Printf("  %s = %.1f MiB", name, gauge(mfs2, name)/(1<<20))
+			logf("  %s = %.1f MiB", name, gauge(mfs2, name)/(1<<20))
 		}
 	}
 	if *profileDir != "" {
@@ -567,4 +566,13 @@ func write(dir string, rs []result) error {
 		fmt.Fprintf(&b, "\nKernel %s, %s.\n", rs[0].KernelVersion, rs[0].GoVersion)
 	}
 	return os.WriteFile(filepath.Join(dir, "sync.md"), []byte(b.String()), 0o644)
+}
+
+// Not the log package: Istio's logging (linked in with the control plane)
+// takes over the standard logger.
+func logf(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
+
+func fatalf(format string, args ...any) {
+	logf("syncbench: "+format, args...)
+	os.Exit(1)
 }
