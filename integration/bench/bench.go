@@ -41,9 +41,9 @@ var ports = []int{portHTTP, portTCP, portSockperf, portIperf}
 
 // VIPs of the arms (none routable from a pod but through the arm's own mechanism).
 const (
-	vipKmesh   = "10.96.1.1" // a Kubernetes Service: Kmesh rewrites it at connect
-	vipDNAT    = "10.96.2.1" // iptables DNAT in the client pod
-	vipProxy   = "10.96.3.1" // iptables REDIRECT to a haproxy pair, plain TCP
+	vipKmesh    = "10.96.1.1" // a Kubernetes Service: Kmesh rewrites it at connect
+	vipDNAT     = "10.96.2.1" // iptables DNAT in the client pod
+	vipProxy    = "10.96.3.1" // iptables REDIRECT to a haproxy pair, plain TCP
 	vipProxyTLS = "10.96.4.1" // iptables REDIRECT to a haproxy pair, mutual TLS
 )
 

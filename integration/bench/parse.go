@@ -24,8 +24,8 @@ type Sample struct {
 
 // fortioResult is the part of fortio's -json output we use.
 type fortioResult struct {
-	ActualQPS         float64
-	RetCodes          map[string]int64
+	ActualQPS               float64
+	RetCodes                map[string]int64
 	ErrorsDurationHistogram struct {
 		Count int64
 	}

@@ -320,7 +320,9 @@ func (r *Report) plots(dir, prefix string) error {
 		return err
 	}
 	if err := r.bars(filepath.Join(dir, prefix+"-cpu.png"), "CPU per 1000 requests: client, server, proxies, daemon, softirq", "ms",
-		func(w Workload) bool { return w.Kind == "http" && w.KeepAlive && w.QPS == 1000 && w.Conns == 16 || w.Kind == "crr" },
+		func(w Workload) bool {
+			return w.Kind == "http" && w.KeepAlive && w.QPS == 1000 && w.Conns == 16 || w.Kind == "crr"
+		},
 		func(s Summary) float64 { return s.CPUPer1k }); err != nil {
 		return err
 	}
