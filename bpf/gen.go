@@ -8,5 +8,9 @@ package bpf
 // One object per attach family. -target bpfel: the programs use no
 // architecture-specific context (no pt_regs), so one little-endian object
 // serves amd64 and arm64 alike. -mcpu=v3 needs kernel >= 5.1, far below what
-// the helpers used here need (see kernel/probe.go).
-//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type managed_value -type frontend_key -type frontend_value -type service_value -type endpoint_key -type endpoint_value -type backend_value -type sock_orig -type udp_key -type udp_fwd_value -type udp_rev_value sockAddr sock_addr.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
+// the helpers used here need (see kernel/probe.go). Every map is defined once
+// (include/kmesh_maps.h) and created once, by the sock_addr load; the other
+// objects are loaded with those maps substituted, so the Go types of the
+// shared structs come from the sockAddr generation only.
+//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type managed_value -type frontend_key -type frontend_value -type service_value -type endpoint_key -type endpoint_value -type backend_value -type sock_orig -type tunnel_key -type tunnel_value -type udp_key -type udp_fwd_value -type udp_rev_value sockAddr sock_addr.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
+//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel sockOps sockops.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"

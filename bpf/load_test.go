@@ -23,7 +23,7 @@ func TestPrivilegedLoadAttachPin(t *testing.T) {
 	// The programs are reachable from the pins alone (kmesh-bench and
 	// kmeshctl read them that way).
 	ps, err := bpf.PinnedProgramStats(env.Config.PinRoot)
-	if err != nil || len(ps) != 8 {
-		t.Fatalf("PinnedProgramStats = %d programs, %v; want 8", len(ps), err)
+	if err != nil || len(ps) != 9 {
+		t.Fatalf("PinnedProgramStats = %d programs, %v; want 9 (8 sock_addr + sockops)", len(ps), err)
 	}
 }

@@ -17,7 +17,10 @@ import (
 // PinLayout versions the layout of maps and links under the pin root. A
 // daemon only reuses pins of its own layout; bump it whenever a map's key or
 // value changes (kmesh_abi.h) or a map is added or removed.
-const PinLayout = 1
+//
+// Layout 2: tunnel redirect (sock_orig gained flags and peer, kmesh_tunnel,
+// the sockops program), waypoint flags instead of waypoint ids.
+const PinLayout = 2
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
 const DefaultPinRoot = "/sys/fs/bpf/kmesh"
@@ -59,6 +62,7 @@ type Datapath struct {
 	Maps *Maps
 
 	objs   sockAddrObjects
+	ops    sockOpsPrograms
 	links  []link.Link
 	dir    string
 	cgroup string
@@ -145,7 +149,11 @@ func Load(cfg Config) (*Datapath, error) {
 	o := &dp.objs
 	dp.Maps = &Maps{
 		managed: o.KmeshManaged, frontend: o.KmeshFrontend, service: o.KmeshService,
-		endpoint: o.KmeshEndpoint, backend: o.KmeshBackend, stats: o.KmeshStats,
+		endpoint: o.KmeshEndpoint, backend: o.KmeshBackend, stats: o.KmeshStats, tunnel: o.KmeshTunnel,
+	}
+	if err := dp.loadSockOps(); err != nil {
+		dp.objs.Close()
+		return nil, err
 	}
 
 	for _, a := range dp.attachments() {
@@ -156,7 +164,62 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		dp.links = append(dp.links, l)
 	}
+	// The new programs are attached: an older layout's links and maps
+	// (left by the daemon version we replace) go now. Sockets they
+	// redirected keep their connections; only their peer-name rewrite,
+	// which lived in the old socket storage, is lost.
+	if err := removeOlderLayouts(cfg.PinRoot); err != nil {
+		dp.Close()
+		return nil, err
+	}
 	return dp, nil
+}
+
+// loadSockOps loads the sockops object onto the maps the sock_addr load
+// created: every map exists once, shared by construction, not by pin name.
+func (dp *Datapath) loadSockOps() error {
+	spec, err := loadSockOps()
+	if err != nil {
+		return fmt.Errorf("parsing the embedded sockops object: %w", err)
+	}
+	o := &dp.objs
+	repl := map[string]*ebpf.Map{
+		"kmesh_managed": o.KmeshManaged, "kmesh_frontend": o.KmeshFrontend, "kmesh_service": o.KmeshService,
+		"kmesh_endpoint": o.KmeshEndpoint, "kmesh_backend": o.KmeshBackend, "kmesh_sock_orig": o.KmeshSockOrig,
+		"kmesh_tunnel": o.KmeshTunnel, "kmesh_udp_fwd": o.KmeshUdpFwd, "kmesh_udp_rev": o.KmeshUdpRev,
+		"kmesh_stats": o.KmeshStats,
+	}
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") && repl[name] == nil {
+			return fmt.Errorf("sockops object uses map %s that sock_addr does not define", name)
+		}
+	}
+	if err := spec.LoadAndAssign(&dp.ops, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return fmt.Errorf("the kernel's verifier rejected the sockops program: %+v", verr)
+		}
+		return fmt.Errorf("loading the sockops program: %w", err)
+	}
+	return nil
+}
+
+// removeOlderLayouts removes pin directories of layouts before this one.
+func removeOlderLayouts(root string) error {
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		var n int
+		if _, err := fmt.Sscanf(e.Name(), "v%d", &n); err != nil || n >= PinLayout || !e.IsDir() {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(root, e.Name())); err != nil {
+			return fmt.Errorf("removing the pins of layout %d: %w", n, err)
+		}
+	}
+	return nil
 }
 
 func (dp *Datapath) attachments() []attachment {
@@ -170,6 +233,7 @@ func (dp *Datapath) attachments() []attachment {
 		{"recvmsg6", o.KmeshRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
 		{"getpeername4", o.KmeshGetpeer4, ebpf.AttachCgroupInet4GetPeername},
 		{"getpeername6", o.KmeshGetpeer6, ebpf.AttachCgroupInet6GetPeername},
+		{"sockops", dp.ops.KmeshSockops, ebpf.AttachCGroupSockOps},
 	}
 }
 
@@ -245,7 +309,7 @@ func (dp *Datapath) Close() error {
 		return nil
 	}
 	dp.closed = true
-	return dp.objs.Close()
+	return errors.Join(dp.ops.Close(), dp.objs.Close())
 }
 
 // Uninstall detaches the programs and removes every pin of this layout,

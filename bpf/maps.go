@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -27,6 +28,7 @@ type Maps struct {
 	endpoint *ebpf.Map
 	backend  *ebpf.Map
 	stats    *ebpf.Map
+	tunnel   *ebpf.Map
 }
 
 // batchChunk bounds one batch syscall: big enough to amortise the syscall,
@@ -222,6 +224,10 @@ var statNames = []string{
 	"peer_rewritten",
 	"storage_fail",
 	"udp_affinity",
+	"tunnel",
+	"tunnel_no_orig",
+	"tunnel_record",
+	"tunnel_record_fail",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -275,4 +281,19 @@ func (m *Maps) LookupService(id uint32) (Service, bool, error) {
 		return Service{}, false, wrapErr(m.service, "lookup", err)
 	}
 	return decodeService(id, v), true, nil
+}
+
+// TakeTunnel returns, and forgets, what the kernel recorded for the tunnelled
+// connection whose client is client (as the proxy's accepted socket sees its
+// peer) inside the network namespace with the given cookie.
+func (m *Maps) TakeTunnel(netnsCookie uint64, client netip.AddrPort) (TunnelOrig, bool, error) {
+	k := encodeTunnelKey(netnsCookie, client)
+	var v sockAddrTunnelValue
+	if err := m.tunnel.LookupAndDelete(&k, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return TunnelOrig{}, false, nil
+		}
+		return TunnelOrig{}, false, wrapErr(m.tunnel, "lookup", err)
+	}
+	return decodeTunnel(v), true, nil
 }

@@ -9,6 +9,11 @@
  * recvmsg4/6   unconnected UDP replies are reported as coming from the VIP.
  * getpeername4/6  the application sees the VIP it dialled as its peer.
  *
+ * A TCP connect whose destination needs HBONE (another node's mesh workload,
+ * or anything behind a waypoint) goes to the node proxy's outbound listener
+ * in the pod instead (127.0.0.1:15001); sockops.c hands the proxy the
+ * original destination and the backend chosen here.
+ *
  * Only sockets of enrolled pods (netns cookie in kmesh_managed) are acted on;
  * destinations not in kmesh_frontend pass untouched. A VIP with no usable
  * endpoint fails the syscall (ECONNREFUSED / EHOSTUNREACH) instead of letting
@@ -68,29 +73,69 @@ static __always_inline int family_of(const __u32 addr[4])
 	return addr_is_v4mapped(addr) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
 }
 
-/* Decides where a connect() goes. Returns 1 with *res filled when the
- * destination must be rewritten, 0 to leave it, a negative errno to refuse. */
+/* connect_decide's verdicts. */
+enum connect_verdict {
+	CONNECT_PASS,	 /* leave the destination alone */
+	CONNECT_REWRITE, /* go straight to the chosen backend (kernel path) */
+	CONNECT_TUNNEL,	 /* go to the node proxy, which speaks HBONE */
+};
+
+/* A connection needs the tunnel when its destination is reached through a
+ * waypoint, or speaks HBONE and lives on another node: mTLS between nodes is
+ * the proxy's job. Same-node HBONE workloads stay on the kernel path. */
+static __always_inline int needs_tunnel(__u32 backend_flags)
+{
+	if (backend_flags & BACKEND_F_WAYPOINT)
+		return 1;
+	return (backend_flags & (BACKEND_F_HBONE | BACKEND_F_LOCAL)) == BACKEND_F_HBONE;
+}
+
+/* Decides where a connect() goes. Returns a verdict with *res (the chosen
+ * backend) and *oflags filled, or a negative errno to refuse. */
 static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
-					  struct lb_result *res)
+					  struct lb_result *res, __u16 *oflags)
 {
 	struct frontend_value fe;
 	__u32 epoch;
+	int tcp = key->proto == IPPROTO_TCP;
 
 	if (!is_managed(ctx))
-		return 0;
+		return CONNECT_PASS;
+	/* The node proxy's own sockets (HBONE to a peer, the app behind an
+	 * inbound tunnel) inside the pod's namespace go where they asked. */
+	if (ctx->sk->mark == KMESH_PROXY_MARK)
+		return CONNECT_PASS;
 
 	switch (frontend_lookup(key, &fe)) {
 	case HIT_SERVICE:
 		break;
-	case HIT_WORKLOAD:
+	case HIT_WORKLOAD: {
 		stat_inc(STAT_WORKLOAD_DIRECT);
-		return 0;
+		if (!tcp || key->port == bpf_htons(KMESH_HBONE_PORT))
+			return CONNECT_PASS;
+		__u32 id = fe.id;
+		struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
+		if (!be || !needs_tunnel(be->flags))
+			return CONNECT_PASS;
+		__builtin_memcpy(res->addr, key->addr, sizeof(res->addr));
+		res->port = key->port;
+		res->backend_id = id;
+		*oflags = ORIG_F_TUNNEL;
+		if (be->flags & BACKEND_F_WAYPOINT)
+			*oflags |= ORIG_F_WAYPOINT;
+		return CONNECT_TUNNEL;
+	}
 	default:
-		return 0;
+		return CONNECT_PASS;
 	}
 	if (fe.flags & FRONTEND_F_PASSTHROUGH) {
 		stat_inc(STAT_LB_PASSTHROUGH);
-		return 0;
+		return CONNECT_PASS;
+	}
+	if (tcp && (fe.flags & FRONTEND_F_WAYPOINT)) {
+		/* The waypoint load-balances; the proxy picks a waypoint instance. */
+		*oflags = ORIG_F_TUNNEL | ORIG_F_WAYPOINT;
+		return CONNECT_TUNNEL;
 	}
 
 	int err = lb_pick(&fe, family_of(key->addr), res, &epoch);
@@ -99,33 +144,94 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
 		return err;
 	}
 	stat_inc(STAT_LB_SERVICE);
-	return 1;
+	if (tcp && needs_tunnel(res->flags)) {
+		*oflags = ORIG_F_TUNNEL;
+		return CONNECT_TUNNEL;
+	}
+	return CONNECT_REWRITE;
 }
 
-/* Remembers the dialled VIP for getpeername(). A socket may connect() again
- * (UDP), so the backend is stored too and checked before answering. */
-static __always_inline void remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
-					  const struct lb_result *res)
+/* Remembers, in the socket's storage, what the application dialled, where
+ * the socket now goes (peer) and the backend chosen. getpeername() answers
+ * from it; for a tunnelled socket sockops copies it for the node proxy, so
+ * it is kept even with cfg_peer_vip off. Returns 0, or -ENOMEM when a
+ * tunnelled socket has no storage (the proxy could not know where to go). */
+static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
+					 const struct lb_result *res, const __u32 peer[4], __u16 peer_port,
+					 __u16 oflags)
 {
 	struct sock_orig *so;
 
-	if (!cfg_peer_vip)
-		return;
+	if (!cfg_peer_vip && !(oflags & ORIG_F_TUNNEL))
+		return 0;
 	so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!so) {
+		if (oflags & ORIG_F_TUNNEL) {
+			stat_inc(STAT_TUNNEL_NO_ORIG);
+			return -ENOMEM;
+		}
 		stat_inc(STAT_STORAGE_FAIL);
-		return;
+		return 0;
 	}
 	__builtin_memcpy(so->addr, key->addr, sizeof(so->addr));
 	so->port = key->port;
-	__builtin_memcpy(so->backend_addr, res->addr, sizeof(so->backend_addr));
-	so->backend_port = res->port;
+	so->flags = oflags;
+	__builtin_memcpy(so->peer_addr, peer, sizeof(so->peer_addr));
+	so->peer_port = peer_port;
+	if (oflags & ORIG_F_WAYPOINT) {
+		__builtin_memset(so->backend_addr, 0, sizeof(so->backend_addr));
+		so->backend_port = 0;
+	} else {
+		__builtin_memcpy(so->backend_addr, res->addr, sizeof(so->backend_addr));
+		so->backend_port = res->port;
+	}
+	return 0;
 }
 
 static __always_inline int reject(int err)
 {
 	bpf_set_retval(err);
 	return SYS_REJECT;
+}
+
+/* Where a tunnelled socket goes: the node proxy's outbound listener on the
+ * pod's own loopback (v4-mapped for an IPv6 socket dialling IPv4). */
+static __always_inline void outbound_listener(const __u32 dst[4], __u32 out[4])
+{
+	if (addr_is_v4mapped(dst)) {
+		addr_set_v4(out, bpf_htonl(0x7f000001));
+	} else {
+		out[0] = 0;
+		out[1] = 0;
+		out[2] = 0;
+		out[3] = bpf_htonl(1);
+	}
+}
+
+/* Shared tail of connect4/6: decide, remember, and fill the new peer in. */
+static __always_inline int connect_common(struct bpf_sock_addr *ctx, struct frontend_key *key,
+					  __u32 peer[4], __u16 *peer_port)
+{
+	struct lb_result res = {};
+	__u16 oflags = 0;
+
+	int ret = connect_decide(ctx, key, &res, &oflags);
+	if (ret < 0)
+		return ret;
+	if (ret == CONNECT_PASS)
+		return CONNECT_PASS;
+	if (ret == CONNECT_TUNNEL) {
+		outbound_listener(key->addr, peer);
+		*peer_port = bpf_htons(KMESH_OUTBOUND_PORT);
+		stat_inc(STAT_TUNNEL);
+	} else {
+		__builtin_memcpy(peer, res.addr, sizeof(res.addr));
+		*peer_port = res.port;
+	}
+	int err = remember_orig(ctx, key, &res, peer, *peer_port, oflags);
+	if (err)
+		return err;
+	return ret;
 }
 
 SEC("cgroup/connect4")
@@ -135,18 +241,17 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	    .port = (__u16)ctx->user_port,
 	    .proto = (__u8)ctx->protocol,
 	};
-	struct lb_result res = {};
+	__u32 peer[4];
+	__u16 port;
 
 	addr_set_v4(key.addr, ctx->user_ip4);
-	int ret = connect_decide(ctx, &key, &res);
+	int ret = connect_common(ctx, &key, peer, &port);
 	if (ret < 0)
 		return reject(ret);
-	if (ret == 0)
-		return SYS_PROCEED;
-
-	remember_orig(ctx, &key, &res);
-	ctx->user_ip4 = res.addr[3];
-	ctx->user_port = (__u32)res.port;
+	if (ret != CONNECT_PASS) {
+		ctx->user_ip4 = peer[3];
+		ctx->user_port = (__u32)port;
+	}
 	return SYS_PROCEED;
 }
 
@@ -157,25 +262,24 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	    .port = (__u16)ctx->user_port,
 	    .proto = (__u8)ctx->protocol,
 	};
-	struct lb_result res = {};
+	__u32 peer[4];
+	__u16 port;
 
 	key.addr[0] = ctx->user_ip6[0];
 	key.addr[1] = ctx->user_ip6[1];
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
-	int ret = connect_decide(ctx, &key, &res);
+	int ret = connect_common(ctx, &key, peer, &port);
 	if (ret < 0)
 		return reject(ret);
-	if (ret == 0)
-		return SYS_PROCEED;
-
-	remember_orig(ctx, &key, &res);
-	/* A v4-mapped VIP got a v4-mapped backend: the socket stays dual-stack. */
-	ctx->user_ip6[0] = res.addr[0];
-	ctx->user_ip6[1] = res.addr[1];
-	ctx->user_ip6[2] = res.addr[2];
-	ctx->user_ip6[3] = res.addr[3];
-	ctx->user_port = (__u32)res.port;
+	if (ret != CONNECT_PASS) {
+		/* A v4-mapped destination gets a v4-mapped peer: the socket stays dual-stack. */
+		ctx->user_ip6[0] = peer[0];
+		ctx->user_ip6[1] = peer[1];
+		ctx->user_ip6[2] = peer[2];
+		ctx->user_ip6[3] = peer[3];
+		ctx->user_port = (__u32)port;
+	}
 	return SYS_PROCEED;
 }
 
@@ -309,7 +413,7 @@ static __always_inline int peer_to_vip(struct bpf_sock_addr *ctx, __u32 addr[4],
 		}
 	}
 	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, 0);
-	if (so && so->backend_port == *port && addr_eq(so->backend_addr, addr)) {
+	if (so && so->peer_port == *port && addr_eq(so->peer_addr, addr)) {
 		__builtin_memcpy(addr, so->addr, sizeof(so->addr));
 		*port = so->port;
 		return 1;

@@ -18,7 +18,6 @@ type sockAddrBackendValue struct {
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
-	Waypoint uint32
 	Capacity uint32
 	Flags    uint32
 }
@@ -65,24 +64,45 @@ type sockAddrManagedValue struct {
 }
 
 type sockAddrServiceValue struct {
-	_        structs.HostLayout
-	Count    [2][8]uint32
-	Epoch    uint32
-	Waypoint uint32
-	Gen      uint8
-	Mode     uint8
-	Flags    uint8
-	Pad      uint8
+	_     structs.HostLayout
+	Count [2][8]uint32
+	Epoch uint32
+	Gen   uint8
+	Mode  uint8
+	Flags uint8
+	Pad   uint8
 }
 
 type sockAddrSockOrig struct {
 	_           structs.HostLayout
 	Addr        [4]uint32
 	Port        uint16
+	Flags       uint16
+	PeerAddr    [4]uint32
+	PeerPort    uint16
 	Pad         uint16
 	BackendAddr [4]uint32
 	BackendPort uint16
 	Pad2        uint16
+}
+
+type sockAddrTunnelKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Addr        [4]uint32
+	Port        uint16
+	Pad         uint16
+	Pad2        uint32
+}
+
+type sockAddrTunnelValue struct {
+	_           structs.HostLayout
+	Addr        [4]uint32
+	Port        uint16
+	Flags       uint16
+	BackendAddr [4]uint32
+	BackendPort uint16
+	Pad         uint16
 }
 
 type sockAddrUdpFwdValue struct {
@@ -121,6 +141,7 @@ const (
 	sockAddrMapKmeshService   = "kmesh_service"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshStats     = "kmesh_stats"
+	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
 	sockAddrMapKmeshUdpFwd    = "kmesh_udp_fwd"
 	sockAddrMapKmeshUdpRev    = "kmesh_udp_rev"
 	sockAddrProgKmeshConnect4 = "kmesh_connect4"
@@ -197,6 +218,7 @@ type sockAddrMapSpecs struct {
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
 	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
 }
@@ -235,6 +257,7 @@ type sockAddrMaps struct {
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
 	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
 }
@@ -248,6 +271,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,
+		m.KmeshTunnel,
 		m.KmeshUdpFwd,
 		m.KmeshUdpRev,
 	)

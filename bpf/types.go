@@ -63,7 +63,10 @@ const (
 	FrontendWorkload FrontendKind = 2
 )
 
-const frontendFlagPassthrough = 0x1
+const (
+	frontendFlagPassthrough = 0x1
+	frontendFlagWaypoint    = 0x2
+)
 
 // LBMode mirrors Istio's LoadBalancing.Mode (service_value.mode).
 type LBMode uint8
@@ -90,8 +93,25 @@ func (m LBMode) String() string {
 }
 
 const (
-	backendFlagHBONE = 0x1
-	backendFlagLocal = 0x2
+	backendFlagHBONE    = 0x1
+	backendFlagLocal    = 0x2
+	backendFlagWaypoint = 0x4
+)
+
+const (
+	origFlagTunnel   = 0x1
+	origFlagWaypoint = 0x2
+)
+
+// ProxyMark is the socket mark of the node proxy's own sockets (ztunnel's
+// 0x539, which istio-cni's rules know too); the kernel path ignores them.
+const ProxyMark = 0x539
+
+// Ports of the node proxy inside every enrolled pod (ztunnel's).
+const (
+	OutboundPort     = 15001
+	InboundPlainPort = 15006
+	HBONEPort        = 15008
 )
 
 // FrontendKey is what a client connects to: a service VIP and port, or a
@@ -116,17 +136,19 @@ type Frontend struct {
 	// slot carries its own port.
 	TargetPort  uint16
 	Passthrough bool
+	// Waypoint sends the service's TCP traffic through the node proxy to the
+	// service's waypoint (the proxy resolves which instance).
+	Waypoint bool
 }
 
 // Service is one entry of kmesh_service: the shape of a load-balancing set.
 type Service struct {
 	ID uint32
 	// Counts[family][rank] is the number of alias-table slots.
-	Counts   [familyCount][MaxRanks]uint32
-	Epoch    uint32
-	Waypoint uint32
-	Gen      uint8
-	Mode     LBMode
+	Counts [familyCount][MaxRanks]uint32
+	Epoch  uint32
+	Gen    uint8
+	Mode   LBMode
 }
 
 // EndpointKey addresses one alias-table slot.
@@ -160,10 +182,25 @@ type Backend struct {
 	Addr4    netip.Addr // invalid when the workload has no IPv4 address
 	Addr6    netip.Addr // invalid when the workload has no IPv6 address
 	Identity uint32
-	Waypoint uint32
 	Capacity uint32
-	HBONE    bool
-	Local    bool
+	// HBONE: the workload is in the mesh (accepts HBONE on 15008).
+	HBONE bool
+	// Local: the workload runs on this node. Connections to a remote HBONE
+	// workload go through the node proxy; to a local one, straight.
+	Local bool
+	// Waypoint: TCP traffic addressed to the workload goes through its waypoint.
+	Waypoint bool
+}
+
+// TunnelOrig is what the kernel recorded for a connection it sent to the
+// node proxy's outbound listener.
+type TunnelOrig struct {
+	// Dst is what the application dialled (a service VIP:port or a workload).
+	Dst netip.AddrPort
+	// Backend is the endpoint the kernel's load balancer chose; invalid when
+	// the connection goes to a waypoint, which balances by itself.
+	Backend  netip.AddrPort
+	Waypoint bool
 }
 
 // --- encoding to and from the generated ABI structs ---
@@ -228,6 +265,9 @@ func encodeFrontendValue(f Frontend) sockAddrFrontendValue {
 	if f.Passthrough {
 		v.Flags |= frontendFlagPassthrough
 	}
+	if f.Waypoint {
+		v.Flags |= frontendFlagWaypoint
+	}
 	return v
 }
 
@@ -238,15 +278,16 @@ func decodeFrontend(k sockAddrFrontendKey, v sockAddrFrontendValue) Frontend {
 		ID:          v.Id,
 		TargetPort:  ntohs(v.TargetPort),
 		Passthrough: v.Flags&frontendFlagPassthrough != 0,
+		Waypoint:    v.Flags&frontendFlagWaypoint != 0,
 	}
 }
 
 func encodeService(s Service) sockAddrServiceValue {
-	return sockAddrServiceValue{Count: s.Counts, Epoch: s.Epoch, Waypoint: s.Waypoint, Gen: s.Gen, Mode: uint8(s.Mode)}
+	return sockAddrServiceValue{Count: s.Counts, Epoch: s.Epoch, Gen: s.Gen, Mode: uint8(s.Mode)}
 }
 
 func decodeService(id uint32, v sockAddrServiceValue) Service {
-	return Service{ID: id, Counts: v.Count, Epoch: v.Epoch, Waypoint: v.Waypoint, Gen: v.Gen, Mode: LBMode(v.Mode)}
+	return Service{ID: id, Counts: v.Count, Epoch: v.Epoch, Gen: v.Gen, Mode: LBMode(v.Mode)}
 }
 
 func encodeEndpointKey(k EndpointKey) sockAddrEndpointKey {
@@ -268,7 +309,7 @@ func decodeSlot(v sockAddrEndpointValue) EndpointSlot {
 }
 
 func encodeBackend(b Backend) sockAddrBackendValue {
-	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Waypoint: b.Waypoint, Capacity: b.Capacity}
+	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity}
 	if b.Addr6.IsValid() {
 		v.Addr6 = addrWords(b.Addr6)
 	}
@@ -278,14 +319,29 @@ func encodeBackend(b Backend) sockAddrBackendValue {
 	if b.Local {
 		v.Flags |= backendFlagLocal
 	}
+	if b.Waypoint {
+		v.Flags |= backendFlagWaypoint
+	}
 	return v
 }
 
 func decodeBackend(id uint32, v sockAddrBackendValue) Backend {
-	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Waypoint: v.Waypoint, Capacity: v.Capacity,
-		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0}
+	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Capacity: v.Capacity,
+		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0, Waypoint: v.Flags&backendFlagWaypoint != 0}
 	if v.Addr6 != [4]uint32{} {
 		b.Addr6 = wordsAddr(v.Addr6)
 	}
 	return b
+}
+
+func encodeTunnelKey(netnsCookie uint64, client netip.AddrPort) sockAddrTunnelKey {
+	return sockAddrTunnelKey{NetnsCookie: netnsCookie, Addr: addrWords(netip.AddrFrom16(client.Addr().As16())), Port: htons(client.Port())}
+}
+
+func decodeTunnel(v sockAddrTunnelValue) TunnelOrig {
+	t := TunnelOrig{Dst: netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)), Waypoint: v.Flags&origFlagWaypoint != 0}
+	if v.BackendPort != 0 {
+		t.Backend = netip.AddrPortFrom(wordsAddr(v.BackendAddr), ntohs(v.BackendPort))
+	}
+	return t
 }

@@ -249,7 +249,7 @@ func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[stri
 		var id uint32
 		if prev, ok := d.workloads[w.UID]; ok {
 			it.prev, id, it.oldAddr = prev, prev.backend, prev.addrs
-			b := backendOf(prev)
+			b := d.backendOf(prev)
 			inKernel = &b
 		} else if b, ok := d.adoptBackend(w); ok {
 			id, inKernel = b.ID, &b
@@ -257,8 +257,8 @@ func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[stri
 			id, it.fresh = d.backendIDs.get(), true
 		}
 		it.rec = resolve(w, id)
-		if inKernel == nil || backendOf(&it.rec) != *inKernel {
-			puts = append(puts, backendOf(&it.rec))
+		if inKernel == nil || d.backendOf(&it.rec) != *inKernel {
+			puts = append(puts, d.backendOf(&it.rec))
 			putIdx = append(putIdx, i)
 		}
 	}
@@ -378,8 +378,11 @@ func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want 
 	return nil
 }
 
-func backendOf(w *resolvedWorkload) bpf.Backend {
-	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, HBONE: w.hbone}
+// backendOf is the kernel's view of a workload. Local tells the kernel path
+// it may connect straight to an HBONE workload; remote ones get the tunnel.
+func (d *Dataplane) backendOf(w *resolvedWorkload) bpf.Backend {
+	local := d.opts.Node.Node != "" && w.topo.Value().Node == d.opts.Node.Node
+	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, HBONE: w.hbone, Local: local, Waypoint: w.waypoint}
 	setBackendAddrs(&b, w.addrs)
 	return b
 }
@@ -455,8 +458,18 @@ func (d *Dataplane) SetNode(t Topology) []*ObjectError {
 	if d.opts.Node == t {
 		return nil
 	}
+	renamed := d.opts.Node.Node != t.Node
 	d.opts.Node = t
 	var errs []*ObjectError
+	if renamed { // which workloads are local changed
+		var bs []bpf.Backend
+		for _, uid := range slices.Sorted(maps.Keys(d.workloads)) {
+			bs = append(bs, d.backendOf(d.workloads[uid]))
+		}
+		if err := d.maps.PutBackends(bs); err != nil {
+			errs = append(errs, &ObjectError{Kind: "node", Name: t.Node, Err: d.fail("backends of node "+t.Node, err)})
+		}
+	}
 	for _, key := range slices.Sorted(maps.Keys(d.services)) {
 		if err := d.apply(d.services[key]); err != nil {
 			errs = append(errs, &ObjectError{Kind: "service", Name: key, Err: d.fail("service "+key, err)})
@@ -594,7 +607,7 @@ func (d *Dataplane) apply(rec *serviceRec) error {
 			for _, c := range changes {
 				for _, sp := range c.table.ports {
 					k := bpf.FrontendKey{Addr: vip, Port: sp, Proto: p}
-					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, ID: c.ls.id, TargetPort: c.table.target(sp)}
+					desiredFE[k] = bpf.Frontend{Key: k, Kind: bpf.FrontendService, ID: c.ls.id, TargetPort: c.table.target(sp), Waypoint: rec.svc.Waypoint}
 				}
 			}
 		}

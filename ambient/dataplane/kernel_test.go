@@ -95,9 +95,11 @@ func newFixture(t testing.TB, cfg bpf.Config) *fixture {
 	return f
 }
 
+// workload is a plaintext (non-HBONE) workload: these tests are about the
+// load balancer; TestPrivilegedTunnelRedirect covers HBONE destinations.
 func (f *fixture) workload(name string, capacity uint32, healthy bool, topo dataplane.Topology) dataplane.Workload {
 	p := f.backends[name]
-	return dataplane.Workload{UID: name, Addrs: []netip.Addr{p.IPv4, p.IPv6}, Capacity: capacity, Healthy: healthy, HBONE: true, Topology: topo}
+	return dataplane.Workload{UID: name, Addrs: []netip.Addr{p.IPv4, p.IPv6}, Capacity: capacity, Healthy: healthy, Topology: topo}
 }
 
 func (f *fixture) service(lb dataplane.LoadBalancing, ports []dataplane.Port, eps ...string) dataplane.Service {

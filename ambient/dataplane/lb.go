@@ -190,13 +190,14 @@ type resolvedWorkload struct {
 	capacity uint32
 	healthy  bool
 	hbone    bool
+	waypoint bool
 	topo     unique.Handle[Topology]
 	backend  uint32
 }
 
 func resolve(w *Workload, backend uint32) resolvedWorkload {
 	return resolvedWorkload{uid: w.UID, addrs: w.Addrs, capacity: w.Capacity, healthy: w.Healthy, hbone: w.HBONE,
-		topo: unique.Make(w.Topology), backend: backend}
+		waypoint: w.Waypoint, topo: unique.Make(w.Topology), backend: backend}
 }
 
 // lbEqual reports whether two versions of a workload weigh the same in

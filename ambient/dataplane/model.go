@@ -56,7 +56,10 @@ type Workload struct {
 	Capacity uint32
 	Healthy  bool
 	// HBONE is true when the workload accepts HBONE (enrolled in the mesh).
-	HBONE    bool
+	HBONE bool
+	// Waypoint: connections addressed to the workload go through its
+	// waypoint (over the node proxy's tunnel).
+	Waypoint bool
 	Topology Topology
 }
 
@@ -83,4 +86,6 @@ type Service struct {
 	Ports     []Port
 	LB        LoadBalancing
 	Endpoints []Endpoint
+	// Waypoint: the service's TCP traffic goes through its waypoint.
+	Waypoint bool
 }

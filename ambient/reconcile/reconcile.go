@@ -165,7 +165,7 @@ func (r *Reconciler) sameNetwork(n string) bool {
 func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
 	m := w.Meta()
 	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
-		Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+		Waypoint: w.Waypoint != nil, Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
 	if r.sameNetwork(m.Network) {
 		out.Addrs = w.Addresses // immutable once converted: shared, not copied
 	}
@@ -199,7 +199,7 @@ var scopes = map[workloadapi.LoadBalancing_Scope]dataplane.Scope{
 }
 
 func (r *Reconciler) service(s *state.Service) dataplane.Service {
-	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s)}
+	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s), Waypoint: s.Waypoint != nil}
 	for _, p := range s.Ports {
 		out.Ports = append(out.Ports, dataplane.Port{ServicePort: p.ServicePort, TargetPort: p.TargetPort})
 	}

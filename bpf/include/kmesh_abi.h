@@ -39,10 +39,9 @@ struct frontend_value {
  * replacement), then deletes the old one: a connect sees either table whole. */
 struct service_value {
 	__u32 count[KMESH_FAMILIES][KMESH_MAX_RANKS];
-	__u32 epoch;	/* bumped on every membership change (UDP affinity check) */
-	__u32 waypoint; /* backend id of the service's waypoint, 0 for none */
-	__u8 gen;	/* live endpoint generation, 0 or 1 */
-	__u8 mode;	/* LB_MODE_* (informational) */
+	__u32 epoch; /* bumped on every membership change (UDP affinity check) */
+	__u8 gen;    /* live endpoint generation, 0 or 1 */
+	__u8 mode;   /* LB_MODE_* (informational) */
 	__u8 flags;
 	__u8 pad;
 };
@@ -72,20 +71,45 @@ struct backend_value {
 	__u32 addr4;	/* network order, 0 when the workload has no IPv4 address */
 	__u32 addr6[4]; /* all zero when it has no IPv6 address */
 	__u32 identity; /* identity id (for policy), 0 = unknown */
-	__u32 waypoint; /* backend id of the workload's waypoint, 0 for none */
 	__u32 capacity; /* Istio capacity weight (already folded into alias tables) */
 	__u32 flags;	/* BACKEND_F_* */
 };
 
-/* Per-socket storage: where the application meant to connect, so that
- * getpeername() and recvmsg() can answer with the VIP it dialled. */
+/* Per-socket storage: where the application meant to connect (addr:port),
+ * where the kernel sent it (peer: the backend, or the node proxy's outbound
+ * listener), and the backend the load balancer chose. getpeername() and
+ * recvmsg() answer with addr when the socket's peer is still peer; the node
+ * proxy learns addr and backend of a tunnelled connection (tunnel_value). */
 struct sock_orig {
 	__u32 addr[4];
 	__u16 port;
+	__u16 flags; /* ORIG_F_* */
+	__u32 peer_addr[4];
+	__u16 peer_port;
 	__u16 pad;
-	__u32 backend_addr[4];
+	__u32 backend_addr[4]; /* zero when a waypoint decides (ORIG_F_WAYPOINT) */
 	__u16 backend_port;
 	__u16 pad2;
+};
+
+/* kmesh_tunnel key: a tunnelled connection as the node proxy sees it when it
+ * accepts on the pod's loopback: the client's address and port inside the
+ * pod's network namespace. */
+struct tunnel_key {
+	__u64 netns_cookie;
+	__u32 addr[4]; /* client address, IPv4 v4-mapped */
+	__u16 port;    /* client port, network order */
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct tunnel_value {
+	__u32 addr[4]; /* what the application dialled */
+	__u16 port;
+	__u16 flags; /* ORIG_F_* */
+	__u32 backend_addr[4];
+	__u16 backend_port;
+	__u16 pad;
 };
 
 /* Unconnected UDP: the backend chosen for (socket, VIP:port), so one socket's

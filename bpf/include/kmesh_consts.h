@@ -25,10 +25,24 @@
 
 /* frontend_value.flags */
 #define FRONTEND_F_PASSTHROUGH 0x1 /* LB mode PASSTHROUGH: keep the original destination */
+#define FRONTEND_F_WAYPOINT    0x2 /* the service's traffic goes through its waypoint */
 
 /* backend_value.flags */
 #define BACKEND_F_HBONE 0x1 /* the workload accepts HBONE on 15008 */
 #define BACKEND_F_LOCAL 0x2 /* the workload runs on this node */
+#define BACKEND_F_WAYPOINT 0x4 /* traffic addressed to the workload goes through its waypoint */
+
+/* sock_orig.flags and tunnel_value.flags */
+#define ORIG_F_TUNNEL	0x1 /* sent to the node proxy's outbound listener */
+#define ORIG_F_WAYPOINT 0x2 /* ... to reach a waypoint (no backend chosen here) */
+
+/* The node proxy (kmesh-daemon's tunnel): its sockets carry this mark, as
+ * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
+ * them alone. Connections that need HBONE are sent to its outbound listener
+ * on the pod's own loopback. */
+#define KMESH_PROXY_MARK  0x539
+#define KMESH_OUTBOUND_PORT 15001
+#define KMESH_HBONE_PORT  15008
 
 /* service_value.mode (for dumps; the kernel acts on ranks, not on the mode) */
 #define LB_MODE_STANDARD    0
@@ -47,6 +61,10 @@ enum kmesh_stat {
 	STAT_PEER_REWRITTEN = 6,  /* getpeername/recvmsg answered with the VIP */
 	STAT_STORAGE_FAIL = 7,	  /* no socket storage: peer name cannot be restored */
 	STAT_UDP_AFFINITY = 8,	  /* UDP datagram sent to the backend already chosen */
+	STAT_TUNNEL = 9,	  /* connect sent to the node proxy for HBONE */
+	STAT_TUNNEL_NO_ORIG = 10, /* no socket storage for a tunnelled connect: refused */
+	STAT_TUNNEL_RECORD = 11,  /* sockops recorded a tunnelled connection */
+	STAT_TUNNEL_RECORD_FAIL = 12, /* ... but the map update failed */
 	STAT_MAX = 16,
 };
 

@@ -48,6 +48,7 @@ static __always_inline int is_managed(void *ctx)
 struct lb_result {
 	__u32 addr[4]; /* v4-mapped for KMESH_FAMILY_V4 */
 	__u32 backend_id;
+	__u32 flags; /* the backend's BACKEND_F_* */
 	__u16 port;
 };
 
@@ -110,6 +111,7 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 		out->addr[3] = be->addr6[3];
 	}
 	out->backend_id = id;
+	out->flags = be->flags;
 	out->port = port ? port : target_port;
 	return 0;
 }

@@ -65,6 +65,16 @@ struct {
 	__type(value, struct sock_orig);
 } kmesh_sock_orig SEC(".maps");
 
+/* Tunnelled connections by client address, written by sockops when the
+ * client's connect completes, read (and deleted) by the node proxy when it
+ * accepts. LRU: an entry the proxy never collects ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tunnel_key);
+	__type(value, struct tunnel_value);
+} kmesh_tunnel SEC(".maps");
+
 /* Unconnected UDP: backend chosen per (socket cookie, VIP:port). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

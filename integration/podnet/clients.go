@@ -223,11 +223,21 @@ func tcpClient(args []string) (any, error) {
 	timeout := fs.Duration("timeout", 2*time.Second, "per-connection timeout")
 	latency := fs.Bool("latency", false, "record per-connection latency")
 	rst := fs.Bool("rst", false, "close with RST (SO_LINGER 0): no TIME_WAIT piles up in long runs")
+	mark := fs.Int("mark", 0, "SO_MARK for the sockets (0x539 is the node proxy's)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
 	d := net.Dialer{Timeout: *timeout}
+	if *mark != 0 {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, *mark) }); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
 	for i := 0; i < *n; i++ {
 		start := time.Now()
 		c, err := d.Dial(*network, *addr)
