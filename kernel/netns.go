@@ -1,37 +1,49 @@
 package kernel
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
 
+// homeNetns is the daemon's own network namespace, opened once: InNetns
+// returns threads to it without opening /proc on every call.
+var homeNetns = sync.OnceValues(func() (int, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("opening the daemon's network namespace: %w", err)
+	}
+	return fd, nil
+})
+
 // InNetns runs fn on an OS thread that has entered the network namespace
 // open at nsFd. Sockets fn creates belong to that namespace for their whole
-// life, whichever thread later uses them. The thread goes back to its own
-// namespace afterwards; if it cannot, it is retired rather than returned to
-// Go's pool with the wrong namespace.
+// life, whichever thread later uses them. fn runs on a goroutine of its own,
+// locked to its thread, costing two setns calls; Go spawns new threads from
+// a clean template thread meanwhile, so none inherits the pod's namespace.
+// If the thread cannot return home it is retired (its goroutine ends while
+// locked) rather than handed back to Go's pool in the wrong namespace.
 func InNetns(nsFd int, fn func() error) error {
+	home, err := homeNetns()
+	if err != nil {
+		return err
+	}
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		orig, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("opening this thread's network namespace: %w", err)
-			return
-		}
-		defer unix.Close(orig)
 		if err := unix.Setns(nsFd, unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("entering network namespace: %w", err)
 			return
 		}
 		ferr := fn()
-		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: Go ends it when this goroutine returns.
-			errc <- fmt.Errorf("returning from network namespace: %w", err)
+		if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("returning from network namespace: %w", err))
 			return
 		}
 		runtime.UnlockOSThread()
