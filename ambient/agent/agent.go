@@ -24,8 +24,10 @@ import (
 
 	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/tunnel"
 	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/cni/zds"
@@ -42,6 +44,12 @@ type Agent struct {
 	rec   *reconcile.Reconciler
 	enr   *enroller
 	Reg   *prometheus.Registry
+	// Proxy is the tunnel (HBONE) side of the data path; IDs the workload
+	// certificates (nil without a CA).
+	Proxy *tunnel.Proxy
+	IDs   *identity.Manager
+
+	caClient *identity.CAClient
 
 	ready  atomic.Bool
 	synced chan struct{}
@@ -86,6 +94,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	fail := func(err error) (*Agent, error) {
 		cancel()
 		a.wg.Wait()
+		a.closeTunnel(context.Background(), 0)
 		dp.Close()
 		return nil, err
 	}
@@ -106,7 +115,10 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	} else if err := a.startXDS(ctx); err != nil {
 		return fail(err)
 	}
-	a.enr = newEnroller(a.Plane, cfg.ClusterID, log)
+	if err := a.startTunnel(); err != nil {
+		return fail(err)
+	}
+	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, log)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)
@@ -119,6 +131,49 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	go a.retryLoop(ctx)
 	a.ready.Store(true)
 	return a, nil
+}
+
+// startTunnel starts the workload certificate manager (when a CA is
+// configured) and the node proxy.
+func (a *Agent) startTunnel() error {
+	var certs tunnel.Certs = noCA{}
+	if a.cfg.CAAddress != "" && !a.cfg.XDSPlaintext {
+		ca, err := identity.NewCAClient(identity.CAConfig{Addr: a.cfg.CAAddress, RootFile: a.cfg.RootCertFile,
+			ServerName: a.cfg.XDSServerName, TokenFile: a.cfg.TokenFile, ClusterID: a.cfg.ClusterID, TTL: a.cfg.SecretTTL})
+		if err != nil {
+			return err
+		}
+		a.IDs, err = identity.NewManager(identity.ManagerConfig{Fetcher: ca, RootFile: a.cfg.RootCertFile, Registerer: a.Reg, Log: a.log})
+		if err != nil {
+			ca.Close()
+			return err
+		}
+		a.caClient = ca
+		certs = a.IDs
+	} else {
+		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
+	}
+	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
+		Tunnels: a.DP.Maps, Registerer: a.Reg, Log: a.log})
+	if err != nil {
+		return err
+	}
+	a.Proxy = p
+	return nil
+}
+
+// closeTunnel hands the node proxy's listeners over for handover, drains
+// its connections until ctx ends, then stops renewing certificates.
+func (a *Agent) closeTunnel(ctx context.Context, handover time.Duration) {
+	if a.Proxy != nil {
+		a.Proxy.Close(ctx, handover)
+	}
+	if a.IDs != nil {
+		a.IDs.Close()
+	}
+	if a.caClient != nil {
+		a.caClient.Close()
+	}
 }
 
 func (a *Agent) startXDS(ctx context.Context) error {
@@ -253,13 +308,26 @@ func (a *Agent) serve(ctx context.Context, name, addr string, h http.Handler) er
 	return nil
 }
 
+// handoverTime is how long a stopping daemon keeps accepting new tunnel
+// connections: long enough for its successor to start and listen beside it
+// (an upgrade), a part of the drain time.
+func handoverTime(drain time.Duration) time.Duration {
+	return min(drain/2, 3*time.Second)
+}
+
 // Close stops the daemon's work and releases its handles. The data path
 // stays attached and pinned: connections keep flowing until the next
 // daemon takes over.
+//
+// Connections the node proxy carries are drained for DrainDuration (an
+// upgraded daemon already listens beside this one), then closed.
 func (a *Agent) Close() error {
 	a.ready.Store(false)
 	a.cancel()
 	a.wg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainDuration)
+	defer cancel()
+	a.closeTunnel(ctx, handoverTime(a.cfg.DrainDuration))
 	a.enr.close()
 	return a.DP.Close()
 }

@@ -20,6 +20,9 @@ type enroller struct {
 	plane   *dataplane.Dataplane
 	cluster string
 	log     *slog.Logger
+	// hooks learn about pods after the kernel does (the tunnel's
+	// listeners, the pods' certificates); nil in kernel-only setups.
+	hooks podHooks
 
 	mu   sync.Mutex
 	pods map[string]*enrolledPod
@@ -37,8 +40,14 @@ type enrolledPod struct {
 	cookie      uint64
 }
 
-func newEnroller(plane *dataplane.Dataplane, cluster string, log *slog.Logger) *enroller {
-	return &enroller{plane: plane, cluster: cluster, log: log.With("component", "enrol"), pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
+// podHooks is what else a pod's enrolment sets up.
+type podHooks interface {
+	podAdded(uid, workloadUID string, info *zdsapi.WorkloadInfo, netns *os.File, cookie uint64) error
+	podRemoved(uid string, info *zdsapi.WorkloadInfo)
+}
+
+func newEnroller(plane *dataplane.Dataplane, cluster string, hooks podHooks, log *slog.Logger) *enroller {
+	return &enroller{plane: plane, cluster: cluster, hooks: hooks, log: log.With("component", "enrol"), pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
 }
 
 // workloadUID is istiod's UID for a pod's workload.
@@ -53,7 +62,18 @@ func (e *enroller) Add(uid string, info *zdsapi.WorkloadInfo, netns *os.File) er
 		return fmt.Errorf("pod %s/%s: %w", info.GetNamespace(), info.GetName(), err)
 	}
 	wuid := e.workloadUID(info)
+	// The tunnel first: when the kernel starts sending the pod's
+	// connections to 15001, the listener must be there.
+	if e.hooks != nil {
+		if err := e.hooks.podAdded(uid, wuid, info, netns, cookie); err != nil {
+			netns.Close()
+			return fmt.Errorf("pod %s/%s: %w", info.GetNamespace(), info.GetName(), err)
+		}
+	}
 	if err := e.plane.Enroll(cookie, wuid); err != nil {
+		if e.hooks != nil {
+			e.hooks.podRemoved(uid, info)
+		}
 		netns.Close()
 		return err
 	}
@@ -92,7 +112,11 @@ func (e *enroller) Del(uid string) error {
 	}
 	defer p.netns.Close()
 	e.log.Info("pod unenrolled", "pod", p.info.GetNamespace()+"/"+p.info.GetName(), "uid", uid)
-	return e.plane.Unenroll(p.cookie)
+	err := e.plane.Unenroll(p.cookie)
+	if e.hooks != nil {
+		e.hooks.podRemoved(uid, p.info)
+	}
+	return err
 }
 
 // SnapshotSent drops pods the node agent no longer knows, and kernel

@@ -51,6 +51,7 @@ type Config struct {
 	CAAddress     string        `mapstructure:"ca_address"`
 	RootCertFile  string        `mapstructure:"root_cert_file"`
 	TokenFile     string        `mapstructure:"token_file"`
+	SecretTTL     time.Duration `mapstructure:"secret_ttl"`
 	LocalXDSPath  string        `mapstructure:"local_xds_path"`
 	ZDSSocket     string        `mapstructure:"zds_socket"`
 	DrainDuration time.Duration `mapstructure:"drain_duration"`
@@ -97,6 +98,7 @@ var settings = []setting{
 	{"ca_address", "CA_ADDRESS", "istiod CA address (default: the xDS address)", ""},
 	{"root_cert_file", "XDS_ROOT_CA", "mesh root certificate for the control plane", "/var/run/secrets/istio/root-cert.pem"},
 	{"token_file", "KMESH_TOKEN_FILE", "service account token presented to istiod", "/var/run/secrets/tokens/istio-token"},
+	{"secret_ttl", "SECRET_TTL", "validity of the workload certificates asked from the CA", 24 * time.Hour},
 	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown", 5 * time.Second},

@@ -379,9 +379,10 @@ func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want 
 }
 
 // backendOf is the kernel's view of a workload. Local tells the kernel path
-// it may connect straight to an HBONE workload; remote ones get the tunnel.
+// it may connect straight to an HBONE workload; remote ones, and local ones
+// whose policies the tunnel's inbound side must enforce, get the tunnel.
 func (d *Dataplane) backendOf(w *resolvedWorkload) bpf.Backend {
-	local := d.opts.Node.Node != "" && w.topo.Value().Node == d.opts.Node.Node
+	local := d.opts.Node.Node != "" && w.topo.Value().Node == d.opts.Node.Node && !w.enforce
 	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, HBONE: w.hbone, Local: local, Waypoint: w.waypoint}
 	setBackendAddrs(&b, w.addrs)
 	return b

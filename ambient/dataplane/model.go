@@ -60,7 +60,11 @@ type Workload struct {
 	// Waypoint: connections addressed to the workload go through its
 	// waypoint (over the node proxy's tunnel).
 	Waypoint bool
-	Topology Topology
+	// EnforceInbound: authorization policies apply to this workload, so even
+	// same-node clients reach it through the tunnel, whose inbound side
+	// evaluates them.
+	EnforceInbound bool
+	Topology       Topology
 }
 
 // Port maps a service port to the port the workloads listen on. TargetPort 0

@@ -102,6 +102,14 @@ func TestPrivilegedTunnelRedirect(t *testing.T) {
 		expectOnly(t, res.Names, fmt.Sprintf("tunnel:%s>%s", a6, a6), 5)
 		expectOnly(t, res.Peers, a6.String(), 5)
 	})
+	t.Run("same-node workload with policies to enforce: tunnel", func(t *testing.T) {
+		w := hbone("a", f.node)
+		w.EnforceInbound = true
+		must(f.dp.SetWorkload(w))
+		res := f.run(t, f.client, "tcp", "-addr", a4.String(), "-n", "3")
+		expectOnly(t, res.Names, fmt.Sprintf("tunnel:%s>%s", a4, a4), 3)
+		must(f.dp.SetWorkload(hbone("a", remote)))
+	})
 	t.Run("the proxy's own sockets are left alone", func(t *testing.T) {
 		res := f.run(t, f.client, "tcp", "-addr", a4.String(), "-n", "3", "-mark", fmt.Sprint(bpf.ProxyMark))
 		expectOnly(t, res.Names, "a:8080", 3)

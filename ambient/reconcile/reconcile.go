@@ -58,6 +58,13 @@ func (r *Reconciler) Apply(ch state.Changes) map[string]error {
 
 func (r *Reconciler) applyChanges(ch state.Changes) map[string]error {
 	r.refreshLocality(ch)
+	if len(ch.Policies) > 0 {
+		// Which local workloads need inbound enforcement may have changed.
+		ch = ch.Clone()
+		for _, w := range r.store.WorkloadsOnNode(r.node.Name) {
+			ch.Workloads[w.UID] = struct{}{}
+		}
+	}
 	var b dataplane.Batch
 	for _, uid := range slices.Sorted(maps.Keys(ch.Workloads)) {
 		if w := r.store.Workload(uid); w != nil {
@@ -165,11 +172,23 @@ func (r *Reconciler) sameNetwork(n string) bool {
 func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
 	m := w.Meta()
 	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
-		Waypoint: w.Waypoint != nil, Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+		Waypoint: w.Waypoint != nil, EnforceInbound: r.enforceInbound(w), Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
 	if r.sameNetwork(m.Network) {
 		out.Addrs = w.Addresses // immutable once converted: shared, not copied
 	}
 	return out
+}
+
+// enforceInbound: a local HBONE workload that authorization policies apply
+// to is reached through the tunnel even from its own node, so that its
+// inbound side authorizes every connection (the kernel path does not
+// evaluate policies); one without policies keeps the direct kernel path.
+// Only local workloads are asked: for the others the tunnel is taken anyway.
+func (r *Reconciler) enforceInbound(w *state.Workload) bool {
+	if !w.HBONE || w.Meta().Node != r.node.Name || r.node.Name == "" {
+		return false
+	}
+	return len(r.store.PoliciesFor(w)) > 0
 }
 
 func (r *Reconciler) vips(s *state.Service) []netip.Addr {

@@ -25,6 +25,11 @@ func newChanges() Changes {
 	return Changes{Workloads: map[string]struct{}{}, Services: map[string]struct{}{}, Policies: map[string]struct{}{}}
 }
 
+// Clone copies the change sets (callers may add to the copy).
+func (c Changes) Clone() Changes {
+	return Changes{Workloads: maps.Clone(c.Workloads), Services: maps.Clone(c.Services), Policies: maps.Clone(c.Policies)}
+}
+
 // Empty reports whether nothing changed.
 func (c Changes) Empty() bool {
 	return len(c.Workloads) == 0 && len(c.Services) == 0 && len(c.Policies) == 0

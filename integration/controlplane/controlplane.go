@@ -1,8 +1,9 @@
 // Package controlplane embeds Istio's own control plane logic: the real
 // discovery server (istiod's xDS generation and ambient index, from
 // istio.io/istio/pilot/test/xds) over an in-memory Kubernetes API, served
-// on a loopback gRPC listener with TLS. What a Kmesh daemon receives from
-// it is what a real istiod would send for the same Kubernetes objects.
+// on a loopback gRPC listener with TLS, together with Istio's CA (ca.go).
+// What a Kmesh daemon receives from it is what a real istiod would send for
+// the same Kubernetes objects.
 //
 // It runs inside tests, the node simulator and the demo alike: the
 // test.Failer istio's code wants is satisfied by a small struct that turns
@@ -16,6 +17,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"istio.io/istio/pilot/pkg/features"
 	"istio.io/istio/pilot/test/xds"
@@ -37,6 +39,11 @@ type Options struct {
 	Addr string
 	// TLS, when set, serves xDS over TLS with this configuration.
 	TLS *tls.Config
+	// PKI is the mesh's root and token key (see PKI). With a PKI the
+	// control plane also serves Istio's CA, on the xDS port as istiod
+	// does. Default: the PKI behind TLS when ServingTLS made it. Given a
+	// PKI and no TLS, TLS is PKI.ServingTLS(). Without a PKI: no CA.
+	PKI *PKI
 	// ClusterID names the cluster; default "Kubernetes".
 	ClusterID string
 	// Verbose turns istiod's own logging on (info level); by default it is off.
@@ -46,10 +53,15 @@ type Options struct {
 // ControlPlane is one running embedded istiod.
 type ControlPlane struct {
 	Addr string
-	fds  *xds.FakeDiscoveryServer
-	f    *failer
-	done chan struct{}
-	stop sync.Once
+	// CAAddr is where Istio's CA is served: Addr when there is a PKI (as
+	// istiod serves xDS and CA on 15012), else empty.
+	CAAddr string
+	pki    *PKI
+	caDown atomic.Bool
+	fds    *xds.FakeDiscoveryServer
+	f      *failer
+	done   chan struct{}
+	stop   sync.Once
 }
 
 // failer adapts istio's test.Failer to a long-running process.
@@ -124,6 +136,12 @@ func Start(opts Options) (cp *ControlPlane, err error) {
 	if opts.Addr == "" {
 		opts.Addr = "127.0.0.1:0"
 	}
+	if opts.PKI == nil && opts.TLS != nil {
+		opts.PKI = pkiFor(opts.TLS)
+	}
+	if opts.TLS == nil && opts.PKI != nil {
+		opts.TLS = opts.PKI.ServingTLS()
+	}
 	f := &failer{}
 	defer func() {
 		if r := recover(); r != nil {
@@ -135,24 +153,37 @@ func Start(opts Options) (cp *ControlPlane, err error) {
 			cp, err = nil, fmt.Errorf("starting the embedded control plane: %w", fp.err)
 		}
 	}()
-	var addr string
-	fds := xds.NewFakeDiscoveryServer(f, xds.FakeOptions{
+	// Bound before istiod is ready, so early clients queue rather than fail.
+	l, err := net.Listen("tcp", opts.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("starting the embedded control plane: %w", err)
+	}
+	f.Cleanup(func() { _ = l.Close() })
+	cp = &ControlPlane{Addr: l.Addr().String(), pki: opts.PKI, f: f, done: make(chan struct{})}
+	cid := clusterID(opts.ClusterID)
+	// The fake serves its own gRPC server on an in-memory listener; ours
+	// (newGRPCServer) serves the discovery server on l, with the CA.
+	cp.fds = xds.NewFakeDiscoveryServer(f, xds.FakeOptions{
 		KubernetesObjectString: opts.Objects,
 		KubernetesObjects:      opts.KubeObjects,
-		DefaultClusterName:     clusterID(opts.ClusterID),
-		ListenerBuilder: func() (net.Listener, error) {
-			l, err := net.Listen("tcp", opts.Addr)
-			if err != nil {
-				return nil, err
+		DefaultClusterName:     cid,
+		KubeClientModifier: func(c kubelib.Client) {
+			if opts.PKI != nil {
+				installTokenReview(c, opts.PKI)
 			}
-			addr = l.Addr().String()
-			if opts.TLS != nil {
-				return tls.NewListener(l, opts.TLS), nil
-			}
-			return l, nil
 		},
 	})
-	return &ControlPlane{Addr: addr, fds: fds, f: f, done: make(chan struct{})}, nil
+	srv := cp.newGRPCServer(opts.TLS)
+	cp.fds.Discovery.Register(srv)
+	if opts.PKI != nil {
+		if err := cp.registerCA(srv, cid); err != nil {
+			f.Fatal(err)
+		}
+		cp.CAAddr = cp.Addr
+	}
+	go func() { _ = srv.Serve(l) }()
+	f.Cleanup(srv.Stop)
+	return cp, nil
 }
 
 func clusterID(id string) cluster.ID {

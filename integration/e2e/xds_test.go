@@ -97,6 +97,10 @@ func newCluster(t *testing.T, sizes bpf.MapSizes) *cluster {
 	return c
 }
 
+// podYAML is a plaintext pod (no ambient redirection annotation, so not
+// HBONE): these tests follow istiod into the kernel's load balancer; a pod
+// "on node-2" here shares the test's bridge and is reached directly. The
+// tunnel between nodes has its own tests (ambient/tunnel, integration/sim).
 func podYAML(name, ip, node, app string) string {
 	return fmt.Sprintf(`---
 apiVersion: v1
@@ -105,7 +109,6 @@ metadata:
   name: %s
   namespace: demo
   labels: {app: %s}
-  annotations: {ambient.istio.io/redirection: enabled}
 spec:
   nodeName: %s
   serviceAccountName: %s
@@ -226,8 +229,7 @@ func (c *cluster) addPod(name string, host int, node, app string) {
 
 func (c *cluster) kubePod(name, ip, node, app string) *corev1.Pod {
 	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": app},
-			Annotations: map[string]string{"ambient.istio.io/redirection": "enabled"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": app}},
 		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: app},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}},
 			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},

@@ -2,14 +2,19 @@ package podnet
 
 import (
 	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -66,6 +71,98 @@ func init() {
 	RegisterHelper("udp", udpClient)
 	RegisterHelper("http", httpClient)
 	RegisterHelper("stream", streamClient)
+	RegisterHelper("blast", blastClient)
+}
+
+// BlastResult is what the blast helper reports.
+type BlastResult struct {
+	OK         int     `json:"ok"`
+	Corrupted  int     `json:"corrupted"`
+	Errors     Tally   `json:"errors"`
+	Bytes      int64   `json:"bytes"`
+	Seconds    float64 `json:"seconds"`
+	PeerErrors int     `json:"peer_errors"`
+}
+
+// blastClient: -addr HOST:PORT -conns N -bytes B. Opens N connections at
+// once to an echo server; on each, sends B pseudo-random bytes (a stream
+// of its own), half-closes, and reads everything back until EOF, comparing
+// SHA-256 digests of what went out and what came back. Exercises large
+// transfers, many concurrent streams and half-close in one go.
+func blastClient(args []string) (any, error) {
+	fs := flag.NewFlagSet("blast", flag.ContinueOnError)
+	addr := fs.String("addr", "", "echo server")
+	conns := fs.Int("conns", 1, "concurrent connections")
+	size := fs.Int64("bytes", 1<<20, "bytes per connection")
+	timeout := fs.Duration("timeout", 60*time.Second, "deadline per connection")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	res := BlastResult{Errors: Tally{}}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < *conns; i++ {
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			ok, n, err := blastOne(*addr, seed, *size, *timeout)
+			mu.Lock()
+			defer mu.Unlock()
+			res.Bytes += n
+			switch {
+			case err != nil:
+				res.Errors[errName(err)]++
+			case ok:
+				res.OK++
+			default:
+				res.Corrupted++
+			}
+		}(uint64(i) + 1)
+	}
+	wg.Wait()
+	res.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+func blastOne(addr string, seed uint64, size int64, timeout time.Duration) (bool, int64, error) {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return false, 0, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	sent := sha256.New()
+	werr := make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewPCG(seed, seed))
+		buf := make([]byte, 32<<10)
+		for left := size; left > 0; {
+			k := int64(len(buf))
+			if left < k {
+				k = left
+			}
+			for j := int64(0); j < k; j += 8 {
+				binary.LittleEndian.PutUint64(buf[j:], rng.Uint64())
+			}
+			sent.Write(buf[:k])
+			if _, err := c.Write(buf[:k]); err != nil {
+				werr <- err
+				return
+			}
+			left -= k
+		}
+		werr <- c.(*net.TCPConn).CloseWrite()
+	}()
+	got := sha256.New()
+	n, rerr := io.Copy(got, c)
+	if err := <-werr; err != nil {
+		return false, n, err
+	}
+	if rerr != nil {
+		return false, n, rerr
+	}
+	return n == size && bytes.Equal(sent.Sum(nil), got.Sum(nil)), n, nil
 }
 
 // StreamResult is what the stream helper reports.

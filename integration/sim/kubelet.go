@@ -130,13 +130,25 @@ func (n *Node) kubelet() {
 }
 
 func (n *Node) onPod(client kubernetes.Interface, pod *corev1.Pod) {
-	if pod.Spec.NodeName != n.Name {
+	// Host-network pods (the node proxy's own, whose token the daemon
+	// holds) are the node itself: nothing to create.
+	if pod.Spec.NodeName != n.Name || pod.Spec.HostNetwork {
 		return
 	}
 	key := pod.Namespace + "/" + pod.Name
 	if pod.DeletionTimestamp != nil {
 		n.removePod(key)
 		return
+	}
+	if pod.Spec.ServiceAccountName == "" {
+		// What the API server's ServiceAccount admission does; the fake one
+		// does not, and Istio's CA matches pods by service account.
+		pod = pod.DeepCopy()
+		pod.Spec.ServiceAccountName = "default"
+		if _, err := client.CoreV1().Pods(pod.Namespace).Update(context.Background(), pod, metav1.UpdateOptions{}); err != nil {
+			n.cluster.log.Error("defaulting the service account", "pod", key, "err", err)
+		}
+		return // the update comes back as an event
 	}
 	n.mu.Lock()
 	p := n.pods[key]

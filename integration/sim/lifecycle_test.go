@@ -111,11 +111,14 @@ func TestPrivilegedSimControlPlaneRestart(t *testing.T) {
 	})
 }
 
-// The daemon crashes (SIGKILL) and comes back: an open connection and new
-// connections through the VIP all keep working, with and without a daemon.
+// The daemon crashes (SIGKILL) and comes back: on the kernel path (same
+// node) an open connection and new connections through the VIP all keep
+// working, with and without a daemon. Connections the tunnel carries live
+// in the daemon and die with it: TestPrivilegedSimDaemonUpgrade is how they
+// are kept.
 func TestPrivilegedSimDaemonCrash(t *testing.T) {
 	c := startCluster(t)
-	create(t, c, echoPod("demo", "web-0", "node-2", map[string]string{"app": "web"}), clientPod("demo", "client", "node-1"))
+	create(t, c, echoPod("demo", "web-0", "node-1", map[string]string{"app": "web"}), clientPod("demo", "client", "node-1"))
 	client, _ := c.Pod("demo", "client")
 	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
 	held := stream(t, client, "10.96.0.10:90", 3*time.Second)
@@ -135,5 +138,38 @@ func TestPrivilegedSimDaemonCrash(t *testing.T) {
 	}
 	if res := <-held; res.Error != "" || res.Exchanges < 20 {
 		t.Fatalf("the established connection did not survive the crash: %+v", res)
+	}
+}
+
+// A rolling upgrade of each node's daemon while traffic crosses nodes over
+// HBONE: connections opened during the handover all succeed, and a
+// connection held across it survives (the old daemon drains it).
+func TestPrivilegedSimDaemonUpgrade(t *testing.T) {
+	c := startCluster(t)
+	create(t, c, echoPod("demo", "web-0", "node-2", map[string]string{"app": "web"}), clientPod("demo", "client", "node-1"))
+	client, _ := c.Pod("demo", "client")
+	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
+	for _, n := range c.Nodes {
+		held := stream(t, client, "10.96.0.10:90", 3*time.Second)
+		load := make(chan podnet.ClientResult, 1)
+		go func() {
+			var res podnet.ClientResult
+			if err := client.Helper(&res, "http", "-url", "http://10.96.0.10/", "-n", "1500"); err != nil {
+				res.Errors = podnet.Tally{err.Error(): 1}
+			}
+			load <- res
+		}()
+		time.Sleep(200 * time.Millisecond)
+		start := time.Now()
+		if err := n.UpgradeDaemon(); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s upgraded in %v", n.Name, time.Since(start).Round(time.Millisecond))
+		if res := <-load; res.Errors.Total() != 0 || res.Names["web-0"] != 1500 {
+			t.Fatalf("%s: connections during the upgrade failed: names %v errors %v", n.Name, res.Names, res.Errors)
+		}
+		if res := <-held; res.Error != "" || res.Exchanges < 20 {
+			t.Fatalf("%s: the connection held across the upgrade broke: %+v", n.Name, res)
+		}
 	}
 }

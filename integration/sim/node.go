@@ -105,9 +105,22 @@ func freeAddr() (string, error) {
 func (n *Node) StartDaemon() error {
 	c := n.cluster
 	dir := filepath.Join(c.RunDir, n.Name)
+	// A token bound to the node proxy's pod (istio-system/ztunnel-<node>):
+	// what the CA checks before it signs certificates for this node's pods.
+	// Tokens stay valid across control-plane restarts (same PKI): while
+	// istiod is down, a restarted daemon keeps the one it had.
 	token := filepath.Join(dir, "istio-token")
-	if err := os.WriteFile(token, []byte("sim-token"), 0o600); err != nil {
-		return err
+	c.mu.Lock()
+	cp := c.CP
+	c.mu.Unlock()
+	if cp != nil {
+		tok, err := cp.NodeToken(context.Background(), n.Name)
+		if err != nil {
+			return fmt.Errorf("node %s: token for the CA: %w", n.Name, err)
+		}
+		if err := os.WriteFile(token, []byte(tok), 0o600); err != nil {
+			return err
+		}
 	}
 	d := &Daemon{node: n, LogFile: filepath.Join(dir, "kmesh-daemon.log"), done: make(chan struct{})}
 	for _, p := range []*string{&d.AdminAddr, &d.StatsAddr, &d.ReadyAddr} {
@@ -175,6 +188,36 @@ func (n *Node) StopDaemon() {
 		_ = d.cmd.Process.Kill()
 		<-d.done
 	}
+}
+
+// UpgradeDaemon replaces the node's daemon as a rolling upgrade does: the
+// old one is told to stop (it stops following the control plane at once
+// and keeps accepting tunnel connections for the handover), the new one
+// starts beside it and takes over the kernel state and the pods'
+// listeners; the old one drains its connections and exits.
+func (n *Node) UpgradeDaemon() error {
+	n.mu.Lock()
+	old := n.Daemon
+	n.mu.Unlock()
+	if old != nil {
+		_ = old.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	if err := n.StartDaemon(); err != nil {
+		return err
+	}
+	if err := n.WaitReady(30 * time.Second); err != nil {
+		return err
+	}
+	if old != nil {
+		select {
+		case <-old.done:
+		case <-time.After(20 * time.Second):
+			_ = old.cmd.Process.Kill()
+			<-old.done
+			return errors.New("the old daemon did not exit within 20s of SIGTERM")
+		}
+	}
+	return nil
 }
 
 // KillDaemon kills the node's daemon without warning (a crash).

@@ -1,0 +1,165 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+
+	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/bpf"
+)
+
+// serveOutbound carries one connection the kernel (or iptables) sent to
+// the pod's 15001.
+func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
+	client := addrPortOf(c.RemoteAddr())
+	orig, err := p.origin(pp, c, client)
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", "no_original_destination").Inc()
+		p.log.Warn("outbound connection without a known destination: reset", "pod", pp.pod.UID, "client", client.String(), "err", err)
+		_ = c.SetLinger(0)
+		return
+	}
+	route, err := Resolve(p.cfg.Dir, p.cfg.Network, orig)
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", "no_route").Inc()
+		p.log.Info("outbound connection has no route: reset", "pod", pp.pod.UID, "dst", orig.Dst.String(), "err", err)
+		_ = c.SetLinger(0)
+		return
+	}
+	src := p.cfg.Dir.Workload(pp.pod.WorkloadUID)
+	rep := &connReport{reporter: "source", srcNS: pp.pod.Identity.Namespace, srcPrinc: pp.pod.Identity.String()}
+	if src != nil {
+		rep.srcWorkload = src.Meta().WorkloadName
+	}
+	fillDst(rep, route.Dst)
+	if route.Service != nil {
+		rep.dstService = route.Service.Hostname
+	}
+	if route.Plain {
+		p.plainOutbound(pp, c, route, rep)
+		return
+	}
+	rep.mtls = true
+	if err := p.hboneOutbound(pp, c, route, src, rep); err != nil {
+		p.log.Info("outbound HBONE failed: reset", "pod", pp.pod.UID, "dst", orig.Dst.String(), "via", route.Dial.String(), "err", err)
+		_ = c.SetLinger(0)
+	}
+}
+
+// origin is where the application meant to go: the kernel's record, or
+// the original destination of an iptables redirect.
+func (p *Proxy) origin(pp *podProxy, c *net.TCPConn, client netip.AddrPort) (bpf.TunnelOrig, error) {
+	if p.cfg.Tunnels != nil {
+		orig, ok, err := p.cfg.Tunnels.TakeTunnel(pp.pod.Cookie, client)
+		if err != nil {
+			return bpf.TunnelOrig{}, err
+		}
+		if ok {
+			return orig, nil
+		}
+	}
+	dst, err := originalDst(c)
+	if err != nil {
+		return bpf.TunnelOrig{}, fmt.Errorf("no kernel record and %w", err)
+	}
+	if dst.Port() == bpf.OutboundPort && dst.Addr().IsLoopback() {
+		return bpf.TunnelOrig{}, errors.New("connected to 15001 directly: nothing to forward to")
+	}
+	return bpf.TunnelOrig{Dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())}, nil
+}
+
+// plainOutbound forwards to a destination outside the mesh, spliced in
+// the kernel both ways.
+func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *connReport) {
+	up, err := pp.ns.dial(p.connCtx, route.Dial, p.cfg.DialTimeout)
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
+		_ = c.SetLinger(0)
+		return
+	}
+	defer up.Close()
+	labels := p.m.open(rep)
+	var received int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		received, _ = spliceCopy(up, c)
+	}()
+	sent, _ := spliceCopy(c, up)
+	wg.Wait()
+	p.m.close(labels, received, sent)
+}
+
+// hboneOutbound opens a CONNECT stream on a pooled HBONE connection and
+// copies both ways: the application's socket is the request body (read
+// straight into DATA frames), the response body is written back to it.
+func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *state.Workload, rep *connReport) error {
+	ctx := p.connCtx
+	cert, err := p.cfg.Certs.Certificate(ctx, pp.pod.Identity)
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", "no_certificate").Inc()
+		return fmt.Errorf("no certificate for %s: %w", pp.pod.Identity, err)
+	}
+	key := poolKey{pod: pp.pod.UID, src: pp.pod.Identity, dst: route.Identity, addr: route.Dial}
+	pc, release, err := p.pool.get(ctx, key, func(ctx context.Context) (net.Conn, error) {
+		raw, err := pp.ns.dial(ctx, route.Dial, p.cfg.DialTimeout)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to %s (a NetworkPolicy blocking HBONE port 15008?): %w", route.Dial, err)
+		}
+		tc := tls.Client(raw, clientTLS(cert, p.cfg.Certs.Roots, route.Identity))
+		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+		defer cancel()
+		if err := tc.HandshakeContext(hctx); err != nil {
+			raw.Close()
+			return nil, fmt.Errorf("TLS with %s (%s): %w", route.Dial, route.Identity, err)
+		}
+		p.m.handshakes.WithLabelValues("outbound").Inc()
+		return tc, nil
+	})
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
+		return err
+	}
+	defer release()
+
+	var srcAddr netip.Addr
+	if src != nil {
+		srcAddr, _ = sameFamily(src.Addresses, route.Target.Addr())
+	}
+	body := newAppBody(c)
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	resp, err := pc.cc.RoundTrip(connectRequest(sctx, route.Target, source{addr: srcAddr, w: src}, body))
+	if err != nil {
+		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
+		return fmt.Errorf("CONNECT %s via %s: %w", route.Target, route.Dial, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		p.m.refused.WithLabelValues("outbound", fmt.Sprintf("peer_%d", resp.StatusCode)).Inc()
+		return fmt.Errorf("%w: CONNECT %s via %s: %s", errStreamRefused, route.Target, route.Dial, resp.Status)
+	}
+	labels := p.m.open(rep)
+	sent, err := copyFlush(c, resp.Body, nil)
+	if err != nil {
+		// The stream broke: reset the application and abort the upload.
+		cancel()
+		resetOnError(c, err)
+		c.Close()
+		<-body.done
+		p.m.close(labels, body.n, sent)
+		return nil
+	}
+	_ = c.CloseWrite()
+	// The peer finished; the application may still be sending (half-close).
+	<-body.done
+	p.m.close(labels, body.n, sent)
+	return nil
+}

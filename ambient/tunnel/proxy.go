@@ -1,0 +1,401 @@
+// Package tunnel is the node proxy's user-space data path: the HBONE
+// tunnel (HTTP/2 CONNECT over mutual TLS 1.3 on port 15008) that carries
+// connections between nodes and to waypoints, exactly as ztunnel does, so
+// Kmesh nodes interoperate with ztunnel nodes, sidecars and waypoints.
+//
+// Most connections never come here: the kernel path connects pods on one
+// node directly. What needs mTLS (a mesh workload on another node, or
+// anything behind a waypoint) is sent by the kernel to the proxy's
+// outbound listener inside the pod (127.0.0.1:15001), with the original
+// destination and the chosen backend recorded in kmesh_tunnel.
+//
+// Per enrolled pod, inside the pod's network namespace:
+//
+//	15001  outbound: take the kernel's record (or iptables' original
+//	       destination), resolve the route, open (or reuse) an HBONE
+//	       connection with the pod's certificate, CONNECT, copy.
+//	15008  inbound HBONE: verify the peer chains to the mesh root and is in
+//	       our trust domain, check the CONNECT targets this pod (400),
+//	       authorize (401), dial the application (503), copy.
+//	15006  inbound plaintext (redirected by istio-cni's rules when they
+//	       coexist): the same checks without a peer identity.
+//
+// Every listener has SO_REUSEPORT and every socket the proxy mark, so a
+// second daemon (an upgrade) binds beside this one and takes over.
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/bpf"
+)
+
+// Certs is the identity manager as the proxy uses it.
+type Certs interface {
+	Certificate(ctx context.Context, id identity.Identity) (*identity.Certificate, error)
+	Roots() *x509.CertPool
+}
+
+// TunnelTable is the kernel's record of tunnelled connections (bpf.Maps).
+type TunnelTable interface {
+	TakeTunnel(netnsCookie uint64, client netip.AddrPort) (bpf.TunnelOrig, bool, error)
+}
+
+// Config configures the node proxy.
+type Config struct {
+	// TrustDomain: inbound peers must belong to it.
+	TrustDomain string
+	// Network is the node's network (addresses are looked up within it).
+	Network string
+	Dir     Directory
+	Certs   Certs
+	// Tunnels is the kernel's record; nil: only iptables redirection
+	// (SO_ORIGINAL_DST) tells where connections go.
+	Tunnels TunnelTable
+	// DialTimeout bounds connecting to a peer or the application (5 s).
+	DialTimeout time.Duration
+	// IdleTimeout closes pooled HBONE connections without streams (60 s).
+	IdleTimeout time.Duration
+	Registerer  prometheus.Registerer
+	Log         *slog.Logger
+}
+
+// Pod is an enrolled pod as the proxy sees it.
+type Pod struct {
+	// UID is the enrolment's id (ZDS uid).
+	UID string
+	// WorkloadUID is istiod's id for the pod's workload.
+	WorkloadUID string
+	Identity    identity.Identity
+	// Netns is the pod's network namespace; the proxy keeps a duplicate.
+	Netns *os.File
+	// Cookie is the namespace's cookie (the kernel's key).
+	Cookie uint64
+}
+
+// Proxy is the node proxy: one per daemon, serving every enrolled pod.
+type Proxy struct {
+	cfg   Config
+	log   *slog.Logger
+	m     *metrics
+	pool  *pool
+	h2s   *http2.Server
+	authz *authzCache
+
+	mu     sync.Mutex
+	pods   map[string]*podProxy
+	active map[*net.TCPConn]struct{}
+	// draining: Close began (no new pods); closed: listeners are closed.
+	draining, closed bool
+	wg               sync.WaitGroup
+	stop             chan struct{}
+	// connCtx carries every proxied connection: a pod leaving the mesh
+	// (or a daemon shutting down) stops new connections, not established
+	// ones; it ends only when a drain runs out of time.
+	connCtx    context.Context
+	cancelConn context.CancelFunc
+
+	// dialApp connects to the application behind an inbound tunnel, from
+	// inside its pod (replaced by the fuzz test).
+	dialApp func(ctx context.Context, pp *podProxy, target netip.AddrPort) (*net.TCPConn, error)
+}
+
+// podProxy is one pod's listeners. Its context ends with the pod's
+// enrolment; connections already carried live on (see Proxy.connCtx).
+type podProxy struct {
+	pod       Pod
+	ns        podNetns
+	nsFile    *os.File
+	listeners []net.Listener
+	ctx       context.Context
+	cancel    context.CancelFunc
+}
+
+// New creates the node proxy; pods are added as they are enrolled.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 5 * time.Second
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = 60 * time.Second
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = defaultTrustDomain
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	t2, err := http2.ConfigureTransports(&http.Transport{HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerConnection: connWindow,
+		MaxReceiveBufferPerStream:     streamWindow,
+		MaxReadFrameSize:              maxFrame,
+	}})
+	if err != nil {
+		return nil, err
+	}
+	// A dead peer is noticed by pings, not by the next request hanging.
+	t2.ReadIdleTimeout = 30 * time.Second
+	t2.PingTimeout = 10 * time.Second
+	m := newMetrics(cfg.Registerer)
+	p := &Proxy{
+		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
+		pool: newPool(t2, m, cfg.IdleTimeout),
+		h2s: &http2.Server{
+			MaxConcurrentStreams:         maxStreams,
+			MaxUploadBufferPerConnection: connWindow,
+			MaxUploadBufferPerStream:     streamWindow,
+			MaxReadFrameSize:             maxFrame,
+			IdleTimeout:                  10 * time.Minute,
+		},
+		authz:  newAuthzCache(),
+		pods:   map[string]*podProxy{},
+		active: map[*net.TCPConn]struct{}{},
+		stop:   make(chan struct{}),
+	}
+	p.connCtx, p.cancelConn = context.WithCancel(context.Background())
+	p.dialApp = func(ctx context.Context, pp *podProxy, target netip.AddrPort) (*net.TCPConn, error) {
+		return pp.ns.dial(ctx, target, p.cfg.DialTimeout)
+	}
+	p.wg.Add(1)
+	go p.reaper()
+	return p, nil
+}
+
+func (p *Proxy) reaper() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.cfg.IdleTimeout / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case now := <-t.C:
+			p.pool.reap(now)
+		}
+	}
+}
+
+// AddPod opens the pod's listeners inside its network namespace. Adding a
+// pod again (a new enrolment of the same pod) replaces its listeners.
+func (p *Proxy) AddPod(pod Pod) error {
+	fd, err := unix.FcntlInt(pod.Netns.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("pod %s: duplicating its namespace: %w", pod.UID, err)
+	}
+	pp := &podProxy{pod: pod, ns: podNetns{fd: fd}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID)}
+	pp.ctx, pp.cancel = context.WithCancel(context.Background())
+	fail := func(err error) error {
+		pp.close()
+		return fmt.Errorf("pod %s: %w", pod.UID, err)
+	}
+	if err := pp.ns.migrateRequests(); err != nil {
+		p.log.Debug("tcp_migrate_req not set: an upgrade may reset connections still in the accept queue", "pod", pod.UID, "err", err)
+	}
+	type spec struct {
+		addrs    []string
+		required bool
+		serve    func(*podProxy, *net.TCPConn)
+	}
+	for _, s := range []spec{
+		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound},
+		{[]string{"[::1]:15001"}, false, p.serveOutbound}, // pods without IPv6 have no ::1
+		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE},
+		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain},
+	} {
+		var l *net.TCPListener
+		var lerr error
+		for _, a := range s.addrs {
+			if l, lerr = pp.ns.listen(a); lerr == nil {
+				break
+			}
+		}
+		if lerr != nil {
+			if s.required {
+				return fail(fmt.Errorf("listening on %s inside the pod: %w", s.addrs[0], lerr))
+			}
+			continue
+		}
+		pp.listeners = append(pp.listeners, l)
+		p.wg.Add(1)
+		go p.acceptLoop(pp, l, s.serve)
+	}
+	p.mu.Lock()
+	if p.draining {
+		p.mu.Unlock()
+		pp.close()
+		return errors.New("proxy closed")
+	}
+	old := p.pods[pod.UID]
+	p.pods[pod.UID] = pp
+	p.mu.Unlock()
+	if old != nil {
+		old.close()
+	}
+	p.log.Info("pod listeners open", "pod", pod.UID, "identity", pod.Identity.String())
+	return nil
+}
+
+// RemovePod closes the pod's listeners. Connections it has open continue
+// (the pod left the mesh; what it already had keeps working, as on the
+// kernel path) until they end.
+func (p *Proxy) RemovePod(uid string) {
+	p.mu.Lock()
+	pp := p.pods[uid]
+	delete(p.pods, uid)
+	p.mu.Unlock()
+	if pp != nil {
+		pp.close()
+		p.pool.dropPod(uid)
+		p.authz.forget(pp.pod.WorkloadUID)
+	}
+}
+
+func (pp *podProxy) close() {
+	for _, l := range pp.listeners {
+		l.Close()
+	}
+	pp.cancel()
+	pp.nsFile.Close()
+}
+
+func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProxy, *net.TCPConn)) {
+	defer p.wg.Done()
+	for {
+		c, err := l.AcceptTCP()
+		if err != nil {
+			if isClosed(err) {
+				return
+			}
+			p.log.Warn("accept failed", "pod", pp.pod.UID, "addr", l.Addr().String(), "err", err)
+			time.Sleep(10 * time.Millisecond) // EMFILE and friends: do not spin
+			continue
+		}
+		if !p.track(c) {
+			c.Close()
+			return
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer p.untrack(c)
+			serve(pp, c)
+		}()
+	}
+}
+
+func (p *Proxy) track(c *net.TCPConn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.active[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c *net.TCPConn) {
+	p.mu.Lock()
+	delete(p.active, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+// Close hands over and drains: it keeps accepting for handover (the next
+// daemon of an upgrade starts meanwhile and listens beside this one, so no
+// new connection is refused), then stops accepting (connections waiting in
+// the accept queue migrate to the other listener), lets connections in
+// flight finish until ctx ends, and closes what is left.
+func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
+	p.mu.Lock()
+	if p.draining {
+		p.mu.Unlock()
+		return
+	}
+	p.draining = true
+	pods := p.pods
+	p.mu.Unlock()
+	if handover > 0 {
+		select {
+		case <-time.After(handover):
+		case <-ctx.Done():
+		}
+	}
+	p.mu.Lock()
+	p.closed = true
+	pods = p.pods
+	p.pods = map[string]*podProxy{}
+	p.mu.Unlock()
+	for _, pp := range pods {
+		for _, l := range pp.listeners {
+			l.Close()
+		}
+	}
+	close(p.stop)
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.cancelConn()
+		p.mu.Lock()
+		for c := range p.active {
+			_ = c.SetLinger(0)
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.pool.closeAll()
+		<-done
+	}
+	p.cancelConn()
+	p.pool.closeAll()
+	for _, pp := range pods {
+		pp.cancel()
+		pp.nsFile.Close()
+	}
+}
+
+// serverTLS is the inbound HBONE TLS configuration of one pod: its own
+// certificate, TLS 1.3, h2, and a client certificate that chains to the
+// mesh roots within our trust domain.
+func (p *Proxy) serverTLS(pp *podProxy, peer *identity.Identity, why *string) *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{alpnH2},
+		// Requested, not required: VerifyPeerCertificate then also sees a
+		// peer without one, and the refusal is counted with its reason.
+		ClientAuth: tls.RequestClientCert,
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c, err := p.cfg.Certs.Certificate(hello.Context(), pp.pod.Identity)
+			if err != nil {
+				*why = reasonHandshake
+				return nil, fmt.Errorf("no certificate for %s yet: %w", pp.pod.Identity, err)
+			}
+			return &c.TLS, nil
+		},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			id, r := verifyPeer(raw, p.cfg.Certs.Roots(), nil, p.cfg.TrustDomain)
+			if r != nil {
+				*why = r.reason
+				return r
+			}
+			*peer = id
+			return nil
+		},
+	}
+}

@@ -1,0 +1,150 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/kernel"
+)
+
+// podNetns creates sockets inside one pod's network namespace. Every socket
+// carries the proxy mark, so the kernel path (and istio-cni's rules, when
+// they coexist) leave the proxy's own traffic alone.
+type podNetns struct {
+	fd int
+}
+
+// markControl sets the proxy mark and, for listeners, SO_REUSEPORT: a
+// second daemon (an upgrade) binds the same ports beside us and the kernel
+// spreads new connections over both until we close.
+func markControl(reuse bool) func(string, string, syscall.RawConn) error {
+	return func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark); serr != nil {
+				serr = fmt.Errorf("SO_MARK: %w", serr)
+				return
+			}
+			if reuse {
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+					serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
+				}
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
+func (n podNetns) listen(addr string) (*net.TCPListener, error) {
+	var l net.Listener
+	err := kernel.InNetns(n.fd, func() (err error) {
+		lc := net.ListenConfig{Control: markControl(true)}
+		l, err = lc.Listen(context.Background(), "tcp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return l.(*net.TCPListener), nil
+}
+
+// dial connects from inside the pod. The socket is created in the pod's
+// namespace; the connect itself may block on any thread.
+func (n podNetns) dial(ctx context.Context, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
+	var c net.Conn
+	err := kernel.InNetns(n.fd, func() (err error) {
+		d := net.Dialer{Timeout: timeout, Control: markControl(false)}
+		c, err = d.DialContext(ctx, "tcp", dst.String())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// migrateRequests turns on net.ipv4.tcp_migrate_req inside the pod: when
+// an old daemon closes its listener during an upgrade, connections waiting
+// in its accept queue move to the new daemon's listener instead of being
+// reset. Best effort: kernels before 5.14 do not have it.
+func (n podNetns) migrateRequests() error {
+	return kernel.InNetns(n.fd, func() error {
+		// /proc/sys/net follows the namespace of the thread that opens it.
+		f, err := os.OpenFile("/proc/sys/net/ipv4/tcp_migrate_req", os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = f.WriteString("1")
+		return err
+	})
+}
+
+// originalDst is where a connection redirected by iptables (istio-cni's
+// in-pod rules: REDIRECT to 15001/15006) was going.
+func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	var out netip.AddrPort
+	var gerr error
+	v6 := c.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().Is6()
+	cerr := rc.Control(func(fd uintptr) {
+		if v6 {
+			var sa unix.RawSockaddrInet6
+			l := uint32(unsafe.Sizeof(sa))
+			// IP6T_SO_ORIGINAL_DST == SO_ORIGINAL_DST (80) at SOL_IPV6.
+			_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IPV6, unix.SO_ORIGINAL_DST,
+				uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&l)), 0)
+			if e != 0 {
+				gerr = e
+				return
+			}
+			p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+			out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
+			return
+		}
+		var sa unix.RawSockaddrInet4
+		l := uint32(unsafe.Sizeof(sa))
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, unix.SO_ORIGINAL_DST,
+			uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&l)), 0)
+		if e != 0 {
+			gerr = e
+			return
+		}
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		out = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
+	})
+	if cerr != nil {
+		return netip.AddrPort{}, cerr
+	}
+	if gerr != nil {
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", gerr)
+	}
+	return out, nil
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if t, ok := a.(*net.TCPAddr); ok {
+		ap := t.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+// isClosed reports errors that only mean "the listener was closed".
+func isClosed(err error) bool { return errors.Is(err, net.ErrClosed) }
