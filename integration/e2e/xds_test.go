@@ -230,7 +230,7 @@ func (c *cluster) addPod(name string, host int, node, app string) {
 func (c *cluster) kubePod(name, ip, node, app string) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": app}},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: app},
+		Spec:       corev1.PodSpec{NodeName: node, ServiceAccountName: app},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}},
 			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
 	}
