@@ -157,8 +157,8 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
  * it is kept even with cfg_peer_vip off. Returns 0, or -ENOMEM when a
  * tunnelled socket has no storage (the proxy could not know where to go). */
 static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
-					 const struct lb_result *res, const __u32 peer[4], __u16 peer_port,
-					 __u16 oflags)
+					 const struct lb_result *res, const __u32 peer[4],
+					 __u16 peer_port, __u16 oflags)
 {
 	struct sock_orig *so;
 

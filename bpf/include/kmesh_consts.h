@@ -28,8 +28,8 @@
 #define FRONTEND_F_WAYPOINT    0x2 /* the service's traffic goes through its waypoint */
 
 /* backend_value.flags */
-#define BACKEND_F_HBONE 0x1 /* the workload accepts HBONE on 15008 */
-#define BACKEND_F_LOCAL 0x2 /* the workload runs on this node */
+#define BACKEND_F_HBONE	   0x1 /* the workload accepts HBONE on 15008 */
+#define BACKEND_F_LOCAL	   0x2 /* the workload runs on this node */
 #define BACKEND_F_WAYPOINT 0x4 /* traffic addressed to the workload goes through its waypoint */
 
 /* sock_orig.flags and tunnel_value.flags */
@@ -40,9 +40,9 @@
  * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
  * them alone. Connections that need HBONE are sent to its outbound listener
  * on the pod's own loopback. */
-#define KMESH_PROXY_MARK  0x539
+#define KMESH_PROXY_MARK    0x539
 #define KMESH_OUTBOUND_PORT 15001
-#define KMESH_HBONE_PORT  15008
+#define KMESH_HBONE_PORT    15008
 
 /* service_value.mode (for dumps; the kernel acts on ranks, not on the mode) */
 #define LB_MODE_STANDARD    0
@@ -52,18 +52,18 @@
 
 /* Counters in the kmesh_stats per-CPU array. */
 enum kmesh_stat {
-	STAT_LB_SERVICE = 0,	  /* connect/sendmsg rewritten to a service endpoint */
-	STAT_LB_NO_ENDPOINT = 1,  /* service without a usable endpoint: refused */
-	STAT_LB_NO_FAMILY = 2,	  /* endpoint lacks an address of the socket's family */
-	STAT_LB_RETRY = 3,	  /* endpoint table changed under us, picked again */
-	STAT_LB_PASSTHROUGH = 4,  /* PASSTHROUGH service left untouched */
-	STAT_WORKLOAD_DIRECT = 5, /* connect to a known workload IP */
-	STAT_PEER_REWRITTEN = 6,  /* getpeername/recvmsg answered with the VIP */
-	STAT_STORAGE_FAIL = 7,	  /* no socket storage: peer name cannot be restored */
-	STAT_UDP_AFFINITY = 8,	  /* UDP datagram sent to the backend already chosen */
-	STAT_TUNNEL = 9,	  /* connect sent to the node proxy for HBONE */
-	STAT_TUNNEL_NO_ORIG = 10, /* no socket storage for a tunnelled connect: refused */
-	STAT_TUNNEL_RECORD = 11,  /* sockops recorded a tunnelled connection */
+	STAT_LB_SERVICE = 0,	      /* connect/sendmsg rewritten to a service endpoint */
+	STAT_LB_NO_ENDPOINT = 1,      /* service without a usable endpoint: refused */
+	STAT_LB_NO_FAMILY = 2,	      /* endpoint lacks an address of the socket's family */
+	STAT_LB_RETRY = 3,	      /* endpoint table changed under us, picked again */
+	STAT_LB_PASSTHROUGH = 4,      /* PASSTHROUGH service left untouched */
+	STAT_WORKLOAD_DIRECT = 5,     /* connect to a known workload IP */
+	STAT_PEER_REWRITTEN = 6,      /* getpeername/recvmsg answered with the VIP */
+	STAT_STORAGE_FAIL = 7,	      /* no socket storage: peer name cannot be restored */
+	STAT_UDP_AFFINITY = 8,	      /* UDP datagram sent to the backend already chosen */
+	STAT_TUNNEL = 9,	      /* connect sent to the node proxy for HBONE */
+	STAT_TUNNEL_NO_ORIG = 10,     /* no socket storage for a tunnelled connect: refused */
+	STAT_TUNNEL_RECORD = 11,      /* sockops recorded a tunnelled connection */
 	STAT_TUNNEL_RECORD_FAIL = 12, /* ... but the map update failed */
 	STAT_MAX = 16,
 };
