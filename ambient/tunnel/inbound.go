@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -100,6 +101,9 @@ func (p *Proxy) inboundStream(pp *podProxy, w http.ResponseWriter, r *http.Reque
 	go func() {
 		defer wg.Done()
 		received, upErr = copyFlush(app, r.Body, nil)
+		if upErr != nil && os.IsTimeout(upErr) {
+			return // the application ended its side first (see below)
+		}
 		if upErr != nil {
 			// The peer reset the stream: the application must see a reset.
 			resetOnError(app, upErr)
@@ -109,8 +113,13 @@ func (p *Proxy) inboundStream(pp *podProxy, w http.ResponseWriter, r *http.Reque
 		_ = app.CloseWrite()
 	}()
 	// Downstream: application -> peer. The handler returning ends the
-	// stream (END_STREAM), so it waits for the upstream half first.
+	// stream (END_STREAM). Go's HTTP/2 server cannot half-close a stream
+	// while still reading it, so when the application ends its side the
+	// upload is stopped too: a client waiting for EOF (HTTP/1.0-style
+	// responses) gets it at once; a server that half-closes and then keeps
+	// reading loses the rest of the upload (ROADMAP: own HBONE framing).
 	sent, downErr := copyFlush(w, app, func() { _ = rc.Flush() })
+	_ = rc.SetReadDeadline(time.Now())
 	if downErr != nil {
 		app.Close()
 	}

@@ -245,6 +245,17 @@ func TestPrivilegedTunnel(t *testing.T) {
 		t.Logf("1000 × 64 KiB echoed in %.2fs", many.Seconds)
 	})
 
+	t.Run("the server closes first: the client sees EOF at once", func(t *testing.T) {
+		// HTTP/1.0-style: the client waits for the server's close to end
+		// the exchange, without closing its own side first.
+		var res podnet.ClientResult
+		start := time.Now()
+		f.run(t, &res, "tcp", "-addr", echo9090.String(), "-n", "5", "-until-eof", "-timeout", "2s")
+		if res.Names["echo:9090"] != 5 || time.Since(start) > 2*time.Second {
+			t.Fatalf("5 exchanges ended by the server: %+v in %v", res, time.Since(start))
+		}
+	})
+
 	t.Run("iperf3 through the tunnel", func(t *testing.T) {
 		if _, err := exec.LookPath("iperf3"); err != nil {
 			t.Fatal("iperf3 is not installed (make bench-tools / .ci/run installs it)")

@@ -25,6 +25,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	securityapi "istio.io/api/security/v1"
+	typeapi "istio.io/api/type/v1beta1"
+	securityclient "istio.io/client-go/pkg/apis/security/v1"
+
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/integration/sim"
 )
@@ -45,6 +49,7 @@ const (
 	vipDNAT     = "10.96.2.1" // iptables DNAT in the client pod
 	vipProxy    = "10.96.3.1" // iptables REDIRECT to a haproxy pair, plain TCP
 	vipProxyTLS = "10.96.4.1" // iptables REDIRECT to a haproxy pair, mutual TLS
+	vipHBONE    = "10.96.5.1" // a Service whose workload has an authorization policy: Kmesh's HBONE tunnel
 )
 
 // Arm is one way for the client to reach the server.
@@ -103,6 +108,18 @@ spec:
   - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
   - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
   - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-hbone, namespace: bench}
+spec:
+  clusterIP: 10.96.5.1
+  selector: {app: server-hbone}
+  ports:
+  - {name: http, port: 8080, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
+  - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
+  - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
 `
 
 func pinned(cpu int, argv ...string) []string {
@@ -136,8 +153,9 @@ func Setup(ctx context.Context, opts Options) (*Env, error) {
 		return nil, err
 	}
 	if err := e.setup(ctx); err != nil {
+		log := lastLines(e.cluster.Nodes[0].Daemon.Log(), 30)
 		e.Close()
-		return nil, err
+		return nil, fmt.Errorf("%w\n--- kmesh-daemon log (last lines):\n%s", err, log)
 	}
 	return e, nil
 }
@@ -152,13 +170,24 @@ func (e *Env) setup(ctx context.Context) error {
 		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name}},
 			Spec: corev1.PodSpec{NodeName: "node-1", Containers: ctrs}}
 	}
-	server := mk("bench", "server",
-		corev1.Container{Name: "fortio", Command: pinned(1, e.opts.Fortio, "server", "-http-port", fmt.Sprint(portHTTP),
-			"-tcp-port", fmt.Sprint(portTCP), "-grpc-port", "disabled", "-redirect-port", "disabled", "-loglevel", "error")},
-		corev1.Container{Name: "sockperf", Command: pinned(1, "sockperf", "sr", "--tcp", "-p", fmt.Sprint(portSockperf))},
-		corev1.Container{Name: "iperf3", Command: pinned(1, "iperf3", "-s", "-p", fmt.Sprint(portIperf))},
-	)
-	pods := []*corev1.Pod{server, mk("bench", "client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied")}
+	tools := func() []corev1.Container {
+		return []corev1.Container{
+			{Name: "fortio", Command: pinned(1, e.opts.Fortio, "server", "-http-port", fmt.Sprint(portHTTP),
+				"-tcp-port", fmt.Sprint(portTCP), "-grpc-port", "disabled", "-redirect-port", "disabled", "-loglevel", "error")},
+			{Name: "sockperf", Command: pinned(1, "sockperf", "sr", "--tcp", "-p", fmt.Sprint(portSockperf))},
+			{Name: "iperf3", Command: pinned(1, "iperf3", "-s", "-p", fmt.Sprint(portIperf))},
+		}
+	}
+	server := mk("bench", "server", tools()...)
+	// The HBONE arm's server: the same tools behind an authorization
+	// policy, which sends even same-node clients through the tunnel (its
+	// inbound side enforces the policy). Everything else is as for the
+	// other arms: same node, same CPUs.
+	serverHBONE := mk("bench", "server-hbone", tools()...)
+	if err := e.allowPolicy(ctx); err != nil {
+		return err
+	}
+	pods := []*corev1.Pod{server, serverHBONE, mk("bench", "client"), mk("bench", "hbone-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied")}
 	for _, p := range pods {
 		if _, err := k.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return err
@@ -171,14 +200,14 @@ func (e *Env) setup(ctx context.Context) error {
 			return err
 		}
 		got[p.Namespace+"/"+p.Name] = sp
-		if p.Name != "server" {
+		if !strings.HasPrefix(p.Name, "server") {
 			if err := clientSysctls(sp); err != nil {
 				return err
 			}
 		}
 	}
 	e.server = got["bench/server"]
-	e.serverPids = e.server.Pids()
+	e.serverPids = append(e.server.Pids(), got["bench/server-hbone"].Pids()...)
 	serverIP := e.server.IPs()[0].String()
 	proxied := got["plain/proxied"]
 
@@ -188,7 +217,7 @@ func (e *Env) setup(ctx context.Context) error {
 	sockmap := &Arm{Name: "kmesh-sockmap", Why: "sockmap splicing is not built yet (ROADMAP.md)"}
 	proxy := &Arm{Name: "haproxy-tcp", Available: true, addr: vipProxy, client: proxied}
 	proxyTLS := &Arm{Name: "haproxy-mtls", Available: true, addr: vipProxyTLS, client: proxied}
-	hbone := &Arm{Name: "kmesh-hbone", Why: "the HBONE tunnel is not built yet (ROADMAP.md)"}
+	hbone := &Arm{Name: "kmesh-hbone", Available: true, addr: vipHBONE, client: got["bench/hbone-client"]}
 	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone}
 
 	// kube-proxy style: DNAT of the VIP in the client's own netns.
@@ -209,7 +238,50 @@ func (e *Env) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	return e.waitReachable(ctx)
+	if err := e.waitReachable(ctx); err != nil {
+		return err
+	}
+	return e.checkTunnelled(hbone)
+}
+
+// allowPolicy is an ALLOW policy for the HBONE arm's server, as a user
+// would write it: clients of the bench namespace may connect.
+func (e *Env) allowPolicy(ctx context.Context) error {
+	ap := &securityclient.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "server-hbone", Namespace: "bench"},
+		Spec: securityapi.AuthorizationPolicy{
+			Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": "server-hbone"}},
+			Action:   securityapi.AuthorizationPolicy_ALLOW,
+			Rules:    []*securityapi.Rule{{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"bench"}}}}}},
+		},
+	}
+	_, err := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench").Create(ctx, ap, metav1.CreateOptions{})
+	return err
+}
+
+// checkTunnelled makes sure the HBONE arm measures the tunnel: a probe
+// through it must be counted by the kernel as sent to the node proxy.
+func (e *Env) checkTunnelled(a *Arm) error {
+	maps, closeMaps, err := bpf.OpenPinned(filepath.Join(sim.PinParent, e.cluster.ID, "node-1"))
+	if err != nil {
+		return err
+	}
+	defer closeMaps()
+	before, err := maps.Stats()
+	if err != nil {
+		return err
+	}
+	if _, err := e.fortio(a, "-qps", "10", "-c", "1", "-n", "3", "-keepalive=false", fmt.Sprintf("http://%s:%d/echo", a.addr, portHTTP)); err != nil {
+		return fmt.Errorf("arm %s: %w", a.Name, err)
+	}
+	after, err := maps.Stats()
+	if err != nil {
+		return err
+	}
+	if after["tunnel"] < before["tunnel"]+3 {
+		return fmt.Errorf("arm %s: the kernel sent %d of 3 connections to the tunnel", a.Name, after["tunnel"]-before["tunnel"])
+	}
+	return nil
 }
 
 // clientSysctls lets a client pod open connections as fast as the machine

@@ -219,6 +219,7 @@ func (r *Report) markdown(prefix string) string {
 	}
 	b.WriteString("\n\n")
 	fmt.Fprintf(&b, "![latency vs connections](%s-latency.png) ![CPU per 1000 requests](%s-cpu.png) ![throughput](%s-throughput.png)\n\n", prefix, prefix, prefix)
+	r.tunnelOverhead(&b)
 	for _, w := range r.Workloads {
 		fmt.Fprintf(&b, "## %s\n\n", w.Name)
 		switch w.Kind {
@@ -249,9 +250,41 @@ func (r *Report) markdown(prefix string) string {
 	return b.String()
 }
 
+// tunnelOverhead compares what the two mutual-TLS user-space paths add on
+// top of the direct path: Kmesh's HBONE tunnel and the haproxy TLS pair.
+// Targets (issue 6): added p50 latency <= 0.7x, added CPU <= 0.5x haproxy's.
+func (r *Report) tunnelOverhead(b *strings.Builder) {
+	find := func(w, a string) *Summary {
+		for i := range r.Summaries {
+			if r.Summaries[i].Workload == w && r.Summaries[i].Arm == a {
+				return &r.Summaries[i]
+			}
+		}
+		return nil
+	}
+	b.WriteString("## HBONE tunnel vs the haproxy mTLS pair: what each adds to the direct path\n\n")
+	b.WriteString("Added = arm median − direct median (same run). Targets: added p50 ≤ 0.7× and added CPU ≤ 0.5× haproxy's.\n\n")
+	b.WriteString("| workload | +p50 µs HBONE | +p50 µs haproxy-mtls | ratio | +CPU ms/1k HBONE | +CPU ms/1k haproxy-mtls | ratio |\n|---|---|---|---|---|---|---|\n")
+	for _, w := range r.Workloads {
+		d, h, x := find(w.Name, "direct"), find(w.Name, "kmesh-hbone"), find(w.Name, "haproxy-mtls")
+		if d == nil || h == nil || x == nil {
+			continue
+		}
+		if w.Kind == "iperf3" {
+			fmt.Fprintf(b, "| %s | Gbit/s %.2f | Gbit/s %.2f | %.2f× throughput | CPU/GB %.0f | CPU/GB %.0f | %.2f× |\n", w.Name, h.Gbps, x.Gbps,
+				h.Gbps/x.Gbps, (h.CPUPer1k-d.CPUPer1k)*1e6, (x.CPUPer1k-d.CPUPer1k)*1e6, (h.CPUPer1k-d.CPUPer1k)/(x.CPUPer1k-d.CPUPer1k))
+			continue
+		}
+		hl, xl := h.P50us-d.P50us, x.P50us-d.P50us
+		hc, xc := h.CPUPer1k-d.CPUPer1k, x.CPUPer1k-d.CPUPer1k
+		fmt.Fprintf(b, "| %s | %.1f | %.1f | %.2f× | %.2f | %.2f | %.2f× |\n", w.Name, hl, xl, hl/xl, hc, xc, hc/xc)
+	}
+	b.WriteString("\n")
+}
+
 var palette = []color.Color{
 	color.RGBA{0, 0, 0, 255}, color.RGBA{128, 128, 128, 255}, color.RGBA{0, 114, 178, 255}, color.RGBA{86, 180, 233, 255},
-	color.RGBA{213, 94, 0, 255}, color.RGBA{230, 159, 0, 255}, color.RGBA{0, 158, 115, 255},
+	color.RGBA{213, 94, 0, 255}, color.RGBA{230, 159, 0, 255}, color.RGBA{0, 158, 115, 255}, color.RGBA{204, 121, 167, 255},
 }
 
 func (r *Report) armColor(name string) color.Color {

@@ -254,8 +254,9 @@ func Run(ctx context.Context, opts Options) error {
 		fmt.Fprintf(out, "  errors: %v\n", errs)
 	}
 	fmt.Fprintf(out, "\nWhich path the connections from node-1 took (kernel counters, this run)\n")
-	fmt.Fprintf(out, "  kernel fast path: VIP rewritten at connect(), no proxy   %6d\n", after["lb_service"]-before["lb_service"])
-	fmt.Fprintf(out, "  tunnel (HBONE to another node or a waypoint)            %6d  (not built yet: ROADMAP.md)\n", 0)
+	tunnelled := after["tunnel"] - before["tunnel"]
+	fmt.Fprintf(out, "  kernel fast path: VIP rewritten at connect(), no proxy   %6d  (backend on node-1)\n", max(after["lb_service"]-before["lb_service"], tunnelled)-tunnelled)
+	fmt.Fprintf(out, "  HBONE tunnel: mutual TLS to the backend's node           %6d  (backend on node-2)\n", tunnelled)
 	fmt.Fprintf(out, "  plaintext, addressed to a pod IP directly                %6d\n", after["workload_direct"]-before["workload_direct"])
 	fmt.Fprintf(out, "  legacy/outsider (outside the mesh) → VIP: untouched by Kmesh (%s)\n", strings.Join(outside.Errors.Keys(), ", "))
 

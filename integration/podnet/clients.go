@@ -321,6 +321,7 @@ func tcpClient(args []string) (any, error) {
 	latency := fs.Bool("latency", false, "record per-connection latency")
 	rst := fs.Bool("rst", false, "close with RST (SO_LINGER 0): no TIME_WAIT piles up in long runs")
 	mark := fs.Int("mark", 0, "SO_MARK for the sockets (0x539 is the node proxy's)")
+	eof := fs.Bool("until-eof", false, "read until the server closes (HTTP/1.0 style) instead of one line")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -344,7 +345,14 @@ func tcpClient(args []string) (any, error) {
 		}
 		res.Peers[peerOf(c.(*net.TCPConn))]++
 		_ = c.SetDeadline(time.Now().Add(*timeout))
-		line, err := bufio.NewReader(c).ReadString('\n')
+		var line string
+		if *eof {
+			var b []byte
+			b, err = io.ReadAll(c)
+			line = string(b)
+		} else {
+			line, err = bufio.NewReader(c).ReadString('\n')
+		}
 		if *rst {
 			_ = c.(*net.TCPConn).SetLinger(0)
 		}
