@@ -442,6 +442,26 @@ func BenchmarkPrivilegedConnectProgram(b *testing.B) {
 			{"vip", f.client, "10.96.0.10:80"},
 			{"pod-ip", f.client, "10.244.1.12:8080"},
 			{"unmanaged", f.outsider, "10.244.1.12:8080"},
+			// c as an HBONE workload on another node: sent to the node
+			// proxy's listener (here a stand-in that takes the record).
+			{"tunnel", f.client, "10.244.1.13:8080"},
+		}
+		if peerVIP {
+			c := f.workload("c", 1, true, dataplane.Topology{Node: "n2", Cluster: "c1"})
+			c.HBONE = true
+			if err := f.dp.SetWorkload(c); err != nil {
+				b.Fatal(err)
+			}
+			cookie, err := f.client.NS.Cookie()
+			if err != nil {
+				b.Fatal(err)
+			}
+			l, err := f.client.Listen("tcp", "127.0.0.1:15001")
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { l.Close() })
+			go (&fakeOutbound{}).serve(b, l, f.env.DP.Maps, cookie)
 		}
 		if !peerVIP {
 			cases = []struct {
@@ -452,11 +472,11 @@ func BenchmarkPrivilegedConnectProgram(b *testing.B) {
 		}
 		for _, tc := range cases {
 			b.Run(tc.name, func(b *testing.B) {
-				before := connect4Stats(b, f)
+				before, opsBefore := programStats(b, f, "connect4"), programStats(b, f, "sockops")
 				start := time.Now()
 				res := f.run(b, tc.pod, "tcp", "-addr", tc.addr, "-n", strconv.Itoa(b.N), "-network", "tcp4", "-rst")
 				wall := time.Since(start)
-				after := connect4Stats(b, f)
+				after, opsAfter := programStats(b, f, "connect4"), programStats(b, f, "sockops")
 				if res.Errors.Total() != 0 {
 					b.Fatalf("errors: %v", res.Errors)
 				}
@@ -465,23 +485,26 @@ func BenchmarkPrivilegedConnectProgram(b *testing.B) {
 					b.Fatalf("connect4 ran %d times for %d connects", runs, b.N)
 				}
 				b.ReportMetric(float64(after.RunTimeNs-before.RunTimeNs)/float64(runs), "bpf-ns/connect")
+				// sockops runs on every TCP socket of the cgroup, several
+				// times per connection (both ends when both are in it).
+				b.ReportMetric(float64(opsAfter.RunTimeNs-opsBefore.RunTimeNs)/float64(b.N), "sockops-ns/conn")
 				b.ReportMetric(float64(wall.Microseconds())/float64(b.N), "wall-us/connect")
 			})
 		}
 	}
 }
 
-func connect4Stats(b *testing.B, f *fixture) bpf.ProgramStats {
+func programStats(b *testing.B, f *fixture, name string) bpf.ProgramStats {
 	ps, err := f.env.DP.Programs()
 	if err != nil {
 		b.Fatal(err)
 	}
 	for _, p := range ps {
-		if p.Name == "connect4" {
+		if p.Name == name {
 			return p
 		}
 	}
-	b.Fatal("connect4 not found")
+	b.Fatalf("program %s not found", name)
 	return bpf.ProgramStats{}
 }
 

@@ -23,7 +23,7 @@ type fakeOutbound struct {
 	miss int
 }
 
-func (o *fakeOutbound) serve(t *testing.T, l net.Listener, maps *bpf.Maps, cookie uint64) {
+func (o *fakeOutbound) serve(t testing.TB, l net.Listener, maps *bpf.Maps, cookie uint64) {
 	for {
 		c, err := l.Accept()
 		if err != nil {

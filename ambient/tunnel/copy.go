@@ -7,6 +7,10 @@ import (
 	"net"
 	"sync"
 	"syscall"
+
+	"golang.org/x/net/http2"
+
+	"kmesh.dev/kmesh/ambient/hbone"
 )
 
 // bufSize: one TLS record carries at most 16 KiB; 64 KiB lets one read
@@ -62,29 +66,44 @@ func resetOnError(c *net.TCPConn, err error) {
 	}
 }
 
-// appBody is the application's socket as the body of an outbound CONNECT:
-// the HTTP/2 transport reads it directly into DATA frames (no pipe, no
-// extra copy) and its EOF becomes END_STREAM. Close, which the transport
-// calls when the request ends, only signals: the socket still carries the
-// response.
-type appBody struct {
-	c    *net.TCPConn
-	n    int64
-	once sync.Once
-	done chan struct{}
+// pipe carries a tunnelled connection: the application's socket one side,
+// an HBONE stream the other. Each direction ends on its own (half-close:
+// END_STREAM one way, shutdown(SHUT_WR) the other); a failure in either
+// resets both. It returns the bytes from the application (received, in
+// Istio's terms when the application is the client) and to it (sent).
+func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) {
+	var upErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fromApp, upErr = copyFlush(st, app, nil)
+		if upErr != nil {
+			st.Reset(http2.ErrCodeCancel)
+			_ = app.SetLinger(0)
+			app.Close()
+			return
+		}
+		_ = st.CloseWrite()
+	}()
+	toApp, err = copyFlush(app, st, nil)
+	if err != nil {
+		st.Reset(http2.ErrCodeCancel)
+		app.Close() // unblocks the other direction
+	} else {
+		_ = app.CloseWrite()
+	}
+	<-done
+	if err == nil {
+		err = upErr
+	}
+	return fromApp, toApp, err
 }
 
-func newAppBody(c *net.TCPConn) *appBody { return &appBody{c: c, done: make(chan struct{})} }
-
-func (b *appBody) Read(p []byte) (int, error) {
-	k, err := b.c.Read(p)
-	b.n += int64(k)
-	return k, err
-}
-
-func (b *appBody) Close() error {
-	b.once.Do(func() { close(b.done) })
-	return nil
+// pipeInbound is pipe seen from the server side: bytes to the application
+// (received from the client) and from it (sent back).
+func pipeInbound(app *net.TCPConn, st *hbone.Stream) (toApp, fromApp int64, err error) {
+	fromApp, toApp, err = pipe(app, st)
+	return toApp, fromApp, err
 }
 
 func fillRandom(b []byte) {

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/state"
 )
@@ -83,8 +84,7 @@ func FuzzHBONEServer(f *testing.F) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			p.h2s.ServeConn(server, &http2.ServeConnOpts{Context: ctx,
-				Handler: p.hboneHandler(pp, &peer, netip.MustParseAddrPort("10.244.2.9:40000"), netip.MustParseAddrPort("10.244.1.5:15008"))})
+			_ = hbone.Serve(server, p.h2, p.hboneHandler(pp, &peer, netip.MustParseAddrPort("10.244.2.9:40000"), netip.MustParseAddrPort("10.244.1.5:15008")))
 		}()
 		go func() { _, _ = io.Copy(io.Discard, client) }()
 		_ = client.SetWriteDeadline(time.Now().Add(time.Second))

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -85,12 +84,15 @@ func checkConnect(method, authority string, pod []netip.Addr) (netip.AddrPort, *
 	return netip.AddrPort{}, &refusal{http.StatusBadRequest, reasonNotThisPod, target.Addr().String() + " is not this pod"}
 }
 
+// truncate quotes what a peer sent for a log line, bounded: quoting can
+// multiply the length of binary input by four.
 func truncate(s string) string {
-	const max = 64
-	if len(s) > max {
-		s = s[:max] + "…"
+	const max = 80
+	q := fmt.Sprintf("%q", s)
+	if len(q) > max {
+		q = q[:max] + "…"
 	}
-	return fmt.Sprintf("%q", s)
+	return q
 }
 
 // verifyPeer checks a peer's certificate chain against the mesh roots and
@@ -159,27 +161,25 @@ type source struct {
 	w    *state.Workload
 }
 
-// connectRequest builds the HBONE CONNECT for target. body is what the
-// client sends (the application's bytes); it is never closed by the
-// transport in a way that matters: see halfCloser.
-func connectRequest(ctx context.Context, target netip.AddrPort, src source, body io.ReadCloser) *http.Request {
-	authority := target.String()
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        http.Header{},
-		Body:          body,
-		ContentLength: -1,
-	}).WithContext(ctx)
+// connectHeaders are the CONNECT's header fields besides :method and
+// :authority: where the connection comes from, for the peer's telemetry
+// and policies.
+func connectHeaders(src source) [][2]string {
+	var out [][2]string
 	if src.addr.IsValid() {
-		req.Header.Set("Forwarded", forwardedFor(src.addr))
+		out = append(out, [2]string{"forwarded", forwardedFor(src.addr)})
 	}
 	if b := baggage(src.w); b != "" {
-		req.Header.Set("Baggage", b)
+		out = append(out, [2]string{"baggage", b})
 	}
-	injectTraceparent(req.Header)
-	return req
+	h := http.Header{}
+	injectTraceparent(h)
+	for k, vs := range h {
+		for _, v := range vs {
+			out = append(out, [2]string{strings.ToLower(k), v})
+		}
+	}
+	return out
 }
 
 // forwardedFor is RFC 7239's for= parameter (IPv6 quoted and bracketed).

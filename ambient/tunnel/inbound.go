@@ -6,15 +6,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"slices"
 	"sync"
 	"time"
 
-	"golang.org/x/net/http2"
 
 	securityapi "istio.io/istio/pkg/workloadapi/security"
 	"kmesh.dev/kmesh/ambient/authz"
+	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/state"
 )
@@ -42,14 +41,14 @@ func (p *Proxy) serveHBONE(pp *podProxy, raw *net.TCPConn) {
 	p.m.handshakes.WithLabelValues("inbound").Inc()
 	src := addrPortOf(raw.RemoteAddr())
 	local := addrPortOf(raw.LocalAddr())
-	p.h2s.ServeConn(tc, &http2.ServeConnOpts{Context: p.connCtx, Handler: p.hboneHandler(pp, &peer, src, local)})
+	_ = hbone.Serve(tc, p.h2, p.hboneHandler(pp, &peer, src, local))
 }
 
 // hboneHandler serves the streams of one authenticated HBONE connection.
-func (p *Proxy) hboneHandler(pp *podProxy, peer *identity.Identity, src, local netip.AddrPort) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p.inboundStream(pp, w, r, peer, src, local)
-	})
+func (p *Proxy) hboneHandler(pp *podProxy, peer *identity.Identity, src, local netip.AddrPort) func(*hbone.Stream, *hbone.Request) {
+	return func(st *hbone.Stream, req *hbone.Request) {
+		p.inboundStream(pp, st, req, peer, src, local)
+	}
 }
 
 // podAddrs is where a CONNECT may lead: the pod's addresses as istiod
@@ -65,78 +64,42 @@ func (p *Proxy) podAddrs(pp *podProxy, local netip.AddrPort) ([]netip.Addr, *sta
 }
 
 // inboundStream handles one CONNECT on an HBONE connection.
-func (p *Proxy) inboundStream(pp *podProxy, w http.ResponseWriter, r *http.Request, peer *identity.Identity, src, local netip.AddrPort) {
+func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request, peer *identity.Identity, src, local netip.AddrPort) {
 	addrs, dst := p.podAddrs(pp, local)
-	target, ref := checkConnect(r.Method, r.Host, addrs)
+	target, ref := checkConnect(req.Method, req.Authority, addrs)
 	if ref != nil {
-		p.refuse(w, "inbound", ref, pp, src)
+		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
 	aid := authz.Identity{TrustDomain: peer.TrustDomain, Namespace: peer.Namespace, ServiceAccount: peer.ServiceAccount}
 	if ref := p.authorize(dst, src.Addr(), target, &aid); ref != nil {
-		p.refuse(w, "inbound", ref, pp, src)
+		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
-	app, err := p.dialApp(r.Context(), pp, target)
+	app, err := p.dialApp(p.connCtx, pp, target)
 	if err != nil {
-		p.refuse(w, "inbound", &refusal{http.StatusServiceUnavailable, reasonUpstream, err.Error()}, pp, src)
+		p.refuse(st, "inbound", &refusal{http.StatusServiceUnavailable, reasonUpstream, err.Error()}, pp, src)
 		return
 	}
 	defer app.Close()
-	bag := parseBaggage(r.Header.Get("Baggage"))
+	bag := parseBaggage(req.Get("baggage"))
 	rep := &connReport{reporter: "destination", srcNS: peer.Namespace, srcPrinc: peer.String(),
 		srcWorkload: firstWorkloadName(bag), mtls: true}
 	fillDst(rep, dst)
+	if err := st.Respond(http.StatusOK); err != nil {
+		return
+	}
 	labels := p.m.open(rep)
-
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	_ = rc.Flush()
-
-	// Upstream: peer -> application; then half-close the application.
-	var received int64
-	var upErr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		received, upErr = copyFlush(app, r.Body, nil)
-		if upErr != nil && os.IsTimeout(upErr) {
-			return // the application ended its side first (see below)
-		}
-		if upErr != nil {
-			// The peer reset the stream: the application must see a reset.
-			resetOnError(app, upErr)
-			app.Close()
-			return
-		}
-		_ = app.CloseWrite()
-	}()
-	// Downstream: application -> peer. The handler returning ends the
-	// stream (END_STREAM). Go's HTTP/2 server cannot half-close a stream
-	// while still reading it, so when the application ends its side the
-	// upload is stopped too: a client waiting for EOF (HTTP/1.0-style
-	// responses) gets it at once; a server that half-closes and then keeps
-	// reading loses the rest of the upload (ROADMAP: own HBONE framing).
-	sent, downErr := copyFlush(w, app, func() { _ = rc.Flush() })
-	_ = rc.SetReadDeadline(time.Now())
-	if downErr != nil {
-		app.Close()
-	}
-	wg.Wait()
-	p.m.close(labels, received, sent)
-	if downErr != nil {
-		// Abort the stream with RST_STREAM instead of a clean end.
-		panic(http.ErrAbortHandler)
-	}
+	toApp, fromApp, _ := pipeInbound(app, st)
+	p.m.close(labels, toApp, fromApp)
 }
 
 // refuse answers a refused CONNECT with its status, and counts it.
-func (p *Proxy) refuse(w http.ResponseWriter, dir string, ref *refusal, pp *podProxy, src netip.AddrPort) {
+func (p *Proxy) refuse(st *hbone.Stream, dir string, ref *refusal, pp *podProxy, src netip.AddrPort) {
 	p.m.refused.WithLabelValues(dir, ref.reason).Inc()
 	p.log.Info("connection refused", "direction", dir, "pod", pp.pod.UID, "peer", src.String(), "status", ref.status, "reason", ref.reason, "detail", ref.msg)
-	if w != nil {
-		w.WriteHeader(ref.status)
+	if st != nil {
+		_ = st.Respond(ref.status)
 	}
 }
 

@@ -133,33 +133,21 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 	if src != nil {
 		srcAddr, _ = sameFamily(src.Addresses, route.Target.Addr())
 	}
-	body := newAppBody(c)
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	resp, err := pc.cc.RoundTrip(connectRequest(sctx, route.Target, source{addr: srcAddr, w: src}, body))
+	st, status, err := pc.cc.Connect(ctx, route.Target.String(), connectHeaders(source{addr: srcAddr, w: src}))
 	if err != nil {
 		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
 		return fmt.Errorf("CONNECT %s via %s: %w", route.Target, route.Dial, err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		p.m.refused.WithLabelValues("outbound", fmt.Sprintf("peer_%d", resp.StatusCode)).Inc()
-		return fmt.Errorf("%w: CONNECT %s via %s: %s", errStreamRefused, route.Target, route.Dial, resp.Status)
+	defer st.Close()
+	if status != http.StatusOK {
+		p.m.refused.WithLabelValues("outbound", fmt.Sprintf("peer_%d", status)).Inc()
+		return fmt.Errorf("%w: CONNECT %s via %s: HTTP %d", errStreamRefused, route.Target, route.Dial, status)
 	}
 	labels := p.m.open(rep)
-	sent, err := copyFlush(c, resp.Body, nil)
+	received, sent, err := pipe(c, st)
+	p.m.close(labels, received, sent)
 	if err != nil {
-		// The stream broke: reset the application and abort the upload.
-		cancel()
 		resetOnError(c, err)
-		c.Close()
-		<-body.done
-		p.m.close(labels, body.n, sent)
-		return nil
 	}
-	_ = c.CloseWrite()
-	// The peer finished; the application may still be sending (half-close).
-	<-body.done
-	p.m.close(labels, body.n, sent)
 	return nil
 }

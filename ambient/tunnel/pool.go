@@ -7,8 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/net/http2"
-
+	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/identity"
 )
 
@@ -22,7 +21,7 @@ type poolKey struct {
 }
 
 type pooledConn struct {
-	cc       *http2.ClientConn
+	cc       *hbone.Conn
 	active   int
 	lastUsed time.Time
 }
@@ -32,7 +31,7 @@ type pooledConn struct {
 // connection to a key is being dialled, other callers wait for it instead
 // of racing to open their own.
 type pool struct {
-	t       *http2.Transport
+	cfg     hbone.Config
 	m       *metrics
 	idle    time.Duration
 	mu      sync.Mutex
@@ -40,8 +39,8 @@ type pool struct {
 	dialing map[poolKey]chan struct{}
 }
 
-func newPool(t *http2.Transport, m *metrics, idle time.Duration) *pool {
-	return &pool{t: t, m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]chan struct{}{}}
+func newPool(cfg hbone.Config, m *metrics, idle time.Duration) *pool {
+	return &pool{cfg: cfg, m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]chan struct{}{}}
 }
 
 // get returns a connection with a stream reserved on it, and the function
@@ -53,13 +52,13 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 		live := conns[:0]
 		var pick *pooledConn
 		for _, pc := range conns {
-			if !pc.cc.CanTakeNewRequest() {
+			if pc.cc.GoingAway() {
 				if pc.active == 0 {
 					pc.cc.Close()
 					p.m.pooled.Dec()
 					continue
 				}
-			} else if pick == nil && pc.active < maxStreams {
+			} else if pick == nil && pc.active < maxStreams && pc.cc.Available(maxStreams) {
 				pick = pc
 			}
 			live = append(live, pc)
@@ -84,12 +83,9 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 		p.mu.Unlock()
 
 		c, err := dial(ctx)
-		var cc *http2.ClientConn
+		var cc *hbone.Conn
 		if err == nil {
-			cc, err = p.t.NewClientConn(c)
-			if err != nil {
-				c.Close()
-			}
+			cc, err = hbone.Client(c, p.cfg)
 		}
 		p.mu.Lock()
 		delete(p.dialing, k)
@@ -125,7 +121,7 @@ func (p *pool) reap(now time.Time) {
 	for k, conns := range p.conns {
 		live := conns[:0]
 		for _, pc := range conns {
-			if pc.active == 0 && (now.Sub(pc.lastUsed) > p.idle || !pc.cc.CanTakeNewRequest()) {
+			if pc.active == 0 && (now.Sub(pc.lastUsed) > p.idle || pc.cc.GoingAway()) {
 				pc.cc.Close()
 				p.m.pooled.Dec()
 				continue
@@ -153,7 +149,7 @@ func (p *pool) dropPod(uid string) {
 			if pc.active == 0 {
 				pc.cc.Close()
 			} else {
-				_ = pc.cc.Shutdown(context.Background()) // graceful: GOAWAY after the streams
+				pc.cc.Shutdown() // graceful: GOAWAY after the streams
 			}
 			p.m.pooled.Dec()
 		}

@@ -32,16 +32,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/net/http2"
 	"golang.org/x/sys/unix"
 
+	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/bpf"
 )
@@ -95,7 +94,7 @@ type Proxy struct {
 	log   *slog.Logger
 	m     *metrics
 	pool  *pool
-	h2s   *http2.Server
+	h2    hbone.Config
 	authz *authzCache
 
 	mu     sync.Mutex
@@ -141,28 +140,12 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	t2, err := http2.ConfigureTransports(&http.Transport{HTTP2: &http.HTTP2Config{
-		MaxReceiveBufferPerConnection: connWindow,
-		MaxReceiveBufferPerStream:     streamWindow,
-		MaxReadFrameSize:              maxFrame,
-	}})
-	if err != nil {
-		return nil, err
-	}
-	// A dead peer is noticed by pings, not by the next request hanging.
-	t2.ReadIdleTimeout = 30 * time.Second
-	t2.PingTimeout = 10 * time.Second
+	h2 := hbone.Config{MaxStreams: maxStreams, StreamWindow: streamWindow, ConnWindow: connWindow, MaxFrame: maxFrame}
 	m := newMetrics(cfg.Registerer)
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
-		pool: newPool(t2, m, cfg.IdleTimeout),
-		h2s: &http2.Server{
-			MaxConcurrentStreams:         maxStreams,
-			MaxUploadBufferPerConnection: connWindow,
-			MaxUploadBufferPerStream:     streamWindow,
-			MaxReadFrameSize:             maxFrame,
-			IdleTimeout:                  10 * time.Minute,
-		},
+		pool: newPool(h2, m, cfg.IdleTimeout),
+		h2:   h2,
 		authz:  newAuthzCache(),
 		pods:   map[string]*podProxy{},
 		active: map[*net.TCPConn]struct{}{},

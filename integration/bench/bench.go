@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -71,6 +72,10 @@ type Options struct {
 	Fortio    string // fortio binary (v1.68.2)
 	Log       *slog.Logger
 	Progress  io.Writer
+	// Arms limits the run to these arms (and direct, the baseline).
+	Arms []string
+	// DaemonEnv is added to the daemons' environment (experiments).
+	DaemonEnv []string
 }
 
 // Env is the running benchmark topology.
@@ -147,7 +152,7 @@ func Setup(ctx context.Context, opts Options) (*Env, error) {
 	if e.stats, err = ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME)); err != nil {
 		return nil, fmt.Errorf("enabling BPF stats: %w", err)
 	}
-	e.cluster, err = sim.Start(ctx, sim.Options{Nodes: 1, Objects: objects, DaemonBin: opts.DaemonBin, Log: opts.Log})
+	e.cluster, err = sim.Start(ctx, sim.Options{Nodes: 1, Objects: objects, DaemonBin: opts.DaemonBin, Log: opts.Log, DaemonEnv: opts.DaemonEnv})
 	if err != nil {
 		e.stats.Close()
 		return nil, err
@@ -219,6 +224,13 @@ func (e *Env) setup(ctx context.Context) error {
 	proxyTLS := &Arm{Name: "haproxy-mtls", Available: true, addr: vipProxyTLS, client: proxied}
 	hbone := &Arm{Name: "kmesh-hbone", Available: true, addr: vipHBONE, client: got["bench/hbone-client"]}
 	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone}
+	if len(e.opts.Arms) > 0 {
+		for _, a := range e.Arms {
+			if a.Available && a != direct && !slices.Contains(e.opts.Arms, a.Name) {
+				a.Available, a.Why = false, "not selected (-arms)"
+			}
+		}
+	}
 
 	// kube-proxy style: DNAT of the VIP in the client's own netns.
 	if err := e.iptables(dnat.client, "-t", "nat", "-A", "OUTPUT", "-d", vipDNAT, "-p", "tcp", "-j", "DNAT", "--to-destination", serverIP); err != nil {
@@ -240,6 +252,9 @@ func (e *Env) setup(ctx context.Context) error {
 	}
 	if err := e.waitReachable(ctx); err != nil {
 		return err
+	}
+	if !hbone.Available {
+		return nil
 	}
 	return e.checkTunnelled(hbone)
 }

@@ -30,6 +30,8 @@ func main() {
 	daemon := flag.String("daemon", "bin/kmesh-daemon", "kmesh-daemon binary")
 	fortio := flag.String("fortio", "bin/tools/fortio", "fortio v1.68.2 binary")
 	from := flag.String("from", "", "re-render the report (Markdown, plots) of an earlier run's JSON instead of measuring")
+	arms := flag.String("arms", "", "comma-separated arms to measure (default: all; direct is always measured, it is the baseline)")
+	daemonEnv := flag.String("daemon-env", "", "comma-separated VAR=value added to the daemons' environment (experiments: GOMAXPROCS=1, …)")
 	flag.Parse()
 	if *from != "" {
 		if err := rerender(*from, *out); err != nil {
@@ -42,6 +44,12 @@ func main() {
 	}
 	opts := bench.Options{Quick: *quick, Reps: *reps, Duration: *dur, DaemonBin: *daemon, Fortio: *fortio,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})), Progress: os.Stderr}
+	if *arms != "" {
+		opts.Arms = strings.Split(*arms, ",")
+	}
+	if *daemonEnv != "" {
+		opts.DaemonEnv = strings.Split(*daemonEnv, ",")
+	}
 	if opts.Reps == 0 {
 		opts.Reps = 5
 		if *quick {

@@ -1,0 +1,416 @@
+// Package hbone is the HTTP/2 of HBONE: CONNECT streams over one
+// connection, and nothing else HTTP/2 can do. It exists because a node
+// proxy spends its time here, and a general HTTP/2 implementation does not
+// fit the job:
+//
+//   - Every stream is a byte pipe in both directions that must half-close
+//     (END_STREAM one way while the other keeps flowing). net/http's server
+//     cannot end a response while it still reads the request.
+//   - Latency is goroutine hand-offs. Here a writer frames its bytes onto
+//     the connection itself, under a lock, and flushes; the one reader per
+//     connection hands DATA straight to the stream's reader. A
+//     general server passes every frame through a serve loop and an
+//     asynchronous frame writer: three hand-offs each way instead of one.
+//
+// Framing and HPACK are golang.org/x/net/http2's Framer and hpack; the
+// protocol (preface, settings, flow control, stream states, GOAWAY) is
+// RFC 9113's, restricted to what HBONE peers (ztunnel, Istio's Go hbone,
+// Envoy waypoints) send.
+package hbone
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// Config is one side's HTTP/2 settings.
+type Config struct {
+	// MaxStreams is the concurrent streams a server allows per connection
+	// (SETTINGS_MAX_CONCURRENT_STREAMS); default 100.
+	MaxStreams uint32
+	// StreamWindow and ConnWindow are the receive windows: how much a peer
+	// may send ahead on one stream and on the whole connection. Large
+	// enough for bulk transfer: default 4 MiB and 16 MiB (ztunnel's).
+	StreamWindow, ConnWindow uint32
+	// MaxFrame is the largest frame accepted (SETTINGS_MAX_FRAME_SIZE);
+	// default 1 MiB.
+	MaxFrame uint32
+}
+
+func (c Config) withDefaults() Config {
+	if c.MaxStreams == 0 {
+		c.MaxStreams = 100
+	}
+	if c.StreamWindow == 0 {
+		c.StreamWindow = 4 << 20
+	}
+	if c.ConnWindow == 0 {
+		c.ConnWindow = 16 << 20
+	}
+	if c.MaxFrame == 0 {
+		c.MaxFrame = 1 << 20
+	}
+	return c
+}
+
+// Errors of streams and connections.
+var (
+	ErrClosed      = errors.New("hbone: connection closed")
+	ErrStreamReset = errors.New("hbone: stream reset by peer")
+	ErrGoAway      = errors.New("hbone: peer is going away")
+	ErrRefused     = errors.New("hbone: no more streams on this connection")
+)
+
+const (
+	defaultWindow   = 65535 // RFC 9113 initial windows
+	defaultMaxFrame = 16384
+	maxHeaderList   = 64 << 10
+)
+
+// Conn is one HTTP/2 connection carrying CONNECT streams.
+type Conn struct {
+	nc     net.Conn
+	cfg    Config
+	server bool
+
+	// Writing: the framer writes into bw; whoever holds wmu writes frames
+	// and flushes. HPACK encoding state is part of the write side.
+	wmu  sync.Mutex
+	bw   *bufio.Writer
+	fr   *http2.Framer
+	henc *hpack.Encoder
+	hbuf bytes.Buffer
+
+	mu          sync.Mutex
+	cond        *sync.Cond // send windows grew, a stream or the connection changed state
+	streams     map[uint32]*Stream
+	nextID      uint32 // client: next stream id
+	lastPeerID  uint32 // server: highest stream id the peer opened
+	sendWindow  int64  // connection-level send window
+	peerWindow  int64  // peer's SETTINGS_INITIAL_WINDOW_SIZE for new streams
+	peerMaxFr   uint32
+	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	recvUnacked int64  // connection-level bytes consumed and not yet returned by WINDOW_UPDATE
+	goAway      bool
+	err         error // set when the connection is dead
+	done        chan struct{}
+
+	// server: called for every new stream, on a goroutine of its own.
+	handler func(*Stream, *Request)
+}
+
+func newConn(nc net.Conn, cfg Config, server bool) *Conn {
+	cfg = cfg.withDefaults()
+	c := &Conn{nc: nc, cfg: cfg, server: server, streams: map[uint32]*Stream{}, nextID: 1,
+		sendWindow: defaultWindow, peerWindow: defaultWindow, peerMaxFr: defaultMaxFrame, peerStreams: 100,
+		done: make(chan struct{})}
+	c.cond = sync.NewCond(&c.mu)
+	c.bw = bufio.NewWriterSize(nc, 32<<10)
+	c.fr = http2.NewFramer(c.bw, nc)
+	c.fr.SetMaxReadFrameSize(cfg.MaxFrame)
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = maxHeaderList
+	c.fr.SetReuseFrames()
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	return c
+}
+
+// settings are what this side announces (and the connection window).
+func (c *Conn) writePreface() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if !c.server {
+		if _, err := c.bw.WriteString(http2.ClientPreface); err != nil {
+			return err
+		}
+	}
+	s := []http2.Setting{
+		{ID: http2.SettingInitialWindowSize, Val: c.cfg.StreamWindow},
+		{ID: http2.SettingMaxFrameSize, Val: c.cfg.MaxFrame},
+		{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderList},
+	}
+	if c.server {
+		s = append(s, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.cfg.MaxStreams})
+	} else {
+		s = append(s, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+	}
+	if err := c.fr.WriteSettings(s...); err != nil {
+		return err
+	}
+	if c.cfg.ConnWindow > defaultWindow {
+		if err := c.fr.WriteWindowUpdate(0, c.cfg.ConnWindow-defaultWindow); err != nil {
+			return err
+		}
+	}
+	return c.bw.Flush()
+}
+
+// Client starts an HTTP/2 client on an established (TLS) connection.
+func Client(nc net.Conn, cfg Config) (*Conn, error) {
+	c := newConn(nc, cfg, false)
+	if err := c.writePreface(); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	go c.readLoop()
+	return c, nil
+}
+
+// Serve runs an HTTP/2 server on an established (TLS) connection until it
+// ends, calling handler for every stream the peer opens (on a goroutine of
+// its own). The handler answers with Stream.Respond.
+func Serve(nc net.Conn, cfg Config, handler func(*Stream, *Request)) error {
+	c := newConn(nc, cfg, true)
+	c.handler = handler
+	preface := make([]byte, len(http2.ClientPreface))
+	_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(nc, preface); err != nil {
+		nc.Close()
+		return fmt.Errorf("hbone: reading the client preface: %w", err)
+	}
+	_ = nc.SetReadDeadline(time.Time{})
+	if string(preface) != http2.ClientPreface {
+		nc.Close()
+		return errors.New("hbone: not an HTTP/2 client (bad preface)")
+	}
+	if err := c.writePreface(); err != nil {
+		nc.Close()
+		return err
+	}
+	c.readLoop()
+	return c.Err()
+}
+
+// Err is why the connection ended (nil while it is up).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if errors.Is(c.err, io.EOF) {
+		return nil
+	}
+	return c.err
+}
+
+// Done is closed when the connection ends.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Available reports whether a new stream can be opened now.
+func (c *Conn) Available(limit int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := min(int(c.peerStreams), limit)
+	return c.err == nil && !c.goAway && len(c.streams) < n && c.nextID < 1<<31-1
+}
+
+// GoingAway reports whether the connection takes no new streams any more
+// (the peer sent GOAWAY, or it ended).
+func (c *Conn) GoingAway() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.goAway || c.err != nil
+}
+
+// Active is the number of open streams.
+func (c *Conn) Active() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.streams)
+}
+
+// Close ends the connection and every stream on it.
+func (c *Conn) Close() error {
+	c.fail(ErrClosed)
+	return nil
+}
+
+// Shutdown tells the peer no more streams will be accepted (GOAWAY) and
+// lets open streams finish.
+func (c *Conn) Shutdown() {
+	c.mu.Lock()
+	last := c.lastPeerID
+	c.goAway = true
+	c.mu.Unlock()
+	c.wmu.Lock()
+	_ = c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
+	_ = c.bw.Flush()
+	c.wmu.Unlock()
+	c.cond.Broadcast()
+}
+
+// fail ends the connection with err (the first error wins).
+func (c *Conn) fail(err error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.err = err
+	streams := c.streams
+	c.streams = map[uint32]*Stream{}
+	close(c.done)
+	c.mu.Unlock()
+	c.cond.Broadcast()
+	for _, s := range streams {
+		s.abort(err)
+	}
+	c.nc.Close()
+}
+
+// protocolError ends the connection with GOAWAY.
+func (c *Conn) protocolError(code http2.ErrCode, format string, args ...any) {
+	err := fmt.Errorf("hbone: protocol error: "+format, args...)
+	c.mu.Lock()
+	last := c.lastPeerID
+	c.mu.Unlock()
+	c.wmu.Lock()
+	_ = c.fr.WriteGoAway(last, code, []byte(truncate(err.Error())))
+	_ = c.bw.Flush()
+	c.wmu.Unlock()
+	c.fail(err)
+}
+
+func truncate(s string) string {
+	if len(s) > 128 {
+		return s[:128]
+	}
+	return s
+}
+
+// Request is what a peer asks for in a stream's HEADERS.
+type Request struct {
+	Method    string
+	Authority string
+	// Header holds the regular fields, names in lower case (HTTP/2's).
+	Header map[string][]string
+}
+
+// Get returns a header's first value.
+func (r *Request) Get(name string) string {
+	if v := r.Header[strings.ToLower(name)]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+// Connect opens a CONNECT stream to authority (ip:port) with the given
+// extra header fields, and waits for the response status. A status other
+// than 200 comes back with the stream already finished.
+func (c *Conn) Connect(ctx context.Context, authority string, header [][2]string) (*Stream, int, error) {
+	if c.server {
+		return nil, 0, errors.New("hbone: Connect on a server connection")
+	}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, 0, err
+	}
+	if c.goAway {
+		c.mu.Unlock()
+		return nil, 0, ErrGoAway
+	}
+	if len(c.streams) >= int(c.peerStreams) {
+		c.mu.Unlock()
+		return nil, 0, ErrRefused
+	}
+	s := c.newStreamLocked(0)
+	c.mu.Unlock()
+
+	fields := append([][2]string{{":method", "CONNECT"}, {":authority", authority}}, header...)
+	// Ids must reach the wire in increasing order: allocate under wmu.
+	c.wmu.Lock()
+	c.mu.Lock()
+	s.id = c.nextID
+	c.nextID += 2
+	c.streams[s.id] = s
+	c.mu.Unlock()
+	err := c.writeHeadersLocked(s.id, fields, false)
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(err)
+		return nil, 0, err
+	}
+	select {
+	case <-s.respCh:
+	case <-ctx.Done():
+		s.Reset(http2.ErrCodeCancel)
+		return nil, 0, ctx.Err()
+	}
+	s.mu.Lock()
+	status, rerr := s.status, s.err
+	s.mu.Unlock()
+	if status == 0 {
+		if rerr == nil {
+			rerr = ErrClosed
+		}
+		return nil, 0, rerr
+	}
+	if status != 200 {
+		s.Close()
+	}
+	return s, status, nil
+}
+
+// writeHeadersLocked encodes and writes a header block (with CONTINUATION
+// frames when it exceeds the peer's frame size). Caller holds wmu.
+func (c *Conn) writeHeadersLocked(id uint32, fields [][2]string, endStream bool) error {
+	c.hbuf.Reset()
+	for _, f := range fields {
+		if err := c.henc.WriteField(hpack.HeaderField{Name: strings.ToLower(f[0]), Value: f[1]}); err != nil {
+			return err
+		}
+	}
+	block := c.hbuf.Bytes()
+	c.mu.Lock()
+	max := int(c.peerMaxFr)
+	c.mu.Unlock()
+	first := block
+	if len(first) > max {
+		first = block[:max]
+	}
+	if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first,
+		EndStream: endStream, EndHeaders: len(first) == len(block)}); err != nil {
+		return err
+	}
+	for rest := block[len(first):]; len(rest) > 0; {
+		n := min(len(rest), max)
+		if err := c.fr.WriteContinuation(id, n == len(rest), rest[:n]); err != nil {
+			return err
+		}
+		rest = rest[n:]
+	}
+	return c.bw.Flush()
+}
+
+func (c *Conn) newStreamLocked(id uint32) *Stream {
+	s := &Stream{c: c, id: id, sendWindow: c.peerWindow, respCh: make(chan struct{})}
+	s.cond = sync.NewCond(&s.mu)
+	return s
+}
+
+// removeIfDone forgets a stream once both directions are over.
+func (c *Conn) removeIfDone(s *Stream) {
+	s.mu.Lock()
+	done := (s.recvEnd || s.err != nil) && (s.sentEnd || s.err != nil)
+	s.mu.Unlock()
+	if !done {
+		return
+	}
+	c.mu.Lock()
+	if c.streams[s.id] == s {
+		delete(c.streams, s.id)
+	}
+	c.mu.Unlock()
+	c.cond.Broadcast()
+}

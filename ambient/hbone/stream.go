@@ -1,0 +1,251 @@
+package hbone
+
+import (
+	"errors"
+	"io"
+	"strconv"
+	"sync"
+
+	"golang.org/x/net/http2"
+)
+
+// Stream is one CONNECT stream: a byte pipe in both directions, each of
+// which ends on its own (END_STREAM), or both at once (RST_STREAM).
+// One goroutine may Read while another Writes.
+type Stream struct {
+	c  *Conn
+	id uint32
+
+	mu   sync.Mutex
+	cond *sync.Cond
+	// Received payload not yet read: buf[off:].
+	buf []byte
+	off int
+	// unacked: bytes consumed (or padding) not yet returned to the peer's
+	// send window.
+	unacked    int64
+	recvEnd    bool // the peer sent END_STREAM
+	sentEnd    bool // we sent END_STREAM (or a final non-200 response)
+	sendWindow int64
+	err        error // reset, or the connection failed
+
+	// client side: the response status, and respCh closed when it (or a
+	// failure) arrived.
+	status   int
+	respCh   chan struct{}
+	respOnce sync.Once
+	// server side: Respond was called.
+	responded bool
+}
+
+// ID is the stream's HTTP/2 id.
+func (s *Stream) ID() uint32 { return s.id }
+
+func (s *Stream) abort(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.respOnce.Do(func() { close(s.respCh) })
+	s.cond.Broadcast()
+}
+
+func (s *Stream) endRecv() {
+	s.mu.Lock()
+	s.recvEnd = true
+	s.mu.Unlock()
+	s.respOnce.Do(func() { close(s.respCh) })
+	s.cond.Broadcast()
+}
+
+// Read reads what the peer sent; io.EOF once it ended its side.
+func (s *Stream) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	s.mu.Lock()
+	for s.off == len(s.buf) && !s.recvEnd && s.err == nil {
+		s.cond.Wait()
+	}
+	if s.off < len(s.buf) {
+		n := copy(p, s.buf[s.off:])
+		s.off += n
+		s.unacked += int64(n)
+		var upd int64
+		// Return window in large steps: one WINDOW_UPDATE per half window.
+		if s.unacked >= int64(s.c.cfg.StreamWindow)/2 && !s.recvEnd {
+			upd, s.unacked = s.unacked, 0
+		}
+		s.mu.Unlock()
+		if upd > 0 {
+			s.c.writeWindowUpdate(s.id, upd)
+		}
+		s.c.consumed(int64(n))
+		return n, nil
+	}
+	err := s.err
+	s.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	return 0, io.EOF
+}
+
+// consumed returns connection-level window as streams' readers take bytes.
+func (c *Conn) consumed(n int64) {
+	c.mu.Lock()
+	c.recvUnacked += n
+	var upd int64
+	if c.recvUnacked >= int64(c.cfg.ConnWindow)/4 {
+		upd, c.recvUnacked = c.recvUnacked, 0
+	}
+	dead := c.err != nil
+	c.mu.Unlock()
+	if upd > 0 && !dead {
+		c.writeWindowUpdate(0, upd)
+	}
+}
+
+// Write sends p as DATA frames, waiting for flow-control window.
+func (s *Stream) Write(p []byte) (int, error) {
+	c := s.c
+	written := 0
+	for len(p) > 0 {
+		s.mu.Lock()
+		for s.sendWindow <= 0 && s.err == nil && !s.sentEnd {
+			s.cond.Wait()
+		}
+		if s.err != nil || s.sentEnd {
+			err := s.err
+			s.mu.Unlock()
+			if err == nil {
+				err = errors.New("hbone: write after CloseWrite")
+			}
+			return written, err
+		}
+		sw := s.sendWindow
+		s.mu.Unlock()
+
+		c.mu.Lock()
+		for c.sendWindow <= 0 && c.err == nil {
+			c.cond.Wait()
+		}
+		if c.err != nil {
+			err := c.err
+			c.mu.Unlock()
+			return written, err
+		}
+		n := min(int64(len(p)), sw, c.sendWindow, int64(c.peerMaxFr))
+		c.sendWindow -= n
+		c.mu.Unlock()
+		s.mu.Lock()
+		s.sendWindow -= n
+		s.mu.Unlock()
+
+		last := n == int64(len(p))
+		c.wmu.Lock()
+		err := c.fr.WriteData(s.id, false, p[:n])
+		if err == nil && last {
+			// One flush per Write: an exchange of small messages is one
+			// TLS record each way, a bulk write fills records.
+			err = c.bw.Flush()
+		}
+		c.wmu.Unlock()
+		if err != nil {
+			c.fail(err)
+			return written, err
+		}
+		written += int(n)
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// CloseWrite ends our side of the stream (END_STREAM); reading goes on.
+func (s *Stream) CloseWrite() error {
+	s.mu.Lock()
+	if s.sentEnd || s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return err
+	}
+	s.sentEnd = true
+	s.mu.Unlock()
+	s.cond.Broadcast()
+	c := s.c
+	c.wmu.Lock()
+	err := c.fr.WriteData(s.id, true, nil)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(err)
+		return err
+	}
+	c.removeIfDone(s)
+	return nil
+}
+
+// Reset aborts the stream both ways (RST_STREAM with code).
+func (s *Stream) Reset(code http2.ErrCode) {
+	s.c.resetStream(s.id, code)
+}
+
+// Close releases the stream: a stream still open in either direction is
+// reset (CANCEL); one that ended both ways is only forgotten.
+func (s *Stream) Close() error {
+	s.mu.Lock()
+	open := s.err == nil && !(s.recvEnd && s.sentEnd)
+	if s.err == nil {
+		s.err = errClosedLocally
+	}
+	s.mu.Unlock()
+	s.cond.Broadcast()
+	if open {
+		s.c.resetStream(s.id, http2.ErrCodeCancel)
+		return nil
+	}
+	s.c.mu.Lock()
+	if s.c.streams[s.id] == s {
+		delete(s.c.streams, s.id)
+	}
+	s.c.mu.Unlock()
+	s.c.cond.Broadcast()
+	return nil
+}
+
+var errClosedLocally = errors.New("hbone: stream closed")
+
+// Respond sends the response headers of a server stream. 200 opens the
+// tunnel; any other status ends the stream (and tells the client to stop
+// sending with RST_STREAM NO_ERROR, as RFC 9113 8.1 allows).
+func (s *Stream) Respond(status int) error {
+	c := s.c
+	s.mu.Lock()
+	if s.responded {
+		s.mu.Unlock()
+		return errors.New("hbone: already responded")
+	}
+	s.responded = true
+	end := status != 200
+	if end {
+		s.sentEnd = true
+	}
+	recvEnd := s.recvEnd
+	s.mu.Unlock()
+	c.wmu.Lock()
+	err := c.writeHeadersLocked(s.id, [][2]string{{":status", strconv.Itoa(status)}}, end)
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(err)
+		return err
+	}
+	if end && !recvEnd {
+		c.resetStream(s.id, http2.ErrCodeNo)
+	} else if end {
+		c.removeIfDone(s)
+	}
+	return nil
+}
