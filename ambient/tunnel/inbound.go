@@ -10,7 +10,6 @@ import (
 	"sync"
 	"time"
 
-
 	securityapi "istio.io/istio/pkg/workloadapi/security"
 	"kmesh.dev/kmesh/ambient/authz"
 	"kmesh.dev/kmesh/ambient/hbone"

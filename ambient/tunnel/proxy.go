@@ -144,8 +144,8 @@ func New(cfg Config) (*Proxy, error) {
 	m := newMetrics(cfg.Registerer)
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
-		pool: newPool(h2, m, cfg.IdleTimeout),
-		h2:   h2,
+		pool:   newPool(h2, m, cfg.IdleTimeout),
+		h2:     h2,
 		authz:  newAuthzCache(),
 		pods:   map[string]*podProxy{},
 		active: map[*net.TCPConn]struct{}{},
