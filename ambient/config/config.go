@@ -57,6 +57,9 @@ type Config struct {
 	DrainDuration time.Duration `mapstructure:"drain_duration"`
 
 	LogLevel string `mapstructure:"log_level"`
+	// WorkerThreads bounds the threads running Go code (GOMAXPROCS): the
+	// tunnel's latency and CPU per request depend on it (see README).
+	WorkerThreads uint32 `mapstructure:"worker_threads"`
 }
 
 // MapSizes converts the configured sizes for the loader.
@@ -103,6 +106,7 @@ var settings = []setting{
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown", 5 * time.Second},
 	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
+	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
 
 // Flags registers every setting as a flag (dots become dashes).

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -58,6 +59,11 @@ func main() {
 func run(cfg *config.Config, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// ztunnel's worker threads: a node proxy shares the node with its pods.
+	// An explicit GOMAXPROCS in the environment wins.
+	if cfg.WorkerThreads > 0 && os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(int(min(cfg.WorkerThreads, uint32(runtime.NumCPU()))))
+	}
 	a, err := agent.Start(ctx, cfg, log)
 	if err != nil {
 		return err

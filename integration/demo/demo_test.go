@@ -56,7 +56,7 @@ func TestPrivilegedDemo(t *testing.T) {
 			t.Errorf("%s served %d of 300", name, n)
 		}
 	}
-	for _, want := range []string{`through the VIP of service web-0\s+p50\s+\d+\.\d µs`, `kernel fast path.*\s\d{3,}\n`, `outside the mesh\) → VIP: untouched by Kmesh \(ENETUNREACH\)`} {
+	for _, want := range []string{`through the VIP of service web-0\s+p50\s+\d+\.\d µs`, `kernel fast path.*\s\d{3,}  \(backend on node-1\)`, `HBONE tunnel: mutual TLS.*\s\d{2,}  \(backend on node-2\)`, `outside the mesh\) → VIP: untouched by Kmesh \(ENETUNREACH\)`} {
 		if !regexp.MustCompile(want).Match(out.Bytes()) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}
