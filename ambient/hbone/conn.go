@@ -85,7 +85,8 @@ type Conn struct {
 	server bool
 
 	// Writing: the framer writes into bw; whoever holds wmu writes frames
-	// and flushes. HPACK encoding state is part of the write side.
+	// and flushes. HPACK encoding state is part of the write side. Lock
+	// order: wmu before mu; never wmu while holding mu or a stream's mu.
 	wmu  sync.Mutex
 	bw   *bufio.Writer
 	fr   *http2.Framer

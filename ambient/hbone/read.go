@@ -79,6 +79,7 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 		return true
 	}
 	var perr error
+	tableSize := int64(-1)
 	_ = f.ForeachSetting(func(s http2.Setting) error {
 		if err := s.Valid(); err != nil {
 			perr = err
@@ -99,9 +100,7 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 		case http2.SettingMaxConcurrentStreams:
 			c.peerStreams = s.Val
 		case http2.SettingHeaderTableSize:
-			c.wmu.Lock()
-			c.henc.SetMaxDynamicTableSizeLimit(s.Val)
-			c.wmu.Unlock()
+			tableSize = int64(s.Val) // applied below: wmu is never taken under mu
 		}
 		c.mu.Unlock()
 		return nil
@@ -112,6 +111,9 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 	}
 	c.wakeWriters()
 	c.wmu.Lock()
+	if tableSize >= 0 {
+		c.henc.SetMaxDynamicTableSizeLimit(uint32(tableSize))
+	}
 	err := c.fr.WriteSettingsAck()
 	if err == nil {
 		err = c.bw.Flush()

@@ -58,6 +58,20 @@ func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 	return n, err
 }
 
+// splicePipe carries a plaintext connection between client and server,
+// spliced both ways, each direction half-closed on its own. It returns
+// the bytes client→server and server→client.
+func splicePipe(client, server *net.TCPConn) (up, down int64) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		down, _ = spliceCopy(client, server)
+	}()
+	up, _ = spliceCopy(server, client)
+	<-done
+	return up, down
+}
+
 // resetOnError closes c with RST (SO_LINGER 0) when the other side failed:
 // the application must learn the connection broke, not see a clean EOF.
 func resetOnError(c *net.TCPConn, err error) {

@@ -150,15 +150,7 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 	rep := &connReport{reporter: "destination"}
 	fillDst(rep, dst)
 	labels := p.m.open(rep)
-	var sent int64
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		sent, _ = spliceCopy(c, app)
-	}()
-	received, _ := spliceCopy(app, c)
-	wg.Wait()
+	received, sent := splicePipe(c, app)
 	p.m.close(labels, received, sent)
 }
 

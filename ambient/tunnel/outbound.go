@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sync"
 
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
@@ -85,15 +84,7 @@ func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *co
 	}
 	defer up.Close()
 	labels := p.m.open(rep)
-	var received int64
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		received, _ = spliceCopy(up, c)
-	}()
-	sent, _ := spliceCopy(c, up)
-	wg.Wait()
+	received, sent := splicePipe(c, up)
 	p.m.close(labels, received, sent)
 }
 

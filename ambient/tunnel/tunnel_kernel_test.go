@@ -24,6 +24,7 @@ import (
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/integration/istioapps"
 	"kmesh.dev/kmesh/integration/kerneltest"
 	"kmesh.dev/kmesh/integration/podnet"
 )
@@ -293,7 +294,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 		sleepCert, _ := f.ca.Certificate(t.Context(), identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: "sleep"})
 		cf, kf := writeCert(t, sleepCert)
 		var line string
-		if err := f.istioPd.Helper(nil, &line, "istio-hbone-dial", "-proxy", netip.AddrPortFrom(f.echo.IPv4, 15008).String(),
+		if err := f.istioPd.Helper(nil, &line, istioapps.Dial, "-proxy", netip.AddrPortFrom(f.echo.IPv4, 15008).String(),
 			"-target", echo9090.String(), "-cert", cf, "-key", kf); err != nil || line != "echo:9090" {
 			t.Fatalf("Istio's dialer through our inbound: %q, %v", line, err)
 		}
