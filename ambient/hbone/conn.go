@@ -28,6 +28,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -93,6 +94,13 @@ type Conn struct {
 	henc *hpack.Encoder
 	hbuf bytes.Buffer
 
+	// Control frames waiting for wmu (control.go).
+	cmu         sync.Mutex
+	ctrl        []ctrlFrame
+	ctrlSpare   []ctrlFrame
+	ctrlPending atomic.Bool
+	kick        chan struct{}
+
 	mu          sync.Mutex
 	cond        *sync.Cond // send windows grew, a stream or the connection changed state
 	streams     map[uint32]*Stream
@@ -104,6 +112,8 @@ type Conn struct {
 	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
 	recvUnacked int64  // connection-level bytes consumed and not yet returned by WINDOW_UPDATE
 	goAway      bool
+	prefaced    bool  // our SETTINGS are out: a GOAWAY may follow
+	halfClosed  bool  // drained: our side of the transport is closed
 	err         error // set when the connection is dead
 	done        chan struct{}
 
@@ -115,7 +125,7 @@ func newConn(nc net.Conn, cfg Config, server bool) *Conn {
 	cfg = cfg.withDefaults()
 	c := &Conn{nc: nc, cfg: cfg, server: server, streams: map[uint32]*Stream{}, nextID: 1,
 		sendWindow: defaultWindow, peerWindow: defaultWindow, peerMaxFr: defaultMaxFrame, peerStreams: 100,
-		done: make(chan struct{})}
+		done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	c.cond = sync.NewCond(&c.mu)
 	c.bw = bufio.NewWriterSize(nc, 32<<10)
 	c.fr = http2.NewFramer(c.bw, nc)
@@ -130,7 +140,7 @@ func newConn(nc net.Conn, cfg Config, server bool) *Conn {
 // settings are what this side announces (and the connection window).
 func (c *Conn) writePreface() error {
 	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	defer c.unlockW()
 	if !c.server {
 		if _, err := c.bw.WriteString(http2.ClientPreface); err != nil {
 			return err
@@ -149,6 +159,9 @@ func (c *Conn) writePreface() error {
 	if err := c.fr.WriteSettings(s...); err != nil {
 		return err
 	}
+	c.mu.Lock()
+	c.prefaced = true
+	c.mu.Unlock()
 	if c.cfg.ConnWindow > defaultWindow {
 		if err := c.fr.WriteWindowUpdate(0, c.cfg.ConnWindow-defaultWindow); err != nil {
 			return err
@@ -164,6 +177,7 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 		nc.Close()
 		return nil, err
 	}
+	go c.controlWriter()
 	go c.readLoop()
 	return c, nil
 }
@@ -172,23 +186,45 @@ func Client(nc net.Conn, cfg Config) (*Conn, error) {
 // ends, calling handler for every stream the peer opens (on a goroutine of
 // its own). The handler answers with Stream.Respond.
 func Serve(nc net.Conn, cfg Config, handler func(*Stream, *Request)) error {
+	return NewServer(nc, cfg, handler).Serve()
+}
+
+// NewServer prepares a server connection; Serve runs it. The caller may
+// keep the Conn to Shutdown it (GOAWAY) while it serves.
+func NewServer(nc net.Conn, cfg Config, handler func(*Stream, *Request)) *Conn {
 	c := newConn(nc, cfg, true)
 	c.handler = handler
+	return c
+}
+
+// Serve runs a server connection made by NewServer until it ends.
+func (c *Conn) Serve() error {
+	nc := c.nc
 	preface := make([]byte, len(http2.ClientPreface))
 	_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(nc, preface); err != nil {
-		nc.Close()
-		return fmt.Errorf("hbone: reading the client preface: %w", err)
+		err = fmt.Errorf("hbone: reading the client preface: %w", err)
+		c.fail(err)
+		return err
 	}
 	_ = nc.SetReadDeadline(time.Time{})
 	if string(preface) != http2.ClientPreface {
-		nc.Close()
-		return errors.New("hbone: not an HTTP/2 client (bad preface)")
-	}
-	if err := c.writePreface(); err != nil {
-		nc.Close()
+		err := errors.New("hbone: not an HTTP/2 client (bad preface)")
+		c.fail(err)
 		return err
 	}
+	if err := c.writePreface(); err != nil {
+		c.fail(err)
+		return err
+	}
+	c.mu.Lock()
+	early := c.goAway // Shutdown before we started: say it now
+	c.goAway = false
+	c.mu.Unlock()
+	if early {
+		c.Shutdown()
+	}
+	go c.controlWriter()
 	c.readLoop()
 	return c.Err()
 }
@@ -236,18 +272,52 @@ func (c *Conn) Close() error {
 }
 
 // Shutdown tells the peer no more streams will be accepted (GOAWAY) and
-// lets open streams finish.
+// lets open streams finish; a server connection then closes itself once
+// its last stream is over (a client's is closed by its pool).
 func (c *Conn) Shutdown() {
 	c.mu.Lock()
+	if c.goAway || c.err != nil {
+		c.mu.Unlock()
+		return
+	}
 	last := c.lastPeerID
 	c.goAway = true
+	if !c.prefaced {
+		c.mu.Unlock()
+		return // Serve sends it after our SETTINGS
+	}
 	c.mu.Unlock()
 	c.wmu.Lock()
 	_ = c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
 	_ = c.bw.Flush()
-	c.wmu.Unlock()
+	c.unlockW()
 	c.cond.Broadcast()
+	c.closeIfDrained()
 }
+
+// closeIfDrained ends a server connection that sent GOAWAY and has no
+// stream left. It half-closes (the control writer sends what is queued,
+// then TLS close_notify and FIN) and keeps reading until the peer closes
+// too, for at most drainLinger: closing outright with the peer's frames
+// unread would make the kernel answer with RST, and an RST makes the
+// peer's kernel discard what it had not read yet, such as the end of the
+// last stream.
+func (c *Conn) closeIfDrained() {
+	c.mu.Lock()
+	drained := c.server && c.prefaced && c.goAway && !c.halfClosed && c.err == nil && len(c.streams) == 0
+	if drained {
+		c.halfClosed = true
+	}
+	c.mu.Unlock()
+	if drained {
+		c.sendControl(ctrlFrame{kind: ctrlCloseWrite})
+		_ = c.nc.SetReadDeadline(time.Now().Add(drainLinger))
+	}
+}
+
+// drainLinger bounds how long a drained connection waits for its peer to
+// close.
+const drainLinger = 5 * time.Second
 
 // fail ends the connection with err (the first error wins).
 func (c *Conn) fail(err error) {
@@ -262,8 +332,15 @@ func (c *Conn) fail(err error) {
 	close(c.done)
 	c.mu.Unlock()
 	c.cond.Broadcast()
+	// A connection that ended without GOAWAY (io.EOF: the peer's TCP
+	// closed) truncates every stream still open: their readers must not
+	// mistake it for the peer's END_STREAM.
+	serr := err
+	if errors.Is(err, io.EOF) {
+		serr = io.ErrUnexpectedEOF
+	}
 	for _, s := range streams {
-		s.abort(err)
+		s.abort(serr)
 	}
 	c.nc.Close()
 }
@@ -274,10 +351,13 @@ func (c *Conn) protocolError(code http2.ErrCode, format string, args ...any) {
 	c.mu.Lock()
 	last := c.lastPeerID
 	c.mu.Unlock()
-	c.wmu.Lock()
-	_ = c.fr.WriteGoAway(last, code, []byte(truncate(err.Error())))
-	_ = c.bw.Flush()
-	c.wmu.Unlock()
+	// Best effort: a writer blocked on a full socket holds wmu, and the
+	// connection is closed either way.
+	if c.wmu.TryLock() {
+		_ = c.fr.WriteGoAway(last, code, []byte(truncate(err.Error())))
+		_ = c.bw.Flush()
+		c.wmu.Unlock()
+	}
 	c.fail(err)
 }
 
@@ -311,33 +391,35 @@ func (c *Conn) Connect(ctx context.Context, authority string, header [][2]string
 	if c.server {
 		return nil, 0, errors.New("hbone: Connect on a server connection")
 	}
-	c.mu.Lock()
-	if c.err != nil {
-		err := c.err
-		c.mu.Unlock()
-		return nil, 0, err
-	}
-	if c.goAway {
-		c.mu.Unlock()
-		return nil, 0, ErrGoAway
-	}
-	if len(c.streams) >= int(c.peerStreams) {
-		c.mu.Unlock()
-		return nil, 0, ErrRefused
-	}
-	s := c.newStreamLocked(0)
-	c.mu.Unlock()
-
 	fields := append([][2]string{{":method", "CONNECT"}, {":authority", authority}}, header...)
-	// Ids must reach the wire in increasing order: allocate under wmu.
+	// Ids must reach the wire in increasing order: allocate under wmu. The
+	// stream is checked, created and registered in one critical section,
+	// so no SETTINGS (window size) or GOAWAY can fall in between.
 	c.wmu.Lock()
 	c.mu.Lock()
-	s.id = c.nextID
+	var refuse error
+	switch {
+	case c.err != nil:
+		refuse = c.err
+	case c.goAway:
+		refuse = ErrGoAway
+	case len(c.streams) >= int(c.peerStreams) || c.nextID >= 1<<31-1:
+		refuse = ErrRefused
+	}
+	if refuse != nil {
+		c.mu.Unlock()
+		c.unlockW()
+		return nil, 0, refuse
+	}
+	s := c.newStreamLocked(c.nextID)
 	c.nextID += 2
 	c.streams[s.id] = s
 	c.mu.Unlock()
+	// Resets queued before this stream was counted go out first: the
+	// peer must not see more open streams than we do.
+	c.writeControlLocked()
 	err := c.writeHeadersLocked(s.id, fields, false)
-	c.wmu.Unlock()
+	c.unlockW()
 	if err != nil {
 		c.fail(err)
 		return nil, 0, err
@@ -414,4 +496,5 @@ func (c *Conn) removeIfDone(s *Stream) {
 	}
 	c.mu.Unlock()
 	c.cond.Broadcast()
+	c.closeIfDrained()
 }

@@ -40,10 +40,7 @@ func (c *Conn) readLoop() {
 			}
 		case *http2.PingFrame:
 			if !f.IsAck() {
-				c.wmu.Lock()
-				_ = c.fr.WritePing(true, f.Data)
-				_ = c.bw.Flush()
-				c.wmu.Unlock()
+				c.sendControl(ctrlFrame{kind: ctrlPingAck, ping: f.Data})
 			}
 		case *http2.GoAwayFrame:
 			c.onGoAway(f)
@@ -63,6 +60,7 @@ func (c *Conn) readLoop() {
 			c.mu.Unlock()
 			if s != nil {
 				s.abort(fmt.Errorf("%w (%v)", ErrStreamReset, f.ErrCode))
+				s.dropUnread(false)
 				c.removeIfDone(s)
 			}
 		case *http2.PushPromiseFrame:
@@ -100,7 +98,7 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 		case http2.SettingMaxConcurrentStreams:
 			c.peerStreams = s.Val
 		case http2.SettingHeaderTableSize:
-			tableSize = int64(s.Val) // applied below: wmu is never taken under mu
+			tableSize = int64(s.Val) // applied with the ack, under wmu
 		}
 		c.mu.Unlock()
 		return nil
@@ -110,19 +108,7 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 		return false
 	}
 	c.wakeWriters()
-	c.wmu.Lock()
-	if tableSize >= 0 {
-		c.henc.SetMaxDynamicTableSizeLimit(uint32(tableSize))
-	}
-	err := c.fr.WriteSettingsAck()
-	if err == nil {
-		err = c.bw.Flush()
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.fail(err)
-		return false
-	}
+	c.sendControl(ctrlFrame{kind: ctrlSettingsAck, tableSize: tableSize})
 	return true
 }
 
@@ -278,13 +264,22 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 		c.resetStream(f.StreamID, http2.ErrCodeFlowControl)
 		return true
 	}
-	if s.off == len(s.buf) {
+	d := f.Data()
+	switch {
+	case s.off == len(s.buf):
 		s.buf, s.off = s.buf[:0], 0
+	case s.off > 0 && len(s.buf)+len(d) > cap(s.buf):
+		// Compact rather than grow: the buffer stays within about twice
+		// the stream window however long a slow reader lags.
+		k := copy(s.buf, s.buf[s.off:])
+		s.buf, s.off = s.buf[:k], 0
 	}
-	s.buf = append(s.buf, f.Data()...)
+	s.buf = append(s.buf, d...)
+	pad := n - payload
+	s.unacked += pad // padding counts against the stream window too
 	s.mu.Unlock()
 	s.cond.Broadcast()
-	if pad := n - payload; pad > 0 {
+	if pad > 0 {
 		c.consumed(pad)
 	}
 	if f.StreamEnded() {
@@ -295,36 +290,25 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 }
 
 func (c *Conn) writeWindowUpdate(id uint32, n int64) {
-	c.wmu.Lock()
-	err := c.fr.WriteWindowUpdate(id, uint32(n))
-	if err == nil {
-		err = c.bw.Flush()
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.fail(err)
-	}
+	c.sendControl(ctrlFrame{kind: ctrlWindow, id: id, val: uint32(n)})
 }
 
-// resetStream sends RST_STREAM and forgets the stream.
+// resetStream sends RST_STREAM and forgets the stream. The RST is queued
+// before the stream leaves the map: a CONNECT that takes its place among
+// the peer's allowed streams is written after it (Connect writes the
+// queue first).
 func (c *Conn) resetStream(id uint32, code http2.ErrCode) {
+	c.sendControl(ctrlFrame{kind: ctrlRST, id: id, val: uint32(code)})
 	c.mu.Lock()
 	s := c.streams[id]
 	delete(c.streams, id)
 	c.mu.Unlock()
 	if s != nil {
 		s.abort(fmt.Errorf("hbone: stream reset (%v)", code))
-	}
-	c.wmu.Lock()
-	err := c.fr.WriteRSTStream(id, code)
-	if err == nil {
-		err = c.bw.Flush()
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.fail(err)
+		s.dropUnread(false)
 	}
 	c.cond.Broadcast()
+	c.closeIfDrained()
 }
 
 // runHandler runs the server's handler for one stream; a panic there

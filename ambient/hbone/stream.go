@@ -51,6 +51,24 @@ func (s *Stream) abort(err error) {
 	s.cond.Broadcast()
 }
 
+// dropUnread discards received bytes nobody will read, returning them to
+// the connection's receive window: kept, they would shrink it for every
+// other stream on the connection, for good. Bytes of a direction that
+// ended cleanly (END_STREAM) stay readable unless all is true (the reader
+// closed the stream).
+func (s *Stream) dropUnread(all bool) {
+	s.mu.Lock()
+	var left int64
+	if all || !s.recvEnd {
+		left = int64(len(s.buf) - s.off)
+		s.buf, s.off = nil, 0
+	}
+	s.mu.Unlock()
+	if left > 0 {
+		s.c.consumed(left)
+	}
+}
+
 func (s *Stream) endRecv() {
 	s.mu.Lock()
 	s.recvEnd = true
@@ -84,12 +102,14 @@ func (s *Stream) Read(p []byte) (int, error) {
 		s.c.consumed(int64(n))
 		return n, nil
 	}
+	// A direction the peer ended cleanly reads as EOF even if the stream
+	// was reset afterwards: everything it sent has been read.
 	err := s.err
-	s.mu.Unlock()
-	if err != nil {
-		return 0, err
+	if s.recvEnd {
+		err = io.EOF
 	}
-	return 0, io.EOF
+	s.mu.Unlock()
+	return 0, err
 }
 
 // consumed returns connection-level window as streams' readers take bytes.
@@ -128,15 +148,25 @@ func (s *Stream) Write(p []byte) (int, error) {
 		s.mu.Unlock()
 
 		c.mu.Lock()
+		// Waiting for connection window ends also when this stream dies
+		// (reset or closed): c.cond is broadcast then too.
+		var serr error
 		for c.sendWindow <= 0 && c.err == nil {
+			if serr = s.failed(); serr != nil {
+				break
+			}
 			c.cond.Wait()
 		}
-		if c.err != nil {
+		if c.err != nil || serr != nil {
 			err := c.err
+			if err == nil {
+				err = serr
+			}
 			c.mu.Unlock()
 			return written, err
 		}
-		n := min(int64(len(p)), sw, c.sendWindow, int64(c.peerMaxFr))
+		cw := c.sendWindow
+		n := min(int64(len(p)), sw, cw, int64(c.peerMaxFr))
 		c.sendWindow -= n
 		c.mu.Unlock()
 		s.mu.Lock()
@@ -146,12 +176,14 @@ func (s *Stream) Write(p []byte) (int, error) {
 		last := n == int64(len(p))
 		c.wmu.Lock()
 		err := c.fr.WriteData(s.id, false, p[:n])
-		if err == nil && last {
+		if err == nil && (last || n == sw || n == cw) {
 			// One flush per Write: an exchange of small messages is one
-			// TLS record each way, a bulk write fills records.
+			// TLS record each way, a bulk write fills records. Also before
+			// waiting for window: the peer can only return window for
+			// bytes it has received.
 			err = c.bw.Flush()
 		}
-		c.wmu.Unlock()
+		c.unlockW()
 		if err != nil {
 			c.fail(err)
 			return written, err
@@ -160,6 +192,20 @@ func (s *Stream) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return written, nil
+}
+
+// failed returns why the stream can no longer send (nil while it can).
+// Called with c.mu held (lock order: c.mu before s.mu).
+func (s *Stream) failed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	if s.sentEnd {
+		return errors.New("hbone: write after CloseWrite")
+	}
+	return nil
 }
 
 // CloseWrite ends our side of the stream (END_STREAM); reading goes on.
@@ -179,7 +225,7 @@ func (s *Stream) CloseWrite() error {
 	if err == nil {
 		err = c.bw.Flush()
 	}
-	c.wmu.Unlock()
+	c.unlockW()
 	if err != nil {
 		c.fail(err)
 		return err
@@ -203,6 +249,7 @@ func (s *Stream) Close() error {
 	}
 	s.mu.Unlock()
 	s.cond.Broadcast()
+	s.dropUnread(true)
 	if open {
 		s.c.resetStream(s.id, http2.ErrCodeCancel)
 		return nil
@@ -213,6 +260,7 @@ func (s *Stream) Close() error {
 	}
 	s.c.mu.Unlock()
 	s.c.cond.Broadcast()
+	s.c.closeIfDrained()
 	return nil
 }
 
@@ -237,7 +285,7 @@ func (s *Stream) Respond(status int) error {
 	s.mu.Unlock()
 	c.wmu.Lock()
 	err := c.writeHeadersLocked(s.id, [][2]string{{":status", strconv.Itoa(status)}}, end)
-	c.wmu.Unlock()
+	c.unlockW()
 	if err != nil {
 		c.fail(err)
 		return err

@@ -101,7 +101,11 @@ func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) 
 	}()
 	toApp, err = copyFlush(app, st, nil)
 	if err != nil {
+		// The stream broke (reset, or its connection died) or the
+		// application did: either way the application must see a reset,
+		// never a clean FIN on truncated data.
 		st.Reset(http2.ErrCodeCancel)
+		_ = app.SetLinger(0)
 		app.Close() // unblocks the other direction
 	} else {
 		_ = app.CloseWrite()

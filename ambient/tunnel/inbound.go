@@ -17,8 +17,13 @@ import (
 	"kmesh.dev/kmesh/ambient/state"
 )
 
-// handshakeTimeout bounds a peer's TLS handshake.
-const handshakeTimeout = 10 * time.Second
+// handshakeTimeout bounds a peer's TLS handshake; connectTimeout the
+// answer to a CONNECT (a peer that vanished without a FIN would otherwise
+// hold the application for TCP's retransmission timeout, ~15 minutes).
+const (
+	handshakeTimeout = 10 * time.Second
+	connectTimeout   = 10 * time.Second
+)
 
 // serveHBONE terminates one inbound HBONE connection: mutual TLS, then an
 // HTTP/2 server whose every stream is one tunnelled connection.
@@ -40,7 +45,13 @@ func (p *Proxy) serveHBONE(pp *podProxy, raw *net.TCPConn) {
 	p.m.handshakes.WithLabelValues("inbound").Inc()
 	src := addrPortOf(raw.RemoteAddr())
 	local := addrPortOf(raw.LocalAddr())
-	_ = hbone.Serve(tc, p.h2, p.hboneHandler(pp, &peer, src, local))
+	sc := hbone.NewServer(tc, p.h2, p.hboneHandler(pp, &peer, src, local))
+	pp.addServer(sc)
+	defer pp.removeServer(sc)
+	if pp.ctx.Err() != nil || p.isClosed() {
+		sc.Shutdown() // accepted as the pod left or the daemon drains
+	}
+	_ = sc.Serve()
 }
 
 // hboneHandler serves the streams of one authenticated HBONE connection.
@@ -64,6 +75,13 @@ func (p *Proxy) podAddrs(pp *podProxy, local netip.AddrPort) ([]netip.Addr, *sta
 
 // inboundStream handles one CONNECT on an HBONE connection.
 func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request, peer *identity.Identity, src, local netip.AddrPort) {
+	// Streams can outlive their connection's serving goroutine by a
+	// moment; the namespace must stay open while one dials in it.
+	if !pp.hold() {
+		p.refuse(st, "inbound", &refusal{http.StatusServiceUnavailable, reasonUpstream, "the pod left the mesh"}, pp, src)
+		return
+	}
+	defer pp.release()
 	addrs, dst := p.podAddrs(pp, local)
 	target, ref := checkConnect(req.Method, req.Authority, addrs)
 	if ref != nil {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 
+	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
 )
@@ -99,7 +100,7 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		return fmt.Errorf("no certificate for %s: %w", pp.pod.Identity, err)
 	}
 	key := poolKey{pod: pp.pod.UID, src: pp.pod.Identity, dst: route.Identity, addr: route.Dial}
-	pc, release, err := p.pool.get(ctx, key, func(ctx context.Context) (net.Conn, error) {
+	dial := func(ctx context.Context) (net.Conn, error) {
 		raw, err := pp.ns.dial(ctx, route.Dial, p.cfg.DialTimeout)
 		if err != nil {
 			return nil, fmt.Errorf("connecting to %s (a NetworkPolicy blocking HBONE port 15008?): %w", route.Dial, err)
@@ -113,19 +114,34 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		}
 		p.m.handshakes.WithLabelValues("outbound").Inc()
 		return tc, nil
-	})
-	if err != nil {
-		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
-		return err
 	}
-	defer release()
-
 	var srcAddr netip.Addr
 	if src != nil {
 		srcAddr, _ = sameFamily(src.Addresses, route.Target.Addr())
 	}
-	st, status, err := pc.cc.Connect(ctx, route.Target.String(), connectHeaders(source{addr: srcAddr, w: src}))
-	if err != nil {
+	header := connectHeaders(source{addr: srcAddr, w: src})
+	var st *hbone.Stream
+	var status int
+	// A connection that turned out unable to take the stream (GOAWAY
+	// meanwhile, stream limit) is safe to retry on another: the peer never
+	// saw the request.
+	for attempt := 0; ; attempt++ {
+		pc, release, err := p.pool.get(ctx, key, dial)
+		if err != nil {
+			p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
+			return err
+		}
+		cctx, cancel := context.WithTimeout(ctx, connectTimeout)
+		st, status, err = pc.cc.Connect(cctx, route.Target.String(), header)
+		cancel()
+		if err == nil {
+			defer release()
+			break
+		}
+		release()
+		if attempt == 0 && (errors.Is(err, hbone.ErrGoAway) || errors.Is(err, hbone.ErrRefused)) {
+			continue
+		}
 		p.m.refused.WithLabelValues("outbound", reasonUpstream).Inc()
 		return fmt.Errorf("CONNECT %s via %s: %w", route.Target, route.Dial, err)
 	}

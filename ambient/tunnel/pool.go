@@ -36,11 +36,19 @@ type pool struct {
 	idle    time.Duration
 	mu      sync.Mutex
 	conns   map[poolKey][]*pooledConn
-	dialing map[poolKey]chan struct{}
+	dialing map[poolKey]*dialing
+}
+
+// dialing is a connection being opened; err is set before done closes.
+// Callers that queued behind a failed dial share its error rather than
+// each dialling in turn (N callers to a dead peer would take N timeouts).
+type dialing struct {
+	done chan struct{}
+	err  error
 }
 
 func newPool(cfg hbone.Config, m *metrics, idle time.Duration) *pool {
-	return &pool{cfg: cfg, m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]chan struct{}{}}
+	return &pool{cfg: cfg, m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]*dialing{}}
 }
 
 // get returns a connection with a stream reserved on it, and the function
@@ -72,14 +80,17 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 		if wait, ok := p.dialing[k]; ok {
 			p.mu.Unlock()
 			select {
-			case <-wait:
+			case <-wait.done:
+				if wait.err != nil {
+					return nil, nil, wait.err
+				}
 				continue
 			case <-ctx.Done():
 				return nil, nil, ctx.Err()
 			}
 		}
-		done := make(chan struct{})
-		p.dialing[k] = done
+		d := &dialing{done: make(chan struct{})}
+		p.dialing[k] = d
 		p.mu.Unlock()
 
 		c, err := dial(ctx)
@@ -89,7 +100,8 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 		}
 		p.mu.Lock()
 		delete(p.dialing, k)
-		close(done)
+		d.err = err
+		close(d.done)
 		if err != nil {
 			p.mu.Unlock()
 			return nil, nil, err
@@ -136,8 +148,9 @@ func (p *pool) reap(now time.Time) {
 	}
 }
 
-// dropPod closes the idle connections of a pod that left; busy ones end
-// with their streams.
+// dropPod closes the idle connections of a pod that left; busy ones get
+// GOAWAY and stay in the pool, unusable (GoingAway), until reap closes
+// them after their last stream.
 func (p *pool) dropPod(uid string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -145,15 +158,21 @@ func (p *pool) dropPod(uid string) {
 		if k.pod != uid {
 			continue
 		}
+		busy := conns[:0]
 		for _, pc := range conns {
 			if pc.active == 0 {
 				pc.cc.Close()
-			} else {
-				pc.cc.Shutdown() // graceful: GOAWAY after the streams
+				p.m.pooled.Dec()
+				continue
 			}
-			p.m.pooled.Dec()
+			pc.cc.Shutdown()
+			busy = append(busy, pc)
 		}
-		delete(p.conns, k)
+		if len(busy) == 0 {
+			delete(p.conns, k)
+		} else {
+			p.conns[k] = busy
+		}
 	}
 }
 

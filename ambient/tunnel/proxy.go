@@ -124,6 +124,68 @@ type podProxy struct {
 	listeners []net.Listener
 	ctx       context.Context
 	cancel    context.CancelFunc
+	closeOnce sync.Once
+
+	mu sync.Mutex
+	// refs: one for the enrolment, one per connection or stream being
+	// served. The namespace fd is closed with the last: a connection that
+	// outlives the pod's enrolment may still dial inside it, and a closed
+	// fd number can be reused for another pod's namespace.
+	refs int
+	// servers: inbound HBONE connections, told GOAWAY when the pod leaves
+	// or the daemon drains, so peers move new streams elsewhere.
+	servers map[*hbone.Conn]struct{}
+}
+
+// hold takes a reference on the pod's namespace; false once it is closed.
+func (pp *podProxy) hold() bool {
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	if pp.refs == 0 {
+		return false
+	}
+	pp.refs++
+	return true
+}
+
+func (pp *podProxy) release() {
+	pp.mu.Lock()
+	pp.refs--
+	last := pp.refs == 0
+	pp.mu.Unlock()
+	if last && pp.nsFile != nil {
+		pp.nsFile.Close()
+	}
+}
+
+func (pp *podProxy) addServer(c *hbone.Conn) {
+	pp.mu.Lock()
+	if pp.servers == nil {
+		pp.servers = map[*hbone.Conn]struct{}{}
+	}
+	pp.servers[c] = struct{}{}
+	pp.mu.Unlock()
+}
+
+func (pp *podProxy) removeServer(c *hbone.Conn) {
+	pp.mu.Lock()
+	delete(pp.servers, c)
+	pp.mu.Unlock()
+}
+
+// goAway sends GOAWAY on every inbound HBONE connection: streams in
+// flight finish, new ones go to a new connection (the next daemon's
+// listener during an upgrade). Each connection closes with its last stream.
+func (pp *podProxy) goAway() {
+	pp.mu.Lock()
+	cs := make([]*hbone.Conn, 0, len(pp.servers))
+	for c := range pp.servers {
+		cs = append(cs, c)
+	}
+	pp.mu.Unlock()
+	for _, c := range cs {
+		c.Shutdown()
+	}
 }
 
 // New creates the node proxy; pods are added as they are enrolled.
@@ -181,7 +243,7 @@ func (p *Proxy) AddPod(pod Pod) error {
 	if err != nil {
 		return fmt.Errorf("pod %s: duplicating its namespace: %w", pod.UID, err)
 	}
-	pp := &podProxy{pod: pod, ns: podNetns{fd: fd}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID)}
+	pp := &podProxy{pod: pod, ns: podNetns{fd: fd}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID), refs: 1}
 	pp.ctx, pp.cancel = context.WithCancel(context.Background())
 	fail := func(err error) error {
 		pp.close()
@@ -249,12 +311,18 @@ func (p *Proxy) RemovePod(uid string) {
 	}
 }
 
+// close ends the pod's enrolment in the proxy: listeners closed, GOAWAY
+// to inbound peers, the namespace released (closed after the last
+// connection still using it).
 func (pp *podProxy) close() {
-	for _, l := range pp.listeners {
-		l.Close()
-	}
-	pp.cancel()
-	pp.nsFile.Close()
+	pp.closeOnce.Do(func() {
+		for _, l := range pp.listeners {
+			l.Close()
+		}
+		pp.cancel()
+		pp.goAway()
+		pp.release()
+	})
 }
 
 func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProxy, *net.TCPConn)) {
@@ -273,13 +341,24 @@ func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProx
 			c.Close()
 			return
 		}
+		if !pp.hold() {
+			p.untrack(c)
+			return
+		}
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
+			defer pp.release()
 			defer p.untrack(c)
 			serve(pp, c)
 		}()
 	}
+}
+
+func (p *Proxy) isClosed() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed
 }
 
 func (p *Proxy) track(c *net.TCPConn) bool {
@@ -328,6 +407,7 @@ func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
 		for _, l := range pp.listeners {
 			l.Close()
 		}
+		pp.goAway()
 	}
 	close(p.stop)
 	done := make(chan struct{})
@@ -348,8 +428,7 @@ func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
 	p.cancelConn()
 	p.pool.closeAll()
 	for _, pp := range pods {
-		pp.cancel()
-		pp.nsFile.Close()
+		pp.close()
 	}
 }
 

@@ -75,9 +75,14 @@ func clientPod(ns, name, node string) *corev1.Pod {
 }
 
 func startCluster(t *testing.T) *sim.Cluster {
+	return startClusterWith(t, sim.Options{Nodes: 2, Objects: objects})
+}
+
+func startClusterWith(t *testing.T, opts sim.Options) *sim.Cluster {
 	kerneltest.RequireRoot(t)
-	c, err := sim.Start(context.Background(), sim.Options{Nodes: 2, Objects: objects, DaemonBin: daemonBin,
-		Log: slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	opts.DaemonBin = daemonBin
+	opts.Log = slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c, err := sim.Start(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
