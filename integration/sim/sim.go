@@ -128,9 +128,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	cctx, cancel := context.WithCancel(context.Background())
 	c = &Cluster{ID: podnet.RandomSuffix(), opts: opts, log: log.With("component", "sim"), ctx: cctx, cancel: cancel,
 		nsLabels: map[string]map[string]string{}}
+	built := c // `return nil, err` clears c before this runs
 	defer func() {
 		if err != nil {
-			_ = c.Close()
+			if cerr := built.Close(); cerr != nil {
+				err = fmt.Errorf("%w (and tearing down: %v)", err, cerr)
+			}
 			c = nil
 		}
 	}()
@@ -142,15 +145,13 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := writeOwner(c.RunDir); err != nil {
 		return nil, err
 	}
-	c.onClose(func() error {
-		err := os.RemoveAll(c.RunDir)
-		_ = os.Remove(runParent)
-		return err
-	})
+	// The shared parents (/run/kmesh-sim, the bpffs kmesh-sim directory)
+	// stay: removing them when empty races with another simulator (another
+	// test binary) creating its own directory beneath them.
+	c.onClose(func() error { return os.RemoveAll(c.RunDir) })
 	c.pinRoot = filepath.Join(PinParent, c.ID)
 	c.onClose(func() error {
 		_ = os.RemoveAll(c.pinRoot) // daemons unpinned their own; this is the directory
-		_ = os.Remove(PinParent)
 		return nil
 	})
 	if c.cgroup, err = podnet.NewCgroup("", "kmesh-sim-"+c.ID); err != nil {
