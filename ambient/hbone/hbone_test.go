@@ -62,20 +62,9 @@ func echo(s *Stream, r *Request) {
 
 func exchange(t *testing.T, s *Stream, data []byte) []byte {
 	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := s.Write(data)
-		if err == nil {
-			err = s.CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(s)
+	got, err := exchangeErr(s, data)
 	if err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("write: %v", err)
+		t.Fatalf("exchange: %v", err)
 	}
 	return got
 }
@@ -255,14 +244,7 @@ func TestInteropXNetServer(t *testing.T) {
 			})})
 		}
 	}()
-	nc, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc, err := Client(nc, Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc, _ := dialClient(t, l.Addr().String())
 	defer cc.Close()
 	big := bytes.Repeat([]byte("abcdefgh"), 1<<20) // 8 MiB: beyond x/net's default windows
 	for i := range 3 {

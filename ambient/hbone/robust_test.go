@@ -78,14 +78,7 @@ func TestBidirectionalBulkNoDeadlock(t *testing.T) {
 		go func() {
 			data := bytes.Repeat([]byte{byte(i)}, size)
 			want := sha256.Sum256(data)
-			werr := make(chan error, 1)
-			go func() {
-				_, err := s.Write(data)
-				if err == nil {
-					err = s.CloseWrite()
-				}
-				werr <- err
-			}()
+			werr := writeAndClose(s, data)
 			h := sha256.New()
 			n, err := io.Copy(h, s)
 			if err == nil {
@@ -142,16 +135,7 @@ func TestDroppedStreamsReturnConnectionWindow(t *testing.T) {
 	if err != nil || status != 200 {
 		t.Fatalf("connect: %d %v", status, err)
 	}
-	got := make(chan string, 1)
-	go func() { b, err := exchangeErr(s, []byte("still flowing")); got <- fmt.Sprintf("%s %v", b, err) }()
-	select {
-	case b := <-got:
-		if b != "still flowing <nil>" {
-			t.Fatalf("got %q", b)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("connection window leaked: a new stream is starved")
-	}
+	exchangeWithin(t, s, "still flowing", "connection window leaked: a new stream is starved")
 }
 
 // A reader that lags behind keeps a bounded buffer: what it already read
@@ -232,16 +216,7 @@ func TestServerShutdownDrains(t *testing.T) {
 		t.Fatalf("new stream after GOAWAY: %v", err)
 	}
 	close(release)
-	got := make(chan string, 1)
-	go func() { b, err := exchangeErr(s, []byte("in flight")); got <- fmt.Sprintf("%s %v", b, err) }()
-	select {
-	case b := <-got:
-		if b != "in flight <nil>" {
-			t.Fatalf("got %q", b)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the stream in flight did not finish after GOAWAY")
-	}
+	exchangeWithin(t, s, "in flight", "the stream in flight did not finish after GOAWAY")
 	s.Close()
 	select {
 	case <-sc.Done():
@@ -250,16 +225,25 @@ func TestServerShutdownDrains(t *testing.T) {
 	}
 }
 
+// exchangeWithin echoes msg through s, failing with stalled if it takes
+// more than 10 s (a stall must fail the test, not hang it).
+func exchangeWithin(t *testing.T, s *Stream, msg, stalled string) {
+	t.Helper()
+	got := make(chan string, 1)
+	go func() { b, err := exchangeErr(s, []byte(msg)); got <- fmt.Sprintf("%s %v", b, err) }()
+	select {
+	case b := <-got:
+		if b != msg+" <nil>" {
+			t.Fatalf("got %q", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal(stalled)
+	}
+}
+
 // exchangeErr writes data, half-closes and reads everything back.
 func exchangeErr(s *Stream, data []byte) ([]byte, error) {
-	werr := make(chan error, 1)
-	go func() {
-		_, err := s.Write(data)
-		if err == nil {
-			err = s.CloseWrite()
-		}
-		werr <- err
-	}()
+	werr := writeAndClose(s, data)
 	got, err := io.ReadAll(s)
 	if err == nil {
 		err = <-werr
@@ -285,14 +269,7 @@ func TestReadLoopDoesNotWaitForWriters(t *testing.T) {
 			peer <- c
 		}
 	}()
-	nc, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc, err := Client(nc, Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc, _ := dialClient(t, l.Addr().String())
 	defer cc.Close()
 	raw := <-peer
 	defer raw.Close()
@@ -333,4 +310,31 @@ func TestReadLoopDoesNotWaitForWriters(t *testing.T) {
 			pings++
 		}
 	}
+}
+
+// writeAndClose writes data and half-closes, on a goroutine of its own.
+func writeAndClose(s *Stream, data []byte) <-chan error {
+	werr := make(chan error, 1)
+	go func() {
+		_, err := s.Write(data)
+		if err == nil {
+			err = s.CloseWrite()
+		}
+		werr <- err
+	}()
+	return werr
+}
+
+// dialClient opens a client connection to addr.
+func dialClient(t *testing.T, addr string) (*Conn, net.Conn) {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := Client(nc, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cc, nc
 }
