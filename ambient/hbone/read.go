@@ -265,22 +265,40 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 		return true
 	}
 	d := f.Data()
-	switch {
-	case s.off == len(s.buf):
-		s.buf, s.off = s.buf[:0], 0
-	case s.off > 0 && len(s.buf)+len(d) > cap(s.buf):
-		// Compact rather than grow: the buffer stays within about twice
-		// the stream window however long a slow reader lags.
-		k := copy(s.buf, s.buf[s.off:])
-		s.buf, s.off = s.buf[:k], 0
+	var direct int64
+	if s.sink != nil && len(d) > 0 && s.off == len(s.buf) && !s.readerBusy {
+		k := s.writeSinkLocked(d)
+		d = d[k:]
+		direct = int64(k)
+		s.delivered += direct
 	}
-	s.buf = append(s.buf, d...)
+	if len(d) > 0 {
+		switch {
+		case s.off == len(s.buf):
+			s.buf, s.off = s.buf[:0], 0
+		case s.off > 0 && len(s.buf)+len(d) > cap(s.buf):
+			// Compact rather than grow: the buffer stays within about
+			// twice the stream window however long a slow reader lags.
+			k := copy(s.buf, s.buf[s.off:])
+			s.buf, s.off = s.buf[:k], 0
+		}
+		s.buf = append(s.buf, d...)
+	}
 	pad := n - payload
-	s.unacked += pad // padding counts against the stream window too
+	s.unacked += pad + direct // padding and delivered bytes are consumed now
+	var upd int64
+	if direct > 0 && s.unacked >= int64(c.cfg.StreamWindow)/2 && !f.StreamEnded() {
+		upd, s.unacked = s.unacked, 0
+	}
 	s.mu.Unlock()
-	s.cond.Broadcast()
-	if pad > 0 {
-		c.consumed(pad)
+	if len(d) > 0 {
+		s.cond.Broadcast()
+	}
+	if upd > 0 {
+		c.writeWindowUpdate(s.id, upd)
+	}
+	if pad+direct > 0 {
+		c.consumed(pad + direct)
 	}
 	if f.StreamEnded() {
 		s.endRecv()

@@ -338,3 +338,70 @@ func dialClient(t *testing.T, addr string) (*Conn, net.Conn) {
 	}
 	return cc, nc
 }
+
+// With a sink, the read loop writes what it can straight to the
+// application socket and Read carries the rest: the application sees
+// every byte once, in order, whichever way each frame went.
+func TestSinkKeepsOrder(t *testing.T) {
+	const msgs = 5000
+	cc, _ := pipePair(t, Config{}, func(s *Stream, r *Request) {
+		if err := s.Respond(200); err != nil {
+			return
+		}
+		for i := 0; i < msgs; i++ {
+			// Sizes from 1 byte to a few frames, numbered in order.
+			b := bytes.Repeat([]byte{byte(i)}, 1+(i*7919)%40000)
+			if _, err := s.Write(b); err != nil {
+				return
+			}
+		}
+		_ = s.CloseWrite()
+	})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	appEnd, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer appEnd.Close()
+	proxyEnd, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxyEnd.Close()
+	s := connect(t, cc)
+	rc, err := proxyEnd.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetSink(rc)
+	copied := make(chan int64, 1)
+	go func() {
+		n, _ := io.Copy(struct{ io.Writer }{proxyEnd}, s) // the reader's share
+		_ = proxyEnd.(*net.TCPConn).CloseWrite()
+		copied <- n
+	}()
+	want := sha256.New()
+	var total int64
+	for i := 0; i < msgs; i++ {
+		k := 1 + (i*7919)%40000
+		want.Write(bytes.Repeat([]byte{byte(i)}, k))
+		total += int64(k)
+	}
+	got := sha256.New()
+	n, err := io.Copy(got, appEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byReader := <-copied
+	if n != total || !bytes.Equal(got.Sum(nil), want.Sum(nil)) {
+		t.Fatalf("the application got %d bytes (of %d) or out of order", n, total)
+	}
+	if d := s.Delivered(); d == 0 || d+byReader != total {
+		t.Fatalf("delivered directly %d + by the reader %d != %d (or nothing went directly)", d, byReader, total)
+	}
+	t.Logf("%d of %d bytes written by the read loop directly", s.Delivered(), total)
+}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"strconv"
 	"sync"
+	"syscall"
 
 	"golang.org/x/net/http2"
 )
@@ -36,6 +37,50 @@ type Stream struct {
 	respOnce sync.Once
 	// server side: Respond was called.
 	responded bool
+
+	// sink is the socket the stream's bytes go to (SetSink). The read loop
+	// writes DATA straight into it, without blocking, when nothing is
+	// queued and the reader is not busy writing what Read returned: that
+	// saves a goroutine hand-off per frame, which is most of a small
+	// exchange's cost. What does not fit goes through buf and Read.
+	sink       syscall.RawConn
+	readerBusy bool  // Read returned bytes its caller may still be writing
+	delivered  int64 // bytes written to sink by the read loop
+}
+
+// SetSink names the socket that the stream's reader copies into, so the
+// connection's read loop may write there itself when that keeps the
+// order. The reader must still Read until EOF (for bytes that did not fit
+// and for the end of the stream); Delivered tells how many bytes went
+// directly.
+func (s *Stream) SetSink(rc syscall.RawConn) {
+	s.mu.Lock()
+	s.sink = rc
+	s.mu.Unlock()
+}
+
+// Delivered is the number of bytes written to the sink directly.
+func (s *Stream) Delivered() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.delivered
+}
+
+// writeSinkLocked writes d to the sink without blocking; it returns how
+// much was written. A sink that fails is dropped: the reader's own write
+// reports the error. Caller holds s.mu.
+func (s *Stream) writeSinkLocked(d []byte) int {
+	var n int
+	var werr error
+	err := s.sink.Write(func(fd uintptr) bool {
+		n, werr = syscall.Write(int(fd), d)
+		return true // never wait: the read loop must not block
+	})
+	if err != nil || (werr != nil && werr != syscall.EAGAIN) {
+		s.sink = nil
+		return 0
+	}
+	return max(n, 0)
 }
 
 // ID is the stream's HTTP/2 id.
@@ -83,12 +128,14 @@ func (s *Stream) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	s.mu.Lock()
+	s.readerBusy = false // the caller is done with what we returned before
 	for s.off == len(s.buf) && !s.recvEnd && s.err == nil {
 		s.cond.Wait()
 	}
 	if s.off < len(s.buf) {
 		n := copy(p, s.buf[s.off:])
 		s.off += n
+		s.readerBusy = true
 		s.unacked += int64(n)
 		var upd int64
 		// Return window in large steps: one WINDOW_UPDATE per half window.

@@ -86,6 +86,13 @@ func resetOnError(c *net.TCPConn, err error) {
 // resets both. It returns the bytes from the application (received, in
 // Istio's terms when the application is the client) and to it (sent).
 func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) {
+	// The connection's read loop writes the stream's bytes to the
+	// application itself when it can (no goroutine hand-off per message);
+	// copyFlush below carries the rest and the end of the stream.
+	if rc, rerr := app.SyscallConn(); rerr == nil {
+		st.SetSink(rc)
+	}
+	defer func() { toApp += st.Delivered() }()
 	var upErr error
 	done := make(chan struct{})
 	go func() {
