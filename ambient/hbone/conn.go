@@ -219,10 +219,9 @@ func (c *Conn) Serve() error {
 	}
 	c.mu.Lock()
 	early := c.goAway // Shutdown before we started: say it now
-	c.goAway = false
 	c.mu.Unlock()
 	if early {
-		c.Shutdown()
+		c.writeGoAway()
 	}
 	go c.controlWriter()
 	c.readLoop()
@@ -280,12 +279,20 @@ func (c *Conn) Shutdown() {
 		c.mu.Unlock()
 		return
 	}
-	last := c.lastPeerID
 	c.goAway = true
 	if !c.prefaced {
 		c.mu.Unlock()
 		return // Serve sends it after our SETTINGS
 	}
+	c.mu.Unlock()
+	c.writeGoAway()
+}
+
+// writeGoAway sends GOAWAY (goAway is already set) and closes the
+// connection if no stream is left.
+func (c *Conn) writeGoAway() {
+	c.mu.Lock()
+	last := c.lastPeerID
 	c.mu.Unlock()
 	c.wmu.Lock()
 	_ = c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)

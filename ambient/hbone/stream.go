@@ -183,12 +183,8 @@ func (s *Stream) Write(p []byte) (int, error) {
 		for s.sendWindow <= 0 && s.err == nil && !s.sentEnd {
 			s.cond.Wait()
 		}
-		if s.err != nil || s.sentEnd {
-			err := s.err
+		if err := s.failedLocked(); err != nil {
 			s.mu.Unlock()
-			if err == nil {
-				err = errors.New("hbone: write after CloseWrite")
-			}
 			return written, err
 		}
 		sw := s.sendWindow
@@ -246,11 +242,17 @@ func (s *Stream) Write(p []byte) (int, error) {
 func (s *Stream) failed() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.failedLocked()
+}
+
+var errWriteAfterClose = errors.New("hbone: write after CloseWrite")
+
+func (s *Stream) failedLocked() error {
 	if s.err != nil {
 		return s.err
 	}
 	if s.sentEnd {
-		return errors.New("hbone: write after CloseWrite")
+		return errWriteAfterClose
 	}
 	return nil
 }

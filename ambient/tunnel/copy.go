@@ -1,12 +1,10 @@
 package tunnel
 
 import (
-	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
 	"sync"
-	"syscall"
 
 	"golang.org/x/net/http2"
 
@@ -19,11 +17,9 @@ const bufSize = 64 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// copyFlush copies src to dst with a pooled buffer, calling flush after
-// every write (an HTTP/2 response writer buffers otherwise, adding latency
-// to every exchange). It returns the bytes copied and the first error that
-// is not the source's EOF.
-func copyFlush(dst io.Writer, src io.Reader, flush func()) (int64, error) {
+// copyBuf copies src to dst with a pooled buffer. It returns the bytes
+// copied and the first error that is not the source's EOF.
+func copyBuf(dst io.Writer, src io.Reader) (int64, error) {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -35,9 +31,6 @@ func copyFlush(dst io.Writer, src io.Reader, flush func()) (int64, error) {
 			n += int64(w)
 			if werr != nil {
 				return n, werr
-			}
-			if flush != nil {
-				flush()
 			}
 		}
 		if rerr != nil {
@@ -72,14 +65,6 @@ func splicePipe(client, server *net.TCPConn) (up, down int64) {
 	return up, down
 }
 
-// resetOnError closes c with RST (SO_LINGER 0) when the other side failed:
-// the application must learn the connection broke, not see a clean EOF.
-func resetOnError(c *net.TCPConn, err error) {
-	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, syscall.EPIPE) {
-		_ = c.SetLinger(0)
-	}
-}
-
 // pipe carries a tunnelled connection: the application's socket one side,
 // an HBONE stream the other. Each direction ends on its own (half-close:
 // END_STREAM one way, shutdown(SHUT_WR) the other); a failure in either
@@ -88,7 +73,7 @@ func resetOnError(c *net.TCPConn, err error) {
 func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) {
 	// The connection's read loop writes the stream's bytes to the
 	// application itself when it can (no goroutine hand-off per message);
-	// copyFlush below carries the rest and the end of the stream.
+	// copyBuf below carries the rest and the end of the stream.
 	if rc, rerr := app.SyscallConn(); rerr == nil {
 		st.SetSink(rc)
 	}
@@ -97,7 +82,7 @@ func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) 
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		fromApp, upErr = copyFlush(st, app, nil)
+		fromApp, upErr = copyBuf(st, app)
 		if upErr != nil {
 			st.Reset(http2.ErrCodeCancel)
 			_ = app.SetLinger(0)
@@ -106,7 +91,7 @@ func pipe(app *net.TCPConn, st *hbone.Stream) (fromApp, toApp int64, err error) 
 		}
 		_ = st.CloseWrite()
 	}()
-	toApp, err = copyFlush(app, st, nil)
+	toApp, err = copyBuf(app, st)
 	if err != nil {
 		// The stream broke (reset, or its connection died) or the
 		// application did: either way the application must see a reset,

@@ -151,10 +151,7 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		return fmt.Errorf("%w: CONNECT %s via %s: HTTP %d", errStreamRefused, route.Target, route.Dial, status)
 	}
 	labels := p.m.open(rep)
-	received, sent, err := pipe(c, st)
+	received, sent, _ := pipe(c, st) // pipe resets the application on failure
 	p.m.close(labels, received, sent)
-	if err != nil {
-		resetOnError(c, err)
-	}
 	return nil
 }
