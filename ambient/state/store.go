@@ -4,6 +4,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 
 	"google.golang.org/protobuf/proto"
@@ -64,17 +65,35 @@ func removeFrom(m map[string]set, k, v string) {
 
 // Store is the node's view of the mesh. Safe for concurrent use; writers
 // are the xDS handlers, readers the reconciler, proxies and admin dumps.
+//
+// A node holds every workload of the mesh, so the workload indexes are
+// compact: each workload has a small integer handle (its slot in wl), and
+// the secondary indexes hold handles, not UID strings or pointers. Slices
+// that many workloads have in common (the services selecting them, their
+// waypoint) are shared through ref-counted tables.
 type Store struct {
 	mu sync.RWMutex
 
-	workloads map[string]*Workload
-	wlByAddr  map[NetworkAddr]string
-	wlByHost  map[string]string
-	wlByNode  map[string]set
+	wl     []*Workload // by handle; nil: a free slot
+	free   []wid
+	byUID  map[string]wid
+	byAddr map[addrKey]wid
+	byHost map[string]wid
+	byNode map[sym]*widSet
+	// endpoints: service key -> workloads listing it in Workload.Services.
+	endpoints map[string]*widSet
+	// networks numbers network names for addrKey; it only grows (a mesh
+	// has a handful of networks).
+	networks map[string]uint32
+
+	svcPorts  sharedTable[[]ServicePorts]
+	gateways  sharedTable[*GatewayAddress]
+	policyIDs sharedTable[[]string]
+	scratch   []byte // for shared-table keys; writers hold mu
+
 	services  map[string]*Service
 	svcByHost map[string]set // hostname -> keys (one hostname may live in several namespaces)
-	svcByVIP  map[NetworkAddr]string
-	endpoints map[string]set // service key -> workload UIDs (from Workload.Services)
+	svcByVIP  map[addrKey]string
 	policies  map[string]Policy
 	polByNS   map[string]set // namespace-scoped policies by namespace
 	polGlobal set
@@ -83,10 +102,10 @@ type Store struct {
 // NewStore returns an empty store.
 func NewStore() *Store {
 	return &Store{
-		workloads: map[string]*Workload{}, wlByAddr: map[NetworkAddr]string{}, wlByHost: map[string]string{},
-		wlByNode: map[string]set{}, services: map[string]*Service{}, svcByHost: map[string]set{},
-		svcByVIP: map[NetworkAddr]string{}, endpoints: map[string]set{}, policies: map[string]Policy{},
-		polByNS: map[string]set{}, polGlobal: set{},
+		byUID: map[string]wid{}, byAddr: map[addrKey]wid{}, byHost: map[string]wid{}, byNode: map[sym]*widSet{},
+		endpoints: map[string]*widSet{}, networks: map[string]uint32{"": 0},
+		services: map[string]*Service{}, svcByHost: map[string]set{}, svcByVIP: map[addrKey]string{},
+		policies: map[string]Policy{}, polByNS: map[string]set{}, polGlobal: set{},
 	}
 }
 
@@ -102,7 +121,9 @@ type Update struct {
 }
 
 // Apply applies a batch and says what changed. Objects equal to what the
-// store holds are not reported.
+// store holds are not reported. The store takes the objects: they must not
+// be modified afterwards, and Apply may replace a workload's slices and
+// gateways by equal ones other workloads share.
 func (s *Store) Apply(u Update) Changes {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -114,8 +135,8 @@ func (s *Store) Apply(u Update) Changes {
 		s.upsertService(svc, ch)
 	}
 	for _, name := range u.RemovedAddresses {
-		if w, ok := s.workloads[name]; ok {
-			s.removeWorkload(w, ch)
+		if id, ok := s.byUID[name]; ok {
+			s.removeWorkload(id, s.wl[id], ch)
 		} else if svc, ok := s.services[name]; ok {
 			s.removeService(svc, ch)
 		}
@@ -132,50 +153,135 @@ func (s *Store) Apply(u Update) Changes {
 }
 
 func (s *Store) upsertWorkload(w *Workload, ch Changes) {
-	if old, ok := s.workloads[w.UID]; ok {
-		if workloadEqual(old, w) {
+	id, ok := s.byUID[w.UID]
+	if ok {
+		old := s.wl[id]
+		if old == w || workloadEqual(old, w) {
 			return
 		}
-		s.unindexWorkload(old, ch)
+		s.unindexWorkload(id, old, ch)
+		w.UID = old.UID // one copy of the UID: the one the map key holds
+	} else {
+		id = s.alloc()
+		s.byUID[w.UID] = id
 	}
-	s.workloads[w.UID] = w
-	m := w.Meta()
+	s.wl[id] = w
+	s.indexWorkload(id, w, ch)
+	ch.Workloads[w.UID] = struct{}{}
+}
+
+func (s *Store) alloc() wid {
+	if n := len(s.free); n > 0 {
+		id := s.free[n-1]
+		s.free = s.free[:n-1]
+		return id
+	}
+	s.wl = append(s.wl, nil)
+	return wid(len(s.wl) - 1)
+}
+
+func (s *Store) indexWorkload(id wid, w *Workload, ch Changes) {
+	net := s.netID(w.Network(), true)
 	for _, a := range w.Addresses {
-		s.wlByAddr[NetworkAddr{Network: m.Network, Addr: a}] = w.UID
+		s.byAddr[keyOf(net, a)] = id
 	}
 	if w.Hostname != "" {
-		s.wlByHost[w.Hostname] = w.UID
+		s.byHost[w.Hostname] = id
 	}
-	addTo(s.wlByNode, m.Node, w.UID)
+	addWid(s.byNode, w.nodeSym(), id)
 	for _, sp := range w.Services {
-		addTo(s.endpoints, sp.Service, w.UID)
+		addWid(s.endpoints, sp.Service, id)
 		ch.Services[sp.Service] = struct{}{}
 	}
-	ch.Workloads[w.UID] = struct{}{}
+	s.share(w)
 }
 
-func (s *Store) unindexWorkload(w *Workload, ch Changes) {
-	m := w.Meta()
+func (s *Store) unindexWorkload(id wid, w *Workload, ch Changes) {
+	net := s.netID(w.Network(), false)
 	for _, a := range w.Addresses {
-		k := NetworkAddr{Network: m.Network, Addr: a}
-		if s.wlByAddr[k] == w.UID {
-			delete(s.wlByAddr, k)
+		k := keyOf(net, a)
+		if cur, ok := s.byAddr[k]; ok && cur == id {
+			delete(s.byAddr, k)
 		}
 	}
-	if w.Hostname != "" && s.wlByHost[w.Hostname] == w.UID {
-		delete(s.wlByHost, w.Hostname)
+	if w.Hostname != "" {
+		if cur, ok := s.byHost[w.Hostname]; ok && cur == id {
+			delete(s.byHost, w.Hostname)
+		}
 	}
-	removeFrom(s.wlByNode, m.Node, w.UID)
+	removeWid(s.byNode, w.nodeSym(), id)
 	for _, sp := range w.Services {
-		removeFrom(s.endpoints, sp.Service, w.UID)
+		removeWid(s.endpoints, sp.Service, id)
 		ch.Services[sp.Service] = struct{}{}
+	}
+	s.unshare(w)
+}
+
+func (s *Store) removeWorkload(id wid, w *Workload, ch Changes) {
+	s.unindexWorkload(id, w, ch)
+	delete(s.byUID, w.UID)
+	s.wl[id] = nil
+	s.free = append(s.free, id)
+	ch.Workloads[w.UID] = struct{}{}
+}
+
+// share replaces the workload's slices and gateways by equal ones already
+// held for other workloads (the pods of a deployment have the same).
+func (s *Store) share(w *Workload) {
+	if len(w.Services) > 0 {
+		s.scratch = appendServicesKey(s.scratch[:0], w.Services)
+		w.Services = s.svcPorts.take(s.scratch, w.Services)
+	}
+	if len(w.AuthorizationPolicies) > 0 {
+		s.scratch = appendStringsKey(s.scratch[:0], w.AuthorizationPolicies)
+		w.AuthorizationPolicies = s.policyIDs.take(s.scratch, w.AuthorizationPolicies)
+	}
+	if w.Waypoint != nil {
+		s.scratch = appendGatewayKey(s.scratch[:0], w.Waypoint)
+		w.Waypoint = s.gateways.take(s.scratch, w.Waypoint)
+	}
+	if w.NetworkGateway != nil {
+		s.scratch = appendGatewayKey(s.scratch[:0], w.NetworkGateway)
+		w.NetworkGateway = s.gateways.take(s.scratch, w.NetworkGateway)
 	}
 }
 
-func (s *Store) removeWorkload(w *Workload, ch Changes) {
-	s.unindexWorkload(w, ch)
-	delete(s.workloads, w.UID)
-	ch.Workloads[w.UID] = struct{}{}
+func (s *Store) unshare(w *Workload) {
+	if len(w.Services) > 0 {
+		s.scratch = appendServicesKey(s.scratch[:0], w.Services)
+		s.svcPorts.release(s.scratch)
+	}
+	if len(w.AuthorizationPolicies) > 0 {
+		s.scratch = appendStringsKey(s.scratch[:0], w.AuthorizationPolicies)
+		s.policyIDs.release(s.scratch)
+	}
+	if w.Waypoint != nil {
+		s.scratch = appendGatewayKey(s.scratch[:0], w.Waypoint)
+		s.gateways.release(s.scratch)
+	}
+	if w.NetworkGateway != nil {
+		s.scratch = appendGatewayKey(s.scratch[:0], w.NetworkGateway)
+		s.gateways.release(s.scratch)
+	}
+}
+
+// netID numbers a network name; unknown names get a number only when add.
+func (s *Store) netID(name string, add bool) uint32 {
+	id, ok := s.networks[name]
+	if !ok && add {
+		id = uint32(len(s.networks))
+		s.networks[name] = id
+	}
+	if !ok && !add {
+		return noNetwork
+	}
+	return id
+}
+
+// key returns the index key of a, and false when its network was never seen.
+func (s *Store) key(a NetworkAddr) (addrKey, bool) {
+	net := s.netID(a.Network, false)
+	return keyOf(net, a.Addr), net != noNetwork
 }
 
 func (s *Store) upsertService(svc *Service, ch Changes) {
@@ -189,7 +295,7 @@ func (s *Store) upsertService(svc *Service, ch Changes) {
 	s.services[key] = svc
 	addTo(s.svcByHost, svc.Hostname, key)
 	for _, v := range svc.VIPs {
-		s.svcByVIP[v] = key
+		s.svcByVIP[keyOf(s.netID(v.Network, true), v.Addr)] = key
 	}
 	ch.Services[key] = struct{}{}
 }
@@ -198,8 +304,8 @@ func (s *Store) unindexService(svc *Service) {
 	key := svc.Key()
 	removeFrom(s.svcByHost, svc.Hostname, key)
 	for _, v := range svc.VIPs {
-		if s.svcByVIP[v] == key {
-			delete(s.svcByVIP, v)
+		if k, ok := s.key(v); ok && s.svcByVIP[k] == key {
+			delete(s.svcByVIP, k)
 		}
 	}
 }
@@ -241,36 +347,62 @@ func (s *Store) removePolicy(p Policy, ch Changes) {
 
 // --- reads ---
 
+func (s *Store) workload(uid string) *Workload {
+	if id, ok := s.byUID[uid]; ok {
+		return s.wl[id]
+	}
+	return nil
+}
+
 // Workload returns a workload by UID.
 func (s *Store) Workload(uid string) *Workload {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.workloads[uid]
+	return s.workload(uid)
 }
 
 // WorkloadByAddr returns the workload owning an address.
 func (s *Store) WorkloadByAddr(a NetworkAddr) *Workload {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.workloads[s.wlByAddr[a]]
+	k, ok := s.key(a)
+	if !ok {
+		return nil
+	}
+	if id, ok := s.byAddr[k]; ok {
+		return s.wl[id]
+	}
+	return nil
 }
 
 // WorkloadByHostname returns the workload with a hostname (DNS-addressed workloads).
 func (s *Store) WorkloadByHostname(h string) *Workload {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.workloads[s.wlByHost[h]]
+	if id, ok := s.byHost[h]; ok {
+		return s.wl[id]
+	}
+	return nil
+}
+
+// workloads returns the workloads of a handle set, sorted by UID.
+func (s *Store) workloads(set *widSet) []*Workload {
+	if set == nil {
+		return []*Workload{}
+	}
+	out := make([]*Workload, 0, set.len())
+	for id := range set.all() {
+		out = append(out, s.wl[id])
+	}
+	slices.SortFunc(out, func(a, b *Workload) int { return strings.Compare(a.UID, b.UID) })
+	return out
 }
 
 // WorkloadsOnNode returns the workloads scheduled on node.
 func (s *Store) WorkloadsOnNode(node string) []*Workload {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	out := make([]*Workload, 0, len(s.wlByNode[node]))
-	for _, uid := range slices.Sorted(maps.Keys(s.wlByNode[node])) {
-		out = append(out, s.workloads[uid])
-	}
-	return out
+	return s.workloads(s.byNode[symOf(node)])
 }
 
 // Service returns a service by key ("namespace/hostname").
@@ -284,7 +416,11 @@ func (s *Store) Service(key string) *Service {
 func (s *Store) ServiceByVIP(a NetworkAddr) *Service {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.services[s.svcByVIP[a]]
+	k, ok := s.key(a)
+	if !ok {
+		return nil
+	}
+	return s.services[s.svcByVIP[k]]
 }
 
 // ServicesByHostname returns the services with a hostname, in every namespace.
@@ -308,13 +444,11 @@ type Endpoint struct {
 func (s *Store) Endpoints(key string) []Endpoint {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	uids := slices.Sorted(maps.Keys(s.endpoints[key]))
-	out := make([]Endpoint, 0, len(uids))
-	for _, uid := range uids {
-		if w := s.workloads[uid]; w != nil {
-			ports, _ := w.PortsFor(key)
-			out = append(out, Endpoint{Workload: w, Ports: ports})
-		}
+	ws := s.workloads(s.endpoints[key])
+	out := make([]Endpoint, len(ws))
+	for i, w := range ws {
+		ports, _ := w.PortsFor(key)
+		out[i] = Endpoint{Workload: w, Ports: ports}
 	}
 	return out
 }
@@ -334,7 +468,7 @@ func (s *Store) PoliciesFor(w *Workload) []Policy {
 	defer s.mu.RUnlock()
 	keys := set{}
 	maps.Copy(keys, s.polGlobal)
-	maps.Copy(keys, s.polByNS[w.Meta().Namespace])
+	maps.Copy(keys, s.polByNS[w.Namespace()])
 	for _, k := range w.AuthorizationPolicies {
 		keys[k] = struct{}{}
 	}
@@ -359,8 +493,8 @@ func (s *Store) Snapshot() Snapshot {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var snap Snapshot
-	for _, k := range slices.Sorted(maps.Keys(s.workloads)) {
-		snap.Workloads = append(snap.Workloads, s.workloads[k])
+	for _, k := range slices.Sorted(maps.Keys(s.byUID)) {
+		snap.Workloads = append(snap.Workloads, s.wl[s.byUID[k]])
 	}
 	for _, k := range slices.Sorted(maps.Keys(s.services)) {
 		snap.Services = append(snap.Services, s.services[k])
@@ -375,5 +509,5 @@ func (s *Store) Snapshot() Snapshot {
 func (s *Store) Counts() (workloads, services, policies int) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return len(s.workloads), len(s.services), len(s.policies)
+	return len(s.byUID), len(s.services), len(s.policies)
 }

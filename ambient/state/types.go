@@ -50,14 +50,18 @@ type GatewayAddress struct {
 }
 
 // Workload is one workload (a pod, a WorkloadEntry, …). A node's daemon
-// holds every workload of the mesh, so the struct is kept small: what all
-// pods of a deployment on a node share lives once, in an interned Meta.
+// holds every workload of the mesh, so the struct is kept small: what the
+// pods of a deployment share lives once, in an interned record, and so does
+// what the pods of a node share. A Workload is immutable once converted (or
+// once handed to Store.Apply, which may replace its slices by equal shared
+// ones): readers share it without copying.
 type Workload struct {
 	UID       string
 	Name      string
 	Addresses []netip.Addr
 	Hostname  string
-	meta      unique.Handle[WorkloadMeta]
+	deploy    unique.Handle[deployMeta]
+	place     unique.Handle[placeMeta]
 	// HBONE is true when the workload accepts HBONE (it is in the mesh).
 	HBONE       bool
 	Healthy     bool
@@ -74,7 +78,8 @@ type Workload struct {
 	NetworkGateway        *GatewayAddress
 }
 
-// WorkloadMeta is what workloads of one deployment on one node share.
+// WorkloadMeta is what workloads of one deployment share, with the node
+// they run on.
 type WorkloadMeta struct {
 	Namespace         string   `json:"namespace"`
 	Network           string   `json:"network,omitempty"`
@@ -89,11 +94,94 @@ type WorkloadMeta struct {
 	WorkloadType      string   `json:"workloadType"`
 }
 
+// sym is an interned string: 8 bytes, compared by pointer, and its text is
+// stored once however many records hold it.
+type sym = unique.Handle[string]
+
+func symOf(s string) sym {
+	if s == "" {
+		return sym{}
+	}
+	return unique.Make(s)
+}
+
+func str(h sym) string {
+	if h == (sym{}) {
+		return ""
+	}
+	return h.Value()
+}
+
+// deployMeta is what the pods of one deployment share. It is interned from
+// interned strings, so that the strings common to many deployments (the
+// namespace, the trust domain, the cluster) are stored once, not once per
+// deployment.
+type deployMeta struct {
+	namespace, network, trustDomain, serviceAccount, clusterID   sym
+	canonicalName, canonicalRevision, workloadName, workloadType sym
+}
+
+// placeMeta is what the pods of one node share. Kept apart from deployMeta:
+// a deployment's pods spread over nodes, and the product of the two is
+// nearly one record per pod.
+type placeMeta struct {
+	node, region, zone, subzone sym
+}
+
 // Meta returns the workload's shared attributes.
-func (w *Workload) Meta() WorkloadMeta { return w.meta.Value() }
+func (w *Workload) Meta() WorkloadMeta {
+	var m WorkloadMeta
+	if w.deploy != (unique.Handle[deployMeta]{}) {
+		d := w.deploy.Value()
+		m.Namespace, m.Network, m.TrustDomain, m.ServiceAccount, m.ClusterID = str(d.namespace), str(d.network), str(d.trustDomain), str(d.serviceAccount), str(d.clusterID)
+		m.CanonicalName, m.CanonicalRevision, m.WorkloadName, m.WorkloadType = str(d.canonicalName), str(d.canonicalRevision), str(d.workloadName), str(d.workloadType)
+	}
+	if w.place != (unique.Handle[placeMeta]{}) {
+		p := w.place.Value()
+		m.Node, m.Locality = str(p.node), Locality{Region: str(p.region), Zone: str(p.zone), Subzone: str(p.subzone)}
+	}
+	return m
+}
 
 // SetMeta replaces the workload's shared attributes (tests, conversions).
-func (w *Workload) SetMeta(m WorkloadMeta) { w.meta = unique.Make(m) }
+func (w *Workload) SetMeta(m WorkloadMeta) {
+	w.deploy = unique.Make(deployMeta{namespace: symOf(m.Namespace), network: symOf(m.Network), trustDomain: symOf(m.TrustDomain),
+		serviceAccount: symOf(m.ServiceAccount), clusterID: symOf(m.ClusterID), canonicalName: symOf(m.CanonicalName),
+		canonicalRevision: symOf(m.CanonicalRevision), workloadName: symOf(m.WorkloadName), workloadType: symOf(m.WorkloadType)})
+	w.place = unique.Make(placeMeta{node: symOf(m.Node), region: symOf(m.Locality.Region), zone: symOf(m.Locality.Zone), subzone: symOf(m.Locality.Subzone)})
+}
+
+// Node returns the node the workload runs on (Meta().Node, without
+// assembling the rest).
+func (w *Workload) Node() string {
+	if w.place == (unique.Handle[placeMeta]{}) {
+		return ""
+	}
+	return str(w.place.Value().node)
+}
+
+// Network returns the workload's network (Meta().Network).
+func (w *Workload) Network() string {
+	if w.deploy == (unique.Handle[deployMeta]{}) {
+		return ""
+	}
+	return str(w.deploy.Value().network)
+}
+
+// Namespace returns the workload's namespace (Meta().Namespace).
+func (w *Workload) Namespace() string {
+	if w.deploy == (unique.Handle[deployMeta]{}) {
+		return ""
+	}
+	return str(w.deploy.Value().namespace)
+}
+
+func (w *Workload) nodeSym() sym {
+	if w.place == (unique.Handle[placeMeta]{}) {
+		return sym{}
+	}
+	return w.place.Value().node
+}
 
 // MarshalJSON flattens the workload for /config_dump.
 func (w *Workload) MarshalJSON() ([]byte, error) {
@@ -246,13 +334,25 @@ func convertGateway(g *workloadapi.GatewayAddress) (*GatewayAddress, error) {
 	return out, nil
 }
 
-// ConvertWorkload validates and converts a workload.
+// suffixOf returns s, sharing the bytes of whole when it ends with s: a
+// pod's UID ends with its name ("Kubernetes//Pod/ns/name"), and a mesh has
+// many pods.
+func suffixOf(whole, s string) string {
+	if strings.HasSuffix(whole, s) {
+		return whole[len(whole)-len(s):]
+	}
+	return s
+}
+
+// ConvertWorkload validates and converts a workload. Its strings are the
+// proto's: a caller that holds the resource name in a string of its own can
+// set w.Uid to it first, so that both share one copy.
 func ConvertWorkload(w *workloadapi.Workload) (*Workload, error) {
 	if w.GetUid() == "" {
 		return nil, fmt.Errorf("workload %s/%s without uid", w.GetNamespace(), w.GetName())
 	}
 	out := &Workload{
-		UID: w.GetUid(), Name: w.GetName(), Hostname: w.GetHostname(),
+		UID: w.GetUid(), Name: suffixOf(w.GetUid(), w.GetName()), Hostname: w.GetHostname(),
 		HBONE: w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE, Healthy: w.GetStatus() == workloadapi.WorkloadStatus_HEALTHY,
 		Capacity: 1, HostNetwork: w.GetNetworkMode() == workloadapi.NetworkMode_HOST_NETWORK,
 	}
