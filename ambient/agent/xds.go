@@ -6,7 +6,8 @@ import (
 	"strings"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 	"istio.io/istio/pkg/workloadapi"
 	"istio.io/istio/pkg/workloadapi/security"
@@ -52,67 +53,123 @@ func xdsNode(cfg *config.Config, environ []string) (*core.Node, error) {
 // (invalid ones are rejected by name and keep their previous version),
 // apply the valid ones to the state, push the changes to the kernel, and
 // reject whatever the kernel refused.
-func (a *Agent) handleXDS(typeURL string, resources []*discovery.Resource, removed []string) []xds.Rejection {
+func (a *Agent) handleXDS(typeURL string, resources *xds.Resources, removed []string) []xds.Rejection {
 	var u state.Update
 	var rejected []xds.Rejection
 	reject := func(name string, err error) { rejected = append(rejected, xds.Rejection{Name: name, Reason: err}) }
 	switch typeURL {
 	case xds.AddressType:
-		for _, r := range resources {
-			var addr workloadapi.Address
-			if err := r.GetResource().UnmarshalTo(&addr); err != nil {
-				reject(r.GetName(), fmt.Errorf("decoding: %w", err))
+		// One message of each kind, reset for each resource: only what the
+		// conversion keeps outlives the loop.
+		var wl workloadapi.Workload
+		var svc workloadapi.Service
+		for r := range resources.All() {
+			kind, err := decodeAddress(r, &wl, &svc)
+			if err != nil {
+				reject(r.Name, fmt.Errorf("decoding: %w", err))
 				continue
 			}
-			switch t := addr.GetType().(type) {
-			case *workloadapi.Address_Workload:
-				w, err := state.ConvertWorkload(t.Workload)
+			switch kind {
+			case addressWorkload:
+				if wl.GetUid() == r.Name {
+					wl.Uid = r.Name // one copy of the string, shared with the xDS bookkeeping
+				}
+				w, err := state.ConvertWorkload(&wl)
 				if err != nil {
-					reject(r.GetName(), err)
+					reject(r.Name, err)
 					continue
 				}
-				if w.UID == r.GetName() {
-					w.UID = r.GetName() // one copy of the string, shared with the xDS bookkeeping
-				}
 				u.Workloads = append(u.Workloads, w)
-			case *workloadapi.Address_Service:
-				s, err := state.ConvertService(t.Service)
+			case addressService:
+				s, err := state.ConvertService(&svc)
 				if err != nil {
-					reject(r.GetName(), err)
+					reject(r.Name, err)
 					continue
 				}
 				u.Services = append(u.Services, s)
 			default:
-				reject(r.GetName(), fmt.Errorf("address is neither a workload nor a service"))
+				reject(r.Name, fmt.Errorf("address is neither a workload nor a service"))
 			}
 		}
 		u.RemovedAddresses = removed
 	case xds.AuthorizationType:
-		for _, r := range resources {
-			var p security.Authorization
-			if err := r.GetResource().UnmarshalTo(&p); err != nil {
-				reject(r.GetName(), fmt.Errorf("decoding: %w", err))
+		for r := range resources.All() {
+			p := new(security.Authorization) // kept by the state
+			if err := r.UnmarshalTo(p); err != nil {
+				reject(r.Name, fmt.Errorf("decoding: %w", err))
 				continue
 			}
-			pol, err := state.ConvertPolicy(&p)
+			pol, err := state.ConvertPolicy(p)
 			if err != nil {
-				reject(r.GetName(), err)
+				reject(r.Name, err)
 				continue
 			}
 			u.Policies = append(u.Policies, pol)
 		}
 		u.RemovedPolicies = removed
 	default:
-		for _, r := range resources {
-			reject(r.GetName(), fmt.Errorf("unexpected type %s", typeURL))
+		for r := range resources.All() {
+			reject(r.Name, fmt.Errorf("unexpected type %s", typeURL))
 		}
 		return rejected
 	}
 	ch := a.Store.Apply(u)
+	u = state.Update{} // the store holds what it needs
 	for name, err := range a.rec.Apply(ch) {
 		reject(name, err)
 	}
 	return rejected
+}
+
+type addressKind int
+
+const (
+	addressNone addressKind = iota
+	addressWorkload
+	addressService
+)
+
+// decodeAddress decodes an istio.workload.Address into wl or svc (which
+// are reused from one resource to the next: decoding into a fresh Address
+// allocates a Workload of 400 bytes per resource, a hundred thousand of
+// them in a mesh's first response). It reads the Address's oneof itself;
+// the Workload or Service inside is proto-decoded as usual.
+func decodeAddress(r xds.Resource, wl *workloadapi.Workload, svc *workloadapi.Service) (addressKind, error) {
+	const want = "istio.workload.Address"
+	if !strings.HasSuffix(r.TypeURL, "/"+want) {
+		return addressNone, fmt.Errorf("resource of type %q, want %s", r.TypeURL, want)
+	}
+	kind, body := addressNone, []byte(nil)
+	for b := r.Body; len(b) > 0; {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return addressNone, protowire.ParseError(n)
+		}
+		b = b[n:]
+		if typ == protowire.BytesType && (num == 1 || num == 2) {
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return addressNone, protowire.ParseError(n)
+			}
+			kind, body = addressWorkload, v // a oneof: the last one wins
+			if num == 2 {
+				kind = addressService
+			}
+			b = b[n:]
+			continue
+		}
+		if n = protowire.ConsumeFieldValue(num, typ, b); n < 0 {
+			return addressNone, protowire.ParseError(n)
+		}
+		b = b[n:]
+	}
+	switch kind {
+	case addressWorkload:
+		return kind, proto.Unmarshal(body, wl)
+	case addressService:
+		return kind, proto.Unmarshal(body, svc)
+	}
+	return kind, nil
 }
 
 func environ() []string { return os.Environ() }

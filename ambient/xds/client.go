@@ -27,9 +27,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
 
 // Type URLs of the ambient workload API.
@@ -48,7 +49,9 @@ func (r Rejection) String() string { return r.Name + ": " + r.Reason.Error() }
 
 // Handler applies the resources of one response. Resources it rejects keep
 // their previous version (the client NACKs naming them); the rest apply.
-type Handler func(typeURL string, resources []*discovery.Resource, removed []string) []Rejection
+// It must range over resources.All() (once): the resources are read from
+// the received message as the iteration goes.
+type Handler func(typeURL string, resources *Resources, removed []string) []Rejection
 
 // Config configures a Client.
 type Config struct {
@@ -97,7 +100,7 @@ type Client struct {
 	// versions holds, per type, the version of every resource we applied:
 	// sent as initial_resource_versions on reconnect. A rejected resource
 	// keeps the version we last applied, so istiod re-sends it.
-	versions map[string]map[string]string
+	versions map[string]*versionMap
 	synced   map[string]bool
 	onSynced sync.Once
 	started  time.Time
@@ -118,9 +121,9 @@ func New(cfg Config) *Client {
 	if log == nil {
 		log = slog.Default()
 	}
-	c := &Client{cfg: cfg, log: log.With("component", "xds"), versions: map[string]map[string]string{}, synced: map[string]bool{}}
+	c := &Client{cfg: cfg, log: log.With("component", "xds"), versions: map[string]*versionMap{}, synced: map[string]bool{}}
 	for _, t := range cfg.Types {
-		c.versions[t] = map[string]string{}
+		c.versions[t] = &versionMap{}
 	}
 	return c
 }
@@ -193,6 +196,11 @@ func (c *Client) dialOptions() ([]grpc.DialOption, error) {
 		grpc.WithTransportCredentials(creds),
 		// istiod's full Address state for a large cluster is big: accept it.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(200 << 20)),
+		// Receive buffers are not pooled: the first response is the whole
+		// mesh, and buffers returned to a pool would stay allocated (until
+		// later collections empty it) while the state built from them grows.
+		// Later responses are small.
+		experimental.WithBufferPool(mem.NopBufferPool{}),
 	}, nil
 }
 
@@ -217,11 +225,8 @@ func (c *Client) initialRequests() []*discovery.DeltaDiscoveryRequest {
 	var reqs []*discovery.DeltaDiscoveryRequest
 	for _, t := range c.cfg.Types {
 		req := &discovery.DeltaDiscoveryRequest{TypeUrl: t, Node: c.cfg.Node}
-		if vs := c.versions[t]; len(vs) > 0 {
-			req.InitialResourceVersions = make(map[string]string, len(vs))
-			for n, v := range vs {
-				req.InitialResourceVersions[n] = v
-			}
+		if vs := c.versions[t]; vs != nil && vs.len() > 0 {
+			req.InitialResourceVersions = vs.all()
 		}
 		reqs = append(reqs, req)
 	}
@@ -244,7 +249,7 @@ func (c *Client) stream(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(octx)
+	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(octx, grpc.ForceCodecV2(newCodec()))
 	if err != nil {
 		return fmt.Errorf("opening the ADS stream to %s (is istiod reachable, and port 15012 open?): %w", c.cfg.Address, err)
 	}
@@ -256,25 +261,62 @@ func (c *Client) stream(ctx context.Context) error {
 	}
 	c.log.Info("xDS stream established", "address", c.cfg.Address)
 	for {
-		resp, err := st.Recv()
+		var resp rawResponse
+		if err := st.RecvMsg(&resp); err != nil {
+			return err
+		}
+		ack, err := c.handle(newRope(resp.data))
 		if err != nil {
 			return err
 		}
-		ack := c.handle(resp)
 		if err := st.Send(ack); err != nil {
 			return err
 		}
 	}
 }
 
-// handle applies one response and returns the ACK or NACK for it.
-func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.DeltaDiscoveryRequest {
-	t := resp.GetTypeUrl()
+// handle applies one response and returns the ACK or NACK for it. A
+// response that is not a well-formed DeltaDiscoveryResponse ends the stream
+// (as a failure to decode it in gRPC would).
+func (c *Client) handle(msg *rope) (*discovery.DeltaDiscoveryRequest, error) {
+	env, err := readEnvelope(msg)
+	if err != nil {
+		msg.free()
+		return nil, status.Errorf(codes.Internal, "xDS response of %d bytes: %v", msg.size, err)
+	}
+	t := env.typeURL
 	m := c.cfg.Metrics
 	m.Messages.WithLabelValues(t).Inc()
-	m.MessageBytes.WithLabelValues(t).Add(float64(proto.Size(resp)))
+	m.MessageBytes.WithLabelValues(t).Add(float64(env.size))
+
+	c.mu.Lock()
+	vs := c.versions[t]
+	if vs == nil {
+		vs = &versionMap{}
+		c.versions[t] = vs
+	}
+	c.mu.Unlock()
+	// Versions are recorded as the handler reads each resource, and undone
+	// for those it rejects: nothing of the response is kept aside. (istiod
+	// names a resource once per response.)
+	undo := map[string]version{} // previous versions of the resources replaced
+	var added []string           // resources new to us
+	var rejected []Rejection
+	res := &Resources{msg: msg, n: env.resources,
+		onRes: func(name string, v []byte) {
+			c.mu.Lock()
+			if prev, ok := vs.set(name, v); !ok {
+				added = append(added, name)
+			} else if _, seen := undo[name]; !seen {
+				undo[name] = prev
+			}
+			c.mu.Unlock()
+		},
+		onBad: func(r Rejection) { rejected = append(rejected, r) },
+	}
 	start := time.Now()
-	rejected := c.cfg.Handler(t, resp.GetResources(), resp.GetRemovedResources())
+	rejected = append(rejected, c.cfg.Handler(t, res, env.removed)...)
+	res.release()
 	m.ApplySeconds.WithLabelValues(t).Observe(time.Since(start).Seconds())
 
 	bad := make(map[string]bool, len(rejected))
@@ -282,19 +324,21 @@ func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.Delta
 		bad[r.Name] = true
 	}
 	c.mu.Lock()
-	vs := c.versions[t]
-	if vs == nil {
-		vs = map[string]string{}
-		c.versions[t] = vs
-	}
-	for _, r := range resp.GetResources() {
-		if !bad[r.GetName()] {
-			vs[r.GetName()] = r.GetVersion()
+	if len(bad) > 0 {
+		for _, n := range added {
+			if bad[n] {
+				vs.delete(n)
+			}
+		}
+		for n, prev := range undo {
+			if bad[n] {
+				vs.restore(n, prev)
+			}
 		}
 	}
-	for _, n := range resp.GetRemovedResources() {
+	for _, n := range env.removed {
 		if !bad[n] {
-			delete(vs, n)
+			vs.delete(n)
 		}
 	}
 	first := !c.synced[t]
@@ -302,7 +346,7 @@ func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.Delta
 	all := len(c.synced) >= len(c.cfg.Types)
 	c.mu.Unlock()
 
-	ack := &discovery.DeltaDiscoveryRequest{TypeUrl: t, ResponseNonce: resp.GetNonce()}
+	ack := &discovery.DeltaDiscoveryRequest{TypeUrl: t, ResponseNonce: env.nonce}
 	if len(rejected) > 0 {
 		msgs := make([]string, len(rejected))
 		for i, r := range rejected {
@@ -312,7 +356,7 @@ func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.Delta
 		m.Rejections.WithLabelValues(t).Add(float64(len(rejected)))
 		c.log.Error("NACK: resources rejected, their previous versions keep serving", "type", t, "rejected", ack.ErrorDetail.Message)
 	} else {
-		c.log.Debug("ACK", "type", t, "resources", len(resp.GetResources()), "removed", len(resp.GetRemovedResources()))
+		c.log.Debug("ACK", "type", t, "resources", env.resources, "removed", len(env.removed))
 	}
 	if first && all {
 		c.onSynced.Do(func() {
@@ -322,5 +366,5 @@ func (c *Client) handle(resp *discovery.DeltaDiscoveryResponse) *discovery.Delta
 			}
 		})
 	}
-	return ack
+	return ack, nil
 }

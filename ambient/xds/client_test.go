@@ -60,11 +60,11 @@ func TestClientAckNackAndReconnect(t *testing.T) {
 	c := New(Config{
 		Address: srv.Addr, TokenFile: tok, ClusterID: "c1", Node: &core.Node{Id: "ztunnel~1.2.3.4~p.ns~ns.svc.cluster.local"},
 		Types: []string{AddressType, AuthorizationType},
-		Handler: func(typeURL string, rs []*discovery.Resource, removed []string) []Rejection {
+		Handler: func(typeURL string, rs *Resources, removed []string) []Rejection {
 			var rej []Rejection
-			for _, r := range rs {
-				if strings.HasPrefix(r.GetName(), "bad") {
-					rej = append(rej, Rejection{Name: r.GetName(), Reason: errors.New("address of 3 bytes")})
+			for r := range rs.All() {
+				if strings.HasPrefix(r.Name, "bad") {
+					rej = append(rej, Rejection{Name: r.Name, Reason: errors.New("address of 3 bytes")})
 				} else {
 					applied.Add(1)
 				}

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	authv1 "k8s.io/api/authentication/v1"
@@ -164,9 +163,9 @@ func TestXDSBesideTheCA(t *testing.T) {
 		TLS:   func() (*tls.Config, error) { return xds.TLSConfig(e.rootFile, controlplane.IstiodName) },
 		Node:  &core.Node{Id: "ztunnel~10.0.1.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local"},
 		Types: []string{xds.AddressType},
-		Handler: func(_ string, rs []*discovery.Resource, _ []string) []xds.Rejection {
-			for _, r := range rs {
-				got <- r.GetName()
+		Handler: func(_ string, rs *xds.Resources, _ []string) []xds.Rejection {
+			for r := range rs.All() {
+				got <- r.Name
 			}
 			return nil
 		},
