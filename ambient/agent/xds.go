@@ -2,7 +2,9 @@ package agent
 
 import (
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -115,7 +117,7 @@ func (a *Agent) handleXDS(typeURL string, resources *xds.Resources, removed []st
 	}
 	ch := a.Store.Apply(u)
 	u = state.Update{} // the store holds what it needs
-	for name, err := range a.rec.Apply(ch) {
+	for name, err := range a.reconcile(ch) {
 		reject(name, err)
 	}
 	return rejected
@@ -170,6 +172,41 @@ func decodeAddress(r xds.Resource, wl *workloadapi.Workload, svc *workloadapi.Se
 		return kind, proto.Unmarshal(body, svc)
 	}
 	return kind, nil
+}
+
+// reconcileChunk bounds how many objects are handed to the data path in
+// one batch. istiod's first response is the whole mesh: as one batch, the
+// reconciler's and the data path's working copies of every workload would
+// all be alive at once, on top of the state (at 100k workloads, tens of
+// megabytes more at the peak of the sync).
+var reconcileChunk = 4096
+
+// reconcile pushes a change set to the kernel; a large one in chunks, the
+// workloads first and then the services, so that every service is computed
+// once, with all its endpoints already known to the data path. Each chunk
+// is a valid state for the kernel: every service is still written whole,
+// make-before-break; only a service listing a changed workload may be
+// written twice (once for the workload, once more for its own change).
+func (a *Agent) reconcile(ch state.Changes) map[string]error {
+	if len(ch.Workloads)+len(ch.Services) <= reconcileChunk || len(ch.Policies) > 0 {
+		return a.rec.Apply(ch)
+	}
+	errs := map[string]error{}
+	for part := range slices.Chunk(slices.Sorted(maps.Keys(ch.Workloads)), reconcileChunk) {
+		c := state.Changes{Workloads: make(map[string]struct{}, len(part)), Services: map[string]struct{}{}, Policies: map[string]struct{}{}}
+		for _, uid := range part {
+			c.Workloads[uid] = struct{}{}
+		}
+		maps.Copy(errs, a.rec.Apply(c))
+	}
+	for part := range slices.Chunk(slices.Sorted(maps.Keys(ch.Services)), reconcileChunk) {
+		c := state.Changes{Workloads: map[string]struct{}{}, Services: make(map[string]struct{}, len(part)), Policies: map[string]struct{}{}}
+		for _, key := range part {
+			c.Services[key] = struct{}{}
+		}
+		maps.Copy(errs, a.rec.Apply(c))
+	}
+	return errs
 }
 
 func environ() []string { return os.Environ() }
