@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"math"
 	"net"
@@ -70,7 +71,23 @@ type result struct {
 	TargetRSSMiB      float64 `json:"target_rss_mib"`
 }
 
-var profileDir = flag.String("profile", "", "directory to save the daemon's heap profile after sync")
+var (
+	profileDir = flag.String("profile", "", "directory to save the daemon's CPU profile of the sync and its heap and allocation profiles after sync")
+	daemonEnv  envList
+)
+
+// envList is a repeatable NAME=value flag.
+type envList []string
+
+func (l *envList) String() string { return strings.Join(*l, " ") }
+
+func (l *envList) Set(v string) error {
+	if !strings.Contains(v, "=") {
+		return fmt.Errorf("%q is not NAME=value", v)
+	}
+	*l = append(*l, v)
+	return nil
+}
 
 func main() {
 	services := flag.String("services", "1000,10000", "service counts to measure")
@@ -79,6 +96,7 @@ func main() {
 	updates := flag.Int("updates", 200, "single updates to time")
 	daemon := flag.String("daemon", "bin/kmesh-daemon", "kmesh-daemon binary")
 	out := flag.String("out", "docs/benchmarks", "directory for sync.json and sync.md")
+	flag.Var(&daemonEnv, "daemon-env", "NAME=value added to the daemon's environment only (repeatable), e.g. GOGC=50, GOMEMLIMIT=100MiB, GODEBUG=gctrace=1")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fatalf("%v", "syncbench loads BPF programs: run it as root")
@@ -289,6 +307,14 @@ func istiodSource(n, e int, dir string) (*source, error) {
 
 func svcKey(s int) string { return fmt.Sprintf("%s/svc-%d.%s.svc.cluster.local", benchNS, s, benchNS) }
 
+// contentVersion is a resource version as istiod writes one: a 64-bit hash
+// of the content, in hex (istiod uses xxhash).
+func contentVersion(body *anypb.Any) string {
+	h := fnv.New64a()
+	h.Write(body.GetValue())
+	return strconv.FormatUint(h.Sum64(), 16)
+}
+
 func syntheticWorkload(idx, e int, healthy bool) *discovery.Resource {
 	status := workloadapi.WorkloadStatus_HEALTHY
 	if !healthy {
@@ -302,7 +328,7 @@ func syntheticWorkload(idx, e int, healthy bool) *discovery.Resource {
 		CanonicalRevision: "latest", WorkloadName: fmt.Sprintf("app-%d", idx/e), WorkloadType: workloadapi.WorkloadType_DEPLOYMENT,
 		Services: map[string]*workloadapi.PortList{svcKey(idx / e): {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}}
 	body, _ := anypb.New(&workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
-	return &discovery.Resource{Name: uid, Version: fmt.Sprintf("%d-%v", idx, healthy), Resource: body}
+	return &discovery.Resource{Name: uid, Version: contentVersion(body), Resource: body}
 }
 
 func syntheticService(s int) *discovery.Resource {
@@ -310,7 +336,7 @@ func syntheticService(s int) *discovery.Resource {
 	svc := &workloadapi.Service{Name: fmt.Sprintf("svc-%d", s), Namespace: benchNS, Hostname: fmt.Sprintf("svc-%d.%s.svc.cluster.local", s, benchNS),
 		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}
 	body, _ := anypb.New(&workloadapi.Address{Type: &workloadapi.Address_Service{Service: svc}})
-	return &discovery.Resource{Name: svcKey(s), Version: "1", Resource: body}
+	return &discovery.Resource{Name: svcKey(s), Version: contentVersion(body), Resource: body}
 }
 
 // syntheticSource serves the Address resources istiod would send for the
@@ -397,7 +423,9 @@ func run(n, e, updates int, daemon, kind string) (result, error) {
 		return r, err
 	}
 	stats, ready, admin := freePort(), freePort(), freePort()
-	cmd := exec.Command(daemon)
+	// No node agent here: an empty socket path turns enrolment off (the
+	// environment cannot, empty there means the default).
+	cmd := exec.Command(daemon, "--zds-socket=")
 	cmd.Env = append(os.Environ(),
 		"XDS_ADDRESS="+src.addr, "ALT_XDS_HOSTNAME="+controlplane.IstiodName, "KMESH_TOKEN_FILE="+tokenFile,
 		"NODE_NAME=node-0", "POD_NAME=kmesh-bench", "INSTANCE_IP=10.0.0.1", "KMESH_ZDS_SOCKET=",
@@ -411,6 +439,7 @@ func run(n, e, updates int, daemon, kind string) (result, error) {
 	} else {
 		cmd.Env = append(cmd.Env, "KMESH_XDS_PLAINTEXT=true")
 	}
+	cmd.Env = append(cmd.Env, daemonEnv...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	start := time.Now()
