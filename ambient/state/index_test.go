@@ -2,6 +2,7 @@ package state
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"testing"
@@ -220,3 +221,72 @@ func cmpStr(a, b string) int {
 }
 
 func unsafeData(s string) *byte { return unsafe.StringData(s) }
+
+// hashIndex against a map, with hashes that collide a lot (so that probes,
+// runs and backward shifts are exercised) and workloads that hold several
+// keys or lose theirs to another.
+func TestHashIndexAgainstAMap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	keysOf := map[wid][]int{} // the "workloads": which keys each holds
+	var x hashIndex[int]
+	x.holds = func(id wid, k int) bool { return slices.Contains(keysOf[id], k) }
+	// Distinct hashes, but only 37 distinct slot positions.
+	hash := func(k int) uint64 { return uint64(k)<<32 | uint64(k%37)*0x9e3779b9>>3 }
+	want := map[int]wid{}
+	for step := range 20000 {
+		k, id := rng.IntN(500), wid(rng.IntN(300))
+		switch rng.IntN(3) {
+		case 0, 1: // id takes k
+			if !slices.Contains(keysOf[id], k) {
+				keysOf[id] = append(keysOf[id], k)
+			}
+			x.put(hash(k), k, id)
+			want[k] = id
+		case 2: // id drops k: only its own entry goes
+			x.del(hash(k), k, id)
+			if want[k] == id {
+				delete(want, k)
+			}
+			keysOf[id] = slices.DeleteFunc(keysOf[id], func(v int) bool { return v == k })
+		}
+		if step%97 == 0 || step == 19999 {
+			if x.len() != len(want) {
+				t.Fatalf("step %d: %d entries, want %d", step, x.len(), len(want))
+			}
+			for k := range 500 {
+				got, ok := x.get(hash(k), k)
+				w, wok := want[k]
+				if ok != wok || (ok && got != w) {
+					t.Fatalf("step %d: key %d -> %d %v, want %d %v", step, k, got, ok, w, wok)
+				}
+			}
+		}
+	}
+}
+
+func TestServicesByHostname(t *testing.T) {
+	s := NewStore()
+	mk := func(ns string) *Service {
+		svc, err := ConvertService(&workloadapi.Service{Name: "web", Namespace: ns, Hostname: "web.example.com"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return svc
+	}
+	s.Apply(Update{Services: []*Service{mk("b"), mk("a"), mk("a")}})
+	var got []string
+	for _, svc := range s.ServicesByHostname("web.example.com") {
+		got = append(got, svc.Key())
+	}
+	if !slices.Equal(got, []string{"a/web.example.com", "b/web.example.com"}) {
+		t.Fatalf("by hostname: %v", got)
+	}
+	s.Apply(Update{RemovedAddresses: []string{"a/web.example.com"}})
+	if got := s.ServicesByHostname("web.example.com"); len(got) != 1 || got[0].Namespace != "b" {
+		t.Fatalf("after removal: %v", got)
+	}
+	s.Apply(Update{RemovedAddresses: []string{"b/web.example.com"}})
+	if got := s.ServicesByHostname("web.example.com"); len(got) != 0 || len(s.svcByHost) != 0 {
+		t.Fatalf("after removing both: %v", got)
+	}
+}

@@ -33,7 +33,7 @@ func heapAlloc() uint64 {
 
 // workloadBudget is what the store may hold per workload of the mesh, its
 // UID included (STATE_HEAP_PROFILE=file writes a heap profile of it).
-const workloadBudget = 450
+const workloadBudget = 400
 
 // A node's daemon holds every workload of the mesh: 100k workloads must fit
 // in the budget.

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"hash/maphash"
 	"maps"
 	"reflect"
 	"slices"
@@ -76,8 +77,9 @@ type Store struct {
 
 	wl     []*Workload // by handle; nil: a free slot
 	free   []wid
-	byUID  map[string]wid
-	byAddr map[addrKey]wid
+	byUID  hashIndex[string]
+	byAddr hashIndex[addrKey]
+	seed   maphash.Seed
 	byHost map[string]wid
 	byNode map[sym]*widSet
 	// endpoints: service key -> workloads listing it in Workload.Services.
@@ -92,7 +94,7 @@ type Store struct {
 	scratch   []byte // for shared-table keys; writers hold mu
 
 	services  map[string]*Service
-	svcByHost map[string]set // hostname -> keys (one hostname may live in several namespaces)
+	svcByHost map[string][]string // hostname -> keys, sorted (one hostname may live in several namespaces; usually one)
 	svcByVIP  map[addrKey]string
 	policies  map[string]Policy
 	polByNS   map[string]set // namespace-scoped policies by namespace
@@ -101,12 +103,39 @@ type Store struct {
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	return &Store{
-		byUID: map[string]wid{}, byAddr: map[addrKey]wid{}, byHost: map[string]wid{}, byNode: map[sym]*widSet{},
+	s := &Store{
+		byHost: map[string]wid{}, byNode: map[sym]*widSet{}, seed: maphash.MakeSeed(),
 		endpoints: map[string]*widSet{}, networks: map[string]uint32{"": 0},
-		services: map[string]*Service{}, svcByHost: map[string]set{}, svcByVIP: map[addrKey]string{},
+		services: map[string]*Service{}, svcByHost: map[string][]string{}, svcByVIP: map[addrKey]string{},
 		policies: map[string]Policy{}, polByNS: map[string]set{}, polGlobal: set{},
 	}
+	s.byUID.holds = func(id wid, uid string) bool { return s.wl[id] != nil && s.wl[id].UID == uid }
+	s.byAddr.holds = s.holdsAddr
+	return s
+}
+
+func (s *Store) hashUID(uid string) uint64 { return maphash.String(s.seed, uid) }
+
+func (s *Store) hashAddr(k addrKey) uint64 {
+	h := maphash.Bytes(s.seed, k.ip[:]) ^ uint64(k.net)*0x9e3779b97f4a7c15
+	if k.is4 {
+		h ^= 0xbf58476d1ce4e5b9
+	}
+	return h ^ h>>29
+}
+
+// holdsAddr reports whether workload id has address key k.
+func (s *Store) holdsAddr(id wid, k addrKey) bool {
+	w := s.wl[id]
+	if w == nil || s.netID(w.Network(), false) != k.net {
+		return false
+	}
+	for _, a := range w.Addresses {
+		if keyOf(k.net, a) == k {
+			return true
+		}
+	}
+	return false
 }
 
 // Update is one batch of changes from the control plane.
@@ -135,7 +164,7 @@ func (s *Store) Apply(u Update) Changes {
 		s.upsertService(svc, ch)
 	}
 	for _, name := range u.RemovedAddresses {
-		if id, ok := s.byUID[name]; ok {
+		if id, ok := s.byUID.get(s.hashUID(name), name); ok {
 			s.removeWorkload(id, s.wl[id], ch)
 		} else if svc, ok := s.services[name]; ok {
 			s.removeService(svc, ch)
@@ -153,19 +182,20 @@ func (s *Store) Apply(u Update) Changes {
 }
 
 func (s *Store) upsertWorkload(w *Workload, ch Changes) {
-	id, ok := s.byUID[w.UID]
+	id, ok := s.byUID.get(s.hashUID(w.UID), w.UID)
 	if ok {
 		old := s.wl[id]
 		if old == w || workloadEqual(old, w) {
 			return
 		}
 		s.unindexWorkload(id, old, ch)
-		w.UID = old.UID // one copy of the UID: the one the map key holds
+		w.UID = old.UID // one copy of the text (the xDS versions hold the first)
+		s.wl[id] = w
 	} else {
 		id = s.alloc()
-		s.byUID[w.UID] = id
+		s.wl[id] = w
+		s.byUID.put(s.hashUID(w.UID), w.UID, id)
 	}
-	s.wl[id] = w
 	s.indexWorkload(id, w, ch)
 	ch.Workloads[w.UID] = struct{}{}
 }
@@ -183,7 +213,8 @@ func (s *Store) alloc() wid {
 func (s *Store) indexWorkload(id wid, w *Workload, ch Changes) {
 	net := s.netID(w.Network(), true)
 	for _, a := range w.Addresses {
-		s.byAddr[keyOf(net, a)] = id
+		k := keyOf(net, a)
+		s.byAddr.put(s.hashAddr(k), k, id)
 	}
 	if w.Hostname != "" {
 		s.byHost[w.Hostname] = id
@@ -200,9 +231,7 @@ func (s *Store) unindexWorkload(id wid, w *Workload, ch Changes) {
 	net := s.netID(w.Network(), false)
 	for _, a := range w.Addresses {
 		k := keyOf(net, a)
-		if cur, ok := s.byAddr[k]; ok && cur == id {
-			delete(s.byAddr, k)
-		}
+		s.byAddr.del(s.hashAddr(k), k, id)
 	}
 	if w.Hostname != "" {
 		if cur, ok := s.byHost[w.Hostname]; ok && cur == id {
@@ -219,7 +248,7 @@ func (s *Store) unindexWorkload(id wid, w *Workload, ch Changes) {
 
 func (s *Store) removeWorkload(id wid, w *Workload, ch Changes) {
 	s.unindexWorkload(id, w, ch)
-	delete(s.byUID, w.UID)
+	s.byUID.del(s.hashUID(w.UID), w.UID, id)
 	s.wl[id] = nil
 	s.free = append(s.free, id)
 	ch.Workloads[w.UID] = struct{}{}
@@ -293,7 +322,11 @@ func (s *Store) upsertService(svc *Service, ch Changes) {
 		s.unindexService(old)
 	}
 	s.services[key] = svc
-	addTo(s.svcByHost, svc.Hostname, key)
+	if keys := s.svcByHost[svc.Hostname]; !slices.Contains(keys, key) {
+		keys = append(keys, key)
+		slices.Sort(keys)
+		s.svcByHost[svc.Hostname] = slices.Clip(keys)
+	}
 	for _, v := range svc.VIPs {
 		s.svcByVIP[keyOf(s.netID(v.Network, true), v.Addr)] = key
 	}
@@ -302,7 +335,11 @@ func (s *Store) upsertService(svc *Service, ch Changes) {
 
 func (s *Store) unindexService(svc *Service) {
 	key := svc.Key()
-	removeFrom(s.svcByHost, svc.Hostname, key)
+	if keys := slices.DeleteFunc(slices.Clone(s.svcByHost[svc.Hostname]), func(k string) bool { return k == key }); len(keys) > 0 {
+		s.svcByHost[svc.Hostname] = keys
+	} else {
+		delete(s.svcByHost, svc.Hostname)
+	}
 	for _, v := range svc.VIPs {
 		if k, ok := s.key(v); ok && s.svcByVIP[k] == key {
 			delete(s.svcByVIP, k)
@@ -348,7 +385,7 @@ func (s *Store) removePolicy(p Policy, ch Changes) {
 // --- reads ---
 
 func (s *Store) workload(uid string) *Workload {
-	if id, ok := s.byUID[uid]; ok {
+	if id, ok := s.byUID.get(s.hashUID(uid), uid); ok {
 		return s.wl[id]
 	}
 	return nil
@@ -369,7 +406,7 @@ func (s *Store) WorkloadByAddr(a NetworkAddr) *Workload {
 	if !ok {
 		return nil
 	}
-	if id, ok := s.byAddr[k]; ok {
+	if id, ok := s.byAddr.get(s.hashAddr(k), k); ok {
 		return s.wl[id]
 	}
 	return nil
@@ -428,7 +465,7 @@ func (s *Store) ServicesByHostname(h string) []*Service {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var out []*Service
-	for _, k := range slices.Sorted(maps.Keys(s.svcByHost[h])) {
+	for _, k := range s.svcByHost[h] {
 		out = append(out, s.services[k])
 	}
 	return out
@@ -493,9 +530,12 @@ func (s *Store) Snapshot() Snapshot {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var snap Snapshot
-	for _, k := range slices.Sorted(maps.Keys(s.byUID)) {
-		snap.Workloads = append(snap.Workloads, s.wl[s.byUID[k]])
+	for _, w := range s.wl {
+		if w != nil {
+			snap.Workloads = append(snap.Workloads, w)
+		}
 	}
+	slices.SortFunc(snap.Workloads, func(a, b *Workload) int { return strings.Compare(a.UID, b.UID) })
 	for _, k := range slices.Sorted(maps.Keys(s.services)) {
 		snap.Services = append(snap.Services, s.services[k])
 	}
@@ -509,5 +549,5 @@ func (s *Store) Snapshot() Snapshot {
 func (s *Store) Counts() (workloads, services, policies int) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return len(s.byUID), len(s.services), len(s.policies)
+	return s.byUID.len(), len(s.services), len(s.policies)
 }
