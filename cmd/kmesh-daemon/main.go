@@ -64,6 +64,9 @@ func run(cfg *config.Config, log *slog.Logger) error {
 	if cfg.WorkerThreads > 0 && os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(int(min(cfg.WorkerThreads, uint32(runtime.NumCPU()))))
 	}
+	// The daemon holds the whole mesh: collect sooner than Go's default.
+	// GOGC and GOMEMLIMIT in the environment win.
+	agent.SetMemoryPolicy(os.Getenv, log)
 	a, err := agent.Start(ctx, cfg, log)
 	if err != nil {
 		return err

@@ -56,6 +56,7 @@ type result struct {
 	ReadyWallSec      float64 `json:"ready_wall_seconds"`
 	RSSMiB            float64 `json:"rss_mib"`
 	PeakRSSMiB        float64 `json:"peak_rss_mib"`
+	RSSUpdatesMiB     float64 `json:"rss_after_updates_mib"`
 	Frontends         int     `json:"frontends"`
 	Slots             int     `json:"endpoint_slots"`
 	Updates           int     `json:"updates"`
@@ -117,7 +118,8 @@ func main() {
 				fatalf("%d services (%s): %v", n, kind, err)
 			}
 			results = append(results, r)
-			logf("%s %d services × %d: sync %.2fs, RSS %.1f MiB, update p50 %.2f ms p99 %.2f ms", kind, n, *eps, r.SyncSec, r.RSSMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+			logf("%s %d services × %d: sync %.2fs, RSS %.1f MiB (peak %.1f, after updates %.1f), update p50 %.2f ms p99 %.2f ms",
+				kind, n, *eps, r.SyncSec, r.RSSMiB, r.PeakRSSMiB, r.RSSUpdatesMiB, r.UpdateP50Ms, r.UpdateP99Ms)
 		}
 	}
 	if err := write(*out, results); err != nil {
@@ -563,6 +565,7 @@ func run(n, e, updates int, daemon, kind string) (result, error) {
 	r.UpdateP50Ms = 1000 * quantile(bounds, before, after, 0.5)
 	r.UpdateP99Ms = 1000 * quantile(bounds, before, after, 0.99)
 	r.UpdateE2EP50Ms, r.UpdateE2EP99Ms = percentile(e2e, 50), percentile(e2e, 99)
+	r.RSSUpdatesMiB = procStatus(cmd.Process.Pid, "VmRSS")
 	return r, nil
 }
 
