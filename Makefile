@@ -26,7 +26,7 @@ test: ## all test tiers; kernel and end-to-end tiers need root (CI sets KMESH_RE
 lint: ## gofmt, go vet, clang-format
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); test -z "$$out" || { echo "gofmt:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
-	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h
+	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h bpf/decidetest/*.c
 
 TOOLS := $(abspath bin/tools)
 

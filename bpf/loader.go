@@ -20,7 +20,9 @@ import (
 //
 // Layout 2: tunnel redirect (sock_orig gained flags and peer, kmesh_tunnel,
 // the sockops program), waypoint flags instead of waypoint ids.
-const PinLayout = 2
+// Layout 3: path verdicts (frontend_value.path, backend_value.path_*,
+// sock_orig.path and tunnel_value.path instead of flags).
+const PinLayout = 3
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
 const DefaultPinRoot = "/sys/fs/bpf/kmesh"
@@ -142,7 +144,7 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w: a map pinned under %s has another size or type than configured; "+
-				"keep the previous map sizes or remove the pins with 'kmesh-daemon --uninstall' (drops kernel state)", err, dir)
+				"keep the previous map sizes or remove the pins with 'kmesh-daemon uninstall' (drops kernel state)", err, dir)
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
@@ -182,13 +184,7 @@ func (dp *Datapath) loadSockOps() error {
 	if err != nil {
 		return fmt.Errorf("parsing the embedded sockops object: %w", err)
 	}
-	o := &dp.objs
-	repl := map[string]*ebpf.Map{
-		"kmesh_managed": o.KmeshManaged, "kmesh_frontend": o.KmeshFrontend, "kmesh_service": o.KmeshService,
-		"kmesh_endpoint": o.KmeshEndpoint, "kmesh_backend": o.KmeshBackend, "kmesh_sock_orig": o.KmeshSockOrig,
-		"kmesh_tunnel": o.KmeshTunnel, "kmesh_udp_fwd": o.KmeshUdpFwd, "kmesh_udp_rev": o.KmeshUdpRev,
-		"kmesh_stats": o.KmeshStats,
-	}
+	repl := dp.MapReplacements()
 	for name := range spec.Maps {
 		if !strings.HasPrefix(name, ".") && repl[name] == nil {
 			return fmt.Errorf("sockops object uses map %s that sock_addr does not define", name)
@@ -202,6 +198,19 @@ func (dp *Datapath) loadSockOps() error {
 		return fmt.Errorf("loading the sockops program: %w", err)
 	}
 	return nil
+}
+
+// MapReplacements returns every map of the data path by name, for loading
+// another object onto the same maps (the sockops object; test programs in
+// bpf/decidetest). Only code under bpf/ may touch *ebpf.Map (make lint).
+func (dp *Datapath) MapReplacements() map[string]*ebpf.Map {
+	o := &dp.objs.sockAddrMaps
+	return map[string]*ebpf.Map{
+		"kmesh_managed": o.KmeshManaged, "kmesh_frontend": o.KmeshFrontend, "kmesh_service": o.KmeshService,
+		"kmesh_endpoint": o.KmeshEndpoint, "kmesh_backend": o.KmeshBackend, "kmesh_sock_orig": o.KmeshSockOrig,
+		"kmesh_tunnel": o.KmeshTunnel, "kmesh_udp_fwd": o.KmeshUdpFwd, "kmesh_udp_rev": o.KmeshUdpRev,
+		"kmesh_stats": o.KmeshStats,
+	}
 }
 
 // removeOlderLayouts removes pin directories of layouts before this one.

@@ -228,6 +228,8 @@ var statNames = []string{
 	"tunnel_no_orig",
 	"tunnel_record",
 	"tunnel_record_fail",
+	"path_refused",
+	"no_backend",
 }
 
 // Stats sums the per-CPU data path counters.

@@ -31,6 +31,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -67,6 +68,12 @@ type Config struct {
 	// Tunnels is the kernel's record; nil: only iptables redirection
 	// (SO_ORIGINAL_DST) tells where connections go.
 	Tunnels TunnelTable
+	// Picker decides connections the kernel did not see (iptables
+	// redirection) from the kernel's records; nil refuses them.
+	Picker Picker
+	// Rand feeds the load balancer and the waypoint choice (default:
+	// math/rand/v2); tests make it deterministic.
+	Rand func() uint32
 	// DialTimeout bounds connecting to a peer or the application (5 s).
 	DialTimeout time.Duration
 	// IdleTimeout closes pooled HBONE connections without streams (60 s).
@@ -198,6 +205,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.TrustDomain == "" {
 		cfg.TrustDomain = defaultTrustDomain
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Uint32
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -461,3 +471,5 @@ func (p *Proxy) serverTLS(pp *podProxy, peer *identity.Identity, why *string) *t
 		},
 	}
 }
+
+func (p *Proxy) rand() uint32 { return p.cfg.Rand() }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"sort"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/pflag"
@@ -122,16 +123,13 @@ func dumpCmd(args []string) error {
 				return err
 			}
 			sort.Slice(fes, func(i, j int) bool { return fes[i].Key.String() < fes[j].Key.String() })
-			fmt.Fprintln(tw, "FRONTEND\tKIND\tID\tTARGET PORT\tFLAGS")
+			fmt.Fprintln(tw, "FRONTEND\tKIND\tID\tTARGET PORT\tPATH")
 			for _, f := range fes {
-				kind, flags := "service", ""
+				kind, path := "service", f.Path.String()
 				if f.Kind == bpf.FrontendWorkload {
-					kind = "workload"
+					kind, path = "workload", "(backend's)"
 				}
-				if f.Passthrough {
-					flags = "passthrough"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\n", f.Key, kind, f.ID, f.TargetPort, flags)
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\n", f.Key, kind, f.ID, f.TargetPort, path)
 			}
 			return nil
 		},
@@ -178,9 +176,19 @@ func dumpCmd(args []string) error {
 				return err
 			}
 			sort.Slice(bs, func(i, j int) bool { return bs[i].ID < bs[j].ID })
-			fmt.Fprintln(tw, "BACKEND\tIPV4\tIPV6\tCAPACITY\tHBONE\tLOCAL")
+			fmt.Fprintln(tw, "BACKEND\tIPV4\tIPV6\tCAPACITY\tPATH VIA SERVICE\tPATH BY IP\tPATH UDP\tFROM")
 			for _, b := range bs {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%v\t%v\n", b.ID, addrOrDash(b.Addr4), addrOrDash(b.Addr6), b.Capacity, b.HBONE, b.Local)
+				var from []string
+				for _, f := range []struct {
+					on   bool
+					name string
+				}{{b.HBONE, "hbone"}, {b.Local, "local"}, {b.Waypoint, "waypoint"}, {b.Policy, "policy"}} {
+					if f.on {
+						from = append(from, f.name)
+					}
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", b.ID, addrOrDash(b.Addr4), addrOrDash(b.Addr6), b.Capacity,
+					b.PathSvc, b.PathAddr, b.PathUDP, strings.Join(from, ","))
 			}
 			return nil
 		},
