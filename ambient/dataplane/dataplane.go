@@ -63,6 +63,12 @@ type Dataplane struct {
 	enrolledBy map[string][]uint64 // workload UID -> netns cookies
 
 	backendIDs, setIDs idAlloc
+	// dropLater: sets whose deletion the kernel refused; retried by Apply.
+	dropLater []*liveSet
+	// removeLater: deleted workloads whose backend a table still points at
+	// (its service's update failed), by backend id: the entry and the id
+	// stay until no table does, so the id cannot be reused under it.
+	removeLater map[uint32]*resolvedWorkload
 	// orphans is the previous daemon's kernel state not yet adopted (see adopt.go).
 	orphans *orphans
 	Stats   Stats
@@ -77,6 +83,9 @@ type serviceRec struct {
 	svc       Service
 	sets      []*liveSet
 	frontends []bpf.FrontendKey // the kernel values are in Dataplane.fe
+	// retired: sets no longer used whose frontends could not be deleted
+	// yet; dropped with them by a later apply.
+	retired []*liveSet
 }
 
 // liveSet is a load-balancing set as it is in the kernel.
@@ -85,6 +94,9 @@ type liveSet struct {
 	gen   uint8
 	epoch uint32
 	table *tableSet
+	// leftover: slots of the inactive generation whose deletion failed;
+	// deleted before anything is written there again.
+	leftover []bpf.EndpointKey
 }
 
 // New returns a Dataplane writing to maps. The maps are assumed empty of
@@ -101,7 +113,7 @@ func New(m Maps, opts Options) *Dataplane {
 		maps: m, opts: opts, log: log.With("component", "dataplane"),
 		workloads: map[string]*resolvedWorkload{}, services: map[string]*serviceRec{}, sets: map[uint32]*liveSet{},
 		refs: map[string][]string{}, fe: map[bpf.FrontendKey]feEntry{}, wlFE: map[netip.Addr]string{},
-		enrolled: map[uint64]string{}, enrolledBy: map[string][]uint64{},
+		enrolled: map[uint64]string{}, enrolledBy: map[string][]uint64{}, removeLater: map[uint32]*resolvedWorkload{},
 	}
 }
 
@@ -153,6 +165,9 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 			errs = append(errs, &ObjectError{Kind: kind, Name: name, Err: d.fail(kind+" "+name, err)})
 		}
 	}
+	if err := d.retryDrops(); err != nil {
+		d.log.Warn("deleting unused load-balancing sets failed again; they stay unused until the next update", "err", err)
+	}
 	affected := map[string]struct{}{}
 	gone := map[string]*resolvedWorkload{}
 	for _, uid := range b.DeleteWorkloads {
@@ -188,6 +203,12 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 	}
 	for uid, rec := range gone {
 		failed("workload", uid, d.removeWorkload(uid, rec))
+	}
+	for id, rec := range d.removeLater {
+		if !d.backendInUse(rec) {
+			delete(d.removeLater, id)
+			failed("workload", rec.uid, d.removeWorkload(rec.uid, rec))
+		}
 	}
 	return errs
 }

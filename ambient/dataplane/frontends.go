@@ -34,11 +34,12 @@ func frontendDiff(owned map[bpf.FrontendKey]feEntry, owner string, have []bpf.Fr
 	return put, adopt, del
 }
 
-// syncFrontends moves a service's frontends (owner: its key) from have to
-// want: upserts first (new and changed), then deletes (gone). It returns
-// the frontends the service now has. On error it restores what the kernel
-// held before and returns have.
-func (d *Dataplane) syncFrontends(owner string, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) ([]bpf.FrontendKey, error) {
+// putFrontends writes what owner's service frontends need to become want
+// (new, changed, taken over) and adopts the previous daemon's entries that
+// are already right; it returns the entries to delete once the sets they
+// point at may go (deleteFrontends). On error it restores what the kernel
+// held before: nothing changed.
+func (d *Dataplane) putFrontends(owner string, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) (del []bpf.FrontendKey, err error) {
 	put, adopt, del := frontendDiff(d.fe, owner, have, want)
 	if err := d.maps.UpsertFrontends(put); err != nil {
 		// The batch may have landed in part: put every touched key back.
@@ -51,7 +52,7 @@ func (d *Dataplane) syncFrontends(owner string, have []bpf.FrontendKey, want map
 				drop = append(drop, f.Key)
 			}
 		}
-		return have, errors.Join(err, d.maps.UpsertFrontends(restore), d.maps.DeleteFrontends(drop))
+		return nil, errors.Join(err, d.maps.UpsertFrontends(restore), d.maps.DeleteFrontends(drop))
 	}
 	for _, f := range put {
 		if cur, ok := d.fe[f.Key]; ok && cur.owner != owner && cur.owner != orphanOwner {
@@ -62,11 +63,31 @@ func (d *Dataplane) syncFrontends(owner string, have []bpf.FrontendKey, want map
 	for _, k := range adopt {
 		d.fe[k] = feEntry{owner: owner, val: want[k]}
 	}
-	for _, k := range del {
-		delete(d.fe, k)
+	return del, nil
+}
+
+// deleteFrontends removes frontends owner no longer wants. On error the
+// entries stay recorded as owner's (the kernel may still hold them), so the
+// next apply deletes them again; the caller must keep whatever they point
+// at until then.
+func (d *Dataplane) deleteFrontends(owner string, del []bpf.FrontendKey) error {
+	if err := d.maps.DeleteFrontends(del); err != nil {
+		return err
 	}
-	got := slices.SortedFunc(maps.Keys(want), compareFrontendKey)
-	return slices.Clip(got), d.maps.DeleteFrontends(del)
+	for _, k := range del {
+		if d.fe[k].owner == owner {
+			delete(d.fe, k)
+		}
+	}
+	return nil
+}
+
+// frontendKeys is the sorted keys of want plus stale, the frontends a
+// service holds after an apply (stale: ones whose deletion failed).
+func frontendKeys(want map[bpf.FrontendKey]bpf.Frontend, stale []bpf.FrontendKey) []bpf.FrontendKey {
+	keys := slices.AppendSeq(slices.Clone(stale), maps.Keys(want))
+	slices.SortFunc(keys, compareFrontendKey)
+	return slices.Clip(slices.Compact(keys))
 }
 
 func compareFrontendKey(a, b bpf.FrontendKey) int {

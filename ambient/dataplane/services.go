@@ -27,17 +27,20 @@ func (d *Dataplane) setService(s Service) error {
 }
 
 // deleteService removes a service: frontends first, so no new connect finds
-// it, then its tables.
+// it, then its tables. When the frontends cannot be deleted the service
+// stays (its tables too: a frontend must never point at a set id that may
+// be reused) and the error is returned, for the caller to retry.
 func (d *Dataplane) deleteService(key string) error {
 	rec, ok := d.services[key]
 	if !ok {
 		return nil
 	}
-	var errs []error
-	if _, err := d.syncFrontends(key, rec.frontends, nil); err != nil {
-		errs = append(errs, err)
+	if err := d.deleteFrontends(key, rec.frontends); err != nil {
+		return err
 	}
-	for _, ls := range rec.sets {
+	rec.frontends = nil
+	var errs []error
+	for _, ls := range append(rec.sets, rec.retired...) {
 		errs = append(errs, d.dropSet(ls))
 	}
 	d.updateRefs(key, rec.svc.Endpoints, nil)
@@ -110,6 +113,7 @@ func (d *Dataplane) planService(rec *serviceRec) servicePlan {
 	for _, ls := range old {
 		p.drop = append(p.drop, ls)
 	}
+	p.drop = append(p.drop, rec.retired...)
 	slices.SortFunc(p.drop, func(a, b *liveSet) int { return cmp.Compare(a.id, b.id) })
 	return p
 }
@@ -153,6 +157,16 @@ func serviceFrontends(svc *Service, sets []setPlan, protocols []bpf.Proto) map[b
 // for the reason the apply did.
 func (d *Dataplane) applyService(rec *serviceRec) error {
 	plan := d.planService(rec)
+	// Slots of an inactive generation a failed cleanup left behind go
+	// first: the next generation is written where they are.
+	for _, s := range plan.sets {
+		if s.live != nil && len(s.live.leftover) > 0 {
+			if err := d.maps.DeleteEndpoints(s.live.leftover); err != nil {
+				return err
+			}
+			s.live.leftover = nil
+		}
+	}
 	var tx undoLog
 	fresh := make([]bool, len(plan.sets))
 	for i := range plan.sets {
@@ -193,26 +207,40 @@ func (d *Dataplane) applyService(rec *serviceRec) error {
 		}
 	}
 	// 3. frontends
-	got, err := d.syncFrontends(rec.svc.Key, rec.frontends, serviceFrontends(&rec.svc, plan.sets, d.opts.Protocols))
+	want := serviceFrontends(&rec.svc, plan.sets, d.opts.Protocols)
+	stale, err := d.putFrontends(rec.svc.Key, rec.frontends, want)
 	if err != nil {
 		return errors.Join(err, tx.undo())
 	}
-	rec.frontends = got
 
-	// 4. commit: adopted sets leave the orphans, old generations and sets
-	// no longer used go.
+	// 4. commit: adopted sets leave the orphans; frontends no longer
+	// wanted go, then the sets only they pointed at and old generations.
 	var sets []*liveSet
 	var errs []error
+	if err := d.deleteFrontends(rec.svc.Key, stale); err != nil {
+		// They may still point at the sets this plan drops: keep those
+		// until a later apply deletes the frontends.
+		errs = append(errs, err)
+		rec.retired, plan.drop = plan.drop, nil
+	} else {
+		stale, rec.retired = nil, nil
+	}
+	rec.frontends = frontendKeys(want, stale)
 	for i, s := range plan.sets {
 		if s.adopted {
 			delete(d.orphans.sets, s.live.id)
 		}
 		ls := s.live
 		if s.write {
+			next := &liveSet{id: ls.id, gen: ls.gen ^ 1, epoch: ls.epoch + 1, table: s.table}
 			if !fresh[i] {
-				errs = append(errs, d.maps.DeleteEndpoints(endpointKeys(slotEntries(ls.id, ls.gen, ls.table))))
+				old := endpointKeys(slotEntries(ls.id, ls.gen, ls.table))
+				if err := d.maps.DeleteEndpoints(old); err != nil {
+					errs = append(errs, err)
+					next.leftover = old // deleted before the next write
+				}
 			}
-			ls = &liveSet{id: ls.id, gen: ls.gen ^ 1, epoch: ls.epoch + 1, table: s.table}
+			ls = next
 		} else {
 			ls.table = s.table // same slots; ports and targets may differ
 		}
@@ -234,18 +262,35 @@ func serviceValue(ls *liveSet, mode bpf.LBMode) bpf.Service {
 	return v
 }
 
+// dropSet deletes a set no frontend points at any more. When the kernel
+// refuses, the set is kept aside (its id is not reused) and dropped again
+// at the next Apply.
 func (d *Dataplane) dropSet(ls *liveSet) error {
 	err := errors.Join(
 		d.maps.DeleteServices([]uint32{ls.id}),
 		d.maps.DeleteEndpoints(endpointKeys(slotEntries(ls.id, ls.gen, ls.table))),
+		d.maps.DeleteEndpoints(ls.leftover),
 	)
 	if d.sets[ls.id] == ls {
 		delete(d.sets, ls.id)
 	}
-	if err == nil {
-		d.setIDs.put(ls.id)
+	if err != nil {
+		d.dropLater = append(d.dropLater, ls)
+		return err
 	}
-	return err
+	d.setIDs.put(ls.id)
+	return nil
+}
+
+// retryDrops drops again the sets whose deletion failed before.
+func (d *Dataplane) retryDrops() error {
+	pending := d.dropLater
+	d.dropLater = nil
+	var errs []error
+	for _, ls := range pending {
+		errs = append(errs, d.dropSet(ls))
+	}
+	return errors.Join(errs...)
 }
 
 func slotEntries(id uint32, gen uint8, t *tableSet) []bpf.Endpoint {

@@ -109,21 +109,62 @@ func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[stri
 
 // removeWorkload takes a deleted workload out of the kernel: its address
 // frontends first (no new connect finds it), then its backend entry. The
-// services that listed it have been recomputed without it already.
+// services that listed it have been recomputed without it already; if one
+// failed to be, its table still points at the backend, which then stays
+// (removeLater) so that its id is not handed to another workload. So does
+// one whose address frontends could not be deleted.
 func (d *Dataplane) removeWorkload(uid string, rec *resolvedWorkload) error {
 	var keep []netip.Addr // the same UID set again in this batch
 	if cur := d.workloads[uid]; cur != nil {
 		keep = cur.addrs
 	}
 	ferr := d.syncWorkloadFrontends(uid, rec.backend, rec.addrs, keep)
-	berr := d.maps.DeleteBackends([]uint32{rec.backend})
-	if berr == nil {
-		if int(rec.backend) < len(d.byBackend) && d.byBackend[rec.backend] == rec {
-			d.byBackend[rec.backend] = nil
-		}
-		d.backendIDs.put(rec.backend)
+	if ferr != nil || d.backendInUse(rec) {
+		// A frontend the kernel still holds points at the backend too.
+		d.removeLater[rec.backend] = rec
+		return ferr
 	}
-	return errors.Join(ferr, berr)
+	if err := d.maps.DeleteBackends([]uint32{rec.backend}); err != nil {
+		d.removeLater[rec.backend] = rec // deleted again by the next Apply
+		return err
+	}
+	if int(rec.backend) < len(d.byBackend) && d.byBackend[rec.backend] == rec {
+		d.byBackend[rec.backend] = nil
+	}
+	d.backendIDs.put(rec.backend)
+	return nil
+}
+
+// backendInUse reports whether a table in the kernel may still point at
+// the workload's backend: a set of a service listing it, or a set waiting
+// to be dropped.
+func (d *Dataplane) backendInUse(rec *resolvedWorkload) bool {
+	uses := func(ls *liveSet) bool {
+		if ls.table == nil {
+			return false
+		}
+		for _, s := range ls.table.slots {
+			if s.Backend == rec.backend || s.Alias == rec.backend {
+				return true
+			}
+		}
+		return false
+	}
+	for _, key := range d.refs[rec.uid] {
+		if svc := d.services[key]; svc != nil {
+			for _, ls := range append(svc.sets, svc.retired...) {
+				if uses(ls) {
+					return true
+				}
+			}
+		}
+	}
+	for _, ls := range d.dropLater {
+		if uses(ls) {
+			return true
+		}
+	}
+	return false
 }
 
 func (d *Dataplane) indexBackend(rec *resolvedWorkload) {
