@@ -10,8 +10,8 @@ BIN := bin
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-build: ## build kmesh-daemon, kmesh-cni and kmeshctl into bin/
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+build: ## build kmesh-daemon, kmesh-cni, kmeshctl and the node simulator (kmesh-sim, test harness) into bin/
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/... ./integration/cmd/kmesh-sim
 
 generate: ## regenerate the bpf2go output (needs clang, llvm-strip, libbpf headers)
 	$(GO) generate ./bpf/...
@@ -50,7 +50,7 @@ bench-program: ## cost of one connect through kmesh_connect4 (needs root)
 bench-sync: build ## control-plane sync: full sync time, daemon RSS, update latency (needs root)
 	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -out docs/benchmarks
 
-demo: build ## the node simulator demo (needs root)
+demo: build ## the node simulator demo (needs root): kmeshctl demo runs bin/kmesh-sim
 	$(BIN)/kmeshctl demo
 
 clean:
