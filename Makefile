@@ -23,9 +23,10 @@ check-generate: generate ## fail if the committed bpf2go output is stale
 test: ## all test tiers; kernel and end-to-end tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m ./...
 
-lint: ## gofmt, go vet, clang-format
+lint: ## gofmt, go vet, import rules (product never imports integration/; cilium/ebpf only in bpf/), clang-format
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); test -z "$$out" || { echo "gofmt:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
+	$(GO) run ./integration/cmd/layercheck
 	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h
 
 TOOLS := $(abspath bin/tools)
