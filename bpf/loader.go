@@ -142,7 +142,7 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w: a map pinned under %s has another size or type than configured; "+
-				"keep the previous map sizes or remove the pins with 'kmesh-daemon --uninstall' (drops kernel state)", err, dir)
+				"keep the previous map sizes or remove the pins with 'kmesh-daemon uninstall' (drops kernel state)", err, dir)
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}

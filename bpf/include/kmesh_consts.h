@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Constants shared by every Kmesh BPF program. Values that user space also
- * needs are mirrored in bpf/abi.go; TestABIConstants keeps the two equal. */
+ * needs are mirrored in bpf/types.go; TestABIConstants keeps the two equal. */
 #ifndef KMESH_CONSTS_H
 #define KMESH_CONSTS_H
 
