@@ -212,7 +212,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	h2 := hbone.Config{MaxStreams: maxStreams, StreamWindow: streamWindow, ConnWindow: connWindow, MaxFrame: maxFrame}
+	// ztunnel's settings; a pooled connection carries at most MaxStreams
+	// streams, which is also what the server side advertises.
+	h2 := hbone.Config{}.WithDefaults()
 	m := newMetrics(cfg.Registerer)
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,

@@ -11,7 +11,6 @@ import (
 	"github.com/spf13/pflag"
 
 	"kmesh.dev/kmesh/bpf"
-	"kmesh.dev/kmesh/integration/podnet"
 	"kmesh.dev/kmesh/kernel"
 )
 
@@ -25,13 +24,11 @@ Commands:
   dump [MAP...]           print the kernel maps of this node, every field decoded:
                           managed, frontend, service, endpoint, backend, tunnel,
                           udp_fwd, udp_rev, sock_orig, stats (default: all)
-  demo                    run the node simulator demo (see README)
+  demo [FLAGS]            run the node simulator demo (see README): executes
+                          kmesh-sim (next to kmeshctl, else PATH) with FLAGS
 `
 
 func main() {
-	// The demo runs its clients as processes inside pods by re-executing
-	// this binary; such a child runs its helper and exits here.
-	podnet.MaybeRunHelper()
 	if len(os.Args) < 2 {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
