@@ -10,8 +10,8 @@ BIN := bin
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-build: ## build kmesh-daemon, kmesh-cni and kmeshctl into bin/
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+build: ## build kmesh-daemon, kmesh-cni, kmeshctl and the node simulator (kmesh-sim, test harness) into bin/
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/... ./integration/cmd/kmesh-sim
 
 generate: ## regenerate the bpf2go output (needs clang, llvm-strip, libbpf headers)
 	$(GO) generate ./bpf/...
@@ -23,10 +23,11 @@ check-generate: generate ## fail if the committed bpf2go output is stale
 test: ## all test tiers; kernel and end-to-end tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m ./...
 
-lint: ## gofmt, go vet, clang-format
+lint: ## gofmt, go vet, import rules (product never imports integration/; cilium/ebpf only in bpf/), clang-format
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); test -z "$$out" || { echo "gofmt:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
-	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h
+	$(GO) run ./integration/cmd/layercheck
+	clang-format --dry-run -Werror bpf/*.c bpf/include/*.h bpf/decidetest/*.c
 
 TOOLS := $(abspath bin/tools)
 
@@ -50,7 +51,7 @@ bench-program: ## cost of one connect through kmesh_connect4 (needs root)
 bench-sync: build ## control-plane sync: full sync time, daemon RSS, update latency (needs root)
 	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -out docs/benchmarks
 
-demo: build ## the node simulator demo (needs root)
+demo: build ## the node simulator demo (needs root): kmeshctl demo runs bin/kmesh-sim
 	$(BIN)/kmeshctl demo
 
 clean:

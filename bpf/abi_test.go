@@ -83,26 +83,31 @@ func TestABIConstants(t *testing.T) {
 		}
 	}
 	for name, goVal := range map[string]int{
-		"KMESH_MAX_RANKS":        MaxRanks,
-		"KMESH_FAMILIES":         familyCount,
-		"KMESH_FAMILY_V4":        int(FamilyV4),
-		"KMESH_FAMILY_V6":        int(FamilyV6),
-		"FRONTEND_SERVICE":       int(FrontendService),
-		"FRONTEND_WORKLOAD":      int(FrontendWorkload),
-		"FRONTEND_F_PASSTHROUGH": frontendFlagPassthrough,
-		"BACKEND_F_HBONE":        backendFlagHBONE,
-		"BACKEND_F_LOCAL":        backendFlagLocal,
-		"BACKEND_F_WAYPOINT":     backendFlagWaypoint,
-		"FRONTEND_F_WAYPOINT":    frontendFlagWaypoint,
-		"ORIG_F_TUNNEL":          origFlagTunnel,
-		"ORIG_F_WAYPOINT":        origFlagWaypoint,
-		"KMESH_PROXY_MARK":       ProxyMark,
-		"KMESH_OUTBOUND_PORT":    OutboundPort,
-		"KMESH_HBONE_PORT":       HBONEPort,
-		"LB_MODE_STANDARD":       int(LBStandard),
-		"LB_MODE_STRICT":         int(LBStrict),
-		"LB_MODE_FAILOVER":       int(LBFailover),
-		"LB_MODE_PASSTHROUGH":    int(LBPassthrough),
+		"KMESH_MAX_RANKS":     MaxRanks,
+		"KMESH_FAMILIES":      familyCount,
+		"KMESH_FAMILY_V4":     int(FamilyV4),
+		"KMESH_FAMILY_V6":     int(FamilyV6),
+		"FRONTEND_SERVICE":    int(FrontendService),
+		"FRONTEND_WORKLOAD":   int(FrontendWorkload),
+		"BACKEND_F_HBONE":     backendFlagHBONE,
+		"BACKEND_F_LOCAL":     backendFlagLocal,
+		"BACKEND_F_WAYPOINT":  backendFlagWaypoint,
+		"BACKEND_F_POLICY":    backendFlagPolicy,
+		"PATH_REFUSE":         int(PathRefuse),
+		"PATH_DIRECT":         int(PathDirect),
+		"PATH_PLAIN":          int(PathPlain),
+		"PATH_TUNNEL":         int(PathTunnel),
+		"PATH_WAYPOINT":       int(PathWaypoint),
+		"PATH_BALANCE":        int(PathBalance),
+		"PATH_PASSTHROUGH":    int(PathPassthrough),
+		"PATH_MAX":            int(pathMax),
+		"KMESH_PROXY_MARK":    ProxyMark,
+		"KMESH_OUTBOUND_PORT": OutboundPort,
+		"KMESH_HBONE_PORT":    HBONEPort,
+		"LB_MODE_STANDARD":    int(LBStandard),
+		"LB_MODE_STRICT":      int(LBStrict),
+		"LB_MODE_FAILOVER":    int(LBFailover),
+		"LB_MODE_PASSTHROUGH": int(LBPassthrough),
 	} {
 		if c, ok := consts[name]; !ok || c != goVal {
 			t.Errorf("%s: header %d (found %v), Go %d", name, c, ok, goVal)
@@ -142,7 +147,8 @@ func TestEncoding(t *testing.T) {
 			}
 		})
 	}
-	be := Backend{ID: 7, Addr4: netip.MustParseAddr("10.0.0.1"), Addr6: netip.MustParseAddr("fd00::1"), Identity: 3, Capacity: 2, HBONE: true, Local: true}
+	be := Backend{ID: 7, Addr4: netip.MustParseAddr("10.0.0.1"), Addr6: netip.MustParseAddr("fd00::1"), Identity: 3, Capacity: 2,
+		PathSvc: PathTunnel, PathAddr: PathWaypoint, PathUDP: PathPlain, HBONE: true, Local: true, Waypoint: true, Policy: true}
 	if got := decodeBackend(7, encodeBackend(be)); got != be {
 		t.Fatalf("backend round trip %+v -> %+v", be, got)
 	}
@@ -150,7 +156,7 @@ func TestEncoding(t *testing.T) {
 	if got := decodeBackend(1, encodeBackend(v4only)); got != v4only {
 		t.Fatalf("v4-only backend round trip %+v -> %+v", v4only, got)
 	}
-	fe := Frontend{Key: FrontendKey{Addr: netip.MustParseAddr("10.0.0.3"), Port: 53, Proto: UDP}, Kind: FrontendService, ID: 9, TargetPort: 5353, Passthrough: true}
+	fe := Frontend{Key: FrontendKey{Addr: netip.MustParseAddr("10.0.0.3"), Port: 53, Proto: UDP}, Kind: FrontendService, ID: 9, TargetPort: 5353, Path: PathPassthrough}
 	if got := decodeFrontend(encodeFrontendKey(fe.Key), encodeFrontendValue(fe)); got != fe {
 		t.Fatalf("frontend round trip %+v -> %+v", fe, got)
 	}

@@ -1,6 +1,8 @@
 package bpf_test
 
 import (
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
@@ -25,5 +27,46 @@ func TestPrivilegedLoadAttachPin(t *testing.T) {
 	ps, err := bpf.PinnedProgramStats(env.Config.PinRoot)
 	if err != nil || len(ps) != 9 {
 		t.Fatalf("PinnedProgramStats = %d programs, %v; want 9 (8 sock_addr + sockops)", len(ps), err)
+	}
+}
+
+// TestPrivilegedDumpEveryMap: what kmeshctl dump prints, from the pins
+// alone, for every map of the object.
+func TestPrivilegedDumpEveryMap(t *testing.T) {
+	env := kerneltest.New(t, bpf.Config{})
+	a := netip.MustParseAddr("10.0.2.1")
+	if err := env.DP.Maps.PutBackends([]bpf.Backend{{ID: 7, Addr4: a, Capacity: 1, PathSvc: bpf.PathTunnel, PathAddr: bpf.PathWaypoint,
+		PathUDP: bpf.PathPlain, HBONE: true, Waypoint: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.DP.Maps.UpsertFrontends([]bpf.Frontend{{Key: bpf.FrontendKey{Addr: netip.MustParseAddr("10.96.0.1"), Port: 80, Proto: bpf.TCP},
+		Kind: bpf.FrontendService, ID: 1, TargetPort: 8080, Path: bpf.PathBalance}}); err != nil {
+		t.Fatal(err)
+	}
+	m, closeMaps, err := bpf.OpenPinned(env.Config.PinRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeMaps()
+	names, err := bpf.MapNames()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, n := range names {
+		tab, err := m.Dump(n)
+		if err != nil {
+			t.Fatalf("%s: %v", n, err)
+		}
+		if len(tab.Header) == 0 && tab.Note == "" {
+			t.Errorf("%s: neither columns nor a note", n)
+		}
+		got[n] = fmt.Sprint(tab.Rows)
+	}
+	if want := "[[7 10.0.2.1 - 1 0 tunnel waypoint plain hbone,waypoint]]"; got["kmesh_backend"] != want {
+		t.Errorf("backends: %s, want %s", got["kmesh_backend"], want)
+	}
+	if want := "[[10.96.0.1:80/tcp service 1 8080 balance]]"; got["kmesh_frontend"] != want {
+		t.Errorf("frontends: %s, want %s", got["kmesh_frontend"], want)
 	}
 }

@@ -20,7 +20,9 @@ import (
 //
 // Layout 2: tunnel redirect (sock_orig gained flags and peer, kmesh_tunnel,
 // the sockops program), waypoint flags instead of waypoint ids.
-const PinLayout = 2
+// Layout 3: path verdicts (frontend_value.path, backend_value.path_*,
+// sock_orig.path and tunnel_value.path instead of flags).
+const PinLayout = 3
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
 const DefaultPinRoot = "/sys/fs/bpf/kmesh"
@@ -77,9 +79,13 @@ func PinDir(root string) string {
 	return filepath.Join(root, fmt.Sprintf("v%d", PinLayout))
 }
 
-func applySizes(spec *ebpf.CollectionSpec, s MapSizes) {
+func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
+	var missing []string
 	set := func(name string, n uint32) {
-		if ms, ok := spec.Maps[name]; ok && n > 0 {
+		ms, ok := spec.Maps[name]
+		if !ok {
+			missing = append(missing, name)
+		} else if n > 0 {
 			ms.MaxEntries = n
 		}
 	}
@@ -90,6 +96,10 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) {
 	set("kmesh_backend", s.Backend)
 	set("kmesh_udp_fwd", s.UDP)
 	set("kmesh_udp_rev", s.UDP)
+	if len(missing) > 0 {
+		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
+	}
+	return nil
 }
 
 // Load loads the programs, reusing pinned maps of the same layout, and
@@ -116,7 +126,9 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parsing the embedded BPF object: %w", err)
 	}
-	applySizes(spec, cfg.Sizes)
+	if err := applySizes(spec, cfg.Sizes); err != nil {
+		return nil, err
+	}
 	if cfg.NoPeerVIP {
 		if err := spec.Variables["cfg_peer_vip"].Set(uint32(0)); err != nil {
 			return nil, err
@@ -142,15 +154,11 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w: a map pinned under %s has another size or type than configured; "+
-				"keep the previous map sizes or remove the pins with 'kmesh-daemon --uninstall' (drops kernel state)", err, dir)
+				"keep the previous map sizes or remove the pins with 'kmesh-daemon uninstall' (drops kernel state)", err, dir)
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
-	o := &dp.objs
-	dp.Maps = &Maps{
-		managed: o.KmeshManaged, frontend: o.KmeshFrontend, service: o.KmeshService,
-		endpoint: o.KmeshEndpoint, backend: o.KmeshBackend, stats: o.KmeshStats, tunnel: o.KmeshTunnel,
-	}
+	dp.Maps = newMaps(dp.MapReplacements())
 	if err := dp.loadSockOps(); err != nil {
 		dp.objs.Close()
 		return nil, err
@@ -182,13 +190,7 @@ func (dp *Datapath) loadSockOps() error {
 	if err != nil {
 		return fmt.Errorf("parsing the embedded sockops object: %w", err)
 	}
-	o := &dp.objs
-	repl := map[string]*ebpf.Map{
-		"kmesh_managed": o.KmeshManaged, "kmesh_frontend": o.KmeshFrontend, "kmesh_service": o.KmeshService,
-		"kmesh_endpoint": o.KmeshEndpoint, "kmesh_backend": o.KmeshBackend, "kmesh_sock_orig": o.KmeshSockOrig,
-		"kmesh_tunnel": o.KmeshTunnel, "kmesh_udp_fwd": o.KmeshUdpFwd, "kmesh_udp_rev": o.KmeshUdpRev,
-		"kmesh_stats": o.KmeshStats,
-	}
+	repl := dp.MapReplacements()
 	for name := range spec.Maps {
 		if !strings.HasPrefix(name, ".") && repl[name] == nil {
 			return fmt.Errorf("sockops object uses map %s that sock_addr does not define", name)
@@ -202,6 +204,13 @@ func (dp *Datapath) loadSockOps() error {
 		return fmt.Errorf("loading the sockops program: %w", err)
 	}
 	return nil
+}
+
+// MapReplacements returns every map of the data path by name, for loading
+// another object onto the same maps (the sockops object; test programs in
+// bpf/decidetest). Only code under bpf/ may touch *ebpf.Map (make lint).
+func (dp *Datapath) MapReplacements() map[string]*ebpf.Map {
+	return mapsOf(&dp.objs.sockAddrMaps)
 }
 
 // removeOlderLayouts removes pin directories of layouts before this one.
@@ -333,8 +342,11 @@ func RemovePins(root string) error {
 // root, for inspection by kmeshctl. It loads no program and attaches nothing.
 func OpenPinned(root string) (*Maps, func(), error) {
 	dir := PinDir(root)
-	names := []string{"kmesh_managed", "kmesh_frontend", "kmesh_service", "kmesh_endpoint", "kmesh_backend", "kmesh_stats"}
-	ms := make([]*ebpf.Map, 0, len(names))
+	names, err := MapNames()
+	if err != nil {
+		return nil, nil, err
+	}
+	ms := map[string]*ebpf.Map{}
 	closeAll := func() {
 		for _, m := range ms {
 			m.Close()
@@ -347,9 +359,9 @@ func OpenPinned(root string) (*Maps, func(), error) {
 			return nil, nil, fmt.Errorf("opening %s (is kmesh-daemon installed on this node, and are you root?): %w",
 				filepath.Join(dir, name), err)
 		}
-		ms = append(ms, m)
+		ms[name] = m
 	}
-	return &Maps{managed: ms[0], frontend: ms[1], service: ms[2], endpoint: ms[3], backend: ms[4], stats: ms[5]}, closeAll, nil
+	return newMaps(ms), closeAll, nil
 }
 
 // PinnedProgramStats reports the run count and run time of the programs

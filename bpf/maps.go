@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -22,6 +25,9 @@ func (e *MapFullError) Error() string {
 
 // Maps is the typed API over the data path's maps.
 type Maps struct {
+	// byName holds every map of the object, by name: the list comes from
+	// the object itself (mapsOf), never from a list kept by hand.
+	byName   map[string]*ebpf.Map
 	managed  *ebpf.Map
 	frontend *ebpf.Map
 	service  *ebpf.Map
@@ -29,6 +35,46 @@ type Maps struct {
 	backend  *ebpf.Map
 	stats    *ebpf.Map
 	tunnel   *ebpf.Map
+	udpFwd   *ebpf.Map
+	udpRev   *ebpf.Map
+}
+
+// newMaps wraps the object's maps, by name.
+func newMaps(byName map[string]*ebpf.Map) *Maps {
+	return &Maps{byName: byName,
+		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
+		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
+		tunnel: byName["kmesh_tunnel"], udpFwd: byName["kmesh_udp_fwd"], udpRev: byName["kmesh_udp_rev"]}
+}
+
+// mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
+func mapsOf(objs any) map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
+	v := reflect.ValueOf(objs).Elem()
+	for i := range v.NumField() {
+		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
+			if m, ok := v.Field(i).Interface().(*ebpf.Map); ok {
+				out[name] = m
+			}
+		}
+	}
+	return out
+}
+
+// MapNames lists the data path's maps, from the embedded object.
+func MapNames() ([]string, error) {
+	spec, err := loadSockAddr()
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // batchChunk bounds one batch syscall: big enough to amortise the syscall,
@@ -228,6 +274,8 @@ var statNames = []string{
 	"tunnel_no_orig",
 	"tunnel_record",
 	"tunnel_record_fail",
+	"path_refused",
+	"no_backend",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -247,15 +295,16 @@ func (m *Maps) Stats() (map[string]uint64, error) {
 	return out, nil
 }
 
-// MaxEntries returns the capacity of each sized map, by map name.
+// MaxEntries returns the capacity of each sized map, by map name (socket
+// storage has none: it lives and dies with its sockets).
 func (m *Maps) MaxEntries() map[string]uint32 {
-	return map[string]uint32{
-		"kmesh_managed":  m.managed.MaxEntries(),
-		"kmesh_frontend": m.frontend.MaxEntries(),
-		"kmesh_service":  m.service.MaxEntries(),
-		"kmesh_endpoint": m.endpoint.MaxEntries(),
-		"kmesh_backend":  m.backend.MaxEntries(),
+	out := map[string]uint32{}
+	for name, mp := range m.byName {
+		if n := mp.MaxEntries(); n > 0 && mp.Type() != ebpf.PerCPUArray {
+			out[name] = n
+		}
 	}
+	return out
 }
 
 // LookupFrontend reads one frontend.

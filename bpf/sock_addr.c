@@ -9,10 +9,12 @@
  * recvmsg4/6   unconnected UDP replies are reported as coming from the VIP.
  * getpeername4/6  the application sees the VIP it dialled as its peer.
  *
- * A TCP connect whose destination needs HBONE (another node's mesh workload,
- * or anything behind a waypoint) goes to the node proxy's outbound listener
- * in the pod instead (127.0.0.1:15001); sockops.c hands the proxy the
- * original destination and the backend chosen here.
+ * How each destination is reached (kernel path, plaintext, the node proxy's
+ * HBONE tunnel, a waypoint, or refused) is a verdict user space wrote into
+ * its records; kmesh_decide.h follows it. A TCP connect whose verdict is
+ * TUNNEL or WAYPOINT goes to the node proxy's outbound listener in the pod
+ * (127.0.0.1:15001); sockops.c hands the proxy the original destination,
+ * the verdict and the backend chosen here.
  *
  * Only sockets of enrolled pods (netns cookie in kmesh_managed) are acted on;
  * destinations not in kmesh_frontend pass untouched. A VIP with no usable
@@ -28,6 +30,7 @@
 #include "kmesh_abi.h"
 #include "kmesh_maps.h"
 #include "kmesh_lb.h"
+#include "kmesh_decide.h"
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
@@ -37,136 +40,46 @@ char _license[] SEC("license") = "Dual BSD/GPL";
  * look at their peer can turn it off. Set at load time. */
 const volatile __u32 cfg_peer_vip = 1;
 
-enum frontend_hit {
-	HIT_NONE,
-	HIT_SERVICE,
-	HIT_WORKLOAD,
-};
-
-/* Looks the destination up as a service VIP:port, then as a workload IP. */
-static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *key,
-							 struct frontend_value *out)
-{
-	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, key);
-
-	if (fe && fe->kind == FRONTEND_SERVICE) {
-		*out = *fe;
-		return HIT_SERVICE;
-	}
-	/* Workloads are keyed by address alone: port 0, protocol 0. */
-	__u16 port = key->port;
-	__u8 proto = key->proto;
-	key->port = 0;
-	key->proto = 0;
-	fe = bpf_map_lookup_elem(&kmesh_frontend, key);
-	key->port = port;
-	key->proto = proto;
-	if (fe && fe->kind == FRONTEND_WORKLOAD) {
-		*out = *fe;
-		return HIT_WORKLOAD;
-	}
-	return HIT_NONE;
-}
-
-static __always_inline int family_of(const __u32 addr[4])
-{
-	return addr_is_v4mapped(addr) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
-}
-
-/* connect_decide's verdicts. */
-enum connect_verdict {
-	CONNECT_PASS,	 /* leave the destination alone */
-	CONNECT_REWRITE, /* go straight to the chosen backend (kernel path) */
-	CONNECT_TUNNEL,	 /* go to the node proxy, which speaks HBONE */
-};
-
-/* A connection needs the tunnel when its destination is reached through a
- * waypoint, or speaks HBONE and lives on another node: mTLS between nodes is
- * the proxy's job. Same-node HBONE workloads stay on the kernel path. */
-static __always_inline int needs_tunnel(__u32 backend_flags)
-{
-	if (backend_flags & BACKEND_F_WAYPOINT)
-		return 1;
-	return (backend_flags & (BACKEND_F_HBONE | BACKEND_F_LOCAL)) == BACKEND_F_HBONE;
-}
-
-/* Decides where a connect() goes. Returns a verdict with *res (the chosen
- * backend) and *oflags filled, or a negative errno to refuse. */
+/* Decides where an enrolled pod's connect() goes (kmesh_decide.h). Returns
+ * 0 with *d filled, or a negative errno to refuse. */
 static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
-					  struct lb_result *res, __u16 *oflags)
+					  struct decision *d)
 {
-	struct frontend_value fe;
-	__u32 epoch;
-	int tcp = key->proto == IPPROTO_TCP;
+	struct lb_rand rnd;
 
+	__builtin_memcpy(d->addr, key->addr, sizeof(d->addr));
+	d->port = key->port;
+	d->path = PATH_PLAIN;
+	d->rewritten = 0;
 	if (!is_managed(ctx))
-		return CONNECT_PASS;
+		return 0;
 	/* The node proxy's own sockets (HBONE to a peer, the app behind an
 	 * inbound tunnel) inside the pod's namespace go where they asked. */
 	if (ctx->sk->mark == KMESH_PROXY_MARK)
-		return CONNECT_PASS;
-
-	switch (frontend_lookup(key, &fe)) {
-	case HIT_SERVICE:
-		break;
-	case HIT_WORKLOAD: {
-		stat_inc(STAT_WORKLOAD_DIRECT);
-		if (!tcp || key->port == bpf_htons(KMESH_HBONE_PORT))
-			return CONNECT_PASS;
-		__u32 id = fe.id;
-		struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
-		if (!be || !needs_tunnel(be->flags))
-			return CONNECT_PASS;
-		__builtin_memcpy(res->addr, key->addr, sizeof(res->addr));
-		res->port = key->port;
-		res->backend_id = id;
-		*oflags = ORIG_F_TUNNEL;
-		if (be->flags & BACKEND_F_WAYPOINT)
-			*oflags |= ORIG_F_WAYPOINT;
-		return CONNECT_TUNNEL;
-	}
-	default:
-		return CONNECT_PASS;
-	}
-	if (fe.flags & FRONTEND_F_PASSTHROUGH) {
-		stat_inc(STAT_LB_PASSTHROUGH);
-		return CONNECT_PASS;
-	}
-	if (tcp && (fe.flags & FRONTEND_F_WAYPOINT)) {
-		/* The waypoint load-balances; the proxy picks a waypoint instance. */
-		*oflags = ORIG_F_TUNNEL | ORIG_F_WAYPOINT;
-		return CONNECT_TUNNEL;
-	}
-
-	int err = lb_pick(&fe, family_of(key->addr), res, &epoch);
-	if (err) {
-		count_lb_error(err);
-		return err;
-	}
-	stat_inc(STAT_LB_SERVICE);
-	if (tcp && needs_tunnel(res->flags)) {
-		*oflags = ORIG_F_TUNNEL;
-		return CONNECT_TUNNEL;
-	}
-	return CONNECT_REWRITE;
+		return 0;
+	rnd.slot = bpf_get_prandom_u32();
+	rnd.coin = bpf_get_prandom_u32();
+	return decide(key, &rnd, d);
 }
 
 /* Remembers, in the socket's storage, what the application dialled, where
- * the socket now goes (peer) and the backend chosen. getpeername() answers
- * from it; for a tunnelled socket sockops copies it for the node proxy, so
- * it is kept even with cfg_peer_vip off. Returns 0, or -ENOMEM when a
- * tunnelled socket has no storage (the proxy could not know where to go). */
+ * the socket now goes (peer), the verdict and the backend chosen.
+ * getpeername() answers from it; for a socket sent to the node proxy sockops
+ * copies it for the proxy, so it is kept even with cfg_peer_vip off. Returns
+ * 0, or -ENOMEM when such a socket has no storage (the proxy could not know
+ * where to go). */
 static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
-					 const struct lb_result *res, const __u32 peer[4],
-					 __u16 peer_port, __u16 oflags)
+					 const struct decision *d, const __u32 peer[4],
+					 __u16 peer_port)
 {
 	struct sock_orig *so;
+	int proxied = path_via_proxy(d->path);
 
-	if (!cfg_peer_vip && !(oflags & ORIG_F_TUNNEL))
+	if (!cfg_peer_vip && !proxied)
 		return 0;
 	so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!so) {
-		if (oflags & ORIG_F_TUNNEL) {
+		if (proxied) {
 			stat_inc(STAT_TUNNEL_NO_ORIG);
 			return -ENOMEM;
 		}
@@ -175,15 +88,15 @@ static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct
 	}
 	__builtin_memcpy(so->addr, key->addr, sizeof(so->addr));
 	so->port = key->port;
-	so->flags = oflags;
+	so->path = d->path;
 	__builtin_memcpy(so->peer_addr, peer, sizeof(so->peer_addr));
 	so->peer_port = peer_port;
-	if (oflags & ORIG_F_WAYPOINT) {
+	if (d->path == PATH_WAYPOINT) {
 		__builtin_memset(so->backend_addr, 0, sizeof(so->backend_addr));
 		so->backend_port = 0;
 	} else {
-		__builtin_memcpy(so->backend_addr, res->addr, sizeof(so->backend_addr));
-		so->backend_port = res->port;
+		__builtin_memcpy(so->backend_addr, d->addr, sizeof(so->backend_addr));
+		so->backend_port = d->port;
 	}
 	return 0;
 }
@@ -208,30 +121,36 @@ static __always_inline void outbound_listener(const __u32 dst[4], __u32 out[4])
 	}
 }
 
-/* Shared tail of connect4/6: decide, remember, and fill the new peer in. */
+/* connect_common's answers. */
+enum connect_action {
+	CONNECT_PASS,	 /* leave the destination alone */
+	CONNECT_REWRITE, /* connect to peer:peer_port instead */
+};
+
+/* Shared tail of connect4/6: decide, remember, and fill the new peer in.
+ * Returns a connect_action or a negative errno. */
 static __always_inline int connect_common(struct bpf_sock_addr *ctx, struct frontend_key *key,
 					  __u32 peer[4], __u16 *peer_port)
 {
-	struct lb_result res = {};
-	__u16 oflags = 0;
+	struct decision d;
 
-	int ret = connect_decide(ctx, key, &res, &oflags);
-	if (ret < 0)
-		return ret;
-	if (ret == CONNECT_PASS)
-		return CONNECT_PASS;
-	if (ret == CONNECT_TUNNEL) {
+	int err = connect_decide(ctx, key, &d);
+	if (err)
+		return err;
+	if (path_via_proxy(d.path)) {
 		outbound_listener(key->addr, peer);
 		*peer_port = bpf_htons(KMESH_OUTBOUND_PORT);
 		stat_inc(STAT_TUNNEL);
+	} else if (d.rewritten) {
+		__builtin_memcpy(peer, d.addr, sizeof(d.addr));
+		*peer_port = d.port;
 	} else {
-		__builtin_memcpy(peer, res.addr, sizeof(res.addr));
-		*peer_port = res.port;
+		return CONNECT_PASS;
 	}
-	int err = remember_orig(ctx, key, &res, peer, *peer_port, oflags);
+	err = remember_orig(ctx, key, &d, peer, *peer_port);
 	if (err)
 		return err;
-	return ret;
+	return CONNECT_REWRITE;
 }
 
 SEC("cgroup/connect4")
@@ -294,15 +213,22 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 	    .cookie = bpf_get_socket_cookie(ctx),
 	    .port = key->port,
 	};
+	struct lb_rand rnd;
 	__u32 epoch;
 
 	if (!is_managed(ctx))
 		return 0;
+	/* Datagrams to a workload's own address are left alone: UDP never
+	 * takes the node proxy, so nothing but a refusal could apply. */
 	if (frontend_lookup(key, &fe) != HIT_SERVICE)
 		return 0;
-	if (fe.flags & FRONTEND_F_PASSTHROUGH) {
+	if (fe.path == PATH_PASSTHROUGH) {
 		stat_inc(STAT_LB_PASSTHROUGH);
 		return 0;
+	}
+	if (fe.path != PATH_BALANCE) {
+		stat_inc(STAT_PATH_REFUSED);
+		return -ECONNREFUSED;
 	}
 
 	__builtin_memcpy(uk.addr, key->addr, sizeof(uk.addr));
@@ -319,10 +245,16 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		}
 	}
 
-	int err = lb_pick(&fe, family_of(key->addr), res, &epoch);
+	rnd.slot = bpf_get_prandom_u32();
+	rnd.coin = bpf_get_prandom_u32();
+	int err = lb_pick(&fe, family_of(key->addr), &rnd, res, &epoch);
 	if (err) {
 		count_lb_error(err);
 		return err;
+	}
+	if (res->path_udp != PATH_DIRECT && res->path_udp != PATH_PLAIN) {
+		stat_inc(STAT_PATH_REFUSED);
+		return -ECONNREFUSED;
 	}
 	stat_inc(STAT_LB_SERVICE);
 

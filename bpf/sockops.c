@@ -10,7 +10,9 @@
  * socket, so when the client's connect completes (ACTIVE_ESTABLISHED, before
  * the final ACK reaches the listener) this copies the destination into
  * kmesh_tunnel under the client's address and port in that namespace, where
- * the proxy looks it up on accept.
+ * the proxy looks it up on accept. The record carries the verdict (TUNNEL
+ * or WAYPOINT) the connect followed: the proxy obeys it and never falls back
+ * to plaintext.
  *
  * The maps are the ones sock_addr.c defines and the loader creates: this
  * object is loaded with those very maps substituted (MapReplacements). */
@@ -38,7 +40,7 @@ static __always_inline void record_tunnel(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, sk, NULL, 0);
-	if (!so || !(so->flags & ORIG_F_TUNNEL))
+	if (!so || (so->path != PATH_TUNNEL && so->path != PATH_WAYPOINT))
 		return;
 
 	struct tunnel_key k = {
@@ -62,7 +64,7 @@ static __always_inline void record_tunnel(struct bpf_sock_ops *skops)
 	}
 	struct tunnel_value v = {
 	    .port = so->port,
-	    .flags = so->flags,
+	    .path = so->path,
 	    .backend_port = so->backend_port,
 	};
 	__builtin_memcpy(v.addr, so->addr, sizeof(v.addr));

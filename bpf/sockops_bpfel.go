@@ -19,7 +19,10 @@ type sockOpsBackendValue struct {
 	Addr6    [4]uint32
 	Identity uint32
 	Capacity uint32
-	Flags    uint32
+	PathSvc  uint8
+	PathAddr uint8
+	PathUdp  uint8
+	Flags    uint8
 }
 
 type sockOpsEndpointKey struct {
@@ -54,7 +57,7 @@ type sockOpsFrontendValue struct {
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
-	Flags      uint8
+	Path       uint8
 }
 
 type sockOpsManagedValue struct {
@@ -77,7 +80,8 @@ type sockOpsSockOrig struct {
 	_           structs.HostLayout
 	Addr        [4]uint32
 	Port        uint16
-	Flags       uint16
+	Path        uint8
+	Pad0        uint8
 	PeerAddr    [4]uint32
 	PeerPort    uint16
 	Pad         uint16
@@ -99,7 +103,8 @@ type sockOpsTunnelValue struct {
 	_           structs.HostLayout
 	Addr        [4]uint32
 	Port        uint16
-	Flags       uint16
+	Path        uint8
+	Pad0        uint8
 	BackendAddr [4]uint32
 	BackendPort uint16
 	Pad         uint16

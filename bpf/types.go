@@ -63,10 +63,34 @@ const (
 	FrontendWorkload FrontendKind = 2
 )
 
+// Path is a path verdict (PATH_* in kmesh_consts.h): how connections to a
+// destination travel. ambient/path decides it; the kernel and the node proxy
+// follow it. The zero value refuses, so a record nobody filled in fails
+// closed.
+type Path uint8
+
 const (
-	frontendFlagPassthrough = 0x1
-	frontendFlagWaypoint    = 0x2
+	PathRefuse      Path = 0 // fail the connect (ECONNREFUSED)
+	PathDirect      Path = 1 // kernel path, straight to a mesh workload on this node
+	PathPlain       Path = 2 // straight to a workload outside the mesh, plaintext
+	PathTunnel      Path = 3 // the node proxy carries it over HBONE to the workload
+	PathWaypoint    Path = 4 // the node proxy carries it over HBONE to the waypoint
+	PathBalance     Path = 5 // a service port: choose a backend, follow its verdict
+	PathPassthrough Path = 6 // a PASSTHROUGH service: leave the destination alone
+	pathMax         Path = 7
 )
+
+var pathNames = [...]string{"refuse", "direct", "plain", "tunnel", "waypoint", "balance", "passthrough"}
+
+func (p Path) String() string {
+	if p < pathMax {
+		return pathNames[p]
+	}
+	return fmt.Sprintf("path(%d)", uint8(p))
+}
+
+// ViaProxy reports whether the node proxy carries connections of this verdict.
+func (p Path) ViaProxy() bool { return p == PathTunnel || p == PathWaypoint }
 
 // LBMode mirrors Istio's LoadBalancing.Mode (service_value.mode).
 type LBMode uint8
@@ -96,11 +120,7 @@ const (
 	backendFlagHBONE    = 0x1
 	backendFlagLocal    = 0x2
 	backendFlagWaypoint = 0x4
-)
-
-const (
-	origFlagTunnel   = 0x1
-	origFlagWaypoint = 0x2
+	backendFlagPolicy   = 0x8
 )
 
 // ProxyMark is the socket mark of the node proxy's own sockets (ztunnel's
@@ -134,11 +154,12 @@ type Frontend struct {
 	ID uint32
 	// TargetPort is where the service port forwards to, unless an endpoint
 	// slot carries its own port.
-	TargetPort  uint16
-	Passthrough bool
-	// Waypoint sends the service's TCP traffic through the node proxy to the
-	// service's waypoint (the proxy resolves which instance).
-	Waypoint bool
+	TargetPort uint16
+	// Path is a service port's verdict: PathBalance (choose a backend and
+	// follow its verdict), PathPassthrough, PathWaypoint (TCP through the
+	// node proxy to the service's waypoint, which balances) or PathRefuse.
+	// Workload frontends leave it zero: their backend's verdicts apply.
+	Path Path
 }
 
 // Service is one entry of kmesh_service: the shape of a load-balancing set.
@@ -183,13 +204,15 @@ type Backend struct {
 	Addr6    netip.Addr // invalid when the workload has no IPv6 address
 	Identity uint32
 	Capacity uint32
-	// HBONE: the workload is in the mesh (accepts HBONE on 15008).
-	HBONE bool
-	// Local: the workload runs on this node. Connections to a remote HBONE
-	// workload go through the node proxy; to a local one, straight.
-	Local bool
-	// Waypoint: TCP traffic addressed to the workload goes through its waypoint.
-	Waypoint bool
+	// Paths are the verdicts the kernel follows: PathSvc for TCP reaching
+	// the workload through a service's load balancer, PathAddr for TCP to
+	// one of its own addresses, PathUDP for UDP either way.
+	PathSvc, PathAddr, PathUDP Path
+	// What the verdicts were decided from, for dumps; no program reads them.
+	// HBONE: the workload is in the mesh (accepts HBONE on 15008). Local: it
+	// runs on this node. Waypoint: it has a waypoint of its own. Policy:
+	// authorization policies apply to it.
+	HBONE, Local, Waypoint, Policy bool
 }
 
 // TunnelOrig is what the kernel recorded for a connection it sent to the
@@ -199,8 +222,9 @@ type TunnelOrig struct {
 	Dst netip.AddrPort
 	// Backend is the endpoint the kernel's load balancer chose; invalid when
 	// the connection goes to a waypoint, which balances by itself.
-	Backend  netip.AddrPort
-	Waypoint bool
+	Backend netip.AddrPort
+	// Path is the verdict the kernel followed: PathTunnel or PathWaypoint.
+	Path Path
 }
 
 // --- encoding to and from the generated ABI structs ---
@@ -261,24 +285,16 @@ func decodeFrontendKey(k sockAddrFrontendKey) FrontendKey {
 }
 
 func encodeFrontendValue(f Frontend) sockAddrFrontendValue {
-	v := sockAddrFrontendValue{Id: f.ID, TargetPort: htons(f.TargetPort), Kind: uint8(f.Kind)}
-	if f.Passthrough {
-		v.Flags |= frontendFlagPassthrough
-	}
-	if f.Waypoint {
-		v.Flags |= frontendFlagWaypoint
-	}
-	return v
+	return sockAddrFrontendValue{Id: f.ID, TargetPort: htons(f.TargetPort), Kind: uint8(f.Kind), Path: uint8(f.Path)}
 }
 
 func decodeFrontend(k sockAddrFrontendKey, v sockAddrFrontendValue) Frontend {
 	return Frontend{
-		Key:         decodeFrontendKey(k),
-		Kind:        FrontendKind(v.Kind),
-		ID:          v.Id,
-		TargetPort:  ntohs(v.TargetPort),
-		Passthrough: v.Flags&frontendFlagPassthrough != 0,
-		Waypoint:    v.Flags&frontendFlagWaypoint != 0,
+		Key:        decodeFrontendKey(k),
+		Kind:       FrontendKind(v.Kind),
+		ID:         v.Id,
+		TargetPort: ntohs(v.TargetPort),
+		Path:       Path(v.Path),
 	}
 }
 
@@ -309,25 +325,27 @@ func decodeSlot(v sockAddrEndpointValue) EndpointSlot {
 }
 
 func encodeBackend(b Backend) sockAddrBackendValue {
-	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity}
+	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity,
+		PathSvc: uint8(b.PathSvc), PathAddr: uint8(b.PathAddr), PathUdp: uint8(b.PathUDP)}
 	if b.Addr6.IsValid() {
 		v.Addr6 = addrWords(b.Addr6)
 	}
-	if b.HBONE {
-		v.Flags |= backendFlagHBONE
-	}
-	if b.Local {
-		v.Flags |= backendFlagLocal
-	}
-	if b.Waypoint {
-		v.Flags |= backendFlagWaypoint
+	for _, f := range []struct {
+		on  bool
+		bit uint8
+	}{{b.HBONE, backendFlagHBONE}, {b.Local, backendFlagLocal}, {b.Waypoint, backendFlagWaypoint}, {b.Policy, backendFlagPolicy}} {
+		if f.on {
+			v.Flags |= f.bit
+		}
 	}
 	return v
 }
 
 func decodeBackend(id uint32, v sockAddrBackendValue) Backend {
 	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Capacity: v.Capacity,
-		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0, Waypoint: v.Flags&backendFlagWaypoint != 0}
+		PathSvc: Path(v.PathSvc), PathAddr: Path(v.PathAddr), PathUDP: Path(v.PathUdp),
+		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0,
+		Waypoint: v.Flags&backendFlagWaypoint != 0, Policy: v.Flags&backendFlagPolicy != 0}
 	if v.Addr6 != [4]uint32{} {
 		b.Addr6 = wordsAddr(v.Addr6)
 	}
@@ -339,7 +357,7 @@ func encodeTunnelKey(netnsCookie uint64, client netip.AddrPort) sockAddrTunnelKe
 }
 
 func decodeTunnel(v sockAddrTunnelValue) TunnelOrig {
-	t := TunnelOrig{Dst: netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)), Waypoint: v.Flags&origFlagWaypoint != 0}
+	t := TunnelOrig{Dst: netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)), Path: Path(v.Path)}
 	if v.BackendPort != 0 {
 		t.Backend = netip.AddrPortFrom(wordsAddr(v.BackendAddr), ntohs(v.BackendPort))
 	}

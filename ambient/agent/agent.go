@@ -5,7 +5,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,6 +24,7 @@ import (
 	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/istiod"
 	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/ambient/tunnel"
@@ -138,8 +138,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 func (a *Agent) startTunnel() error {
 	var certs tunnel.Certs = noCA{}
 	if a.cfg.CAAddress != "" && !a.cfg.XDSPlaintext {
-		ca, err := identity.NewCAClient(identity.CAConfig{Addr: a.cfg.CAAddress, RootFile: a.cfg.RootCertFile,
-			ServerName: a.cfg.XDSServerName, TokenFile: a.cfg.TokenFile, ClusterID: a.cfg.ClusterID, TTL: a.cfg.SecretTTL})
+		ca, err := identity.NewCAClient(identity.CAConfig{Istiod: a.istiodConfig(a.cfg.CAAddress), TTL: a.cfg.SecretTTL})
 		if err != nil {
 			return err
 		}
@@ -154,7 +153,7 @@ func (a *Agent) startTunnel() error {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
-		Tunnels: a.DP.Maps, Registerer: a.Reg, Log: a.log})
+		Tunnels: a.DP.Maps, Picker: a.Plane, Ready: a.synced, Registerer: a.Reg, Log: a.log})
 	if err != nil {
 		return err
 	}
@@ -176,13 +175,19 @@ func (a *Agent) closeTunnel(ctx context.Context, handover time.Duration) {
 	}
 }
 
+// istiodConfig is how the daemon reaches istiod's xDS or CA service at addr.
+func (a *Agent) istiodConfig(addr string) istiod.Config {
+	return istiod.Config{Addr: addr, RootFile: a.cfg.RootCertFile, ServerName: a.cfg.XDSServerName,
+		TokenFile: a.cfg.TokenFile, ClusterID: a.cfg.ClusterID, Plaintext: a.cfg.XDSPlaintext}
+}
+
 func (a *Agent) startXDS(ctx context.Context) error {
 	node, err := xdsNode(a.cfg, environ())
 	if err != nil {
 		return err
 	}
 	xc := xds.Config{
-		Address: a.cfg.XDSAddress, TokenFile: a.cfg.TokenFile, ClusterID: a.cfg.ClusterID, Node: node,
+		Istiod: a.istiodConfig(a.cfg.XDSAddress), Node: node,
 		Types: []string{xds.AddressType, xds.AuthorizationType}, Handler: a.handleXDS,
 		OnSynced: func() {
 			w, s, p := a.Store.Counts()
@@ -197,12 +202,9 @@ func (a *Agent) startXDS(ctx context.Context) error {
 		},
 		Metrics: xds.NewMetrics(a.Reg), Log: a.log,
 	}
-	if !a.cfg.XDSPlaintext {
-		// Fail fast on a missing root; later reads pick up rotations.
-		if _, err := xds.TLSConfig(a.cfg.RootCertFile, a.cfg.XDSServerName); err != nil {
-			return err
-		}
-		xc.TLS = func() (*tls.Config, error) { return xds.TLSConfig(a.cfg.RootCertFile, a.cfg.XDSServerName) }
+	// Fail fast on a missing root; later handshakes read it again.
+	if err := xc.Istiod.Check(); err != nil {
+		return err
 	}
 	client := xds.New(xc)
 	a.wg.Add(1)

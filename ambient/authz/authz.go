@@ -23,25 +23,9 @@ import (
 	"net/netip"
 	"strings"
 
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 	"kmesh.dev/kmesh/ambient/state"
 )
-
-// Identity is a peer's SPIFFE identity,
-// spiffe://<TrustDomain>/ns/<Namespace>/sa/<ServiceAccount>.
-type Identity struct {
-	TrustDomain    string
-	Namespace      string
-	ServiceAccount string
-}
-
-// Principal is the identity the way Istio writes principals in policies:
-// "<td>/ns/<ns>/sa/<sa>", without the "spiffe://" scheme.
-func (id Identity) Principal() string {
-	return id.TrustDomain + "/ns/" + id.Namespace + "/sa/" + id.ServiceAccount
-}
-
-// String is the SPIFFE URI.
-func (id Identity) String() string { return "spiffe://" + id.Principal() }
 
 // Conn is what the decision looks at. Addresses may be IPv4-mapped IPv6 (a
 // dual-stack socket's view); they are compared as IPv4.
@@ -50,7 +34,7 @@ type Conn struct {
 	DstIP   netip.Addr
 	DstPort uint16
 	// SrcIdentity is the peer's verified identity, nil for plaintext.
-	SrcIdentity *Identity
+	SrcIdentity *spiffe.Identity
 }
 
 // Reason says which rule of the ALLOW/DENY algorithm decided.
@@ -264,11 +248,11 @@ func hasPrefix(l []netip.Prefix, a netip.Addr) bool {
 
 // anySA matches namespace and service account exactly, ignoring the trust
 // domain. Plaintext has no service account: it never matches.
-func anySA(pos, neg []saMatch, id *Identity) bool {
+func anySA(pos, neg []saMatch, id *spiffe.Identity) bool {
 	return (len(pos) == 0 || hasSA(pos, id)) && (len(neg) == 0 || !hasSA(neg, id))
 }
 
-func hasSA(l []saMatch, id *Identity) bool {
+func hasSA(l []saMatch, id *spiffe.Identity) bool {
 	if id == nil {
 		return false
 	}
@@ -282,7 +266,7 @@ func hasSA(l []saMatch, id *Identity) bool {
 
 // anyNamespace: plaintext's namespace is "" (ztunnel's unwrap_or_default),
 // which presence never matches but exact "" and empty prefixes do.
-func anyNamespace(pos, neg []strMatch, id *Identity) bool {
+func anyNamespace(pos, neg []strMatch, id *spiffe.Identity) bool {
 	if len(pos)+len(neg) == 0 {
 		return true
 	}
@@ -305,11 +289,11 @@ func hasString(l []strMatch, s string) bool {
 // anyPrincipal: plaintext has no principal, so no principal matcher (not
 // even presence) matches it — a plaintext connection fails "principals" and
 // passes "not_principals".
-func anyPrincipal(pos, neg []strMatch, id *Identity) bool {
+func anyPrincipal(pos, neg []strMatch, id *spiffe.Identity) bool {
 	return (len(pos) == 0 || hasPrincipal(pos, id)) && (len(neg) == 0 || !hasPrincipal(neg, id))
 }
 
-func hasPrincipal(l []strMatch, id *Identity) bool {
+func hasPrincipal(l []strMatch, id *spiffe.Identity) bool {
 	if id == nil {
 		return false
 	}

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 	"istio.io/istio/pkg/workloadapi/security"
 
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 	"kmesh.dev/kmesh/ambient/state"
 )
 
@@ -68,16 +69,21 @@ func addrs(as ...string) []*security.Address {
 
 // --- connections, as in ztunnel's rbac.rs tests ---
 
-func conn(src, dst string, port uint16, id *Identity) Conn {
+// peer is a verified peer identity.
+func peer(td, ns, sa string) *spiffe.Identity {
+	return &spiffe.Identity{TrustDomain: td, Namespace: ns, ServiceAccount: sa}
+}
+
+func conn(src, dst string, port uint16, id *spiffe.Identity) Conn {
 	return Conn{SrcIP: netip.MustParseAddr(src), DstIP: netip.MustParseAddr(dst), DstPort: port, SrcIdentity: id}
 }
 
 var (
 	plaintext = conn("127.0.0.1", "127.0.0.2", 8080, nil)
-	tls       = conn("127.0.0.1", "127.0.0.2", 8080, &Identity{"td", "namespace", "account"})
-	tlsAlt    = conn("127.0.0.3", "127.0.0.4", 9090, &Identity{"td-alt", "ns-alt", "sa-alt"})
+	tls       = conn("127.0.0.1", "127.0.0.2", 8080, peer("td", "namespace", "account"))
+	tlsAlt    = conn("127.0.0.3", "127.0.0.4", 9090, peer("td-alt", "ns-alt", "sa-alt"))
 	plain6    = conn("fd00::1", "fd00:1::2", 8080, nil)
-	tls6      = conn("fd00::1", "fd00:1::2", 8080, &Identity{"td", "namespace", "account"})
+	tls6      = conn("fd00::1", "fd00:1::2", 8080, peer("td", "namespace", "account"))
 	mapped    = conn("::ffff:127.0.0.1", "::ffff:127.0.0.2", 8080, nil)
 )
 
@@ -107,7 +113,7 @@ func TestFields(t *testing.T) {
 			[]Conn{plaintext, tls, tlsAlt}, []bool{true, false, true}},
 		{"service account ignores trust domain",
 			&security.Match{ServiceAccounts: []*security.ServiceAccountMatch{sa("ns-alt", "sa-alt")}},
-			[]Conn{conn("127.0.0.1", "127.0.0.2", 80, &Identity{"other-td", "ns-alt", "sa-alt"})}, []bool{true}},
+			[]Conn{conn("127.0.0.1", "127.0.0.2", 80, peer("other-td", "ns-alt", "sa-alt"))}, []bool{true}},
 		{"service account needs both parts",
 			&security.Match{ServiceAccounts: []*security.ServiceAccountMatch{sa("namespace", "sa-alt")}},
 			[]Conn{tls, tlsAlt}, []bool{false, false}},
@@ -153,7 +159,7 @@ func TestFields(t *testing.T) {
 		{"AND between fields", &security.Match{Namespaces: sms(exactM("namespace")), DestinationPorts: []uint32{9090}},
 			[]Conn{tls, tlsAlt}, []bool{false, false}},
 		{"field and its not_ together", &security.Match{Namespaces: sms(prefixM("ns-")), NotNamespaces: sms(exactM("ns-alt"))},
-			[]Conn{tlsAlt, conn("127.0.0.1", "127.0.0.2", 1, &Identity{"td", "ns-b", "sa"})}, []bool{false, true}},
+			[]Conn{tlsAlt, conn("127.0.0.1", "127.0.0.2", 1, peer("td", "ns-b", "sa"))}, []bool{false, true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for i, c := range tc.conns {
@@ -169,7 +175,7 @@ func TestFields(t *testing.T) {
 // strings) and principals (matched in pieces), including what plaintext
 // looks like to each.
 func TestStringMatch(t *testing.T) {
-	id := &Identity{"cluster.local", "default", "sleep"}
+	id := peer("cluster.local", "default", "sleep")
 	for _, tc := range []struct {
 		name      string
 		m         *security.StringMatch
@@ -219,7 +225,7 @@ func TestStringMatch(t *testing.T) {
 // TestPrincipalPieces checks the allocation-free principal matching against
 // the plain string functions for every prefix and suffix of the principal.
 func TestPrincipalPieces(t *testing.T) {
-	for _, id := range []Identity{{"cluster.local", "default", "sleep"}, {"", "", ""}, {"a", "b", "c"}} {
+	for _, id := range []*spiffe.Identity{peer("cluster.local", "default", "sleep"), peer("", "", ""), peer("a", "b", "c")} {
 		p := principal{id.TrustDomain, "/ns/", id.Namespace, "/sa/", id.ServiceAccount}
 		full := id.Principal()
 		if p.len() != len(full) {
@@ -251,7 +257,7 @@ func TestStructure(t *testing.T) {
 	nsB := &security.Match{Namespaces: sms(exactM("b"))}
 	port80 := &security.Match{DestinationPorts: []uint32{80}}
 	from := func(ns string, port uint16) Conn {
-		return conn("10.0.0.1", "10.0.0.2", port, &Identity{"td", ns, "account"})
+		return conn("10.0.0.1", "10.0.0.2", port, peer("td", ns, "account"))
 	}
 	for _, tc := range []struct {
 		name   string
@@ -447,9 +453,6 @@ func TestDecisionString(t *testing.T) {
 			t.Errorf("%+v: %q, want %q", d, got, want)
 		}
 	}
-	if got := (Identity{"td", "ns", "sa"}).String(); got != "spiffe://td/ns/ns/sa/sa" {
-		t.Errorf("identity %q", got)
-	}
 }
 
 // TestEvaluateDoesNotAllocate holds the per-connection path to zero
@@ -481,7 +484,7 @@ func benchPolicies() []state.Policy {
 }
 
 func benchConn() Conn {
-	return conn("10.1.2.3", "10.4.5.6", 8080, &Identity{"cluster.local", "web", "frontend"})
+	return conn("10.1.2.3", "10.4.5.6", 8080, peer("cluster.local", "web", "frontend"))
 }
 
 func BenchmarkEvaluate(b *testing.B) {
@@ -499,7 +502,7 @@ func BenchmarkEvaluate(b *testing.B) {
 func BenchmarkEvaluateDenied(b *testing.B) {
 	set := Compile(benchPolicies())
 	c := benchConn()
-	c.SrcIdentity = &Identity{"cluster.local", "quarantine-7", "x"}
+	c.SrcIdentity = peer("cluster.local", "quarantine-7", "x")
 	if d := set.Evaluate(c); d.Policy != "ns/deny-blocked" {
 		b.Fatalf("%+v", d)
 	}

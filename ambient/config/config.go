@@ -85,7 +85,7 @@ var settings = []setting{
 	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(524288)},
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
 	{"maps.udp", "KMESH_MAP_UDP", "max unconnected-UDP flows remembered", uint32(65536)},
-	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (config dump, log level)", "localhost:15000"},
+	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
 	{"readiness_addr", "KMESH_READINESS_ADDR", "readiness probe", ":15021"},
 	{"node_name", "NODE_NAME", "name of this node", ""},

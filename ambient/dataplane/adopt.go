@@ -119,8 +119,10 @@ func (d *Dataplane) adoptBackend(w *Workload) (bpf.Backend, bool) {
 	return b, ok
 }
 
-// adoptSet returns the orphan set the service's frontends point at.
-func (d *Dataplane) adoptSet(vips []netip.Addr, port uint16) *liveSet {
+// adoptableSet returns the orphan set the service's frontends for port
+// point at, if any and not taken. It changes nothing: the plan that uses it
+// adopts it once carried out.
+func (d *Dataplane) adoptableSet(vips []netip.Addr, port uint16, taken map[uint32]bool) *liveSet {
 	if d.orphans == nil {
 		return nil
 	}
@@ -130,8 +132,7 @@ func (d *Dataplane) adoptSet(vips []netip.Addr, port uint16) *liveSet {
 			if !ok || cur.owner != orphanOwner || cur.val.Kind != bpf.FrontendService {
 				continue
 			}
-			if ls, ok := d.orphans.sets[cur.val.ID]; ok && ls.table != nil {
-				delete(d.orphans.sets, cur.val.ID)
+			if ls, ok := d.orphans.sets[cur.val.ID]; ok && ls.table != nil && !taken[ls.id] {
 				return ls
 			}
 		}
@@ -203,20 +204,4 @@ func (d *Dataplane) Sweep() error {
 		return fmt.Errorf("sweeping stale kernel state: %w", err)
 	}
 	return nil
-}
-
-// reserve marks ids as taken: the allocator continues above the highest
-// and hands out the gaps below it.
-func (a *idAlloc) reserve(ids []uint32) {
-	used := map[uint32]bool{}
-	for _, id := range ids {
-		used[id] = true
-		a.next = max(a.next, id)
-	}
-	a.free = a.free[:0]
-	for id := a.next; id >= 1; id-- {
-		if !used[id] {
-			a.free = append(a.free, id)
-		}
-	}
 }

@@ -191,14 +191,14 @@ type resolvedWorkload struct {
 	healthy  bool
 	hbone    bool
 	waypoint bool
-	enforce  bool
+	policies bool
 	topo     unique.Handle[Topology]
 	backend  uint32
 }
 
 func resolve(w *Workload, backend uint32) resolvedWorkload {
 	return resolvedWorkload{uid: w.UID, addrs: w.Addrs, capacity: w.Capacity, healthy: w.Healthy, hbone: w.HBONE,
-		waypoint: w.Waypoint, enforce: w.EnforceInbound, topo: unique.Make(w.Topology), backend: backend}
+		waypoint: w.Waypoint, policies: w.Policies, topo: unique.Make(w.Topology), backend: backend}
 }
 
 // lbEqual reports whether two versions of a workload weigh the same in

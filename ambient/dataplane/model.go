@@ -60,11 +60,10 @@ type Workload struct {
 	// Waypoint: connections addressed to the workload go through its
 	// waypoint (over the node proxy's tunnel).
 	Waypoint bool
-	// EnforceInbound: authorization policies apply to this workload, so even
-	// same-node clients reach it through the tunnel, whose inbound side
-	// evaluates them.
-	EnforceInbound bool
-	Topology       Topology
+	// Policies: authorization policies apply to this workload (known for
+	// workloads on this node; see ambient/path for what it changes).
+	Policies bool
+	Topology Topology
 }
 
 // Port maps a service port to the port the workloads listen on. TargetPort 0

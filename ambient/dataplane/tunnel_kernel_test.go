@@ -44,7 +44,7 @@ func (o *fakeOutbound) serve(t testing.TB, l net.Listener, maps *bpf.Maps, cooki
 		name := "tunnel:unknown"
 		if ok {
 			name = fmt.Sprintf("tunnel:%s>%s", orig.Dst, orig.Backend)
-			if orig.Waypoint {
+			if orig.Path == bpf.PathWaypoint {
 				name = fmt.Sprintf("tunnel:%s>waypoint", orig.Dst)
 			}
 		}
@@ -104,7 +104,7 @@ func TestPrivilegedTunnelRedirect(t *testing.T) {
 	})
 	t.Run("same-node workload with policies to enforce: tunnel", func(t *testing.T) {
 		w := hbone("a", f.node)
-		w.EnforceInbound = true
+		w.Policies = true
 		must(f.dp.SetWorkload(w))
 		res := f.run(t, f.client, "tcp", "-addr", a4.String(), "-n", "3")
 		expectOnly(t, res.Names, fmt.Sprintf("tunnel:%s>%s", a4, a4), 3)

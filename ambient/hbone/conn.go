@@ -35,32 +35,43 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// Config is one side's HTTP/2 settings.
+// Defaults of Config, as ztunnel's: windows large enough for bulk transfer
+// over one stream, and DATA frames larger than HTTP/2's 16 KiB (fewer
+// frames cost less per byte).
+const (
+	DefaultMaxStreams   = 100
+	DefaultStreamWindow = 4 << 20
+	DefaultConnWindow   = 16 << 20
+	DefaultMaxFrame     = 1 << 20
+)
+
+// Config is one side's HTTP/2 settings. Zero fields take the defaults.
 type Config struct {
 	// MaxStreams is the concurrent streams a server allows per connection
-	// (SETTINGS_MAX_CONCURRENT_STREAMS); default 100.
+	// (SETTINGS_MAX_CONCURRENT_STREAMS); default DefaultMaxStreams.
 	MaxStreams uint32
 	// StreamWindow and ConnWindow are the receive windows: how much a peer
-	// may send ahead on one stream and on the whole connection. Large
-	// enough for bulk transfer: default 4 MiB and 16 MiB (ztunnel's).
+	// may send ahead on one stream and on the whole connection; default
+	// DefaultStreamWindow (4 MiB) and DefaultConnWindow (16 MiB).
 	StreamWindow, ConnWindow uint32
 	// MaxFrame is the largest frame accepted (SETTINGS_MAX_FRAME_SIZE);
-	// default 1 MiB.
+	// default DefaultMaxFrame (1 MiB).
 	MaxFrame uint32
 }
 
-func (c Config) withDefaults() Config {
+// WithDefaults is c with its zero fields set to the defaults.
+func (c Config) WithDefaults() Config {
 	if c.MaxStreams == 0 {
-		c.MaxStreams = 100
+		c.MaxStreams = DefaultMaxStreams
 	}
 	if c.StreamWindow == 0 {
-		c.StreamWindow = 4 << 20
+		c.StreamWindow = DefaultStreamWindow
 	}
 	if c.ConnWindow == 0 {
-		c.ConnWindow = 16 << 20
+		c.ConnWindow = DefaultConnWindow
 	}
 	if c.MaxFrame == 0 {
-		c.MaxFrame = 1 << 20
+		c.MaxFrame = DefaultMaxFrame
 	}
 	return c
 }
@@ -122,7 +133,7 @@ type Conn struct {
 }
 
 func newConn(nc net.Conn, cfg Config, server bool) *Conn {
-	cfg = cfg.withDefaults()
+	cfg = cfg.WithDefaults()
 	c := &Conn{nc: nc, cfg: cfg, server: server, streams: map[uint32]*Stream{}, nextID: 1,
 		sendWindow: defaultWindow, peerWindow: defaultWindow, peerMaxFr: defaultMaxFrame, peerStreams: 100,
 		done: make(chan struct{}), kick: make(chan struct{}, 1)}

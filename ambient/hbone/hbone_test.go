@@ -312,3 +312,83 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 	t.Fatal("condition not reached in 3s")
 }
+
+// A zero Config announces the defaults (ztunnel's): 4 MiB stream and
+// 16 MiB connection windows, 1 MiB frames, and from a server 100
+// concurrent streams. The tunnel's pool relies on the same numbers.
+func TestDefaultSettingsOnTheWire(t *testing.T) {
+	for _, server := range []bool{false, true} {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		ours := make(chan *Conn, 1)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			if server {
+				go func() { _ = Serve(c, Config{}, echo) }()
+			} else if cc, err := Client(c, Config{}); err == nil {
+				ours <- cc
+			}
+		}()
+		raw, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+		_ = raw.SetDeadline(time.Now().Add(5 * time.Second))
+		if server {
+			if _, err := io.WriteString(raw, http2.ClientPreface); err != nil {
+				t.Fatal(err)
+			}
+		} else if _, err := io.ReadFull(raw, make([]byte, len(http2.ClientPreface))); err != nil {
+			t.Fatal(err)
+		}
+		fr := http2.NewFramer(raw, raw)
+		if server {
+			if err := fr.WriteSettings(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got := map[http2.SettingID]uint32{}
+		var connWindow uint32 = 65535
+		for seen := 0; seen < 2; {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("server=%v: %v", server, err)
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if f.IsAck() {
+					continue
+				}
+				_ = f.ForeachSetting(func(s http2.Setting) error { got[s.ID] = s.Val; return nil })
+				seen++
+			case *http2.WindowUpdateFrame:
+				if f.StreamID == 0 {
+					connWindow += f.Increment
+					seen++
+				}
+			}
+		}
+		want := map[http2.SettingID]uint32{http2.SettingInitialWindowSize: 4 << 20, http2.SettingMaxFrameSize: 1 << 20}
+		if server {
+			want[http2.SettingMaxConcurrentStreams] = 100
+		}
+		for id, v := range want {
+			if got[id] != v {
+				t.Errorf("server=%v: %v = %d, want %d", server, id, got[id], v)
+			}
+		}
+		if connWindow != 16<<20 {
+			t.Errorf("server=%v: connection window %d, want 16 MiB", server, connWindow)
+		}
+		if !server {
+			(<-ours).Close()
+		}
+	}
+}

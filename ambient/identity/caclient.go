@@ -6,23 +6,21 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
+
+	"kmesh.dev/kmesh/ambient/istiod"
 )
 
 // Defaults, as ztunnel's.
@@ -38,22 +36,13 @@ const impersonatedIdentity = "ImpersonatedIdentity"
 
 // CAConfig configures a CAClient.
 type CAConfig struct {
-	// Addr is the CA's host:port (CA_ADDRESS; istiod serves it on 15012).
-	Addr string
-	// RootFile is the mesh root certificate (PEM). It verifies the CA's
-	// serving certificate and is re-read at every connection, so a rotated
-	// root is picked up.
-	RootFile string
-	// ServerName is the name verified in the CA's certificate;
-	// default DefaultServerName.
-	ServerName string
-	// TokenFile holds the node's service account token, sent as
-	// "authorization: Bearer <token>". Read at every request (projected
-	// tokens rotate).
-	TokenFile string
-	// ClusterID is sent as "clusterid" metadata: the CA picks the cluster
-	// whose API server reviews the token and whose pods it checks.
-	ClusterID string
+	// Istiod is the CA's address (CA_ADDRESS; istiod serves it on 15012)
+	// and how to connect: TLS verified against the mesh root file as it is
+	// at each connection, the node's token read at every request, the
+	// cluster ID (the CA picks the cluster whose API server reviews the
+	// token and whose pods it checks). Its ServerName defaults to
+	// DefaultServerName; Plaintext is refused.
+	Istiod istiod.Config
 	// TTL is the validity asked for (SECRET_TTL); default DefaultTTL. The CA
 	// refuses more than its maximum and counts in whole seconds.
 	TTL time.Duration
@@ -71,14 +60,17 @@ type CAClient struct {
 
 // NewCAClient prepares a client; it connects lazily, on the first Fetch.
 func NewCAClient(cfg CAConfig) (*CAClient, error) {
-	if cfg.Addr == "" {
+	if cfg.Istiod.Addr == "" {
 		return nil, errors.New("identity: no CA address")
 	}
-	if cfg.RootFile == "" {
+	if cfg.Istiod.Plaintext {
+		return nil, errors.New("identity: the CA is only asked over TLS (it signs the certificates the mesh trusts)")
+	}
+	if cfg.Istiod.RootFile == "" {
 		return nil, errors.New("identity: no mesh root certificate file to verify the CA with")
 	}
-	if cfg.ServerName == "" {
-		cfg.ServerName = DefaultServerName
+	if cfg.Istiod.ServerName == "" {
+		cfg.Istiod.ServerName = DefaultServerName
 	}
 	if cfg.TTL <= 0 {
 		cfg.TTL = DefaultTTL
@@ -86,20 +78,9 @@ func NewCAClient(cfg CAConfig) (*CAClient, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = defaultTimeout
 	}
-	tc := &tls.Config{
-		MinVersion: tls.VersionTLS12,
-		ServerName: cfg.ServerName,
-		// Verification is done by verifyCA against the root file as it is
-		// now, not as it was when the client was made.
-		InsecureSkipVerify: true, //nolint:gosec // VerifyConnection below verifies.
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			return verifyCA(cs, cfg.RootFile, cfg.ServerName)
-		},
-	}
-	conn, err := grpc.NewClient(cfg.Addr,
-		grpc.WithTransportCredentials(credentials.NewTLS(tc)))
+	conn, err := istiod.Dial(cfg.Istiod)
 	if err != nil {
-		return nil, fmt.Errorf("identity: CA client for %s: %w", cfg.Addr, err)
+		return nil, fmt.Errorf("identity: CA client: %w", err)
 	}
 	return &CAClient{cfg: cfg, conn: conn, client: pb.NewIstioCertificateServiceClient(conn)}, nil
 }
@@ -109,18 +90,15 @@ func (c *CAClient) Close() error { return c.conn.Close() }
 
 // Fetch makes a key and a CSR for id, asks the CA to sign it on id's
 // behalf and checks the answer (see ParseCertChain). Errors are a *CAError
-// (the CA could not be reached or said no) or a *ChainError (its answer
-// was unusable).
+// (the CA could not be reached or said no), a *ChainError (its answer was
+// unusable) or an *istiod.TokenError (the token file could not be read, so
+// nothing was sent).
 func (c *CAClient) Fetch(ctx context.Context, id Identity) (*Certificate, error) {
 	key, csr, err := NewCSR(id)
 	if err != nil {
 		return nil, err
 	}
 	md, err := structpb.NewStruct(map[string]any{impersonatedIdentity: id.String()})
-	if err != nil {
-		return nil, err
-	}
-	ctx, err = c.outgoing(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -131,8 +109,12 @@ func (c *CAClient) Fetch(ctx context.Context, id Identity) (*Certificate, error)
 		Csr: string(csr), ValidityDuration: ttl, Metadata: md,
 	})
 	if err != nil {
+		var te *istiod.TokenError
+		if errors.As(err, &te) {
+			return nil, fmt.Errorf("identity: %w", err) // never sent: nothing the CA said
+		}
 		st := status.Convert(err)
-		return nil, &CAError{Identity: id, Addr: c.cfg.Addr, Code: st.Code(), Message: st.Message()}
+		return nil, &CAError{Identity: id, Addr: c.cfg.Istiod.Addr, Code: st.Code(), Message: st.Message()}
 	}
 	return ParseCertChain(resp.GetCertChain(), key, id, time.Now())
 }
@@ -213,47 +195,12 @@ func (e *CAError) hint() string {
 		}
 		return "the CA did not accept this node's token: check the token file, its audience (istio-ca) and the clusterid"
 	case codes.Unavailable, codes.DeadlineExceeded:
+		if strings.Contains(e.Message, "handshake failed") {
+			return "" // istiod.VerifyError says what to check
+		}
 		return "is istiod running, and is its port reachable from this node?"
 	case codes.InvalidArgument:
 		return "the CA refused the request itself: is SECRET_TTL above the CA's maximum?"
 	}
 	return ""
-}
-
-// verifyCA checks the CA's certificate chain against the root file as it
-// is now.
-func verifyCA(cs tls.ConnectionState, rootFile, serverName string) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("the CA presented no certificate")
-	}
-	b, err := os.ReadFile(rootFile)
-	if err != nil {
-		return fmt.Errorf("reading the mesh root: %w", err)
-	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(b) {
-		return fmt.Errorf("%s holds no PEM certificate", rootFile)
-	}
-	opts := x509.VerifyOptions{DNSName: serverName, Roots: roots, Intermediates: x509.NewCertPool()}
-	for _, c := range cs.PeerCertificates[1:] {
-		opts.Intermediates.AddCert(c)
-	}
-	_, err = cs.PeerCertificates[0].Verify(opts)
-	return err
-}
-
-// outgoing adds the bearer token (re-read each call) and the cluster ID.
-func (c *CAClient) outgoing(ctx context.Context) (context.Context, error) {
-	md := metadata.MD{}
-	if c.cfg.ClusterID != "" {
-		md.Set("clusterid", c.cfg.ClusterID)
-	}
-	if c.cfg.TokenFile != "" {
-		b, err := os.ReadFile(c.cfg.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("identity: reading the token for the CA: %w", err)
-		}
-		md.Set("authorization", "Bearer "+strings.TrimSpace(string(b)))
-	}
-	return metadata.NewOutgoingContext(ctx, md), nil
 }

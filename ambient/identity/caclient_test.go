@@ -26,6 +26,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+
+	"kmesh.dev/kmesh/ambient/istiod"
 )
 
 // grpcCA is a stand-in for istiod's CA on a loopback TLS listener: it
@@ -117,7 +119,7 @@ func TestCAClientRequest(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte("first-token\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := newCAClient(t, CAConfig{Addr: addr, RootFile: rootFile, TokenFile: tokenFile, ClusterID: "Kubernetes", TTL: 90 * time.Minute})
+	c := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: rootFile, TokenFile: tokenFile, ClusterID: "Kubernetes"}, TTL: 90 * time.Minute})
 	ctx := context.Background()
 
 	cert, err := c.Fetch(ctx, sleepID)
@@ -174,7 +176,7 @@ func TestCAClientErrors(t *testing.T) {
 		g := &grpcCA{t: t, ca: newTestCA(t, "cluster.local", false),
 			err: status.Error(codes.Unauthenticated, "request impersonation authentication failure")}
 		addr, root := startGRPCCA(t, g)
-		_, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root}).Fetch(ctx, sleepID)
+		_, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root}}).Fetch(ctx, sleepID)
 		var ce *CAError
 		if !errors.As(err, &ce) || ce.Code != codes.Unauthenticated || !errors.Is(err, ErrCARefused) || errors.Is(err, ErrCAUnavailable) {
 			t.Fatalf("got %v", err)
@@ -186,7 +188,7 @@ func TestCAClientErrors(t *testing.T) {
 	t.Run("wrong server name", func(t *testing.T) {
 		g := &grpcCA{t: t, ca: newTestCA(t, "cluster.local", false)}
 		addr, root := startGRPCCA(t, g)
-		_, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root, ServerName: "other.example"}).Fetch(ctx, sleepID)
+		_, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root, ServerName: "other.example"}}).Fetch(ctx, sleepID)
 		if !errors.Is(err, ErrCAUnavailable) || !strings.Contains(err.Error(), "other.example") {
 			t.Fatalf("got %v", err)
 		}
@@ -197,14 +199,14 @@ func TestCAClientErrors(t *testing.T) {
 		if err := os.WriteFile(root, []byte(pemOf(newTestCA(t, "x", false).root)), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root}).Fetch(ctx, sleepID); !errors.Is(err, ErrCAUnavailable) {
+		if _, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root}}).Fetch(ctx, sleepID); !errors.Is(err, ErrCAUnavailable) {
 			t.Fatalf("CA with an untrusted certificate: %v", err)
 		}
 	})
 	t.Run("answer for another identity", func(t *testing.T) {
 		g := &grpcCA{t: t, ca: newTestCA(t, "cluster.local", false), signAs: "spiffe://cluster.local/ns/default/sa/other"}
 		addr, root := startGRPCCA(t, g)
-		_, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root}).Fetch(ctx, sleepID)
+		_, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root}}).Fetch(ctx, sleepID)
 		if !errors.Is(err, ErrIdentityMismatch) {
 			t.Fatalf("got %v", err)
 		}
@@ -215,7 +217,7 @@ func TestCAClientErrors(t *testing.T) {
 	t.Run("token file missing", func(t *testing.T) {
 		g := &grpcCA{t: t, ca: newTestCA(t, "cluster.local", false)}
 		addr, root := startGRPCCA(t, g)
-		_, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root, TokenFile: "/nonexistent/token"}).Fetch(ctx, sleepID)
+		_, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root, TokenFile: "/nonexistent/token"}}).Fetch(ctx, sleepID)
 		if err == nil || !errors.Is(err, os.ErrNotExist) || len(g.reqs) != 0 {
 			t.Fatalf("got %v after %d requests", err, len(g.reqs))
 		}
@@ -226,7 +228,7 @@ func TestCAClientErrors(t *testing.T) {
 		l.Close()
 		root := filepath.Join(t.TempDir(), "root.pem")
 		_ = os.WriteFile(root, []byte(pemOf(newTestCA(t, "x", false).root)), 0o600)
-		_, err := newCAClient(t, CAConfig{Addr: addr, RootFile: root, Timeout: 2 * time.Second}).Fetch(ctx, sleepID)
+		_, err := newCAClient(t, CAConfig{Istiod: istiod.Config{Addr: addr, RootFile: root}, Timeout: 2 * time.Second}).Fetch(ctx, sleepID)
 		if !errors.Is(err, ErrCAUnavailable) || result(err) != "unavailable" {
 			t.Fatalf("got %v", err)
 		}

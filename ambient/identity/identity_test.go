@@ -5,46 +5,9 @@ import (
 	"errors"
 	"net/url"
 	"testing"
-)
 
-func TestParse(t *testing.T) {
-	good := Identity{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "sleep"}
-	for _, tc := range []struct {
-		in   string
-		want Identity
-		ok   bool
-	}{
-		{"spiffe://cluster.local/ns/default/sa/sleep", good, true},
-		{"spiffe://td_1.example-2/ns/Ns.1/sa/S_a-2", Identity{"td_1.example-2", "Ns.1", "S_a-2"}, true},
-		{"", Identity{}, false},
-		{"spiffe://cluster.local/ns/default/sa/", Identity{}, false},
-		{"spiffe://cluster.local/ns//sa/sleep", Identity{}, false},
-		{"spiffe:///ns/default/sa/sleep", Identity{}, false},
-		{"SPIFFE://cluster.local/ns/default/sa/sleep", Identity{}, false},
-		{"spiffe://Cluster.local/ns/default/sa/sleep", Identity{}, false},
-		{"spiffe://cluster.local:443/ns/default/sa/sleep", Identity{}, false},
-		{"spiffe://user@cluster.local/ns/default/sa/sleep", Identity{}, false},
-		{"spiffe://cluster.local/ns/default/sa/sleep/", Identity{}, false},
-		{"spiffe://cluster.local/ns/default/sa/sleep?x=1", Identity{}, false},
-		{"spiffe://cluster.local/ns/default/sa/sleep#f", Identity{}, false},
-		{"spiffe://cluster.local/ns/def%61ult/sa/sleep", Identity{}, false},
-		{"spiffe://cluster.local/ns/../sa/sleep", Identity{}, false},
-		{"spiffe://cluster.local/sa/sleep/ns/default", Identity{}, false},
-		{"spiffe://cluster.local/ns/default/sa/sleep/extra/x", Identity{}, false},
-		{"https://cluster.local/ns/default/sa/sleep", Identity{}, false},
-	} {
-		got, err := Parse(tc.in)
-		if tc.ok != (err == nil) || got != tc.want {
-			t.Errorf("Parse(%q) = %+v, %v; want %+v ok=%v", tc.in, got, err, tc.want, tc.ok)
-		}
-		if err != nil && !errors.Is(err, ErrBadIdentity) {
-			t.Errorf("Parse(%q) error %v does not wrap ErrBadIdentity", tc.in, err)
-		}
-		if err == nil && got.String() != tc.in {
-			t.Errorf("String() = %q, want %q", got.String(), tc.in)
-		}
-	}
-}
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
+)
 
 func TestFromCertificate(t *testing.T) {
 	u := func(s ...string) []*url.URL {
@@ -69,7 +32,7 @@ func TestFromCertificate(t *testing.T) {
 		"not spiffe":     {u("https://example.com/"), false},
 	} {
 		got, err := FromCertificate(&x509.Certificate{URIs: tc.uris, DNSNames: []string{"ignored.example"}})
-		if tc.ok != (err == nil) || (tc.ok && got.String() != id) {
+		if tc.ok != (err == nil) || (tc.ok && got.String() != id) || (err != nil && !errors.Is(err, spiffe.ErrBadIdentity)) {
 			t.Errorf("%s: got %v, %v", name, got, err)
 		}
 	}

@@ -59,7 +59,8 @@ func (r *Reconciler) Apply(ch state.Changes) map[string]error {
 func (r *Reconciler) applyChanges(ch state.Changes) map[string]error {
 	r.refreshLocality(ch)
 	if len(ch.Policies) > 0 {
-		// Which local workloads need inbound enforcement may have changed.
+		// Which local workloads have policies (an input of their path
+		// verdicts) may have changed.
 		ch = ch.Clone()
 		for _, w := range r.store.WorkloadsOnNode(r.node.Name) {
 			ch.Workloads[w.UID] = struct{}{}
@@ -172,19 +173,18 @@ func (r *Reconciler) sameNetwork(n string) bool {
 func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
 	m := w.Meta()
 	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
-		Waypoint: w.Waypoint != nil, EnforceInbound: r.enforceInbound(w), Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+		Waypoint: w.Waypoint != nil, Policies: r.hasPolicies(w), Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
 	if r.sameNetwork(m.Network) {
 		out.Addrs = w.Addresses // immutable once converted: shared, not copied
 	}
 	return out
 }
 
-// enforceInbound: a local HBONE workload that authorization policies apply
-// to is reached through the tunnel even from its own node, so that its
-// inbound side authorizes every connection (the kernel path does not
-// evaluate policies); one without policies keeps the direct kernel path.
-// Only local workloads are asked: for the others the tunnel is taken anyway.
-func (r *Reconciler) enforceInbound(w *state.Workload) bool {
+// hasPolicies tells the path verdicts (ambient/path) whether authorization
+// policies apply to a workload. Only local mesh workloads are asked: for
+// the others it changes no verdict, and asking for every workload of the
+// mesh on every policy change would cost more than it tells.
+func (r *Reconciler) hasPolicies(w *state.Workload) bool {
 	if !w.HBONE || w.Meta().Node != r.node.Name || r.node.Name == "" {
 		return false
 	}

@@ -20,19 +20,9 @@ import (
 )
 
 // HBONE is HTTP/2 CONNECT over mutual TLS 1.3 to port 15008 (ztunnel's
-// protocol). These are its fixed parameters.
-const (
-	alpnH2 = "h2"
-	// Flow-control windows large enough for bulk transfer over one stream
-	// (ztunnel's values): 4 MiB per stream, 16 MiB per connection.
-	streamWindow = 4 << 20
-	connWindow   = 16 << 20
-	// maxStreams per pooled connection; the server advertises the same.
-	maxStreams = 100
-	// maxFrame is the largest DATA frame we accept: fewer, larger frames
-	// cost less per byte than the 16 KiB default.
-	maxFrame = 1 << 20
-)
+// protocol), with ambient/hbone's default HTTP/2 settings (windows, frame
+// size, streams per connection).
+const alpnH2 = "h2"
 
 // refusal is an inbound CONNECT the proxy turns down: the HTTP status the
 // peer gets and the reason label it is counted under.

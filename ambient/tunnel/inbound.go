@@ -88,8 +88,7 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
-	aid := authz.Identity{TrustDomain: peer.TrustDomain, Namespace: peer.Namespace, ServiceAccount: peer.ServiceAccount}
-	if ref := p.authorize(dst, src.Addr(), target, &aid); ref != nil {
+	if ref := p.authorize(dst, src.Addr(), target, peer); ref != nil {
 		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
@@ -121,7 +120,7 @@ func (p *Proxy) refuse(st *hbone.Stream, dir string, ref *refusal, pp *podProxy,
 }
 
 // authorize applies the destination workload's L4 policies.
-func (p *Proxy) authorize(dst *state.Workload, src netip.Addr, target netip.AddrPort, id *authz.Identity) *refusal {
+func (p *Proxy) authorize(dst *state.Workload, src netip.Addr, target netip.AddrPort, id *identity.Identity) *refusal {
 	if dst == nil {
 		return nil // unknown to the control plane yet: no policy can name it
 	}

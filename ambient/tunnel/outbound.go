@@ -18,14 +18,19 @@ import (
 // the pod's 15001.
 func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
 	client := addrPortOf(c.RemoteAddr())
-	orig, err := p.origin(pp, c, client)
+	orig, fromKernel, err := p.origin(pp, c, client)
 	if err != nil {
 		p.m.refused.WithLabelValues("outbound", "no_original_destination").Inc()
 		p.log.Warn("outbound connection without a known destination: reset", "pod", pp.pod.UID, "client", client.String(), "err", err)
 		_ = c.SetLinger(0)
 		return
 	}
-	route, err := Resolve(p.cfg.Dir, p.cfg.Network, orig)
+	var route Route
+	if fromKernel {
+		route, err = Resolve(p.cfg.Dir, p.cfg.Network, orig, p.rand)
+	} else {
+		route, err = ResolveCaptured(p.cfg.Dir, p.cfg.Picker, p.cfg.Network, orig.Dst, p.rand)
+	}
 	if err != nil {
 		p.m.refused.WithLabelValues("outbound", "no_route").Inc()
 		p.log.Info("outbound connection has no route: reset", "pod", pp.pod.UID, "dst", orig.Dst.String(), "err", err)
@@ -52,26 +57,27 @@ func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
 	}
 }
 
-// origin is where the application meant to go: the kernel's record, or
-// the original destination of an iptables redirect.
-func (p *Proxy) origin(pp *podProxy, c *net.TCPConn, client netip.AddrPort) (bpf.TunnelOrig, error) {
+// origin is where the application meant to go: the kernel's record (with
+// its verdict; fromKernel), or the original destination of an iptables
+// redirect (Dst only: no verdict yet).
+func (p *Proxy) origin(pp *podProxy, c *net.TCPConn, client netip.AddrPort) (orig bpf.TunnelOrig, fromKernel bool, err error) {
 	if p.cfg.Tunnels != nil {
 		orig, ok, err := p.cfg.Tunnels.TakeTunnel(pp.pod.Cookie, client)
 		if err != nil {
-			return bpf.TunnelOrig{}, err
+			return bpf.TunnelOrig{}, false, err
 		}
 		if ok {
-			return orig, nil
+			return orig, true, nil
 		}
 	}
 	dst, err := originalDst(c)
 	if err != nil {
-		return bpf.TunnelOrig{}, fmt.Errorf("no kernel record and %w", err)
+		return bpf.TunnelOrig{}, false, fmt.Errorf("no kernel record and %w", err)
 	}
 	if dst.Port() == bpf.OutboundPort && dst.Addr().IsLoopback() {
-		return bpf.TunnelOrig{}, errors.New("connected to 15001 directly: nothing to forward to")
+		return bpf.TunnelOrig{}, false, errors.New("connected to 15001 directly: nothing to forward to")
 	}
-	return bpf.TunnelOrig{Dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())}, nil
+	return bpf.TunnelOrig{Dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())}, false, nil
 }
 
 // plainOutbound forwards to a destination outside the mesh, spliced in

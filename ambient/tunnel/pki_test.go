@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 )
 
 // testCA issues SPIFFE workload certificates the way Istio's CA does (one
@@ -71,7 +72,7 @@ func (ca *testCA) issue(t testing.TB, uri string, notBefore, notAfter time.Time)
 		t.Fatal(err)
 	}
 	leaf, _ := x509.ParseCertificate(der)
-	id, _ := identity.Parse(uri)
+	id, _ := spiffe.Parse(uri)
 	return &identity.Certificate{Identity: id, TLS: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf},
 		Leaf: leaf, Roots: []*x509.Certificate{ca.root}, NotAfter: notAfter}
 }

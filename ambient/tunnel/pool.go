@@ -27,7 +27,7 @@ type pooledConn struct {
 }
 
 // pool holds outbound HBONE connections. A new stream takes the first
-// connection with room (fewer than maxStreams streams); while one
+// connection with room (fewer than cfg.MaxStreams streams); while one
 // connection to a key is being dialled, other callers wait for it instead
 // of racing to open their own.
 type pool struct {
@@ -48,7 +48,7 @@ type dialing struct {
 }
 
 func newPool(cfg hbone.Config, m *metrics, idle time.Duration) *pool {
-	return &pool{cfg: cfg, m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]*dialing{}}
+	return &pool{cfg: cfg.WithDefaults(), m: m, idle: idle, conns: map[poolKey][]*pooledConn{}, dialing: map[poolKey]*dialing{}}
 }
 
 // get returns a connection with a stream reserved on it, and the function
@@ -66,7 +66,7 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 					p.m.pooled.Dec()
 					continue
 				}
-			} else if pick == nil && pc.active < maxStreams && pc.cc.Available(maxStreams) {
+			} else if pick == nil && pc.active < int(p.cfg.MaxStreams) && pc.cc.Available(int(p.cfg.MaxStreams)) {
 				pick = pc
 			}
 			live = append(live, pc)

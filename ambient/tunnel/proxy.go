@@ -31,6 +31,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -67,6 +68,17 @@ type Config struct {
 	// Tunnels is the kernel's record; nil: only iptables redirection
 	// (SO_ORIGINAL_DST) tells where connections go.
 	Tunnels TunnelTable
+	// Picker decides connections the kernel did not see (iptables
+	// redirection) from the kernel's records; nil refuses them.
+	Picker Picker
+	// Rand feeds the load balancer and the waypoint choice (default:
+	// math/rand/v2); tests make it deterministic.
+	Rand func() uint32
+	// Ready is closed once the control plane's state is in (the first xDS
+	// sync). Connections accepted before wait for it, up to ReadyTimeout
+	// (10 s), instead of being decided on an empty state. nil: ready.
+	Ready        <-chan struct{}
+	ReadyTimeout time.Duration
 	// DialTimeout bounds connecting to a peer or the application (5 s).
 	DialTimeout time.Duration
 	// IdleTimeout closes pooled HBONE connections without streams (60 s).
@@ -199,10 +211,18 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.TrustDomain == "" {
 		cfg.TrustDomain = defaultTrustDomain
 	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Uint32
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = 10 * time.Second
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	h2 := hbone.Config{MaxStreams: maxStreams, StreamWindow: streamWindow, ConnWindow: connWindow, MaxFrame: maxFrame}
+	// ztunnel's settings; a pooled connection carries at most MaxStreams
+	// streams, which is also what the server side advertises.
+	h2 := hbone.Config{}.WithDefaults()
 	m := newMetrics(cfg.Registerer)
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
@@ -350,9 +370,39 @@ func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProx
 			defer p.wg.Done()
 			defer pp.release()
 			defer p.untrack(c)
+			if !p.waitReady(pp, c) {
+				return
+			}
 			serve(pp, c)
 		}()
 	}
+}
+
+// waitReady holds a connection accepted before the daemon has the
+// control plane's state (a new daemon during an upgrade, binding beside the
+// old one): deciding it now would refuse what the state will allow. It
+// waits up to ReadyTimeout, then resets the connection, counted.
+func (p *Proxy) waitReady(pp *podProxy, c *net.TCPConn) bool {
+	if p.cfg.Ready == nil {
+		return true
+	}
+	select {
+	case <-p.cfg.Ready:
+		return true
+	default:
+	}
+	t := time.NewTimer(p.cfg.ReadyTimeout)
+	defer t.Stop()
+	select {
+	case <-p.cfg.Ready:
+		return true
+	case <-t.C:
+	case <-p.connCtx.Done():
+	}
+	p.m.refused.WithLabelValues("any", "not_ready").Inc()
+	p.log.Warn("connection reset: no control-plane state yet", "pod", pp.pod.UID, "waited", p.cfg.ReadyTimeout.String())
+	_ = c.SetLinger(0)
+	return false
 }
 
 func (p *Proxy) isClosed() bool {
@@ -461,3 +511,5 @@ func (p *Proxy) serverTLS(pp *podProxy, peer *identity.Identity, why *string) *t
 		},
 	}
 }
+
+func (p *Proxy) rand() uint32 { return p.cfg.Rand() }

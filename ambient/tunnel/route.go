@@ -3,9 +3,9 @@ package tunnel
 import (
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 
+	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
@@ -62,20 +62,31 @@ func WorkloadIdentity(w *state.Workload) identity.Identity {
 	return id
 }
 
-// Resolve decides how an outbound connection travels, from what the kernel
-// recorded (or iptables' original destination, with no backend chosen):
+// Picker decides a connection exactly as the kernel's connect program
+// would, from the kernel's own records (*dataplane.Dataplane).
+type Picker interface {
+	Pick(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32) dataplane.Decision
+}
+
+// Resolve decides how an outbound connection the kernel sent to the proxy
+// travels, from the verdict the kernel recorded and followed:
 //
-//   - through a waypoint when the kernel said so: HBONE to one of the
-//     waypoint's workloads, CONNECT to the original destination;
-//   - otherwise to the backend the kernel's load balancer chose (or, with no
-//     kernel choice, one picked here): HBONE to backend-ip:15008 and CONNECT
-//     backend-ip:port when it is in the mesh, plain TCP when it is not.
+//   - PathWaypoint: HBONE to one of the waypoint's workloads, CONNECT to
+//     the original destination (the waypoint balances);
+//   - PathTunnel: HBONE to the backend the kernel's load balancer chose,
+//     CONNECT backend-ip:port. The backend must be a mesh workload known
+//     here; when it is not (the state changed under the connection, or the
+//     record is wrong) the connection is refused: what the kernel sent for
+//     mTLS never leaves in plaintext.
 //
-// The network is the node's: addresses are looked up within it.
-func Resolve(dir Directory, network string, orig bpf.TunnelOrig) (Route, error) {
+// Any other verdict is not the proxy's to carry and is refused. The
+// network is the node's: addresses are looked up within it. rnd picks a
+// waypoint instance.
+func Resolve(dir Directory, network string, orig bpf.TunnelOrig, rnd func() uint32) (Route, error) {
 	na := func(a netip.Addr) state.NetworkAddr { return state.NetworkAddr{Network: network, Addr: a.Unmap()} }
 	svc := dir.ServiceByVIP(na(orig.Dst.Addr()))
-	if orig.Waypoint {
+	switch orig.Path {
+	case bpf.PathWaypoint:
 		var gw *state.GatewayAddress
 		if svc != nil {
 			gw = svc.Waypoint
@@ -85,7 +96,7 @@ func Resolve(dir Directory, network string, orig bpf.TunnelOrig) (Route, error) 
 		if gw == nil {
 			return Route{}, fmt.Errorf("%w: %s has no waypoint any more", ErrNoRoute, orig.Dst)
 		}
-		wp, err := resolveGateway(dir, network, gw, orig.Dst.Addr())
+		wp, err := resolveGateway(dir, network, gw, orig.Dst.Addr(), rnd)
 		if err != nil {
 			return Route{}, err
 		}
@@ -99,36 +110,57 @@ func Resolve(dir Directory, network string, orig bpf.TunnelOrig) (Route, error) 
 		}
 		return Route{Dial: netip.AddrPortFrom(addr, port), Target: orig.Dst, Identity: WorkloadIdentity(wp),
 			Dst: wp, Service: svc, Waypoint: true}, nil
-	}
-
-	backend := orig.Backend
-	if !backend.IsValid() {
-		if svc == nil {
-			backend = orig.Dst
-		} else {
-			ep, port, err := pickEndpoint(dir, svc, orig.Dst)
-			if err != nil {
-				return Route{}, err
-			}
-			addr, ok := sameFamily(ep.Addresses, orig.Dst.Addr())
-			if !ok {
-				return Route{}, fmt.Errorf("%w: endpoint %s of %s has no address of the family dialled", ErrNoRoute, ep.Name, svc.Key())
-			}
-			backend = netip.AddrPortFrom(addr, port)
+	case bpf.PathTunnel:
+		backend := netip.AddrPortFrom(orig.Backend.Addr().Unmap(), orig.Backend.Port())
+		if !backend.IsValid() {
+			return Route{}, fmt.Errorf("%w: the kernel sent %s to the tunnel without a backend", ErrNoRoute, orig.Dst)
 		}
+		w := dir.WorkloadByAddr(na(backend.Addr()))
+		if w == nil || !w.HBONE {
+			return Route{}, fmt.Errorf("%w: the kernel sent %s to the tunnel for mTLS to %s, which is not a mesh workload here "+
+				"(the control plane changed it since?): refused, never sent in plaintext", ErrNoRoute, orig.Dst, backend)
+		}
+		return Route{Dial: netip.AddrPortFrom(backend.Addr(), bpf.HBONEPort), Target: backend,
+			Identity: WorkloadIdentity(w), Dst: w, Service: svc}, nil
 	}
-	backend = netip.AddrPortFrom(backend.Addr().Unmap(), backend.Port())
-	w := dir.WorkloadByAddr(na(backend.Addr()))
-	if w == nil || !w.HBONE {
-		return Route{Plain: true, Dial: backend, Target: backend, Dst: w, Service: svc}, nil
+	return Route{}, fmt.Errorf("%w: the kernel recorded verdict %s for %s, which the proxy does not carry", ErrNoRoute, orig.Path, orig.Dst)
+}
+
+// ResolveCaptured decides a connection the kernel did not see: one
+// istio-cni's iptables rules sent to 15001, known only by its original
+// destination. lb makes the kernel's decision for it (the same records,
+// alias tables, weights, locality and verdicts), and the verdict is then
+// carried as the kernel's would be: direct and plaintext destinations are
+// dialled as they are, tunnel and waypoint ones through Resolve.
+func ResolveCaptured(dir Directory, lb Picker, network string, dst netip.AddrPort, rnd func() uint32) (Route, error) {
+	if lb == nil {
+		return Route{}, fmt.Errorf("%w: no view of the kernel's records to decide %s", ErrNoRoute, dst)
 	}
-	return Route{Dial: netip.AddrPortFrom(backend.Addr(), bpf.HBONEPort), Target: backend,
-		Identity: WorkloadIdentity(w), Dst: w, Service: svc}, nil
+	d := lb.Pick(dst, bpf.TCP, rnd(), rnd())
+	if d.Err != 0 {
+		return Route{}, fmt.Errorf("%w: %s refused (%v)", ErrNoRoute, dst, d.Err)
+	}
+	switch d.Path {
+	case bpf.PathTunnel:
+		return Resolve(dir, network, bpf.TunnelOrig{Dst: dst, Backend: d.To, Path: bpf.PathTunnel}, rnd)
+	case bpf.PathWaypoint:
+		return Resolve(dir, network, bpf.TunnelOrig{Dst: dst, Path: bpf.PathWaypoint}, rnd)
+	}
+	// PathDirect, PathPlain, PathPassthrough: straight to where the kernel
+	// would have connected.
+	na := func(a netip.Addr) state.NetworkAddr { return state.NetworkAddr{Network: network, Addr: a.Unmap()} }
+	svc := dir.ServiceByVIP(na(dst.Addr()))
+	if svc != nil && !d.Rewritten && d.Path != bpf.PathPassthrough {
+		// A service's VIP on a port it does not have: nothing can answer
+		// there, and dialling it would send the VIP onto the network.
+		return Route{}, fmt.Errorf("%w: service %s has no port %d", ErrNoRoute, svc.Key(), dst.Port())
+	}
+	return Route{Plain: true, Dial: d.To, Target: d.To, Dst: dir.WorkloadByAddr(na(d.To.Addr())), Service: svc}, nil
 }
 
 // resolveGateway finds a workload of a waypoint: the address is the
 // waypoint service's VIP (or a workload IP); a hostname names the service.
-func resolveGateway(dir Directory, network string, gw *state.GatewayAddress, dst netip.Addr) (*state.Workload, error) {
+func resolveGateway(dir Directory, network string, gw *state.GatewayAddress, dst netip.Addr, rnd func() uint32) (*state.Workload, error) {
 	var svc *state.Service
 	if gw.Address != nil {
 		a := *gw.Address
@@ -153,43 +185,7 @@ func resolveGateway(dir Directory, network string, gw *state.GatewayAddress, dst
 	if len(eps) == 0 {
 		return nil, fmt.Errorf("%w: waypoint %s has no healthy workload", ErrNoRoute, svc.Key())
 	}
-	return eps[rand.IntN(len(eps))].Workload, nil
-}
-
-// pickEndpoint balances in user space, for connections the kernel did not
-// balance (redirected by iptables): uniformly over healthy endpoints that
-// serve the port. The kernel path does the full job (weights, locality).
-func pickEndpoint(dir Directory, svc *state.Service, dst netip.AddrPort) (*state.Workload, uint16, error) {
-	var sp *state.Port
-	for i := range svc.Ports {
-		if svc.Ports[i].ServicePort == dst.Port() {
-			sp = &svc.Ports[i]
-		}
-	}
-	if sp == nil {
-		return nil, 0, fmt.Errorf("%w: service %s has no port %d", ErrNoRoute, svc.Key(), dst.Port())
-	}
-	type choice struct {
-		w    *state.Workload
-		port uint16
-	}
-	var cs []choice
-	for _, ep := range healthy(dir.Endpoints(svc.Key()), dst.Addr()) {
-		port := sp.TargetPort
-		for _, p := range ep.Ports {
-			if p.ServicePort == sp.ServicePort && p.TargetPort != 0 {
-				port = p.TargetPort
-			}
-		}
-		if port != 0 {
-			cs = append(cs, choice{ep.Workload, port})
-		}
-	}
-	if len(cs) == 0 {
-		return nil, 0, fmt.Errorf("%w: service %s has no healthy endpoint for port %d", ErrNoRoute, svc.Key(), dst.Port())
-	}
-	c := cs[rand.IntN(len(cs))]
-	return c.w, c.port, nil
+	return eps[uint32((uint64(rnd())*uint64(len(eps)))>>32)].Workload, nil
 }
 
 func healthy(eps []state.Endpoint, family netip.Addr) []state.Endpoint {

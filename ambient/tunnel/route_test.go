@@ -5,9 +5,12 @@ import (
 	"net/netip"
 	"testing"
 
+	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/bpf/bpftest"
 )
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -21,7 +24,10 @@ func workload(uid, ns, sa string, hbone bool, addrs ...string) *state.Workload {
 	return w
 }
 
-func routeFixture() *state.Store {
+// routeFixture is a store and the dataplane reconciled from it onto
+// in-memory maps: the records the kernel would hold, which ResolveCaptured
+// decides from.
+func routeFixture(t testing.TB) (*state.Store, *dataplane.Dataplane) {
 	s := state.NewStore()
 	wpAddr := state.NetworkAddr{Addr: netip.MustParseAddr("10.96.0.99")}
 	echo := workload("echo", "app", "echo", true, "10.244.2.5", "fd00:10:244:2::5")
@@ -32,7 +38,7 @@ func routeFixture() *state.Store {
 	wp.Services = []state.ServicePorts{{Service: "app/waypoint.app.svc.cluster.local"}}
 	behind := workload("behind", "app", "behind", true, "10.244.2.8")
 	behind.Waypoint = &state.GatewayAddress{Address: &wpAddr, HBONEMTLSPort: 15008}
-	s.Apply(state.Update{
+	ch := s.Apply(state.Update{
 		Workloads: []*state.Workload{echo, legacy, wp, behind},
 		Services: []*state.Service{
 			{Name: "echo", Namespace: "app", Hostname: "echo.app.svc.cluster.local",
@@ -47,49 +53,84 @@ func routeFixture() *state.Store {
 				Waypoint: &state.GatewayAddress{Hostname: "app/waypoint.app.svc.cluster.local", HBONEMTLSPort: 15008}},
 		},
 	})
-	return s
+	dp := dataplane.New(bpftest.New(bpf.MapSizes{}), dataplane.Options{})
+	rec := reconcile.New(s, dp, reconcile.Node{Name: "n1"}, nil)
+	if errs := rec.Apply(ch); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	return s, dp
+}
+
+// seq is a deterministic random source: 0, step, 2·step, ...
+func seq(step uint32) func() uint32 {
+	var n uint32
+	return func() uint32 { n += step; return n - step }
 }
 
 func TestResolve(t *testing.T) {
-	dir := routeFixture()
+	dir, dp := routeFixture(t)
 	echoID := identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: "echo"}
 	wpID := identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: "waypoint"}
+	tunnel, waypoint := bpf.PathTunnel, bpf.PathWaypoint
 	for _, tc := range []struct {
 		name string
-		orig bpf.TunnelOrig
-		want Route
-		err  bool
+		// orig is the kernel's record; with captured, only orig.Dst is
+		// known (iptables redirection) and the proxy decides.
+		orig     bpf.TunnelOrig
+		captured bool
+		want     Route
+		err      bool
 	}{
 		{name: "kernel chose an HBONE backend of a service",
-			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Backend: ap("10.244.2.5:8080")},
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Backend: ap("10.244.2.5:8080"), Path: tunnel},
 			want: Route{Dial: ap("10.244.2.5:15008"), Target: ap("10.244.2.5:8080"), Identity: echoID}},
 		{name: "workload addressed directly over IPv6",
-			orig: bpf.TunnelOrig{Dst: ap("[fd00:10:244:2::5]:8080"), Backend: ap("[fd00:10:244:2::5]:8080")},
+			orig: bpf.TunnelOrig{Dst: ap("[fd00:10:244:2::5]:8080"), Backend: ap("[fd00:10:244:2::5]:8080"), Path: tunnel},
 			want: Route{Dial: ap("[fd00:10:244:2::5]:15008"), Target: ap("[fd00:10:244:2::5]:8080"), Identity: echoID}},
-		{name: "iptables redirect of a VIP: balanced here, target port mapped",
+		{name: "iptables redirect of a VIP: balanced here, target port mapped", captured: true,
 			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80")},
 			want: Route{Dial: ap("10.244.2.5:15008"), Target: ap("10.244.2.5:8080"), Identity: echoID}},
-		{name: "iptables redirect of a VIP, IPv6 family kept",
+		{name: "iptables redirect of a VIP, IPv6 family kept", captured: true,
 			orig: bpf.TunnelOrig{Dst: ap("[fd00:10:96::10]:80")},
 			want: Route{Dial: ap("[fd00:10:244:2::5]:15008"), Target: ap("[fd00:10:244:2::5]:8080"), Identity: echoID}},
-		{name: "destination outside the mesh: plain",
+		{name: "destination outside the mesh: plain", captured: true,
 			orig: bpf.TunnelOrig{Dst: ap("10.96.0.11:80")},
 			want: Route{Plain: true, Dial: ap("10.244.2.6:9090"), Target: ap("10.244.2.6:9090")}},
-		{name: "unknown destination: plain passthrough",
+		{name: "unknown destination: plain passthrough", captured: true,
 			orig: bpf.TunnelOrig{Dst: ap("192.0.2.1:443")},
 			want: Route{Plain: true, Dial: ap("192.0.2.1:443"), Target: ap("192.0.2.1:443")}},
 		{name: "service behind a waypoint (by hostname): CONNECT to the VIP via the waypoint",
-			orig: bpf.TunnelOrig{Dst: ap("10.96.0.12:80"), Waypoint: true},
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.12:80"), Path: waypoint},
+			want: Route{Dial: ap("10.244.3.7:15008"), Target: ap("10.96.0.12:80"), Identity: wpID, Waypoint: true}},
+		{name: "iptables redirect of a service behind a waypoint", captured: true,
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.12:80")},
 			want: Route{Dial: ap("10.244.3.7:15008"), Target: ap("10.96.0.12:80"), Identity: wpID, Waypoint: true}},
 		{name: "workload behind a waypoint (by VIP)",
-			orig: bpf.TunnelOrig{Dst: ap("10.244.2.8:8080"), Waypoint: true},
+			orig: bpf.TunnelOrig{Dst: ap("10.244.2.8:8080"), Path: waypoint},
 			want: Route{Dial: ap("10.244.3.7:15008"), Target: ap("10.244.2.8:8080"), Identity: wpID, Waypoint: true}},
-		{name: "waypoint flag but the waypoint is gone", orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Waypoint: true}, err: true},
-		{name: "service port unknown", orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:81")}, err: true},
-		{name: "waypoint has no IPv6 address", orig: bpf.TunnelOrig{Dst: ap("[fd00:10:96::10]:80"), Waypoint: true}, err: true},
+		{name: "waypoint verdict but the waypoint is gone", orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Path: waypoint}, err: true},
+		{name: "service port unknown", captured: true, orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:81")}, err: true},
+		{name: "waypoint has no IPv6 address", orig: bpf.TunnelOrig{Dst: ap("[fd00:10:96::10]:80"), Path: waypoint}, err: true},
+		// Fail closed: what the kernel sent for mTLS never leaves in plaintext.
+		{name: "tunnel verdict, backend unknown here: refused",
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Backend: ap("10.244.9.9:8080"), Path: tunnel}, err: true},
+		{name: "tunnel verdict, backend outside the mesh: refused",
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.11:80"), Backend: ap("10.244.2.6:9090"), Path: tunnel}, err: true},
+		{name: "tunnel verdict without a backend: refused",
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Path: tunnel}, err: true},
+		{name: "a verdict the proxy does not carry: refused",
+			orig: bpf.TunnelOrig{Dst: ap("10.244.2.5:8080"), Backend: ap("10.244.2.5:8080"), Path: bpf.PathDirect}, err: true},
+		{name: "a record without a verdict: refused",
+			orig: bpf.TunnelOrig{Dst: ap("10.244.2.5:8080"), Backend: ap("10.244.2.5:8080")}, err: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := Resolve(dir, "", tc.orig)
+			var got Route
+			var err error
+			if tc.captured {
+				got, err = ResolveCaptured(dir, dp, "", tc.orig.Dst, seq(1<<30))
+			} else {
+				got, err = Resolve(dir, "", tc.orig, seq(1<<30))
+			}
 			if tc.err {
 				if !errors.Is(err, ErrNoRoute) {
 					t.Fatalf("want ErrNoRoute, got %v (%+v)", err, got)
@@ -105,10 +146,13 @@ func TestResolve(t *testing.T) {
 			}
 		})
 	}
+	if _, err := ResolveCaptured(dir, nil, "", ap("10.96.0.10:80"), seq(1)); !errors.Is(err, ErrNoRoute) {
+		t.Errorf("no view of the kernel's records: want ErrNoRoute, got %v", err)
+	}
 }
 
 func TestResolveSkipsUnhealthyAndDrained(t *testing.T) {
-	dir := routeFixture()
+	dir, dp := routeFixture(t)
 	a := workload("a", "app", "echo", true, "10.244.2.20")
 	a.Healthy = false
 	b := workload("b", "app", "echo", true, "10.244.2.21")
@@ -117,13 +161,49 @@ func TestResolveSkipsUnhealthyAndDrained(t *testing.T) {
 	for _, w := range []*state.Workload{a, b, c} {
 		w.Services = []state.ServicePorts{{Service: "app/pool.app.svc.cluster.local"}}
 	}
-	dir.Apply(state.Update{Workloads: []*state.Workload{a, b, c}, Services: []*state.Service{{Name: "pool", Namespace: "app",
+	ch := dir.Apply(state.Update{Workloads: []*state.Workload{a, b, c}, Services: []*state.Service{{Name: "pool", Namespace: "app",
 		Hostname: "pool.app.svc.cluster.local", VIPs: []state.NetworkAddr{{Addr: netip.MustParseAddr("10.96.0.20")}},
 		Ports: []state.Port{{ServicePort: 80, TargetPort: 8080}}}}})
+	if errs := reconcile.New(dir, dp, reconcile.Node{Name: "n1"}, nil).Apply(ch); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	rnd := seq(0x0123_4567)
 	for range 50 {
-		r, err := Resolve(dir, "", bpf.TunnelOrig{Dst: ap("10.96.0.20:80")})
+		r, err := ResolveCaptured(dir, dp, "", ap("10.96.0.20:80"), rnd)
 		if err != nil || r.Target != ap("10.244.2.22:8080") {
 			t.Fatalf("got %+v, %v; want only the healthy, undrained endpoint", r, err)
 		}
+	}
+}
+
+// Captured connections are balanced by the kernel's tables: capacity
+// weights, exactly, for a uniform sweep of the random numbers.
+func TestResolveCapturedWeights(t *testing.T) {
+	dir, dp := routeFixture(t)
+	light := workload("light", "app", "echo", true, "10.244.2.30")
+	heavy := workload("heavy", "app", "echo", true, "10.244.2.31")
+	heavy.Capacity = 3
+	for _, w := range []*state.Workload{light, heavy} {
+		w.Services = []state.ServicePorts{{Service: "app/weighted.app.svc.cluster.local"}}
+	}
+	ch := dir.Apply(state.Update{Workloads: []*state.Workload{light, heavy}, Services: []*state.Service{{Name: "weighted", Namespace: "app",
+		Hostname: "weighted.app.svc.cluster.local", VIPs: []state.NetworkAddr{{Addr: netip.MustParseAddr("10.96.0.30")}},
+		Ports: []state.Port{{ServicePort: 80, TargetPort: 8080}}}}})
+	if errs := reconcile.New(dir, dp, reconcile.Node{Name: "n1"}, nil).Apply(ch); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	got := map[netip.AddrPort]int{}
+	const n = 1 << 10
+	for i := range n {
+		// slot sweeps [0, 2^32) once; coin sweeps it 32 times, interleaved.
+		vals := []uint32{uint32(i) << 22, uint32(i*32) << 22}
+		r, err := ResolveCaptured(dir, dp, "", ap("10.96.0.30:80"), func() uint32 { v := vals[0]; vals = vals[1:]; return v })
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[r.Target]++
+	}
+	if got[ap("10.244.2.30:8080")] != n/4 || got[ap("10.244.2.31:8080")] != 3*n/4 {
+		t.Fatalf("shares %v, want 1:3 exactly", got)
 	}
 }

@@ -61,8 +61,11 @@ func (n podNetns) listen(addr string) (*net.TCPListener, error) {
 	return l.(*net.TCPListener), nil
 }
 
-// dial connects from inside the pod. The socket is created in the pod's
-// namespace; the connect itself may block on any thread.
+// dial connects from inside the pod. The whole dial runs in kernel.InNetns:
+// the socket is created in the pod's namespace, and the wait for the
+// connection to complete (up to timeout, or until ctx ends) also happens
+// there, on the goroutine locked to that thread — a slow peer holds an OS
+// thread for as long as the connect takes, not only a goroutine.
 func (n podNetns) dial(ctx context.Context, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
 	var c net.Conn
 	err := kernel.InNetns(n.fd, func() (err error) {

@@ -8,14 +8,11 @@ package xds
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -25,12 +22,11 @@ import (
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"kmesh.dev/kmesh/ambient/istiod"
 )
 
 // Type URLs of the ambient workload API.
@@ -55,40 +51,19 @@ type Handler func(typeURL string, resources *Resources, removed []string) []Reje
 
 // Config configures a Client.
 type Config struct {
-	// Address is istiod's xDS address (host:port).
-	Address string
-	// TLS returns the TLS configuration for each new connection, so a
-	// rotated mesh root is picked up; nil means plaintext (tests only).
-	TLS func() (*tls.Config, error)
-	// TokenFile holds the bearer token presented to istiod, read at every
-	// connection (projected tokens rotate). Empty: no token.
-	TokenFile string
-	// ClusterID is sent as "clusterid" metadata, as ztunnel does.
-	ClusterID string
-	Node      *core.Node
-	Types     []string
-	Handler   Handler
+	// Istiod is istiod's xDS address and how to connect to it: TLS with
+	// the mesh root re-read at every connection (Plaintext for tests), the
+	// bearer token re-read at every stream, the cluster ID.
+	Istiod  istiod.Config
+	Node    *core.Node
+	Types   []string
+	Handler Handler
 	// OnSynced runs once, after the first response of every type was handled.
 	OnSynced func()
 	Metrics  *Metrics
 	Log      *slog.Logger
 	// Backoff bounds; defaults 10 ms and 15 s, as ztunnel.
 	InitialBackoff, MaxBackoff time.Duration
-}
-
-// TLSConfig builds the TLS configuration for istiod from the mesh root
-// certificate file. serverName overrides the name verified in istiod's
-// certificate (default: the host of the address).
-func TLSConfig(rootCertFile, serverName string) (*tls.Config, error) {
-	pem, err := os.ReadFile(rootCertFile)
-	if err != nil {
-		return nil, fmt.Errorf("reading the mesh root certificate: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("%s holds no PEM certificate", rootCertFile)
-	}
-	return &tls.Config{RootCAs: pool, ServerName: serverName, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}, nil
 }
 
 // Client is a Delta ADS client. Run it once; it reconnects by itself.
@@ -148,7 +123,7 @@ func (c *Client) Run(ctx context.Context) error {
 		if reason == "reconnect" {
 			backoff = c.cfg.InitialBackoff
 		} else {
-			c.log.Warn("xDS stream ended; state kept, reconnecting", "address", c.cfg.Address, "err", err, "retry_in", backoff)
+			c.log.Warn("xDS stream ended; state kept, reconnecting", "address", c.cfg.Istiod.Addr, "err", err, "retry_in", backoff)
 		}
 		wait := backoff/2 + time.Duration(rand.Int64N(int64(backoff/2)+1))
 		select {
@@ -183,42 +158,6 @@ func terminationReason(err error) string {
 	return "connection_error"
 }
 
-func (c *Client) dialOptions() ([]grpc.DialOption, error) {
-	creds := insecure.NewCredentials()
-	if c.cfg.TLS != nil {
-		tc, err := c.cfg.TLS()
-		if err != nil {
-			return nil, err
-		}
-		creds = credentials.NewTLS(tc)
-	}
-	return []grpc.DialOption{
-		grpc.WithTransportCredentials(creds),
-		// istiod's full Address state for a large cluster is big: accept it.
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(200 << 20)),
-		// Receive buffers are not pooled: the first response is the whole
-		// mesh, and buffers returned to a pool would stay allocated (until
-		// later collections empty it) while the state built from them grows.
-		// Later responses are small.
-		experimental.WithBufferPool(mem.NopBufferPool{}),
-	}, nil
-}
-
-func (c *Client) outgoingContext(ctx context.Context) (context.Context, error) {
-	md := metadata.MD{}
-	if c.cfg.ClusterID != "" {
-		md.Set("clusterid", c.cfg.ClusterID)
-	}
-	if c.cfg.TokenFile != "" {
-		tok, err := os.ReadFile(c.cfg.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading the token for istiod: %w", err)
-		}
-		md.Set("authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	}
-	return metadata.NewOutgoingContext(ctx, md), nil
-}
-
 func (c *Client) initialRequests() []*discovery.DeltaDiscoveryRequest {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -234,24 +173,27 @@ func (c *Client) initialRequests() []*discovery.DeltaDiscoveryRequest {
 }
 
 func (c *Client) stream(ctx context.Context) error {
-	opts, err := c.dialOptions()
+	conn, err := istiod.Dial(c.cfg.Istiod,
+		// istiod's full Address state for a large cluster is big: accept it.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(200<<20)),
+		// Receive buffers are not pooled: the first response is the whole
+		// mesh, and buffers returned to a pool would stay allocated (until
+		// later collections empty it) while the state built from them grows.
+		// Later responses are small.
+		experimental.WithBufferPool(mem.NopBufferPool{}))
 	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient(c.cfg.Address, opts...)
-	if err != nil {
-		return fmt.Errorf("xDS client for %s: %w", c.cfg.Address, err)
+		return fmt.Errorf("xDS client: %w", err)
 	}
 	defer conn.Close()
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	octx, err := c.outgoingContext(sctx)
+	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(sctx, grpc.ForceCodecV2(newCodec()))
 	if err != nil {
-		return err
-	}
-	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(octx, grpc.ForceCodecV2(newCodec()))
-	if err != nil {
-		return fmt.Errorf("opening the ADS stream to %s (is istiod reachable, and port 15012 open?): %w", c.cfg.Address, err)
+		hint := " (is istiod reachable, and port 15012 open?)"
+		if strings.Contains(err.Error(), "handshake failed") {
+			hint = "" // istiod.VerifyError says what to check
+		}
+		return fmt.Errorf("opening the ADS stream to %s%s: %w", c.cfg.Istiod.Addr, hint, err)
 	}
 	for _, req := range c.initialRequests() {
 		if err := st.Send(req); err != nil {
@@ -259,7 +201,7 @@ func (c *Client) stream(ctx context.Context) error {
 		}
 		c.log.Debug("subscribed", "type", req.TypeUrl, "initial_resources", len(req.InitialResourceVersions))
 	}
-	c.log.Info("xDS stream established", "address", c.cfg.Address)
+	c.log.Info("xDS stream established", "address", c.cfg.Istiod.Addr)
 	for {
 		var resp rawResponse
 		if err := st.RecvMsg(&resp); err != nil {

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"kmesh.dev/kmesh/ambient/istiod"
 	"kmesh.dev/kmesh/ambient/xds/xdstest"
 )
 
@@ -58,8 +59,9 @@ func TestClientAckNackAndReconnect(t *testing.T) {
 	var synced atomic.Int32
 	var applied atomic.Int32
 	c := New(Config{
-		Address: srv.Addr, TokenFile: tok, ClusterID: "c1", Node: &core.Node{Id: "ztunnel~1.2.3.4~p.ns~ns.svc.cluster.local"},
-		Types: []string{AddressType, AuthorizationType},
+		Istiod: istiod.Config{Addr: srv.Addr, Plaintext: true, TokenFile: tok, ClusterID: "c1"},
+		Node:   &core.Node{Id: "ztunnel~1.2.3.4~p.ns~ns.svc.cluster.local"},
+		Types:  []string{AddressType, AuthorizationType},
 		Handler: func(typeURL string, rs *Resources, removed []string) []Rejection {
 			var rej []Rejection
 			for r := range rs.All() {

@@ -30,7 +30,8 @@ struct frontend_value {
 	__u32 id;	   /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
 	__u16 target_port; /* network order; endpoint_value.port overrides it when set */
 	__u8 kind;	   /* FRONTEND_* */
-	__u8 flags;	   /* FRONTEND_F_* */
+	__u8 path;	   /* FRONTEND_SERVICE: PATH_BALANCE, _PASSTHROUGH, _WAYPOINT or _REFUSE;
+			    * FRONTEND_WORKLOAD: unused, the backend's verdicts apply */
 };
 
 /* kmesh_service value: one load-balancing set. count[f][r] endpoints of family
@@ -66,13 +67,16 @@ struct endpoint_value {
 	__u16 alias_port; /* same for alias_id */
 };
 
-/* kmesh_backend value: a workload. */
+/* kmesh_backend value: a workload, and how connections to it travel. */
 struct backend_value {
 	__u32 addr4;	/* network order, 0 when the workload has no IPv4 address */
 	__u32 addr6[4]; /* all zero when it has no IPv6 address */
 	__u32 identity; /* identity id (for policy), 0 = unknown */
 	__u32 capacity; /* Istio capacity weight (already folded into alias tables) */
-	__u32 flags;	/* BACKEND_F_* */
+	__u8 path_svc;	/* PATH_*: TCP reaching it through a service's load balancer */
+	__u8 path_addr; /* PATH_*: TCP addressed to one of its own IPs */
+	__u8 path_udp;	/* PATH_*: UDP, either way (never through the node proxy) */
+	__u8 flags;	/* BACKEND_F_*: the verdicts' inputs, for dumps */
 };
 
 /* Per-socket storage: where the application meant to connect (addr:port),
@@ -83,11 +87,12 @@ struct backend_value {
 struct sock_orig {
 	__u32 addr[4];
 	__u16 port;
-	__u16 flags; /* ORIG_F_* */
+	__u8 path; /* PATH_* the connect took */
+	__u8 pad0;
 	__u32 peer_addr[4];
 	__u16 peer_port;
 	__u16 pad;
-	__u32 backend_addr[4]; /* zero when a waypoint decides (ORIG_F_WAYPOINT) */
+	__u32 backend_addr[4]; /* zero when a waypoint decides (PATH_WAYPOINT) */
 	__u16 backend_port;
 	__u16 pad2;
 };
@@ -106,7 +111,8 @@ struct tunnel_key {
 struct tunnel_value {
 	__u32 addr[4]; /* what the application dialled */
 	__u16 port;
-	__u16 flags; /* ORIG_F_* */
+	__u8 path; /* PATH_TUNNEL or PATH_WAYPOINT: the proxy follows it, never plaintext */
+	__u8 pad0;
 	__u32 backend_addr[4];
 	__u16 backend_port;
 	__u16 pad;

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Constants shared by every Kmesh BPF program. Values that user space also
- * needs are mirrored in bpf/abi.go; TestABIConstants keeps the two equal. */
+ * needs are mirrored in bpf/types.go; TestABIConstants keeps the two equal. */
 #ifndef KMESH_CONSTS_H
 #define KMESH_CONSTS_H
 
@@ -23,18 +23,27 @@
 #define FRONTEND_SERVICE  1 /* a service VIP:port, load-balanced */
 #define FRONTEND_WORKLOAD 2 /* a workload IP (any port), addressed directly */
 
-/* frontend_value.flags */
-#define FRONTEND_F_PASSTHROUGH 0x1 /* LB mode PASSTHROUGH: keep the original destination */
-#define FRONTEND_F_WAYPOINT    0x2 /* the service's traffic goes through its waypoint */
+/* Path verdicts. User space decides, once, how a connection to each
+ * destination travels (ambient/path.Decide) and writes the verdict into the
+ * records the kernel reads: frontend_value.path for a service port,
+ * backend_value.path_* for a workload. The programs act on the verdict and
+ * never re-derive it. 0 is REFUSE, so a record nobody filled in fails
+ * closed. */
+#define PATH_REFUSE	 0 /* fail the connect with ECONNREFUSED */
+#define PATH_DIRECT	 1 /* kernel path: straight to a mesh workload on this node */
+#define PATH_PLAIN	 2 /* straight to a workload outside the mesh, plaintext */
+#define PATH_TUNNEL	 3 /* the node proxy carries it over HBONE to the workload */
+#define PATH_WAYPOINT	 4 /* the node proxy carries it over HBONE to the waypoint */
+#define PATH_BALANCE	 5 /* a service port: choose a backend, follow its verdict */
+#define PATH_PASSTHROUGH 6 /* a PASSTHROUGH service: leave the destination alone */
+#define PATH_MAX	 7
 
-/* backend_value.flags */
+/* backend_value.flags: what the verdicts were decided from, for dumps and
+ * logs only; no program reads them. */
 #define BACKEND_F_HBONE	   0x1 /* the workload accepts HBONE on 15008 */
 #define BACKEND_F_LOCAL	   0x2 /* the workload runs on this node */
-#define BACKEND_F_WAYPOINT 0x4 /* traffic addressed to the workload goes through its waypoint */
-
-/* sock_orig.flags and tunnel_value.flags */
-#define ORIG_F_TUNNEL	0x1 /* sent to the node proxy's outbound listener */
-#define ORIG_F_WAYPOINT 0x2 /* ... to reach a waypoint (no backend chosen here) */
+#define BACKEND_F_WAYPOINT 0x4 /* the workload has a waypoint of its own */
+#define BACKEND_F_POLICY   0x8 /* authorization policies apply to the workload */
 
 /* The node proxy (kmesh-daemon's tunnel): its sockets carry this mark, as
  * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
@@ -65,6 +74,8 @@ enum kmesh_stat {
 	STAT_TUNNEL_NO_ORIG = 10,     /* no socket storage for a tunnelled connect: refused */
 	STAT_TUNNEL_RECORD = 11,      /* sockops recorded a tunnelled connection */
 	STAT_TUNNEL_RECORD_FAIL = 12, /* ... but the map update failed */
+	STAT_PATH_REFUSED = 13,	      /* the destination's verdict is REFUSE */
+	STAT_NO_BACKEND = 14,	      /* a workload frontend without its backend: refused */
 	STAT_MAX = 16,
 };
 

@@ -48,14 +48,24 @@ static __always_inline int is_managed(void *ctx)
 struct lb_result {
 	__u32 addr[4]; /* v4-mapped for KMESH_FAMILY_V4 */
 	__u32 backend_id;
-	__u32 flags; /* the backend's BACKEND_F_* */
 	__u16 port;
+	__u8 path_svc; /* the backend's verdicts */
+	__u8 path_udp;
+};
+
+/* The two random numbers one draw consumes: which slot, then primary or
+ * alias. Passed in rather than drawn inside, so that a test program can run
+ * the very same code with chosen values (bpf/decidetest) and compare it with
+ * user space's pick (ambient/dataplane Pick). */
+struct lb_rand {
+	__u32 slot;
+	__u32 coin;
 };
 
 /* Uniform in [0, n) without a division: Lemire's multiply-shift. */
-static __always_inline __u32 rand_below(__u32 n)
+static __always_inline __u32 rand_below(__u32 r, __u32 n)
 {
-	return (__u32)(((__u64)bpf_get_prandom_u32() * n) >> 32);
+	return (__u32)(((__u64)r * n) >> 32);
 }
 
 /* One draw from the service's best non-empty rank. Returns 0, -ECONNREFUSED
@@ -63,7 +73,8 @@ static __always_inline __u32 rand_below(__u32 n)
  * chosen workload has no address of the family, or -EAGAIN when the table
  * changed under us (the caller reads the service again). */
 static __always_inline int lb_draw(__u32 service_id, const struct service_value *svc,
-				   __u16 target_port, int family, struct lb_result *out)
+				   __u16 target_port, int family, const struct lb_rand *rnd,
+				   struct lb_result *out)
 {
 	__u32 rank, n = 0;
 
@@ -82,7 +93,7 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 	    .gen = svc->gen,
 	    .family = family,
 	    .rank = rank,
-	    .index = rand_below(n),
+	    .index = rand_below(rnd->slot, n),
 	};
 	struct endpoint_value *ep = bpf_map_lookup_elem(&kmesh_endpoint, &ek);
 	if (!ep)
@@ -90,7 +101,7 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 
 	__u32 id = ep->backend_id;
 	__u16 port = ep->port;
-	if (bpf_get_prandom_u32() >= ep->threshold) {
+	if (rnd->coin >= ep->threshold) {
 		id = ep->alias_id;
 		port = ep->alias_port;
 	}
@@ -111,7 +122,8 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 		out->addr[3] = be->addr6[3];
 	}
 	out->backend_id = id;
-	out->flags = be->flags;
+	out->path_svc = be->path_svc;
+	out->path_udp = be->path_udp;
 	out->port = port ? port : target_port;
 	return 0;
 }
@@ -119,7 +131,7 @@ static __always_inline int lb_draw(__u32 service_id, const struct service_value 
 /* Picks a backend, reading the service again once if user space swapped the
  * endpoint generation between our service lookup and endpoint lookup. */
 static __always_inline int lb_pick(const struct frontend_value *fe, int family,
-				   struct lb_result *out, __u32 *epoch)
+				   const struct lb_rand *rnd, struct lb_result *out, __u32 *epoch)
 {
 	int ret = -ECONNREFUSED;
 
@@ -131,7 +143,7 @@ static __always_inline int lb_pick(const struct frontend_value *fe, int family,
 		if (!svc)
 			return -ECONNREFUSED;
 		*epoch = svc->epoch;
-		ret = lb_draw(id, svc, fe->target_port, family, out);
+		ret = lb_draw(id, svc, fe->target_port, family, rnd, out);
 		if (ret != -EAGAIN)
 			return ret;
 		stat_inc(STAT_LB_RETRY);

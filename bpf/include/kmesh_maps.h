@@ -2,8 +2,11 @@
 /* Every Kmesh map, defined once. Sizes here are defaults: the loader sets
  * max_entries from configuration and pins each map under
  * /sys/fs/bpf/kmesh/v<layout>/ so that a restarted daemon reuses it.
- * Configuration maps are BPF_F_NO_PREALLOC so that an update replaces an
- * element under RCU: a program holding the old value never sees it reused. */
+ * Configuration maps are BPF_F_NO_PREALLOC: an update replaces an element
+ * under RCU, but since Linux 6.1 freed memory can be reused at once, so a
+ * value copied during a concurrent update may belong to another key. The
+ * programs copy right after each lookup; a scheme correct on 6.1+ is open
+ * work (see ARCHITECTURE.md, Maps). */
 #ifndef KMESH_MAPS_H
 #define KMESH_MAPS_H
 

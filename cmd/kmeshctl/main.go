@@ -3,15 +3,14 @@ package main
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
-	"sort"
+	"slices"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/pflag"
 
 	"kmesh.dev/kmesh/bpf"
-	"kmesh.dev/kmesh/integration/podnet"
 	"kmesh.dev/kmesh/kernel"
 )
 
@@ -22,15 +21,14 @@ const usage = `kmeshctl <command> [flags]
 
 Commands:
   version [--kernel]      print the version; --kernel adds what this kernel supports
-  dump [WHAT]             print the kernel maps of this node: managed, frontends,
-                          services, endpoints, backends, stats (default: all)
-  demo                    run the node simulator demo (see README)
+  dump [MAP...]           print the kernel maps of this node, every field decoded:
+                          managed, frontend, service, endpoint, backend, tunnel,
+                          udp_fwd, udp_rev, sock_orig, stats (default: all)
+  demo [FLAGS]            run the node simulator demo (see README): executes
+                          kmesh-sim (next to kmeshctl, else PATH) with FLAGS
 `
 
 func main() {
-	// The demo runs its clients as processes inside pods by re-executing
-	// this binary; such a child runs its helper and exits here.
-	podnet.MaybeRunHelper()
 	if len(os.Args) < 2 {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
@@ -93,9 +91,25 @@ func dumpCmd(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	what := "all"
-	if fs.NArg() > 0 {
-		what = fs.Arg(0)
+	names, err := bpf.MapNames()
+	if err != nil {
+		return err
+	}
+	// Short names (managed, frontend, ...) and the plural forms of earlier
+	// versions (frontends, ...) name maps too.
+	pick := names
+	if fs.NArg() > 0 && fs.Arg(0) != "all" {
+		pick = nil
+		for _, arg := range fs.Args() {
+			want := "kmesh_" + strings.TrimSuffix(strings.TrimPrefix(arg, "kmesh_"), "s")
+			if arg == "stats" || arg == "kmesh_stats" {
+				want = "kmesh_stats"
+			}
+			if !slices.Contains(names, want) {
+				return fmt.Errorf("unknown map %q: one of %v or all", arg, names)
+			}
+			pick = append(pick, want)
+		}
 	}
 	m, closeMaps, err := bpf.OpenPinned(*root)
 	if err != nil {
@@ -104,124 +118,25 @@ func dumpCmd(args []string) error {
 	defer closeMaps()
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	defer tw.Flush()
-	sections := map[string]func() error{
-		"managed": func() error {
-			ms, err := m.Managed()
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(tw, "NETNS COOKIE\tBACKEND")
-			for c, id := range ms {
-				fmt.Fprintf(tw, "%d\t%d\n", c, id)
-			}
-			return nil
-		},
-		"frontends": func() error {
-			fes, err := m.Frontends()
-			if err != nil {
-				return err
-			}
-			sort.Slice(fes, func(i, j int) bool { return fes[i].Key.String() < fes[j].Key.String() })
-			fmt.Fprintln(tw, "FRONTEND\tKIND\tID\tTARGET PORT\tFLAGS")
-			for _, f := range fes {
-				kind, flags := "service", ""
-				if f.Kind == bpf.FrontendWorkload {
-					kind = "workload"
-				}
-				if f.Passthrough {
-					flags = "passthrough"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\n", f.Key, kind, f.ID, f.TargetPort, flags)
-			}
-			return nil
-		},
-		"services": func() error {
-			ss, err := m.Services()
-			if err != nil {
-				return err
-			}
-			sort.Slice(ss, func(i, j int) bool { return ss[i].ID < ss[j].ID })
-			fmt.Fprintln(tw, "SERVICE ID\tMODE\tGEN\tEPOCH\tIPV4 SLOTS BY RANK\tIPV6 SLOTS BY RANK")
-			for _, s := range ss {
-				fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%v\t%v\n", s.ID, s.Mode, s.Gen, s.Epoch, s.Counts[bpf.FamilyV4], s.Counts[bpf.FamilyV6])
-			}
-			return nil
-		},
-		"endpoints": func() error {
-			es, err := m.Endpoints()
-			if err != nil {
-				return err
-			}
-			sort.Slice(es, func(i, j int) bool {
-				a, b := es[i].Key, es[j].Key
-				if a.Service != b.Service {
-					return a.Service < b.Service
-				}
-				if a.Family != b.Family {
-					return a.Family < b.Family
-				}
-				if a.Rank != b.Rank {
-					return a.Rank < b.Rank
-				}
-				return a.Index < b.Index
-			})
-			fmt.Fprintln(tw, "SERVICE ID\tGEN\tFAMILY\tRANK\tSLOT\tBACKEND:PORT\tALIAS:PORT\tP(BACKEND)")
-			for _, e := range es {
-				fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d:%d\t%d:%d\t%.3f\n", e.Key.Service, e.Key.Gen, e.Key.Family, e.Key.Rank, e.Key.Index,
-					e.Slot.Backend, e.Slot.Port, e.Slot.Alias, e.Slot.AliasPort, float64(e.Slot.Threshold)/(1<<32))
-			}
-			return nil
-		},
-		"backends": func() error {
-			bs, err := m.Backends()
-			if err != nil {
-				return err
-			}
-			sort.Slice(bs, func(i, j int) bool { return bs[i].ID < bs[j].ID })
-			fmt.Fprintln(tw, "BACKEND\tIPV4\tIPV6\tCAPACITY\tHBONE\tLOCAL")
-			for _, b := range bs {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%v\t%v\n", b.ID, addrOrDash(b.Addr4), addrOrDash(b.Addr6), b.Capacity, b.HBONE, b.Local)
-			}
-			return nil
-		},
-		"stats": func() error {
-			st, err := m.Stats()
-			if err != nil {
-				return err
-			}
-			names := make([]string, 0, len(st))
-			for n := range st {
-				names = append(names, n)
-			}
-			sort.Strings(names)
-			fmt.Fprintln(tw, "COUNTER\tVALUE")
-			for _, n := range names {
-				fmt.Fprintf(tw, "%s\t%d\n", n, st[n])
-			}
-			return nil
-		},
-	}
-	order := []string{"managed", "frontends", "services", "endpoints", "backends", "stats"}
-	if what != "all" {
-		if _, ok := sections[what]; !ok {
-			return fmt.Errorf("unknown map %q: one of %v or all", what, order)
-		}
-		order = []string{what}
-	}
-	for i, name := range order {
-		if i > 0 {
-			fmt.Fprintln(tw)
-		}
-		if err := sections[name](); err != nil {
+	for i, name := range pick {
+		t, err := m.Dump(name)
+		if err != nil {
 			return err
+		}
+		if i > 0 || len(pick) > 1 {
+			if i > 0 {
+				fmt.Fprintln(tw)
+			}
+			fmt.Fprintf(tw, "# %s (%d entries)\n", name, len(t.Rows))
+		}
+		if t.Note != "" {
+			fmt.Fprintln(tw, t.Note)
+			continue
+		}
+		fmt.Fprintln(tw, strings.Join(t.Header, "\t"))
+		for _, r := range t.Rows {
+			fmt.Fprintln(tw, strings.Join(r, "\t"))
 		}
 	}
 	return nil
-}
-
-func addrOrDash(a netip.Addr) string {
-	if !a.IsValid() {
-		return "-"
-	}
-	return a.String()
 }

@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/istiod"
 	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/integration/controlplane"
 )
@@ -96,7 +97,7 @@ func (e *caEnv) start(t *testing.T, addr string) {
 func (e *caEnv) client(t *testing.T, ttl time.Duration) *identity.CAClient {
 	t.Helper()
 	c, err := identity.NewCAClient(identity.CAConfig{
-		Addr: e.cp.CAAddr, RootFile: e.rootFile, TokenFile: e.tokenFile, ClusterID: "Kubernetes", TTL: ttl,
+		Istiod: istiod.Config{Addr: e.cp.CAAddr, RootFile: e.rootFile, TokenFile: e.tokenFile, ClusterID: "Kubernetes"}, TTL: ttl,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -159,8 +160,8 @@ func TestXDSBesideTheCA(t *testing.T) {
 	defer cancel()
 	got := make(chan string, 16)
 	c := xds.New(xds.Config{
-		Address: e.cp.Addr, TokenFile: e.tokenFile, ClusterID: "Kubernetes",
-		TLS:   func() (*tls.Config, error) { return xds.TLSConfig(e.rootFile, controlplane.IstiodName) },
+		Istiod: istiod.Config{Addr: e.cp.Addr, RootFile: e.rootFile, ServerName: controlplane.IstiodName,
+			TokenFile: e.tokenFile, ClusterID: "Kubernetes"},
 		Node:  &core.Node{Id: "ztunnel~10.0.1.1~ztunnel-node1.istio-system~istio-system.svc.cluster.local"},
 		Types: []string{xds.AddressType},
 		Handler: func(_ string, rs *xds.Resources, _ []string) []xds.Rejection {
@@ -205,7 +206,7 @@ func TestCARefuses(t *testing.T) {
 	t.Run("no clusterid", func(t *testing.T) {
 		// The token is reviewed (a missing clusterid means the local
 		// cluster), but the node authorizer is looked up by cluster.
-		c, err := identity.NewCAClient(identity.CAConfig{Addr: e.cp.CAAddr, RootFile: e.rootFile, TokenFile: e.tokenFile})
+		c, err := identity.NewCAClient(identity.CAConfig{Istiod: istiod.Config{Addr: e.cp.CAAddr, RootFile: e.rootFile, TokenFile: e.tokenFile}})
 		if err != nil {
 			t.Fatal(err)
 		}

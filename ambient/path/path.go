@@ -1,0 +1,121 @@
+// Package path decides, in one place, how connections from this node's
+// pods to a destination travel: straight through the kernel, in plaintext,
+// through the node proxy's HBONE tunnel, through a waypoint, or not at all.
+//
+// The verdicts are written into the kernel's records (a service frontend's
+// path, a backend's path_svc / path_addr / path_udp); the connect programs
+// follow them without re-deriving anything, and the node proxy obeys the
+// verdict the kernel recorded for each connection it is handed. Connections
+// the kernel did not see (istio-cni's iptables capture) are decided from the
+// same records (ambient/dataplane Pick).
+//
+// Verdicts for a destination workload (TCP):
+//
+//	destination                                    | by service | by its own IP
+//	-----------------------------------------------+------------+--------------
+//	on another network                             | refuse     | refuse
+//	has a waypoint of its own                      | (below)    | waypoint
+//	outside the mesh (no HBONE)                    | plain      | plain
+//	in the mesh, on this node, no policies         | direct     | direct
+//	in the mesh, on this node, with policies       | tunnel     | tunnel
+//	in the mesh, on another node (or node unknown) | tunnel     | tunnel
+//
+// A workload's own waypoint applies to traffic addressed to the workload
+// only; traffic addressed to a service follows the service's waypoint (see
+// Service), as ztunnel does. Same-node workloads with authorization policies
+// (STRICT PeerAuthentication arrives as one) take the tunnel so that its
+// inbound side enforces them: the kernel path does not evaluate policies
+// yet. Another network is refused, never sent in plaintext: reaching it
+// needs its network gateway (double HBONE), which Kmesh does not do yet.
+//
+// UDP never goes through the node proxy (neither ztunnel nor waypoints carry
+// it): direct to a mesh workload on this node, plain to any other workload
+// of this network, refused to another network.
+package path
+
+import "kmesh.dev/kmesh/bpf"
+
+// Node is where connections start: this node.
+type Node struct {
+	// Name is the node's name; "" when not configured (no workload is then
+	// known to be local, and mesh workloads always take the tunnel).
+	Name string
+	// Network is the node's network; "" matches every network.
+	Network string
+}
+
+// Workload is what a destination workload's verdicts depend on.
+type Workload struct {
+	// HBONE: the workload is in the mesh and accepts HBONE on 15008.
+	HBONE bool
+	// Node and Network say where it runs.
+	Node, Network string
+	// Waypoint: the workload has a waypoint of its own.
+	Waypoint bool
+	// Policies: authorization policies apply to the workload. Only asked of
+	// workloads on this node (for the others it changes nothing).
+	Policies bool
+}
+
+// Verdicts are a workload's verdicts, as bpf.Backend carries them.
+type Verdicts struct {
+	// Service: TCP reaching the workload through a service's load balancer.
+	Service bpf.Path
+	// Addr: TCP addressed to one of the workload's own IPs.
+	Addr bpf.Path
+	// UDP, either way.
+	UDP bpf.Path
+}
+
+// Local reports whether dst runs on src's node.
+func Local(src Node, dst Workload) bool {
+	return src.Name != "" && dst.Node == src.Name
+}
+
+func sameNetwork(src Node, dst Workload) bool {
+	return src.Network == "" || dst.Network == "" || src.Network == dst.Network
+}
+
+// ForWorkload decides a destination workload's verdicts.
+func ForWorkload(src Node, dst Workload) Verdicts {
+	if !sameNetwork(src, dst) {
+		return Verdicts{Service: bpf.PathRefuse, Addr: bpf.PathRefuse, UDP: bpf.PathRefuse}
+	}
+	var tcp, udp bpf.Path
+	switch {
+	case !dst.HBONE:
+		tcp, udp = bpf.PathPlain, bpf.PathPlain
+	case Local(src, dst) && !dst.Policies:
+		tcp, udp = bpf.PathDirect, bpf.PathDirect
+	case Local(src, dst):
+		tcp, udp = bpf.PathTunnel, bpf.PathDirect
+	default:
+		tcp, udp = bpf.PathTunnel, bpf.PathPlain
+	}
+	v := Verdicts{Service: tcp, Addr: tcp, UDP: udp}
+	if dst.Waypoint {
+		v.Addr = bpf.PathWaypoint
+	}
+	return v
+}
+
+// Service is what a service port's verdict depends on.
+type Service struct {
+	// Passthrough: Istio's LoadBalancing mode PASSTHROUGH (the destination
+	// is left as dialled).
+	Passthrough bool
+	// Waypoint: the service has a waypoint; its TCP traffic goes there and
+	// the waypoint balances.
+	Waypoint bool
+}
+
+// ForService decides the verdict of a service port for one protocol.
+func ForService(s Service, proto bpf.Proto) bpf.Path {
+	switch {
+	case s.Passthrough:
+		return bpf.PathPassthrough
+	case s.Waypoint && proto == bpf.TCP:
+		return bpf.PathWaypoint
+	}
+	return bpf.PathBalance
+}

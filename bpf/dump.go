@@ -1,0 +1,192 @@
+package bpf
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+)
+
+// Table is a decoded map, ready to print: one row per entry.
+type Table struct {
+	Map    string
+	Header []string
+	Rows   [][]string
+	// Note says why a map has no rows to show, when it cannot have any.
+	Note string
+}
+
+// dumpers decode each map of the object. TestEveryMapDecodes fails when a
+// map is added to kmesh_maps.h without one here.
+var dumpers = map[string]func(*Maps) (Table, error){
+	"kmesh_managed":   dumpManaged,
+	"kmesh_frontend":  dumpFrontends,
+	"kmesh_service":   dumpServices,
+	"kmesh_endpoint":  dumpEndpoints,
+	"kmesh_backend":   dumpBackends,
+	"kmesh_tunnel":    dumpTunnels,
+	"kmesh_udp_fwd":   dumpUDPForward,
+	"kmesh_udp_rev":   dumpUDPReverse,
+	"kmesh_stats":     dumpStats,
+	"kmesh_sock_orig": dumpSockOrig,
+}
+
+// Dump decodes every entry of the named map (kmesh_*), every field and
+// flag spelled out.
+func (m *Maps) Dump(name string) (Table, error) {
+	d, ok := dumpers[name]
+	if !ok {
+		return Table{}, fmt.Errorf("no decoder for map %s", name)
+	}
+	if m.byName[name] == nil {
+		return Table{}, fmt.Errorf("map %s is not open", name)
+	}
+	t, err := d(m)
+	t.Map = name
+	return t, err
+}
+
+func addrOrDash(a netip.Addr) string {
+	if !a.IsValid() {
+		return "-"
+	}
+	return a.String()
+}
+
+func dumpManaged(m *Maps) (Table, error) {
+	ms, err := m.Managed()
+	t := Table{Header: []string{"NETNS COOKIE", "BACKEND"}}
+	for _, c := range slices.Sorted(maps.Keys(ms)) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ms[c])})
+	}
+	return t, err
+}
+
+func dumpFrontends(m *Maps) (Table, error) {
+	fes, err := m.Frontends()
+	slices.SortFunc(fes, func(a, b Frontend) int { return cmp.Compare(a.Key.String(), b.Key.String()) })
+	t := Table{Header: []string{"FRONTEND", "KIND", "ID", "TARGET PORT", "PATH"}}
+	for _, f := range fes {
+		kind, path := "service", f.Path.String()
+		if f.Kind == FrontendWorkload {
+			kind, path = "workload", "(the backend's)"
+		} else if f.Kind != FrontendService {
+			kind = fmt.Sprintf("kind(%d)", f.Kind)
+		}
+		t.Rows = append(t.Rows, []string{f.Key.String(), kind, fmt.Sprint(f.ID), fmt.Sprint(f.TargetPort), path})
+	}
+	return t, err
+}
+
+func dumpServices(m *Maps) (Table, error) {
+	ss, err := m.Services()
+	slices.SortFunc(ss, func(a, b Service) int { return cmp.Compare(a.ID, b.ID) })
+	t := Table{Header: []string{"SET", "MODE", "GEN", "EPOCH", "IPV4 SLOTS BY RANK", "IPV6 SLOTS BY RANK"}}
+	for _, s := range ss {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(s.ID), s.Mode.String(), fmt.Sprint(s.Gen), fmt.Sprint(s.Epoch),
+			fmt.Sprint(s.Counts[FamilyV4]), fmt.Sprint(s.Counts[FamilyV6])})
+	}
+	return t, err
+}
+
+func dumpEndpoints(m *Maps) (Table, error) {
+	es, err := m.Endpoints()
+	slices.SortFunc(es, func(a, b Endpoint) int {
+		return cmp.Or(cmp.Compare(a.Key.Service, b.Key.Service), cmp.Compare(a.Key.Gen, b.Key.Gen),
+			cmp.Compare(a.Key.Family, b.Key.Family), cmp.Compare(a.Key.Rank, b.Key.Rank), cmp.Compare(a.Key.Index, b.Key.Index))
+	})
+	t := Table{Header: []string{"SET", "GEN", "FAMILY", "RANK", "SLOT", "BACKEND:PORT", "ALIAS:PORT", "P(BACKEND)"}}
+	for _, e := range es {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(e.Key.Service), fmt.Sprint(e.Key.Gen), e.Key.Family.String(), fmt.Sprint(e.Key.Rank),
+			fmt.Sprint(e.Key.Index), fmt.Sprintf("%d:%d", e.Slot.Backend, e.Slot.Port), fmt.Sprintf("%d:%d", e.Slot.Alias, e.Slot.AliasPort),
+			fmt.Sprintf("%.3f", float64(e.Slot.Threshold)/(1<<32))})
+	}
+	return t, err
+}
+
+// BackendInputs names what a backend's verdicts were decided from.
+func BackendInputs(b Backend) string {
+	var from []string
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{{b.HBONE, "hbone"}, {b.Local, "local"}, {b.Waypoint, "waypoint"}, {b.Policy, "policy"}} {
+		if f.on {
+			from = append(from, f.name)
+		}
+	}
+	if len(from) == 0 {
+		return "-"
+	}
+	return strings.Join(from, ",")
+}
+
+func dumpBackends(m *Maps) (Table, error) {
+	bs, err := m.Backends()
+	slices.SortFunc(bs, func(a, b Backend) int { return cmp.Compare(a.ID, b.ID) })
+	t := Table{Header: []string{"BACKEND", "IPV4", "IPV6", "CAPACITY", "IDENTITY", "PATH VIA SERVICE", "PATH BY IP", "PATH UDP", "DECIDED FROM"}}
+	for _, b := range bs {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(b.ID), addrOrDash(b.Addr4), addrOrDash(b.Addr6), fmt.Sprint(b.Capacity), fmt.Sprint(b.Identity),
+			b.PathSvc.String(), b.PathAddr.String(), b.PathUDP.String(), BackendInputs(b)})
+	}
+	return t, err
+}
+
+func dumpTunnels(m *Maps) (Table, error) {
+	t := Table{Header: []string{"NETNS COOKIE", "CLIENT", "DIALLED", "PATH", "BACKEND"}}
+	err := dump(m.tunnel, func(k sockAddrTunnelKey, v sockAddrTunnelValue) {
+		o := decodeTunnel(v)
+		backend := "-"
+		if o.Backend.IsValid() {
+			backend = o.Backend.String()
+		}
+		t.Rows = append(t.Rows, []string{fmt.Sprint(k.NetnsCookie), netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)).String(),
+			o.Dst.String(), o.Path.String(), backend})
+	})
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpUDPForward(m *Maps) (Table, error) {
+	t := Table{Header: []string{"SOCKET COOKIE", "DIALLED", "BACKEND", "SET", "EPOCH"}}
+	err := dump(m.udpFwd, func(k sockAddrUdpKey, v sockAddrUdpFwdValue) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(k.Cookie), netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)).String(),
+			netip.AddrPortFrom(wordsAddr(v.BackendAddr), ntohs(v.BackendPort)).String(), fmt.Sprint(v.ServiceId), fmt.Sprint(v.Epoch)})
+	})
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpUDPReverse(m *Maps) (Table, error) {
+	t := Table{Header: []string{"SOCKET COOKIE", "BACKEND", "REPORTED AS"}}
+	err := dump(m.udpRev, func(k sockAddrUdpKey, v sockAddrUdpRevValue) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(k.Cookie), netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)).String(),
+			netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)).String()})
+	})
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpStats(m *Maps) (Table, error) {
+	st, err := m.Stats()
+	t := Table{Header: []string{"COUNTER", "VALUE"}}
+	for _, n := range slices.Sorted(maps.Keys(st)) {
+		t.Rows = append(t.Rows, []string{n, fmt.Sprint(st[n])})
+	}
+	return t, err
+}
+
+func dumpSockOrig(m *Maps) (Table, error) {
+	if m.byName["kmesh_sock_orig"].Type() != ebpf.SkStorage {
+		return Table{}, fmt.Errorf("kmesh_sock_orig is not socket storage")
+	}
+	return Table{Note: "per-socket storage (what each redirected socket dialled): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func sortRows(rows [][]string) {
+	slices.SortFunc(rows, func(a, b []string) int { return slices.Compare(a, b) })
+}

@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Where a connection goes: the frontend lookup, the load-balancing draw and
+ * the path verdict, with no socket in sight. connect4/6 (sock_addr.c) run it
+ * for every connect of an enrolled pod; bpf/decidetest runs the very same
+ * function through BPF_PROG_RUN with chosen inputs, so its table tests and
+ * the differential test against user space's pick check this code, not a
+ * copy of it.
+ *
+ * The verdicts themselves are decided in user space (ambient/path) and read
+ * from the records; this only follows them. */
+#ifndef KMESH_DECIDE_H
+#define KMESH_DECIDE_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "kmesh_maps.h"
+#include "kmesh_lb.h"
+
+enum frontend_hit {
+	HIT_NONE,
+	HIT_SERVICE,
+	HIT_WORKLOAD,
+};
+
+/* Looks the destination up as a service VIP:port, then as a workload IP. */
+static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *key,
+							 struct frontend_value *out)
+{
+	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, key);
+
+	if (fe && fe->kind == FRONTEND_SERVICE) {
+		*out = *fe;
+		return HIT_SERVICE;
+	}
+	/* Workloads are keyed by address alone: port 0, protocol 0. */
+	__u16 port = key->port;
+	__u8 proto = key->proto;
+	key->port = 0;
+	key->proto = 0;
+	fe = bpf_map_lookup_elem(&kmesh_frontend, key);
+	key->port = port;
+	key->proto = proto;
+	if (fe && fe->kind == FRONTEND_WORKLOAD) {
+		*out = *fe;
+		return HIT_WORKLOAD;
+	}
+	return HIT_NONE;
+}
+
+static __always_inline int family_of(const __u32 addr[4])
+{
+	return addr_is_v4mapped(addr) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
+}
+
+/* What decide() concluded. */
+struct decision {
+	__u32 addr[4];	/* where to connect: the chosen backend, else the destination */
+	__u16 port;	/* network order */
+	__u8 path;	/* PATH_* */
+	__u8 rewritten; /* 1 when addr:port differs from the destination (a service was balanced) */
+	__u32 backend_id; /* the workload reached, 0 when none is known (a waypoint balances) */
+};
+
+static __always_inline int path_via_proxy(__u8 path)
+{
+	return path == PATH_TUNNEL || path == PATH_WAYPOINT;
+}
+
+/* decide fills *d for a connection to key (addr, port, proto) and returns 0,
+ * or a negative errno when the connection must fail (PATH_REFUSE, a service
+ * without a usable endpoint). A destination Kmesh does not know is left alone:
+ * PATH_PLAIN, not rewritten. rnd feeds the load balancer.
+ *
+ * UDP never takes the node proxy: the records hold a UDP verdict of its own
+ * (path_udp) and service frontends for UDP never say WAYPOINT. TCP to port
+ * 15008 of a workload is already HBONE (an application or sidecar speaking it
+ * itself) and is left alone. */
+static __always_inline int decide(struct frontend_key *key, const struct lb_rand *rnd,
+				  struct decision *d)
+{
+	struct frontend_value fe;
+	struct lb_result res = {};
+	__u32 epoch;
+	int tcp = key->proto == IPPROTO_TCP;
+
+	__builtin_memcpy(d->addr, key->addr, sizeof(d->addr));
+	d->port = key->port;
+	d->path = PATH_PLAIN;
+	d->rewritten = 0;
+	d->backend_id = 0;
+
+	switch (frontend_lookup(key, &fe)) {
+	case HIT_WORKLOAD: {
+		stat_inc(STAT_WORKLOAD_DIRECT);
+		if (tcp && key->port == bpf_htons(KMESH_HBONE_PORT))
+			return 0;
+		__u32 id = fe.id;
+		struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
+		if (!be) {
+			/* User space deletes a workload's frontends before its
+			 * backend: a frontend without one is a bug. Fail closed. */
+			stat_inc(STAT_NO_BACKEND);
+			d->path = PATH_REFUSE;
+			return -ECONNREFUSED;
+		}
+		d->backend_id = id;
+		d->path = tcp ? be->path_addr : be->path_udp;
+		break;
+	}
+	case HIT_SERVICE:
+		d->path = fe.path;
+		if (fe.path == PATH_PASSTHROUGH) {
+			stat_inc(STAT_LB_PASSTHROUGH);
+			return 0;
+		}
+		if (fe.path != PATH_BALANCE)
+			break; /* WAYPOINT (the waypoint balances) or REFUSE */
+		int err = lb_pick(&fe, family_of(key->addr), rnd, &res, &epoch);
+		if (err) {
+			count_lb_error(err);
+			d->path = PATH_REFUSE;
+			return err;
+		}
+		stat_inc(STAT_LB_SERVICE);
+		__builtin_memcpy(d->addr, res.addr, sizeof(d->addr));
+		d->port = res.port;
+		d->rewritten = 1;
+		d->backend_id = res.backend_id;
+		d->path = tcp ? res.path_svc : res.path_udp;
+		break;
+	default:
+		return 0;
+	}
+	if (d->path < PATH_DIRECT || d->path > PATH_WAYPOINT || (!tcp && path_via_proxy(d->path))) {
+		/* REFUSE, and anything that is not a final verdict here
+		 * (BALANCE in a backend, a verdict a newer daemon wrote than
+		 * these programs know), fails closed. */
+		stat_inc(STAT_PATH_REFUSED);
+		d->path = PATH_REFUSE;
+		return -ECONNREFUSED;
+	}
+	return 0;
+}
+
+#endif
