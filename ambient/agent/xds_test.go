@@ -20,7 +20,7 @@ import (
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/bpf"
-	"kmesh.dev/kmesh/integration/kerneltest"
+	"kmesh.dev/kmesh/bpf/bpftest"
 )
 
 func addressResource(t *testing.T, a *workloadapi.Address) xds.Resource {
@@ -70,7 +70,7 @@ func TestDecodeAddress(t *testing.T) {
 
 // served is what the kernel does with each frontend: the backend addresses
 // and ports a connect to it may reach, whatever ids the maps use.
-func served(t *testing.T, m *bpf.Maps) map[string][]string {
+func served(t *testing.T, m dataplane.Maps) map[string][]string {
 	t.Helper()
 	fes, err := m.Frontends()
 	if err != nil {
@@ -115,16 +115,16 @@ func served(t *testing.T, m *bpf.Maps) map[string][]string {
 
 // A change set larger than a chunk is reconciled in chunks; the kernel ends
 // up serving exactly what one batch would have made it serve.
-func TestPrivilegedChunkedReconcileMatchesOneBatch(t *testing.T) {
+func TestChunkedReconcileMatchesOneBatch(t *testing.T) {
 	defer func(n int) { reconcileChunk = n }(reconcileChunk)
 	reconcileChunk = 16
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	node := reconcile.Node{Name: "node-0", Cluster: "c"}
-	newAgent := func() (*Agent, *bpf.Maps) {
-		env := kerneltest.New(t, bpf.Config{})
+	newAgent := func() (*Agent, dataplane.Maps) {
+		maps := bpftest.New(bpf.MapSizes{})
 		a := &Agent{Store: state.NewStore()}
-		a.rec = reconcile.New(a.Store, dataplane.New(env.DP.Maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster}, Logger: log}), node, log)
-		return a, env.DP.Maps
+		a.rec = reconcile.New(a.Store, dataplane.New(maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster}, Logger: log}), node, log)
+		return a, maps
 	}
 	chunked, chunkedMaps := newAgent()
 	whole, wholeMaps := newAgent()
