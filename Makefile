@@ -49,7 +49,7 @@ bench-program: ## cost of one connect through kmesh_connect4 (needs root)
 	$(GO) test -run '^$$' -bench . -benchtime 10000x -count 5 ./ambient/dataplane/ | tee docs/benchmarks/connect-program.txt
 
 bench-sync: build ## control-plane sync: full sync time, daemon RSS, update latency (needs root)
-	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -out docs/benchmarks
+	$(GO) run ./integration/cmd/syncbench -services 1000,10000 -istiod-max 1000 -updates 200 -repeat 3 -out docs/benchmarks
 
 demo: build ## the node simulator demo (needs root): kmeshctl demo runs bin/kmesh-sim
 	$(BIN)/kmeshctl demo

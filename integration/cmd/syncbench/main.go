@@ -4,7 +4,7 @@
 // single updates from xDS receipt to map write. The daemon runs as its own
 // process (bin/kmesh-daemon) so its RSS is its own. No traffic is sent.
 //
-//	go run ./integration/cmd/syncbench -services 1000,10000 -out docs/benchmarks
+//	go run ./integration/cmd/syncbench -services 1000,10000 -repeat 3 -out docs/benchmarks
 package main
 
 import (
@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"sort"
 	"strconv"
@@ -49,6 +50,7 @@ import (
 
 type result struct {
 	Source            string  `json:"source"`
+	Runs              int     `json:"runs"`
 	Services          int     `json:"services"`
 	EndpointsPerSvc   int     `json:"endpoints_per_service"`
 	IstiodReadySec    float64 `json:"istiod_ready_seconds"`
@@ -98,6 +100,7 @@ func main() {
 	updates := flag.Int("updates", 200, "single updates to time")
 	daemon := flag.String("daemon", "bin/kmesh-daemon", "kmesh-daemon binary")
 	out := flag.String("out", "docs/benchmarks", "directory for sync.json and sync.md")
+	repeat := flag.Int("repeat", 1, "runs per size and control plane; each figure reported is the median of the runs (this machine may be shared)")
 	flag.Var(&daemonEnv, "daemon-env", "NAME=value added to the daemon's environment only (repeatable), e.g. GOGC=50, GOMEMLIMIT=100MiB, GODEBUG=gctrace=1")
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -114,18 +117,47 @@ func main() {
 			kinds = append([]string{"istiod"}, kinds...)
 		}
 		for _, kind := range kinds {
-			r, err := run(n, *eps, *updates, *daemon, kind)
-			if err != nil {
-				fatalf("%d services (%s): %v", n, kind, err)
+			var runs []result
+			for range max(*repeat, 1) {
+				r, err := run(n, *eps, *updates, *daemon, kind)
+				if err != nil {
+					fatalf("%d services (%s): %v", n, kind, err)
+				}
+				logf("%s %d services × %d: sync %.2fs, RSS %.1f MiB (peak %.1f, after updates %.1f), update p50 %.2f ms p99 %.2f ms",
+					kind, n, *eps, r.SyncSec, r.RSSMiB, r.PeakRSSMiB, r.RSSUpdatesMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+				runs = append(runs, r)
 			}
-			results = append(results, r)
-			logf("%s %d services × %d: sync %.2fs, RSS %.1f MiB (peak %.1f, after updates %.1f), update p50 %.2f ms p99 %.2f ms",
-				kind, n, *eps, r.SyncSec, r.RSSMiB, r.PeakRSSMiB, r.RSSUpdatesMiB, r.UpdateP50Ms, r.UpdateP99Ms)
+			results = append(results, medians(runs))
 		}
 	}
 	if err := write(*out, results); err != nil {
 		fatalf("%v", err)
 	}
+}
+
+// medians returns the first run with every float64 figure replaced by the
+// median of the runs' (each figure on its own: the median sync time and the
+// median peak may come from different runs).
+func medians(runs []result) result {
+	out := runs[0]
+	out.Runs = len(runs)
+	v := reflect.ValueOf(&out).Elem()
+	for i := range v.NumField() {
+		if v.Field(i).Kind() != reflect.Float64 {
+			continue
+		}
+		xs := make([]float64, len(runs))
+		for j, r := range runs {
+			xs[j] = reflect.ValueOf(r).Field(i).Float()
+		}
+		sort.Float64s(xs)
+		m := xs[len(xs)/2]
+		if len(xs)%2 == 0 {
+			m = (xs[len(xs)/2-1] + xs[len(xs)/2]) / 2
+		}
+		v.Field(i).SetFloat(m)
+	}
+	return out
 }
 
 func ipOf(base [4]byte, i int) string {
@@ -593,6 +625,9 @@ func write(dir string, rs []result) error {
 	}
 	b.WriteString("\nTargets: 10k × 10 in ≤ 2 s, update p99 ≤ 10 ms, RSS after sync ≤ 80 MiB, peak RSS ≤ 160 MiB.\n")
 	b.WriteString("The daemon runs with its own defaults (GOGC 50, see ARCHITECTURE.md); `-daemon-env` changes them.\n")
+	if len(rs) > 0 && rs[0].Runs > 1 {
+		fmt.Fprintf(&b, "Each figure is the median of %d runs (the machine may be shared with other work).\n", rs[0].Runs)
+	}
 	b.WriteString("\"update apply\" is the daemon's own time from receiving an xDS response to the last map write\n")
 	b.WriteString("(`kmesh_xds_apply_seconds`); \"pod update → kernel\" adds istiod's processing and the stream, as seen\n")
 	b.WriteString("by polling the pinned maps.\n")
