@@ -24,13 +24,14 @@ import (
 // Sweep then removes what nobody adopted: entries of objects that went away
 // while no daemon ran, and generations left by a crash mid-update.
 
-// orphanOwner owns frontends read back from the kernel until adopted.
-const orphanOwner = ""
+// orphanOwner owns frontends read back from the kernel until adopted
+// (service indexes start at 1).
+const orphanOwner = 0
 
 type orphans struct {
 	backends map[backendAddrs]bpf.Backend
 	sets     map[uint32]*liveSet
-	wlFE     map[netip.Addr]uint32 // workload frontends: address -> backend id
+	wlFE     map[[16]byte]uint32 // workload frontends: address (addrKey) -> backend id
 }
 
 type backendAddrs struct{ v4, v6 netip.Addr }
@@ -57,7 +58,7 @@ func (d *Dataplane) Adopt() error {
 	if err != nil {
 		return err
 	}
-	o := &orphans{backends: map[backendAddrs]bpf.Backend{}, sets: map[uint32]*liveSet{}, wlFE: map[netip.Addr]uint32{}}
+	o := &orphans{backends: map[backendAddrs]bpf.Backend{}, sets: map[uint32]*liveSet{}, wlFE: map[[16]byte]uint32{}}
 	var backendIDs, setIDs []uint32
 	for _, b := range bes {
 		o.backends[backendAddrs{b.Addr4, b.Addr6}] = b
@@ -92,9 +93,9 @@ func (d *Dataplane) Adopt() error {
 	}
 	for _, f := range fes {
 		if f.Kind == bpf.FrontendWorkload {
-			o.wlFE[f.Key.Addr] = f.ID
+			o.wlFE[addrKey(f.Key.Addr)] = f.ID
 		} else {
-			d.fe[f.Key] = feEntry{owner: orphanOwner, val: f}
+			d.fe.set(orphanOwner, f)
 		}
 	}
 	d.backendIDs.reserve(backendIDs)
@@ -128,7 +129,7 @@ func (d *Dataplane) adoptableSet(vips []netip.Addr, port uint16, taken map[uint3
 	}
 	for _, vip := range vips {
 		for _, p := range d.opts.Protocols {
-			cur, ok := d.fe[bpf.FrontendKey{Addr: vip, Port: port, Proto: p}]
+			cur, ok := d.fe.get(bpf.FrontendKey{Addr: vip, Port: port, Proto: p})
 			if !ok || cur.owner != orphanOwner || cur.val.Kind != bpf.FrontendService {
 				continue
 			}
@@ -151,13 +152,13 @@ func (d *Dataplane) Sweep() error {
 	var stale []bpf.FrontendKey
 	for k, e := range d.fe {
 		if e.owner == orphanOwner {
-			stale = append(stale, k)
+			stale = append(stale, k.frontendKey())
 			delete(d.fe, k)
 		}
 	}
 	for a := range d.orphans.wlFE {
 		if _, taken := d.wlFE[a]; !taken {
-			stale = append(stale, bpf.FrontendKey{Addr: a})
+			stale = append(stale, bpf.FrontendKey{Addr: netip.AddrFrom16(a).Unmap()})
 		}
 	}
 	errs := []error{d.maps.DeleteFrontends(stale)}

@@ -44,21 +44,25 @@ type Dataplane struct {
 	// the user-space pick resolves the kernel's choice through it.
 	byBackend []*resolvedWorkload
 	services  map[string]*serviceRec
+	// byIdx indexes services by their small index (refs and frontend
+	// owners hold indexes, not keys).
+	byIdx    []*serviceRec
+	svcIdxes idAlloc
 	// sets indexes the live load-balancing sets by id (the user-space pick).
 	sets map[uint32]*liveSet
-	// refs: workload UID -> keys of services listing it as an endpoint, so a
-	// workload change re-derives exactly the services it affects. Slices:
-	// almost every workload is in one or two services.
-	refs map[string][]string
-	// wlFE: workload address -> UID owning its frontend (kind workload, port
-	// 0, protocol 0, id = the owner's backend). Kept apart from fe and
-	// without values: the kernel value follows from the owner.
-	wlFE map[netip.Addr]string
+	// refs: workload UID -> the services listing it as an endpoint, so a
+	// workload change re-derives exactly the services it affects (refs.go).
+	refs refIndex
+	// wlFE: workload address (addrKey) -> backend id of the workload owning
+	// its frontend (kind workload, port 0, protocol 0, id = that backend).
+	// Kept apart from fe and without values: the kernel value follows from
+	// the owner.
+	wlFE map[[16]byte]uint32
 	// fe mirrors the service entries of kmesh_frontend with each entry's
 	// owner (the service key). Two services may claim one address (a
 	// ServiceEntry shadowing a Service): the last writer wins, and the
 	// loser's cleanup must not delete the winner's entry.
-	fe         map[bpf.FrontendKey]feEntry
+	fe         feTable
 	enrolled   map[uint64]string   // netns cookie -> workload UID
 	enrolledBy map[string][]uint64 // workload UID -> netns cookies
 
@@ -75,11 +79,12 @@ type Dataplane struct {
 }
 
 type feEntry struct {
-	owner string
+	owner uint32 // the owning service's index; orphanOwner until adopted
 	val   bpf.Frontend
 }
 
 type serviceRec struct {
+	idx       uint32
 	svc       Service
 	sets      []*liveSet
 	frontends []bpf.FrontendKey // the kernel values are in Dataplane.fe
@@ -112,7 +117,7 @@ func New(m Maps, opts Options) *Dataplane {
 	return &Dataplane{
 		maps: m, opts: opts, log: log.With("component", "dataplane"),
 		workloads: map[string]*resolvedWorkload{}, services: map[string]*serviceRec{}, sets: map[uint32]*liveSet{},
-		refs: map[string][]string{}, fe: map[bpf.FrontendKey]feEntry{}, wlFE: map[netip.Addr]string{},
+		refs: newRefIndex(), fe: feTable{}, wlFE: map[[16]byte]uint32{},
 		enrolled: map[uint64]string{}, enrolledBy: map[string][]uint64{}, removeLater: map[uint32]*resolvedWorkload{},
 	}
 }
@@ -174,9 +179,7 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		if rec, ok := d.workloads[uid]; ok {
 			delete(d.workloads, uid)
 			gone[uid] = rec
-			for _, k := range d.refs[uid] {
-				affected[k] = struct{}{}
-			}
+			d.refs.each(uid, func(i uint32) { affected[d.byIdx[i].svc.Key] = struct{}{} })
 		}
 	}
 	changed, werrs := d.setWorkloads(b.Workloads)
@@ -184,9 +187,7 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		failed("workload", w.UID, werrs[w.UID])
 	}
 	for _, uid := range changed {
-		for _, k := range d.refs[uid] {
-			affected[k] = struct{}{}
-		}
+		d.refs.each(uid, func(i uint32) { affected[d.byIdx[i].svc.Key] = struct{}{} })
 	}
 	for _, s := range b.Services {
 		delete(affected, s.Key)

@@ -13,9 +13,9 @@ import (
 // taken over from another owner), the previous daemon's to adopt as they
 // are, and entries to delete (no longer wanted, and still owner's: one
 // another service took over is left to it). It changes nothing.
-func frontendDiff(owned map[bpf.FrontendKey]feEntry, owner string, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) (put []bpf.Frontend, adopt, del []bpf.FrontendKey) {
+func frontendDiff(owned feTable, owner uint32, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) (put []bpf.Frontend, adopt, del []bpf.FrontendKey) {
 	for k, f := range want {
-		cur, ok := owned[k]
+		cur, ok := owned.get(k)
 		switch {
 		case ok && cur.val == f && cur.owner == owner:
 		case ok && cur.val == f && cur.owner == orphanOwner:
@@ -27,7 +27,7 @@ func frontendDiff(owned map[bpf.FrontendKey]feEntry, owner string, have []bpf.Fr
 	slices.SortFunc(put, func(a, b bpf.Frontend) int { return compareFrontendKey(a.Key, b.Key) })
 	slices.SortFunc(adopt, compareFrontendKey)
 	for _, k := range have {
-		if _, keep := want[k]; !keep && owned[k].owner == owner {
+		if cur, ok := owned.get(k); ok && cur.owner == owner && !keep(want, k) {
 			del = append(del, k)
 		}
 	}
@@ -39,14 +39,14 @@ func frontendDiff(owned map[bpf.FrontendKey]feEntry, owner string, have []bpf.Fr
 // are already right; it returns the entries to delete once the sets they
 // point at may go (deleteFrontends). On error it restores what the kernel
 // held before: nothing changed.
-func (d *Dataplane) putFrontends(owner string, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) (del []bpf.FrontendKey, err error) {
+func (d *Dataplane) putFrontends(owner uint32, have []bpf.FrontendKey, want map[bpf.FrontendKey]bpf.Frontend) (del []bpf.FrontendKey, err error) {
 	put, adopt, del := frontendDiff(d.fe, owner, have, want)
 	if err := d.maps.UpsertFrontends(put); err != nil {
 		// The batch may have landed in part: put every touched key back.
 		var restore []bpf.Frontend
 		var drop []bpf.FrontendKey
 		for _, f := range put {
-			if cur, ok := d.fe[f.Key]; ok {
+			if cur, ok := d.fe.get(f.Key); ok {
 				restore = append(restore, cur.val)
 			} else {
 				drop = append(drop, f.Key)
@@ -55,13 +55,13 @@ func (d *Dataplane) putFrontends(owner string, have []bpf.FrontendKey, want map[
 		return nil, errors.Join(err, d.maps.UpsertFrontends(restore), d.maps.DeleteFrontends(drop))
 	}
 	for _, f := range put {
-		if cur, ok := d.fe[f.Key]; ok && cur.owner != owner && cur.owner != orphanOwner {
-			d.log.Warn("address claimed by two owners, the newer wins", "frontend", f.Key.String(), "was", cur.owner, "now", owner)
+		if cur, ok := d.fe.get(f.Key); ok && cur.owner != owner && cur.owner != orphanOwner {
+			d.log.Warn("address claimed by two owners, the newer wins", "frontend", f.Key.String(), "was", d.serviceKey(cur.owner), "now", d.serviceKey(owner))
 		}
-		d.fe[f.Key] = feEntry{owner: owner, val: f}
+		d.fe.set(owner, f)
 	}
 	for _, k := range adopt {
-		d.fe[k] = feEntry{owner: owner, val: want[k]}
+		d.fe.set(owner, want[k])
 	}
 	return del, nil
 }
@@ -70,13 +70,13 @@ func (d *Dataplane) putFrontends(owner string, have []bpf.FrontendKey, want map[
 // entries stay recorded as owner's (the kernel may still hold them), so the
 // next apply deletes them again; the caller must keep whatever they point
 // at until then.
-func (d *Dataplane) deleteFrontends(owner string, del []bpf.FrontendKey) error {
+func (d *Dataplane) deleteFrontends(owner uint32, del []bpf.FrontendKey) error {
 	if err := d.maps.DeleteFrontends(del); err != nil {
 		return err
 	}
 	for _, k := range del {
-		if d.fe[k].owner == owner {
-			delete(d.fe, k)
+		if cur, ok := d.fe.get(k); ok && cur.owner == owner {
+			d.fe.del(k)
 		}
 	}
 	return nil
@@ -88,6 +88,18 @@ func frontendKeys(want map[bpf.FrontendKey]bpf.Frontend, stale []bpf.FrontendKey
 	keys := slices.AppendSeq(slices.Clone(stale), maps.Keys(want))
 	slices.SortFunc(keys, compareFrontendKey)
 	return slices.Clip(slices.Compact(keys))
+}
+
+func keep(want map[bpf.FrontendKey]bpf.Frontend, k bpf.FrontendKey) bool {
+	_, ok := want[k]
+	return ok
+}
+
+func (d *Dataplane) serviceKey(idx uint32) string {
+	if int(idx) < len(d.byIdx) && d.byIdx[idx] != nil {
+		return d.byIdx[idx].svc.Key
+	}
+	return "?"
 }
 
 func compareFrontendKey(a, b bpf.FrontendKey) int {

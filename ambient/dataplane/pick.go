@@ -43,7 +43,7 @@ func (d *Dataplane) Pick(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32)
 	}
 
 	var be *resolvedWorkload
-	if fe, ok := d.fe[bpf.FrontendKey{Addr: dst.Addr(), Port: dst.Port(), Proto: proto}]; ok && fe.val.Kind == bpf.FrontendService {
+	if fe, ok := d.fe.get(bpf.FrontendKey{Addr: dst.Addr(), Port: dst.Port(), Proto: proto}); ok && fe.val.Kind == bpf.FrontendService {
 		out.Path = fe.val.Path
 		switch fe.val.Path {
 		case bpf.PathPassthrough:
@@ -92,11 +92,11 @@ func (d *Dataplane) Pick(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32)
 		if !tcp {
 			out.Path = b.PathUDP
 		}
-	} else if uid, ok := d.wlFE[dst.Addr()]; ok {
+	} else if id, ok := d.wlFE[addrKey(dst.Addr())]; ok {
 		if tcp && dst.Port() == bpf.HBONEPort {
 			return out // already HBONE: left alone
 		}
-		if be = d.workloads[uid]; be == nil {
+		if be = d.backendByID(id); be == nil {
 			return refuse(syscall.ECONNREFUSED)
 		}
 		b := d.backendOf(be)

@@ -12,19 +12,38 @@ import (
 func (d *Dataplane) setService(s Service) error {
 	rec, existed := d.services[s.Key]
 	if !existed {
-		rec = &serviceRec{}
+		rec = &serviceRec{idx: d.svcIdxes.get()}
 	}
 	prev := rec.svc
 	rec.svc = s
-	if err := d.applyService(rec); err != nil {
+	err := d.applyService(rec)
+	var cleanup *cleanupError
+	if err != nil && !errors.As(err, &cleanup) {
 		rec.svc = prev
+		if !existed {
+			d.svcIdxes.put(rec.idx)
+		}
 		return err
 	}
-	d.services[s.Key] = rec
-	d.updateRefs(s.Key, prev.Endpoints, s.Endpoints)
+	if !existed {
+		d.services[s.Key] = rec
+		if n := int(rec.idx) + 1; n > len(d.byIdx) {
+			d.byIdx = slices.Grow(d.byIdx, n-len(d.byIdx))[:n]
+		}
+		d.byIdx[rec.idx] = rec
+	}
+	d.updateRefs(rec.idx, prev.Endpoints, s.Endpoints)
 	d.Stats.ServiceWrites.Add(1)
-	return nil
+	return err // nil, or a cleanup that failed after the new version went live
 }
+
+// cleanupError is a failure after a service's new version went live
+// (deleting what it no longer uses): reported, and retried by later
+// applies, but the new version stands.
+type cleanupError struct{ err error }
+
+func (e *cleanupError) Error() string { return "cleaning up after the update: " + e.err.Error() }
+func (e *cleanupError) Unwrap() error { return e.err }
 
 // deleteService removes a service: frontends first, so no new connect finds
 // it, then its tables. When the frontends cannot be deleted the service
@@ -35,7 +54,7 @@ func (d *Dataplane) deleteService(key string) error {
 	if !ok {
 		return nil
 	}
-	if err := d.deleteFrontends(key, rec.frontends); err != nil {
+	if err := d.deleteFrontends(rec.idx, rec.frontends); err != nil {
 		return err
 	}
 	rec.frontends = nil
@@ -43,24 +62,19 @@ func (d *Dataplane) deleteService(key string) error {
 	for _, ls := range append(rec.sets, rec.retired...) {
 		errs = append(errs, d.dropSet(ls))
 	}
-	d.updateRefs(key, rec.svc.Endpoints, nil)
+	d.updateRefs(rec.idx, rec.svc.Endpoints, nil)
 	delete(d.services, key)
+	d.byIdx[rec.idx] = nil
+	d.svcIdxes.put(rec.idx)
 	return errors.Join(errs...)
 }
 
-func (d *Dataplane) updateRefs(key string, old, new []Endpoint) {
+func (d *Dataplane) updateRefs(idx uint32, old, new []Endpoint) {
 	for _, ep := range old {
-		keys := slices.DeleteFunc(d.refs[ep.WorkloadUID], func(k string) bool { return k == key })
-		if len(keys) == 0 {
-			delete(d.refs, ep.WorkloadUID)
-		} else {
-			d.refs[ep.WorkloadUID] = keys
-		}
+		d.refs.del(ep.WorkloadUID, idx)
 	}
 	for _, ep := range new {
-		if keys := d.refs[ep.WorkloadUID]; !slices.Contains(keys, key) {
-			d.refs[ep.WorkloadUID] = append(keys, key)
-		}
+		d.refs.add(ep.WorkloadUID, idx)
 	}
 }
 
@@ -208,7 +222,7 @@ func (d *Dataplane) applyService(rec *serviceRec) error {
 	}
 	// 3. frontends
 	want := serviceFrontends(&rec.svc, plan.sets, d.opts.Protocols)
-	stale, err := d.putFrontends(rec.svc.Key, rec.frontends, want)
+	stale, err := d.putFrontends(rec.idx, rec.frontends, want)
 	if err != nil {
 		return errors.Join(err, tx.undo())
 	}
@@ -217,7 +231,7 @@ func (d *Dataplane) applyService(rec *serviceRec) error {
 	// wanted go, then the sets only they pointed at and old generations.
 	var sets []*liveSet
 	var errs []error
-	if err := d.deleteFrontends(rec.svc.Key, stale); err != nil {
+	if err := d.deleteFrontends(rec.idx, stale); err != nil {
 		// They may still point at the sets this plan drops: keep those
 		// until a later apply deletes the frontends.
 		errs = append(errs, err)
@@ -251,7 +265,10 @@ func (d *Dataplane) applyService(rec *serviceRec) error {
 		errs = append(errs, d.dropSet(ls))
 	}
 	rec.sets = sets
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return &cleanupError{err}
+	}
+	return nil
 }
 
 func serviceValue(ls *liveSet, mode bpf.LBMode) bpf.Service {

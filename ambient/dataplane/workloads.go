@@ -150,14 +150,16 @@ func (d *Dataplane) backendInUse(rec *resolvedWorkload) bool {
 		}
 		return false
 	}
-	for _, key := range d.refs[rec.uid] {
-		if svc := d.services[key]; svc != nil {
+	inUse := false
+	d.refs.each(rec.uid, func(i uint32) {
+		if svc := d.byIdx[i]; svc != nil && !inUse {
 			for _, ls := range append(svc.sets, svc.retired...) {
-				if uses(ls) {
-					return true
-				}
+				inUse = inUse || uses(ls)
 			}
 		}
+	})
+	if inUse {
+		return true
 	}
 	for _, ls := range d.dropLater {
 		if uses(ls) {
@@ -180,16 +182,16 @@ func (d *Dataplane) indexBackend(rec *resolvedWorkload) {
 func (d *Dataplane) wlFrontendDiff(uid string, backend uint32, old, want []netip.Addr) (put []bpf.Frontend, adopt, del []netip.Addr) {
 	for _, a := range want {
 		switch {
-		case d.wlFE[a] == uid && slices.Contains(old, a):
+		case d.wlFE[addrKey(a)] == backend && slices.Contains(old, a):
 			// already ours, and a workload keeps its backend id
-		case d.orphans != nil && d.orphans.wlFE[a] == backend && d.orphans.wlFE[a] != 0:
+		case d.orphans != nil && d.orphans.wlFE[addrKey(a)] == backend && backend != 0:
 			adopt = append(adopt, a)
 		default:
 			put = append(put, bpf.Frontend{Key: bpf.FrontendKey{Addr: a}, Kind: bpf.FrontendWorkload, ID: backend})
 		}
 	}
 	for _, a := range old {
-		if !slices.Contains(want, a) && d.wlFE[a] == uid {
+		if !slices.Contains(want, a) && d.wlFE[addrKey(a)] == backend {
 			del = append(del, a)
 		}
 	}
@@ -199,17 +201,23 @@ func (d *Dataplane) wlFrontendDiff(uid string, backend uint32, old, want []netip
 // wlFrontendCommit records a diff the kernel has taken.
 func (d *Dataplane) wlFrontendCommit(uid string, put []bpf.Frontend, adopt, del []netip.Addr) {
 	for _, f := range put {
-		if owner, ok := d.wlFE[f.Key.Addr]; ok && owner != uid {
-			d.log.Warn("address claimed by two workloads, the newer wins", "address", f.Key.Addr, "was", owner, "now", uid)
+		k := addrKey(f.Key.Addr)
+		if owner, ok := d.wlFE[k]; ok && owner != f.ID {
+			was := ""
+			if w := d.backendByID(owner); w != nil {
+				was = w.uid
+			}
+			d.log.Warn("address claimed by two workloads, the newer wins", "address", f.Key.Addr, "was", was, "now", uid)
 		}
-		d.wlFE[f.Key.Addr] = uid
+		d.wlFE[k] = f.ID
 	}
 	for _, a := range adopt {
-		delete(d.orphans.wlFE, a)
-		d.wlFE[a] = uid
+		k := addrKey(a)
+		d.wlFE[k] = d.orphans.wlFE[k]
+		delete(d.orphans.wlFE, k)
 	}
 	for _, a := range del {
-		delete(d.wlFE, a)
+		delete(d.wlFE, addrKey(a))
 	}
 }
 
@@ -228,6 +236,10 @@ func (d *Dataplane) syncWorkloadFrontends(uid string, backend uint32, old, want 
 	d.wlFrontendCommit(uid, put, adopt, del)
 	return nil
 }
+
+// addrKey is an address as the workload-frontend index keys it: 16 bytes,
+// no pointer (a netip.Addr is 24 and points at its zone).
+func addrKey(a netip.Addr) [16]byte { return a.Unmap().As16() }
 
 // source is this node, as the path verdicts see it.
 func (d *Dataplane) source() path.Node {

@@ -219,6 +219,7 @@ var scopes = map[workloadapi.LoadBalancing_Scope]dataplane.Scope{
 
 func (r *Reconciler) service(s *state.Service) dataplane.Service {
 	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s), Waypoint: s.Waypoint != nil}
+	out.Ports = make([]dataplane.Port, 0, len(s.Ports))
 	for _, p := range s.Ports {
 		out.Ports = append(out.Ports, dataplane.Port{ServicePort: p.ServicePort, TargetPort: p.TargetPort})
 	}
@@ -229,7 +230,11 @@ func (r *Reconciler) service(s *state.Service) dataplane.Service {
 		}
 		out.LB.AllowUnhealthy = lb.HealthPolicy == workloadapi.LoadBalancing_ALLOW_ALL
 	}
-	for _, ep := range r.store.Endpoints(s.Key()) {
+	eps := r.store.Endpoints(s.Key())
+	// The dataplane keeps this slice for the service's lifetime: exactly
+	// sized, not grown by doubling (10k services × 10 endpoints).
+	out.Endpoints = make([]dataplane.Endpoint, 0, len(eps))
+	for _, ep := range eps {
 		e := dataplane.Endpoint{WorkloadUID: ep.Workload.UID}
 		for _, p := range ep.Ports {
 			// Only what differs from the service's own mapping is worth carrying.
