@@ -131,8 +131,8 @@ type candidate struct {
 	backend uint32
 	port    uint16
 	weight  uint32
-	topo    Topology
-	addrs   [2]bool // has an address of each family
+	topo    unique.Handle[Topology] // a handle, not the strings: a sync builds 100k of these
+	addrs   [2]bool                 // has an address of each family
 }
 
 // tableSet is the kernel load-balancing set of one group of service ports:
@@ -256,7 +256,7 @@ func buildTables(svc *Service, workloads func(uid string) *resolvedWorkload, nod
 				continue
 			}
 			cands = append(cands, candidate{uid: w.uid, backend: w.backend, port: target,
-				weight: w.capacity, topo: w.topo.Value(), addrs: hasFamily(w.addrs)})
+				weight: w.capacity, topo: w.topo, addrs: hasFamily(w.addrs)})
 		}
 		// One shared target port lives in the frontend; only divergent
 		// ports are carried per slot.
@@ -304,7 +304,7 @@ func fillSlots(set *tableSet, cands []candidate, lb LoadBalancing, node Topology
 	type bucket struct{ members []candidate }
 	var buckets [2][bpf.MaxRanks]bucket
 	for _, c := range cands {
-		r, ok := Rank(lb, node, c.topo)
+		r, ok := Rank(lb, node, c.topo.Value())
 		if !ok {
 			continue
 		}

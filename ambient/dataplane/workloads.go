@@ -23,8 +23,8 @@ func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[stri
 		oldAddr []netip.Addr
 	}
 	items := make([]item, len(ws))
-	var puts []bpf.Backend
-	var putIdx []int
+	puts := make([]bpf.Backend, 0, len(ws))
+	putIdx := make([]int, 0, len(ws))
 	for i := range ws {
 		w := &ws[i]
 		it := &items[i]
@@ -57,8 +57,8 @@ func (d *Dataplane) setWorkloads(ws []Workload) (changed []string, errs map[stri
 		put        []bpf.Frontend
 		adopt, del []netip.Addr
 	}
-	var fes []feChange
-	var fePut []bpf.Frontend
+	fes := make([]feChange, 0, len(ws))
+	fePut := make([]bpf.Frontend, 0, len(ws))
 	var feDel []bpf.FrontendKey
 	for i := range ws {
 		it := &items[i]
