@@ -70,3 +70,28 @@ func TestPrivilegedDumpEveryMap(t *testing.T) {
 		t.Errorf("frontends: %s, want %s", got["kmesh_frontend"], want)
 	}
 }
+
+// A data path that cannot attach (here: its cgroup does not exist) leaves
+// no pins behind; one that was taken over is left serving.
+func TestPrivilegedFailedLoadLeavesNothing(t *testing.T) {
+	kerneltest.RequireRoot(t)
+	root := filepath.Join(kerneltest.TestPinRoot, "failed-"+fmt.Sprint(os.Getpid()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	_, err := bpf.Load(bpf.Config{PinRoot: root, CgroupPath: "/sys/fs/cgroup/unified/kmesh-test-does-not-exist"})
+	if err == nil {
+		t.Fatal("Load attached to a cgroup that does not exist")
+	}
+	if left, _ := filepath.Glob(filepath.Join(bpf.PinDir(root), "*")); len(left) > 0 {
+		t.Fatalf("a failed load left pins behind: %v", left)
+	}
+
+	env := kerneltest.New(t, bpf.Config{})
+	cfg := env.Config
+	cfg.CgroupPath = "/sys/fs/cgroup/unified/kmesh-test-does-not-exist"
+	if _, err := bpf.Load(cfg); err == nil {
+		t.Fatal("Load attached to a cgroup that does not exist")
+	}
+	if _, err := os.Stat(filepath.Join(bpf.PinDir(cfg.PinRoot), "kmesh_frontend")); err != nil {
+		t.Fatalf("a failed takeover removed the serving data path: %v", err)
+	}
+}

@@ -159,16 +159,24 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
 	dp.Maps = newMaps(dp.MapReplacements())
-	if err := dp.loadSockOps(); err != nil {
-		dp.objs.Close()
+	// A fresh data path that fails half-way leaves nothing behind: no
+	// pinned maps, no program attached through a pinned link. One taken
+	// over from a previous daemon is left as it was: it still serves.
+	failed := func(err error) (*Datapath, error) {
+		dp.Close()
+		if !reused {
+			err = errors.Join(err, os.RemoveAll(dir))
+		}
 		return nil, err
+	}
+	if err := dp.loadSockOps(); err != nil {
+		return failed(err)
 	}
 
 	for _, a := range dp.attachments() {
 		l, err := attachPinned(cfg.CgroupPath, filepath.Join(dir, "links", a.name), a)
 		if err != nil {
-			dp.Close()
-			return nil, err
+			return failed(err)
 		}
 		dp.links = append(dp.links, l)
 	}
