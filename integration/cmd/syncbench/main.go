@@ -632,7 +632,7 @@ func write(dir string, rs []result) error {
 	b.WriteString("(`kmesh_xds_apply_seconds`); \"pod update → kernel\" adds istiod's processing and the stream, as seen\n")
 	b.WriteString("by polling the pinned maps.\n")
 	if len(rs) > 0 {
-		fmt.Fprintf(&b, "\nKernel %s, %s.\n", rs[0].KernelVersion, rs[0].GoVersion)
+		fmt.Fprintf(&b, "\nCPU %s (%d vCPU), kernel %s, %s.\n", cpuModel(), runtime.NumCPU(), rs[0].KernelVersion, rs[0].GoVersion)
 	}
 	return os.WriteFile(filepath.Join(dir, "sync.md"), []byte(b.String()), 0o644)
 }
@@ -644,4 +644,18 @@ func logf(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args
 func fatalf(format string, args ...any) {
 	logf("syncbench: "+format, args...)
 	os.Exit(1)
+}
+
+// cpuModel names the CPU the figures were measured on.
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "unknown"
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
