@@ -33,6 +33,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_udp_rev":   dumpUDPReverse,
 	"kmesh_stats":     dumpStats,
 	"kmesh_sock_orig": dumpSockOrig,
+	"kmesh_inproxy":   dumpInboundListeners,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -128,10 +129,10 @@ func BackendInputs(b Backend) string {
 func dumpBackends(m *Maps) (Table, error) {
 	bs, err := m.Backends()
 	slices.SortFunc(bs, func(a, b Backend) int { return cmp.Compare(a.ID, b.ID) })
-	t := Table{Header: []string{"BACKEND", "IPV4", "IPV6", "CAPACITY", "IDENTITY", "PATH VIA SERVICE", "PATH BY IP", "PATH UDP", "DECIDED FROM"}}
+	t := Table{Header: []string{"BACKEND", "IPV4", "IPV6", "CAPACITY", "IDENTITY", "PATH VIA SERVICE", "PATH BY IP", "PATH UDP", "PATH INBOUND", "DECIDED FROM"}}
 	for _, b := range bs {
 		t.Rows = append(t.Rows, []string{fmt.Sprint(b.ID), addrOrDash(b.Addr4), addrOrDash(b.Addr6), fmt.Sprint(b.Capacity), fmt.Sprint(b.Identity),
-			b.PathSvc.String(), b.PathAddr.String(), b.PathUDP.String(), BackendInputs(b)})
+			b.PathSvc.String(), b.PathAddr.String(), b.PathUDP.String(), b.PathIn.String(), BackendInputs(b)})
 	}
 	return t, err
 }
@@ -185,6 +186,16 @@ func dumpSockOrig(m *Maps) (Table, error) {
 		return Table{}, fmt.Errorf("kmesh_sock_orig is not socket storage")
 	}
 	return Table{Note: "per-socket storage (what each redirected socket dialled): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func dumpInboundListeners(m *Maps) (Table, error) {
+	ls, err := m.InboundListeners()
+	t := Table{Header: []string{"POD ADDRESS", "15006 LISTENER (SOCKET COOKIE)"}}
+	for a, c := range ls {
+		t.Rows = append(t.Rows, []string{a.String(), fmt.Sprint(c)})
+	}
+	sortRows(t.Rows)
+	return t, err
 }
 
 func sortRows(rows [][]string) {

@@ -36,7 +36,7 @@ func TestPrivilegedDumpEveryMap(t *testing.T) {
 	env := kerneltest.New(t, bpf.Config{})
 	a := netip.MustParseAddr("10.0.2.1")
 	if err := env.DP.Maps.PutBackends([]bpf.Backend{{ID: 7, Addr4: a, Capacity: 1, PathSvc: bpf.PathTunnel, PathAddr: bpf.PathWaypoint,
-		PathUDP: bpf.PathPlain, HBONE: true, Waypoint: true}}); err != nil {
+		PathUDP: bpf.PathPlain, PathIn: bpf.PathDirect, HBONE: true, Waypoint: true}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := env.DP.Maps.UpsertFrontends([]bpf.Frontend{{Key: bpf.FrontendKey{Addr: netip.MustParseAddr("10.96.0.1"), Port: 80, Proto: bpf.TCP},
@@ -63,7 +63,7 @@ func TestPrivilegedDumpEveryMap(t *testing.T) {
 		}
 		got[n] = fmt.Sprint(tab.Rows)
 	}
-	if want := "[[7 10.0.2.1 - 1 0 tunnel waypoint plain hbone,waypoint]]"; got["kmesh_backend"] != want {
+	if want := "[[7 10.0.2.1 - 1 0 tunnel waypoint plain direct hbone,waypoint]]"; got["kmesh_backend"] != want {
 		t.Errorf("backends: %s, want %s", got["kmesh_backend"], want)
 	}
 	if want := "[[10.96.0.1:80/tcp service 1 8080 balance]]"; got["kmesh_frontend"] != want {

@@ -22,7 +22,9 @@ import (
 // the sockops program), waypoint flags instead of waypoint ids.
 // Layout 3: path verdicts (frontend_value.path, backend_value.path_*,
 // sock_orig.path and tunnel_value.path instead of flags).
-const PinLayout = 3
+// Layout 4: inbound enforcement (backend_value.path_in, kmesh_inproxy,
+// links/inbound/<netns cookie>).
+const PinLayout = 4
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
 const DefaultPinRoot = "/sys/fs/bpf/kmesh"
@@ -65,6 +67,7 @@ type Datapath struct {
 
 	objs   sockAddrObjects
 	ops    sockOpsPrograms
+	lookup skLookupPrograms
 	links  []link.Link
 	dir    string
 	cgroup string
@@ -191,27 +194,98 @@ func Load(cfg Config) (*Datapath, error) {
 	return dp, nil
 }
 
-// loadSockOps loads the sockops object onto the maps the sock_addr load
-// created: every map exists once, shared by construction, not by pin name.
+// loadSockOps loads the sockops and sk_lookup objects onto the maps the
+// sock_addr load created: every map exists once, shared by construction,
+// not by pin name.
 func (dp *Datapath) loadSockOps() error {
-	spec, err := loadSockOps()
-	if err != nil {
-		return fmt.Errorf("parsing the embedded sockops object: %w", err)
-	}
-	repl := dp.MapReplacements()
-	for name := range spec.Maps {
-		if !strings.HasPrefix(name, ".") && repl[name] == nil {
-			return fmt.Errorf("sockops object uses map %s that sock_addr does not define", name)
+	for _, o := range []struct {
+		name string
+		load func() (*ebpf.CollectionSpec, error)
+		objs any
+	}{{"sockops", loadSockOps, &dp.ops}, {"sk_lookup", loadSkLookup, &dp.lookup}} {
+		spec, err := o.load()
+		if err != nil {
+			return fmt.Errorf("parsing the embedded %s object: %w", o.name, err)
 		}
-	}
-	if err := spec.LoadAndAssign(&dp.ops, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return fmt.Errorf("the kernel's verifier rejected the sockops program: %+v", verr)
+		repl := dp.MapReplacements()
+		for name := range spec.Maps {
+			if !strings.HasPrefix(name, ".") && repl[name] == nil {
+				return fmt.Errorf("%s object uses map %s that sock_addr does not define", o.name, name)
+			}
 		}
-		return fmt.Errorf("loading the sockops program: %w", err)
+		if err := spec.LoadAndAssign(o.objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+			var verr *ebpf.VerifierError
+			if errors.As(err, &verr) {
+				return fmt.Errorf("the kernel's verifier rejected the %s program: %+v", o.name, verr)
+			}
+			return fmt.Errorf("loading the %s program: %w", o.name, err)
+		}
 	}
 	return nil
+}
+
+// inboundPin is where the inbound enforcement link of the pod namespace
+// with the given cookie is pinned: it stays attached while no daemon runs.
+func (dp *Datapath) inboundPin(netnsCookie uint64) string {
+	return filepath.Join(dp.dir, "links", "inbound", fmt.Sprint(netnsCookie))
+}
+
+// AttachInbound attaches inbound enforcement (kmesh_inbound, sk_lookup) to
+// an enrolled pod's network namespace, through a link pinned under the
+// namespace's cookie. A link pinned by a previous daemon is taken over and
+// its program replaced, so the namespace is never without it.
+func (dp *Datapath) AttachInbound(netnsFd int, netnsCookie uint64) error {
+	pin := dp.inboundPin(netnsCookie)
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		err := old.Update(dp.lookup.KmeshInbound)
+		old.Close()
+		if err == nil {
+			return nil
+		}
+		// A link whose namespace died is defunct: replace it.
+		_ = os.Remove(pin)
+	}
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return err
+	}
+	l, err := link.AttachNetNs(netnsFd, dp.lookup.KmeshInbound)
+	if err != nil {
+		return fmt.Errorf("attaching inbound enforcement (sk_lookup) to a pod's network namespace: %w", err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pinning the inbound enforcement link %s: %w", pin, err)
+	}
+	return nil
+}
+
+// DetachInbound removes a pod namespace's inbound enforcement; absent is
+// fine.
+func (dp *Datapath) DetachInbound(netnsCookie uint64) error {
+	if err := os.Remove(dp.inboundPin(netnsCookie)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("detaching inbound enforcement: %w", err)
+	}
+	return nil
+}
+
+// InboundAttached lists the namespace cookies with inbound enforcement
+// pinned (for sweeping pods that went away while no daemon ran).
+func (dp *Datapath) InboundAttached() ([]uint64, error) {
+	entries, err := os.ReadDir(filepath.Join(dp.dir, "links", "inbound"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []uint64
+	for _, e := range entries {
+		var c uint64
+		if _, err := fmt.Sscan(e.Name(), &c); err == nil {
+			out = append(out, c)
+		}
+	}
+	return out, nil
 }
 
 // MapReplacements returns every map of the data path by name, for loading
@@ -312,7 +386,11 @@ func (dp *Datapath) Programs() ([]ProgramStats, error) {
 		}
 		out = append(out, ProgramStats{Name: a.name, RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())})
 	}
-	return out, nil
+	st, err := dp.lookup.KmeshInbound.Stats()
+	if err != nil {
+		return nil, fmt.Errorf("program inbound: %w", err)
+	}
+	return append(out, ProgramStats{Name: "inbound", RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())}), nil
 }
 
 // Close releases this process's handles. Pinned maps and links stay: the
@@ -326,7 +404,7 @@ func (dp *Datapath) Close() error {
 		return nil
 	}
 	dp.closed = true
-	return errors.Join(dp.ops.Close(), dp.objs.Close())
+	return errors.Join(dp.ops.Close(), dp.lookup.Close(), dp.objs.Close())
 }
 
 // Uninstall detaches the programs and removes every pin of this layout,
@@ -382,6 +460,9 @@ func PinnedProgramStats(root string) ([]ProgramStats, error) {
 	}
 	var out []ProgramStats
 	for _, e := range entries {
+		if e.IsDir() {
+			continue // links/inbound: one per pod namespace, the same program
+		}
 		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
 		if err != nil {
 			return nil, err

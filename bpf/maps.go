@@ -37,6 +37,7 @@ type Maps struct {
 	tunnel   *ebpf.Map
 	udpFwd   *ebpf.Map
 	udpRev   *ebpf.Map
+	inproxy  *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -44,7 +45,8 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], udpFwd: byName["kmesh_udp_fwd"], udpRev: byName["kmesh_udp_rev"]}
+		tunnel: byName["kmesh_tunnel"], udpFwd: byName["kmesh_udp_fwd"], udpRev: byName["kmesh_udp_rev"],
+		inproxy: byName["kmesh_inproxy"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -276,6 +278,8 @@ var statNames = []string{
 	"tunnel_record_fail",
 	"path_refused",
 	"no_backend",
+	"inbound_proxy",
+	"inbound_no_proxy",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -345,4 +349,31 @@ func (m *Maps) TakeTunnel(netnsCookie uint64, client netip.AddrPort) (TunnelOrig
 		return TunnelOrig{}, false, wrapErr(m.tunnel, "lookup", err)
 	}
 	return decodeTunnel(v), true, nil
+}
+
+// SetInboundListener makes the socket with file descriptor fd (the node
+// proxy's listener on 15006 inside a pod) where the pod's inbound
+// enforcement (kmesh_inbound) sends connections to addr that policies must
+// see. The kernel drops the entry when the socket closes.
+func (m *Maps) SetInboundListener(addr netip.Addr, fd uintptr) error {
+	k := sockAddrInboundKey{Addr: addrWords(netip.AddrFrom16(addr.As16()))}
+	return wrapErr(m.inproxy, "update", m.inproxy.Update(&k, uint64(fd), ebpf.UpdateAny))
+}
+
+// DeleteInboundListener forgets a pod address's listener; absent ones are
+// ignored.
+func (m *Maps) DeleteInboundListener(addr netip.Addr) error {
+	k := sockAddrInboundKey{Addr: addrWords(netip.AddrFrom16(addr.As16()))}
+	if err := m.inproxy.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return wrapErr(m.inproxy, "delete", err)
+	}
+	return nil
+}
+
+// InboundListeners returns the addresses with a listener, and each
+// listener's socket cookie.
+func (m *Maps) InboundListeners() (map[netip.Addr]uint64, error) {
+	out := map[netip.Addr]uint64{}
+	err := dump(m.inproxy, func(k sockAddrInboundKey, cookie uint64) { out[wordsAddr(k.Addr)] = cookie })
+	return out, err
 }

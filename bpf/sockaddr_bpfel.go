@@ -22,7 +22,8 @@ type sockAddrBackendValue struct {
 	PathSvc  uint8
 	PathAddr uint8
 	PathUdp  uint8
-	Flags    uint8
+	PathIn   uint8
+	Flags    uint32
 }
 
 type sockAddrEndpointKey struct {
@@ -58,6 +59,11 @@ type sockAddrFrontendValue struct {
 	TargetPort uint16
 	Kind       uint8
 	Path       uint8
+}
+
+type sockAddrInboundKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 }
 
 type sockAddrManagedValue struct {
@@ -142,6 +148,7 @@ const (
 	sockAddrMapKmeshBackend   = "kmesh_backend"
 	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
 	sockAddrMapKmeshFrontend  = "kmesh_frontend"
+	sockAddrMapKmeshInproxy   = "kmesh_inproxy"
 	sockAddrMapKmeshManaged   = "kmesh_managed"
 	sockAddrMapKmeshService   = "kmesh_service"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
@@ -219,6 +226,7 @@ type sockAddrMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
@@ -258,6 +266,7 @@ type sockAddrMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
@@ -272,6 +281,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshFrontend,
+		m.KmeshInproxy,
 		m.KmeshManaged,
 		m.KmeshService,
 		m.KmeshSockOrig,

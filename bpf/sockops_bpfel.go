@@ -22,7 +22,8 @@ type sockOpsBackendValue struct {
 	PathSvc  uint8
 	PathAddr uint8
 	PathUdp  uint8
-	Flags    uint8
+	PathIn   uint8
+	Flags    uint32
 }
 
 type sockOpsEndpointKey struct {
@@ -58,6 +59,11 @@ type sockOpsFrontendValue struct {
 	TargetPort uint16
 	Kind       uint8
 	Path       uint8
+}
+
+type sockOpsInboundKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 }
 
 type sockOpsManagedValue struct {
@@ -142,6 +148,7 @@ const (
 	sockOpsMapKmeshBackend  = "kmesh_backend"
 	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
 	sockOpsMapKmeshFrontend = "kmesh_frontend"
+	sockOpsMapKmeshInproxy  = "kmesh_inproxy"
 	sockOpsMapKmeshManaged  = "kmesh_managed"
 	sockOpsMapKmeshService  = "kmesh_service"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
@@ -204,6 +211,7 @@ type sockOpsMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
@@ -242,6 +250,7 @@ type sockOpsMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
@@ -256,6 +265,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshFrontend,
+		m.KmeshInproxy,
 		m.KmeshManaged,
 		m.KmeshService,
 		m.KmeshSockOrig,

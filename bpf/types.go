@@ -132,6 +132,7 @@ const (
 	OutboundPort     = 15001
 	InboundPlainPort = 15006
 	HBONEPort        = 15008
+	DNSPort          = 15053
 )
 
 // FrontendKey is what a client connects to: a service VIP and port, or a
@@ -206,8 +207,10 @@ type Backend struct {
 	Capacity uint32
 	// Paths are the verdicts the kernel follows: PathSvc for TCP reaching
 	// the workload through a service's load balancer, PathAddr for TCP to
-	// one of its own addresses, PathUDP for UDP either way.
-	PathSvc, PathAddr, PathUDP Path
+	// one of its own addresses, PathUDP for UDP either way, PathIn for
+	// plaintext TCP arriving at the workload from outside the node proxy
+	// (PathDirect: to the application; PathTunnel: to the proxy's 15006).
+	PathSvc, PathAddr, PathUDP, PathIn Path
 	// What the verdicts were decided from, for dumps; no program reads them.
 	// HBONE: the workload is in the mesh (accepts HBONE on 15008). Local: it
 	// runs on this node. Waypoint: it has a waypoint of its own. Policy:
@@ -326,13 +329,13 @@ func decodeSlot(v sockAddrEndpointValue) EndpointSlot {
 
 func encodeBackend(b Backend) sockAddrBackendValue {
 	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity,
-		PathSvc: uint8(b.PathSvc), PathAddr: uint8(b.PathAddr), PathUdp: uint8(b.PathUDP)}
+		PathSvc: uint8(b.PathSvc), PathAddr: uint8(b.PathAddr), PathUdp: uint8(b.PathUDP), PathIn: uint8(b.PathIn)}
 	if b.Addr6.IsValid() {
 		v.Addr6 = addrWords(b.Addr6)
 	}
 	for _, f := range []struct {
 		on  bool
-		bit uint8
+		bit uint32
 	}{{b.HBONE, backendFlagHBONE}, {b.Local, backendFlagLocal}, {b.Waypoint, backendFlagWaypoint}, {b.Policy, backendFlagPolicy}} {
 		if f.on {
 			v.Flags |= f.bit
@@ -343,7 +346,7 @@ func encodeBackend(b Backend) sockAddrBackendValue {
 
 func decodeBackend(id uint32, v sockAddrBackendValue) Backend {
 	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Capacity: v.Capacity,
-		PathSvc: Path(v.PathSvc), PathAddr: Path(v.PathAddr), PathUDP: Path(v.PathUdp),
+		PathSvc: Path(v.PathSvc), PathAddr: Path(v.PathAddr), PathUDP: Path(v.PathUdp), PathIn: Path(v.PathIn),
 		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0,
 		Waypoint: v.Flags&backendFlagWaypoint != 0, Policy: v.Flags&backendFlagPolicy != 0}
 	if v.Addr6 != [4]uint32{} {

@@ -118,7 +118,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := a.startTunnel(); err != nil {
 		return fail(err)
 	}
-	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, log)
+	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)
@@ -153,7 +153,7 @@ func (a *Agent) startTunnel() error {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
-		Tunnels: a.DP.Maps, Picker: a.Plane, Ready: a.synced, Registerer: a.Reg, Log: a.log})
+		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log})
 	if err != nil {
 		return err
 	}

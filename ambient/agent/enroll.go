@@ -23,6 +23,9 @@ type enroller struct {
 	// hooks learn about pods after the kernel does (the tunnel's
 	// listeners, the pods' certificates); nil in kernel-only setups.
 	hooks podHooks
+	// inbound attaches inbound enforcement to each pod's namespace; nil:
+	// none (kernel-only setups, tests).
+	inbound inboundEnforcer
 
 	mu   sync.Mutex
 	pods map[string]*enrolledPod
@@ -40,14 +43,23 @@ type enrolledPod struct {
 	cookie      uint64
 }
 
+// inboundEnforcer attaches the kernel's inbound enforcement (sk_lookup) to
+// pod namespaces (*bpf.Datapath).
+type inboundEnforcer interface {
+	AttachInbound(netnsFd int, netnsCookie uint64) error
+	DetachInbound(netnsCookie uint64) error
+	InboundAttached() ([]uint64, error)
+}
+
 // podHooks is what else a pod's enrolment sets up.
 type podHooks interface {
 	podAdded(uid, workloadUID string, info *zdsapi.WorkloadInfo, netns *os.File, cookie uint64) error
 	podRemoved(uid string, info *zdsapi.WorkloadInfo)
 }
 
-func newEnroller(plane *dataplane.Dataplane, cluster string, hooks podHooks, log *slog.Logger) *enroller {
-	return &enroller{plane: plane, cluster: cluster, hooks: hooks, log: log.With("component", "enrol"), pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
+func newEnroller(plane *dataplane.Dataplane, cluster string, hooks podHooks, inbound inboundEnforcer, log *slog.Logger) *enroller {
+	return &enroller{plane: plane, cluster: cluster, hooks: hooks, inbound: inbound, log: log.With("component", "enrol"),
+		pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
 }
 
 // workloadUID is istiod's UID for a pod's workload.
@@ -77,12 +89,26 @@ func (e *enroller) Add(uid string, info *zdsapi.WorkloadInfo, netns *os.File) er
 		netns.Close()
 		return err
 	}
+	// Inbound enforcement last: the proxy's 15006 it steers to is open.
+	if e.inbound != nil {
+		if err := e.inbound.AttachInbound(int(netns.Fd()), cookie); err != nil {
+			_ = e.plane.Unenroll(cookie)
+			if e.hooks != nil {
+				e.hooks.podRemoved(uid, info)
+			}
+			netns.Close()
+			return fmt.Errorf("pod %s/%s: %w", info.GetNamespace(), info.GetName(), err)
+		}
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if old := e.pods[uid]; old != nil {
 		old.netns.Close()
 		if old.cookie != cookie { // the pod's sandbox was recreated
 			_ = e.plane.Unenroll(old.cookie)
+			if e.inbound != nil {
+				_ = e.inbound.DetachInbound(old.cookie)
+			}
 		}
 	}
 	e.pods[uid] = &enrolledPod{info: info, workloadUID: wuid, netns: netns, cookie: cookie}
@@ -112,7 +138,11 @@ func (e *enroller) Del(uid string) error {
 	}
 	defer p.netns.Close()
 	e.log.Info("pod unenrolled", "pod", p.info.GetNamespace()+"/"+p.info.GetName(), "uid", uid)
-	err := e.plane.Unenroll(p.cookie)
+	var derr error
+	if e.inbound != nil {
+		derr = e.inbound.DetachInbound(p.cookie)
+	}
+	err := errors.Join(derr, e.plane.Unenroll(p.cookie))
 	if e.hooks != nil {
 		e.hooks.podRemoved(uid, p.info)
 	}
@@ -144,6 +174,15 @@ func (e *enroller) SnapshotSent() error {
 	e.mu.Unlock()
 	if !blind {
 		errs = append(errs, e.plane.SweepManaged(keep))
+		if e.inbound != nil {
+			attached, err := e.inbound.InboundAttached()
+			errs = append(errs, err)
+			for _, c := range attached {
+				if !keep[c] {
+					errs = append(errs, e.inbound.DetachInbound(c))
+				}
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -252,7 +252,7 @@ func (d *Dataplane) backendOf(w *resolvedWorkload) bpf.Backend {
 	topo := w.topo.Value()
 	dst := path.Workload{HBONE: w.hbone, Node: topo.Node, Network: topo.Network, Waypoint: w.waypoint, Policies: w.policies}
 	v := path.ForWorkload(d.source(), dst)
-	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, PathSvc: v.Service, PathAddr: v.Addr, PathUDP: v.UDP,
+	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, PathSvc: v.Service, PathAddr: v.Addr, PathUDP: v.UDP, PathIn: v.Inbound,
 		HBONE: w.hbone, Local: path.Local(d.source(), dst), Waypoint: w.waypoint, Policy: w.policies}
 	setBackendAddrs(&b, w.addrs)
 	return b

@@ -31,6 +31,14 @@
 // UDP never goes through the node proxy (neither ztunnel nor waypoints carry
 // it): direct to a mesh workload on this node, plain to any other workload
 // of this network, refused to another network.
+//
+// Inbound: plaintext TCP that reaches a mesh workload on this node from
+// outside the node proxy (a pod outside the mesh, another node's
+// plaintext) goes to the proxy's 15006 — tunnel — when authorization
+// policies apply to the workload (STRICT mTLS arrives as one), so they are
+// evaluated; direct otherwise, at no cost. The kernel's inbound program
+// (bpf/sk_lookup.c) also sends an address it does not know to the proxy,
+// which refuses what it does not know.
 package path
 
 import "kmesh.dev/kmesh/bpf"
@@ -65,6 +73,9 @@ type Verdicts struct {
 	Addr bpf.Path
 	// UDP, either way.
 	UDP bpf.Path
+	// Inbound: plaintext TCP arriving at the workload from outside the
+	// node proxy (only asked of workloads on this node).
+	Inbound bpf.Path
 }
 
 // Local reports whether dst runs on src's node.
@@ -79,7 +90,7 @@ func sameNetwork(src Node, dst Workload) bool {
 // ForWorkload decides a destination workload's verdicts.
 func ForWorkload(src Node, dst Workload) Verdicts {
 	if !sameNetwork(src, dst) {
-		return Verdicts{Service: bpf.PathRefuse, Addr: bpf.PathRefuse, UDP: bpf.PathRefuse}
+		return Verdicts{Service: bpf.PathRefuse, Addr: bpf.PathRefuse, UDP: bpf.PathRefuse, Inbound: bpf.PathDirect}
 	}
 	var tcp, udp bpf.Path
 	switch {
@@ -92,7 +103,10 @@ func ForWorkload(src Node, dst Workload) Verdicts {
 	default:
 		tcp, udp = bpf.PathTunnel, bpf.PathPlain
 	}
-	v := Verdicts{Service: tcp, Addr: tcp, UDP: udp}
+	v := Verdicts{Service: tcp, Addr: tcp, UDP: udp, Inbound: bpf.PathDirect}
+	if dst.HBONE && Local(src, dst) && dst.Policies {
+		v.Inbound = bpf.PathTunnel
+	}
 	if dst.Waypoint {
 		v.Addr = bpf.PathWaypoint
 	}

@@ -21,21 +21,21 @@ func TestForWorkload(t *testing.T) {
 		dst  Workload
 		want Verdicts
 	}{
-		{"mesh workload on this node", here, Workload{HBONE: true, Node: "n1"}, Verdicts{direct, direct, direct}},
-		{"mesh workload on this node with policies", here, Workload{HBONE: true, Node: "n1", Policies: true}, Verdicts{tunnel, tunnel, direct}},
-		{"mesh workload on another node", here, Workload{HBONE: true, Node: "n2"}, Verdicts{tunnel, tunnel, plain}},
-		{"policies on another node change nothing", here, Workload{HBONE: true, Node: "n2", Policies: true}, Verdicts{tunnel, tunnel, plain}},
-		{"this node's name unknown: no workload is local", Node{}, Workload{HBONE: true, Node: ""}, Verdicts{tunnel, tunnel, plain}},
-		{"outside the mesh, this node", here, Workload{Node: "n1"}, Verdicts{plain, plain, plain}},
-		{"outside the mesh, another node", here, Workload{Node: "n2"}, Verdicts{plain, plain, plain}},
+		{"mesh workload on this node", here, Workload{HBONE: true, Node: "n1"}, Verdicts{direct, direct, direct, direct}},
+		{"mesh workload on this node with policies: inbound plaintext to the proxy", here, Workload{HBONE: true, Node: "n1", Policies: true}, Verdicts{tunnel, tunnel, direct, tunnel}},
+		{"mesh workload on another node", here, Workload{HBONE: true, Node: "n2"}, Verdicts{tunnel, tunnel, plain, direct}},
+		{"policies on another node change nothing", here, Workload{HBONE: true, Node: "n2", Policies: true}, Verdicts{tunnel, tunnel, plain, direct}},
+		{"this node's name unknown: no workload is local", Node{}, Workload{HBONE: true, Node: ""}, Verdicts{tunnel, tunnel, plain, direct}},
+		{"outside the mesh, this node", here, Workload{Node: "n1"}, Verdicts{plain, plain, plain, direct}},
+		{"outside the mesh, another node", here, Workload{Node: "n2"}, Verdicts{plain, plain, plain, direct}},
 		{"own waypoint: addressed traffic goes there, service traffic does not", here,
-			Workload{HBONE: true, Node: "n2", Waypoint: true}, Verdicts{tunnel, waypoint, plain}},
-		{"own waypoint on this node", here, Workload{HBONE: true, Node: "n1", Waypoint: true}, Verdicts{direct, waypoint, direct}},
-		{"own waypoint, outside the mesh (a ServiceEntry workload)", here, Workload{Node: "", Waypoint: true}, Verdicts{plain, waypoint, plain}},
-		{"another network: refused, never plaintext", here, Workload{HBONE: true, Node: "n9", Network: "net2"}, Verdicts{refuse, refuse, refuse}},
-		{"another network, own waypoint", here, Workload{Network: "net2", Waypoint: true}, Verdicts{refuse, refuse, refuse}},
-		{"workload's network unset matches", here, Workload{HBONE: true, Node: "n1"}, Verdicts{direct, direct, direct}},
-		{"node's network unset matches", Node{Name: "n1"}, Workload{HBONE: true, Node: "n1", Network: "net2"}, Verdicts{direct, direct, direct}},
+			Workload{HBONE: true, Node: "n2", Waypoint: true}, Verdicts{tunnel, waypoint, plain, direct}},
+		{"own waypoint on this node", here, Workload{HBONE: true, Node: "n1", Waypoint: true}, Verdicts{direct, waypoint, direct, direct}},
+		{"own waypoint, outside the mesh (a ServiceEntry workload)", here, Workload{Node: "", Waypoint: true}, Verdicts{plain, waypoint, plain, direct}},
+		{"another network: refused, never plaintext", here, Workload{HBONE: true, Node: "n9", Network: "net2"}, Verdicts{refuse, refuse, refuse, direct}},
+		{"another network, own waypoint", here, Workload{Network: "net2", Waypoint: true}, Verdicts{refuse, refuse, refuse, direct}},
+		{"workload's network unset matches", here, Workload{HBONE: true, Node: "n1"}, Verdicts{direct, direct, direct, direct}},
+		{"node's network unset matches", Node{Name: "n1"}, Workload{HBONE: true, Node: "n1", Network: "net2"}, Verdicts{direct, direct, direct, direct}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := ForWorkload(tc.src, tc.dst); got != tc.want {
@@ -83,6 +83,9 @@ func TestVerdictsAreFinal(t *testing.T) {
 						}
 						if v.UDP.ViaProxy() {
 							t.Errorf("%+v: UDP verdict %s goes to the node proxy", dst, v.UDP)
+						}
+						if v.Inbound != bpf.PathDirect && v.Inbound != bpf.PathTunnel {
+							t.Errorf("%+v: inbound verdict %s is neither direct nor tunnel", dst, v.Inbound)
 						}
 					}
 				}

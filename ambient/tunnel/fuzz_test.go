@@ -77,7 +77,7 @@ func FuzzHBONEServer(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ctx, cancel := context.WithCancel(context.Background())
-		pp := &podProxy{pod: Pod{UID: "echo", WorkloadUID: "echo"}, ctx: ctx, cancel: cancel, refs: 1}
+		pp := &podProxy{pod: Pod{UID: "echo", WorkloadUID: "echo", Addrs: pod}, ctx: ctx, cancel: cancel, refs: 1}
 		defer cancel()
 		peer := identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: "sleep"}
 		server, client := net.Pipe()

@@ -47,6 +47,7 @@ const (
 	reasonTrustDomain   = "foreign_trust_domain"
 	reasonHandshake     = "tls_handshake"
 	reasonUnknownPod    = "unknown_pod"
+	reasonUnknownDst    = "unknown_destination"
 )
 
 // checkConnect validates an inbound HBONE request: a CONNECT whose

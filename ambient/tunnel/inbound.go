@@ -61,16 +61,11 @@ func (p *Proxy) hboneHandler(pp *podProxy, peer *identity.Identity, src, local n
 	}
 }
 
-// podAddrs is where a CONNECT may lead: the pod's addresses as istiod
-// knows them, plus the one the peer reached us on (state may lag behind a
-// pod that just started).
-func (p *Proxy) podAddrs(pp *podProxy, local netip.AddrPort) ([]netip.Addr, *state.Workload) {
-	w := p.cfg.Dir.Workload(pp.pod.WorkloadUID)
-	addrs := []netip.Addr{local.Addr()}
-	if w != nil {
-		addrs = append(addrs, w.Addresses...)
-	}
-	return addrs, w
+// podAddrs is where a CONNECT may lead: the pod's own addresses, as its
+// network namespace has them (per its enrolment; not what a peer or the
+// control plane claims), and the pod's workload (nil when unknown).
+func (p *Proxy) podAddrs(pp *podProxy) ([]netip.Addr, *state.Workload) {
+	return pp.pod.Addrs, p.cfg.Dir.Workload(pp.pod.WorkloadUID)
 }
 
 // inboundStream handles one CONNECT on an HBONE connection.
@@ -82,7 +77,7 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 		return
 	}
 	defer pp.release()
-	addrs, dst := p.podAddrs(pp, local)
+	addrs, dst := p.podAddrs(pp)
 	target, ref := checkConnect(req.Method, req.Authority, addrs)
 	if ref != nil {
 		p.refuse(st, "inbound", ref, pp, src)
@@ -119,10 +114,13 @@ func (p *Proxy) refuse(st *hbone.Stream, dir string, ref *refusal, pp *podProxy,
 	}
 }
 
-// authorize applies the destination workload's L4 policies.
+// authorize applies the destination workload's L4 policies. A destination
+// the control plane does not know is refused, as ztunnel does: policies
+// that would apply to it cannot be known.
 func (p *Proxy) authorize(dst *state.Workload, src netip.Addr, target netip.AddrPort, id *identity.Identity) *refusal {
 	if dst == nil {
-		return nil // unknown to the control plane yet: no policy can name it
+		return &refusal{http.StatusUnauthorized, reasonUnknownDst, "the destination workload is unknown to the control plane " +
+			"(just created? or the daemon's CLUSTER_ID differs from istiod's, so the pod's workload UID does not match)"}
 	}
 	set := p.authz.get(dst, p.cfg.Dir)
 	d := set.Evaluate(authz.Conn{SrcIP: src, DstIP: target.Addr(), DstPort: target.Port(), SrcIdentity: id})
@@ -135,19 +133,24 @@ func (p *Proxy) authorize(dst *state.Workload, src netip.Addr, target netip.Addr
 	return &refusal{http.StatusUnauthorized, reasonDenied, d.String()}
 }
 
-// servePlain handles a plaintext inbound connection redirected to 15006 by
-// istio-cni's in-pod rules: no identity, so only policies that do not ask
-// for one can allow it.
+// servePlain handles a plaintext inbound connection sent to 15006 by the
+// kernel's inbound enforcement (sk_lookup: the connection keeps its
+// original destination as local address) or by istio-cni's in-pod rules
+// (iptables REDIRECT: SO_ORIGINAL_DST): no identity, so only policies that
+// do not ask for one can allow it.
 func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 	src := addrPortOf(c.RemoteAddr())
 	dstAddr, err := originalDst(c)
+	if isNotNATed(err) {
+		dstAddr, err = addrPortOf(c.LocalAddr()), nil
+	}
 	if err != nil {
 		p.m.refused.WithLabelValues("inbound_plaintext", reasonBadAuthority).Inc()
-		p.log.Info("plaintext connection to 15006 without a redirect: refused", "pod", pp.pod.UID, "peer", src.String(), "err", err)
+		p.log.Info("plaintext connection to 15006 without a destination: refused", "pod", pp.pod.UID, "peer", src.String(), "err", err)
 		_ = c.SetLinger(0)
 		return
 	}
-	addrs, dst := p.podAddrs(pp, addrPortOf(c.LocalAddr()))
+	addrs, dst := p.podAddrs(pp)
 	target, ref := checkConnect(http.MethodConnect, dstAddr.String(), addrs)
 	if ref == nil {
 		ref = p.authorize(dst, src.Addr(), target, nil)

@@ -71,6 +71,10 @@ type Config struct {
 	// Picker decides connections the kernel did not see (iptables
 	// redirection) from the kernel's records; nil refuses them.
 	Picker Picker
+	// Inbound receives each pod's 15006 listener, for the kernel's inbound
+	// enforcement (sk_lookup) to steer plaintext connections to; nil: only
+	// iptables redirection reaches 15006.
+	Inbound InboundTable
 	// Rand feeds the load balancer and the waypoint choice (default:
 	// math/rand/v2); tests make it deterministic.
 	Rand func() uint32
@@ -96,6 +100,9 @@ type Pod struct {
 	Identity    identity.Identity
 	// Netns is the pod's network namespace; the proxy keeps a duplicate.
 	Netns *os.File
+	// Addrs are the pod's own addresses (read from its namespace by
+	// AddPod when empty): a CONNECT may only lead to one of them.
+	Addrs []netip.Addr
 	// Cookie is the namespace's cookie (the kernel's key).
 	Cookie uint64
 }
@@ -272,16 +279,24 @@ func (p *Proxy) AddPod(pod Pod) error {
 	if err := pp.ns.migrateRequests(); err != nil {
 		p.log.Debug("tcp_migrate_req not set: an upgrade may reset connections still in the accept queue", "pod", pod.UID, "err", err)
 	}
+	if len(pp.pod.Addrs) == 0 {
+		addrs, err := pp.ns.addrs()
+		if err != nil {
+			return fail(fmt.Errorf("reading the pod's addresses: %w", err))
+		}
+		pp.pod.Addrs = addrs
+	}
 	type spec struct {
 		addrs    []string
 		required bool
 		serve    func(*podProxy, *net.TCPConn)
+		inbound  bool // the kernel's inbound enforcement steers here
 	}
 	for _, s := range []spec{
-		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound},
-		{[]string{"[::1]:15001"}, false, p.serveOutbound}, // pods without IPv6 have no ::1
-		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE},
-		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain},
+		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound, false},
+		{[]string{"[::1]:15001"}, false, p.serveOutbound, false}, // pods without IPv6 have no ::1
+		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE, false},
+		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain, true},
 	} {
 		var l *net.TCPListener
 		var lerr error
@@ -297,6 +312,11 @@ func (p *Proxy) AddPod(pod Pod) error {
 			continue
 		}
 		pp.listeners = append(pp.listeners, l)
+		if s.inbound && p.cfg.Inbound != nil {
+			if err := steerInbound(p.cfg.Inbound, l, pp.pod.Addrs); err != nil {
+				return fail(err)
+			}
+		}
 		p.wg.Add(1)
 		go p.acceptLoop(pp, l, s.serve)
 	}

@@ -52,6 +52,11 @@ func (n podNetns) listen(addr string) (*net.TCPListener, error) {
 	var l net.Listener
 	err := kernel.InNetns(n.fd, func() (err error) {
 		lc := net.ListenConfig{Control: markControl(true)}
+		// Plain TCP, not Go's default MPTCP for listeners: the kernel's
+		// inbound enforcement holds the 15006 listener in a sockhash,
+		// which takes TCP sockets only (MPTCP ones fail with EOPNOTSUPP),
+		// and iptables REDIRECT/SO_ORIGINAL_DST are TCP's.
+		lc.SetMultipathTCP(false)
 		l, err = lc.Listen(context.Background(), "tcp", addr)
 		return err
 	})

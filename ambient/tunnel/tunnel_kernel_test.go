@@ -41,9 +41,12 @@ func TestMain(m *testing.M) {
 type tunnelFixture struct {
 	env                        *kerneltest.Env
 	sleep, echo, near, istioPd *podnet.Pod
-	dir                        *state.Store
-	ca                         *testCA
-	proxy                      *Proxy
+	// outsider is a pod outside the mesh (not enrolled).
+	outsider *podnet.Pod
+	dir      *state.Store
+	dp       *dataplane.Dataplane
+	ca       *testCA
+	proxy    *Proxy
 }
 
 func podWorkload(p *podnet.Pod, sa, node string) *state.Workload {
@@ -70,6 +73,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		return p
 	}
 	f.sleep, f.echo, f.near, f.istioPd = add("sleep", 2), add("echo", 11), add("near", 12), add("istio-peer", 13)
+	f.outsider = add("outsider", 14)
 	for _, s := range []struct {
 		p    *podnet.Pod
 		name string
@@ -96,6 +100,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		Ports: []state.Port{{ServicePort: 80, TargetPort: 9090}}}}})
 
 	dp := dataplane.New(env.DP.Maps, dataplane.Options{Node: dataplane.Topology{Node: "n1"}})
+	f.dp = dp
 	for _, w := range wls {
 		if err := dp.SetWorkload(dataplane.Workload{UID: w.UID, Addrs: w.Addresses, Capacity: 1, Healthy: true, HBONE: true,
 			Topology: dataplane.Topology{Node: w.Meta().Node}}); err != nil {
@@ -106,7 +111,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		Ports: []dataplane.Port{{ServicePort: 80, TargetPort: 9090}}, Endpoints: []dataplane.Endpoint{{WorkloadUID: "echo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp})
+	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,6 +135,11 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		sa := map[string]string{"sleep": "sleep", "echo": "echo", "near": "near"}[p.Name]
 		err = f.proxy.AddPod(Pod{UID: p.Name, WorkloadUID: p.Name, Netns: nsf, Cookie: cookie,
 			Identity: identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: sa}})
+		if err == nil {
+			// As the daemon's enrolment does: inbound enforcement once the
+			// proxy's 15006 is there.
+			err = env.DP.AttachInbound(int(nsf.Fd()), cookie)
+		}
 		nsf.Close()
 		if err != nil {
 			t.Fatal(err)

@@ -22,7 +22,8 @@ type decideBackendValue struct {
 	PathSvc  uint8
 	PathAddr uint8
 	PathUdp  uint8
-	Flags    uint8
+	PathIn   uint8
+	Flags    uint32
 }
 
 type decideDecideArgs struct {
@@ -77,6 +78,11 @@ type decideFrontendValue struct {
 	TargetPort uint16
 	Kind       uint8
 	Path       uint8
+}
+
+type decideInboundKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 }
 
 type decideManagedValue struct {
@@ -161,6 +167,7 @@ const (
 	decideMapKmeshBackend  = "kmesh_backend"
 	decideMapKmeshEndpoint = "kmesh_endpoint"
 	decideMapKmeshFrontend = "kmesh_frontend"
+	decideMapKmeshInproxy  = "kmesh_inproxy"
 	decideMapKmeshManaged  = "kmesh_managed"
 	decideMapKmeshService  = "kmesh_service"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
@@ -223,6 +230,7 @@ type decideMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
@@ -261,6 +269,7 @@ type decideMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
@@ -275,6 +284,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshFrontend,
+		m.KmeshInproxy,
 		m.KmeshManaged,
 		m.KmeshService,
 		m.KmeshSockOrig,

@@ -76,7 +76,16 @@ struct backend_value {
 	__u8 path_svc;	/* PATH_*: TCP reaching it through a service's load balancer */
 	__u8 path_addr; /* PATH_*: TCP addressed to one of its own IPs */
 	__u8 path_udp;	/* PATH_*: UDP, either way (never through the node proxy) */
-	__u8 flags;	/* BACKEND_F_*: the verdicts' inputs, for dumps */
+	__u8 path_in;	/* PATH_DIRECT or PATH_TUNNEL: plaintext TCP arriving at this
+			 * workload (on this node) from outside the node proxy: to the
+			 * application, or to the proxy's 15006 to be authorized */
+	__u32 flags;	/* BACKEND_F_*: the verdicts' inputs, for dumps */
+};
+
+/* kmesh_inproxy key: an enrolled pod's address; the value is the node
+ * proxy's plaintext inbound listener (15006) in that pod. */
+struct inbound_key {
+	__u32 addr[4]; /* IPv4 v4-mapped */
 };
 
 /* Per-socket storage: where the application meant to connect (addr:port),

@@ -51,7 +51,14 @@
  * on the pod's own loopback. */
 #define KMESH_PROXY_MARK    0x539
 #define KMESH_OUTBOUND_PORT 15001
+#define KMESH_INBOUND_PORT  15006
 #define KMESH_HBONE_PORT    15008
+#define KMESH_DNS_PORT	    15053
+
+/* Kubelet probes reach pods from this address once istio-cni's host rules
+ * have SNATed them; like istio-cni's in-pod rules, inbound enforcement lets
+ * it through (169.254.7.127, network order on the wire). */
+#define KMESH_PROBE_SNAT_IP4 0xa9fe077f
 
 /* service_value.mode (for dumps; the kernel acts on ranks, not on the mode) */
 #define LB_MODE_STANDARD    0
@@ -76,7 +83,9 @@ enum kmesh_stat {
 	STAT_TUNNEL_RECORD_FAIL = 12, /* ... but the map update failed */
 	STAT_PATH_REFUSED = 13,	      /* the destination's verdict is REFUSE */
 	STAT_NO_BACKEND = 14,	      /* a workload frontend without its backend: refused */
-	STAT_MAX = 16,
+	STAT_INBOUND_PROXY = 15,      /* inbound plaintext steered to the proxy's 15006 */
+	STAT_INBOUND_NO_PROXY = 16,   /* ... but the pod's 15006 is not there: dropped */
+	STAT_MAX = 24,
 };
 
 #endif

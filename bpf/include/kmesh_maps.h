@@ -94,6 +94,17 @@ struct {
 	__type(value, struct udp_rev_value);
 } kmesh_udp_rev SEC(".maps");
 
+/* Each enrolled pod's plaintext inbound listener (the node proxy's 15006),
+ * by the pod's addresses: where kmesh_inbound (sk_lookup.c) steers
+ * connections that policies must see (kmesh_inproxy). A socket leaves the map when it is
+ * closed, so a pod whose proxy is gone has no entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 8192);
+	__type(key, struct inbound_key);
+	__type(value, __u64);
+} kmesh_inproxy SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
