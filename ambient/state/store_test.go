@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"istio.io/istio/pkg/workloadapi"
 	"istio.io/istio/pkg/workloadapi/security"
@@ -67,6 +68,21 @@ func TestConvertValidation(t *testing.T) {
 			_, err := ConvertPolicy(&security.Authorization{Name: "p", Namespace: "ns", Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{SourceIps: []*security.Address{{Address: ip("10.0.0.0"), Length: 40}}}}}}}}})
 			return err
 		}, "prefix /40"},
+		{"policy with an unknown action", func() error {
+			_, err := ConvertPolicy(&security.Authorization{Name: "p", Namespace: "ns", Action: security.Action(7)})
+			return err
+		}, "unknown action 7"},
+		{"policy with an unknown scope", func() error {
+			_, err := ConvertPolicy(&security.Authorization{Name: "p", Namespace: "ns", Scope: security.Scope(9)})
+			return err
+		}, "unknown scope 9"},
+		{"policy with a field this daemon does not know", func() error {
+			m := &security.Match{}
+			// Field 99, varint 1: what a newer istiod's match condition looks like to us.
+			m.ProtoReflect().SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 99, protowire.VarintType), 1))
+			_, err := ConvertPolicy(&security.Authorization{Name: "p", Namespace: "ns", Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{m}}}}}})
+			return err
+		}, "policy.groups[0].rules[0].matches[0]"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.conv()

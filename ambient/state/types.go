@@ -12,6 +12,7 @@ import (
 	"strings"
 	"unique"
 
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"istio.io/istio/pkg/workloadapi"
 	"istio.io/istio/pkg/workloadapi/security"
 )
@@ -446,6 +447,18 @@ func ConvertPolicy(a *security.Authorization) (Policy, error) {
 		return Policy{}, fmt.Errorf("authorization policy without name")
 	}
 	p := Policy{a}
+	// Fail closed on what this daemon does not understand: skipping a
+	// policy whose action, scope or fields are newer than this code could
+	// drop a DENY. NACKed, the previous version keeps applying.
+	if _, ok := security.Action_name[int32(a.GetAction())]; !ok {
+		return Policy{}, fmt.Errorf("policy %s: unknown action %d (a newer istiod than this daemon understands): not applied", p.Key(), a.GetAction())
+	}
+	if _, ok := security.Scope_name[int32(a.GetScope())]; !ok {
+		return Policy{}, fmt.Errorf("policy %s: unknown scope %d (a newer istiod than this daemon understands): not applied", p.Key(), a.GetScope())
+	}
+	if path := unknownFields(a.ProtoReflect(), "policy"); path != "" {
+		return Policy{}, fmt.Errorf("policy %s: field unknown to this daemon in %s (a newer istiod?): not applied", p.Key(), path)
+	}
 	for _, g := range a.GetGroups() {
 		for _, r := range g.GetRules() {
 			for _, m := range r.GetMatches() {
@@ -469,4 +482,27 @@ func ConvertPolicy(a *security.Authorization) (Policy, error) {
 		}
 	}
 	return p, nil
+}
+
+// unknownFields returns where in m a field this code's protos do not know
+// was set, or "".
+func unknownFields(m protoreflect.Message, at string) string {
+	if len(m.GetUnknown()) > 0 {
+		return at
+	}
+	found := ""
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.IsList() && fd.Message() != nil:
+			l := v.List()
+			for i := 0; i < l.Len() && found == ""; i++ {
+				found = unknownFields(l.Get(i).Message(), fmt.Sprintf("%s.%s[%d]", at, fd.Name(), i))
+			}
+		case fd.IsMap():
+		case fd.Message() != nil:
+			found = unknownFields(v.Message(), at+"."+string(fd.Name()))
+		}
+		return found == ""
+	})
+	return found
 }
