@@ -1,9 +1,11 @@
 package dataplane_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"net/netip"
 	"os"
 	"reflect"
@@ -491,6 +493,81 @@ func BenchmarkPrivilegedConnectProgram(b *testing.B) {
 				b.ReportMetric(float64(wall.Microseconds())/float64(b.N), "wall-us/connect")
 			})
 		}
+	}
+}
+
+// BenchmarkPrivilegedInboundProgram reports what inbound enforcement
+// (kmesh_inbound, sk_lookup in the destination pod's namespace) costs per
+// incoming connection to a pod without policies, the zero-cost path that
+// most pods take, and to one with policies (steered to a 15006 listener).
+func BenchmarkPrivilegedInboundProgram(b *testing.B) {
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatalf("enabling BPF run-time stats: %v", err)
+	}
+	defer stats.Close()
+	f := newFixture(b, bpf.Config{})
+	a := f.backends["a"]
+	nsf, err := a.NS.File()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cookie, err := a.NS.Cookie()
+	if err == nil {
+		err = f.env.DP.AttachInbound(int(nsf.Fd()), cookie)
+	}
+	nsf.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	// A stand-in for the proxy's 15006 in a: it answers as the application
+	// would, so both cases measure one connection each.
+	// Plain TCP (a sockhash takes no MPTCP socket), as the proxy listens.
+	var l net.Listener
+	err = a.NS.Do(func() (err error) {
+		lc := net.ListenConfig{}
+		lc.SetMultipathTCP(false)
+		l, err = lc.Listen(context.Background(), "tcp", ":15006")
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+	go podnet.ServeTCPName(l, "a:15006")
+	rc, err := l.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, addr := range []netip.Addr{a.IPv4, a.IPv6} {
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = f.env.DP.Maps.SetInboundListener(addr, fd) }); err != nil || serr != nil {
+			b.Fatal(err, serr)
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		policies bool
+		want     string
+	}{{"no-policies", false, "a:8080"}, {"policies", true, "a:15006"}} {
+		w := f.workload("a", 1, true, f.node)
+		w.HBONE, w.Policies = true, tc.policies
+		if err := f.dp.SetWorkload(w); err != nil {
+			b.Fatal(err)
+		}
+		b.Run(tc.name, func(b *testing.B) {
+			before := programStats(b, f, "inbound")
+			res := f.run(b, f.outsider, "tcp", "-addr", netip.AddrPortFrom(a.IPv4, 8080).String(), "-n", strconv.Itoa(b.N), "-network", "tcp4", "-rst")
+			after := programStats(b, f, "inbound")
+			if res.Names[tc.want] != b.N {
+				b.Fatalf("want %d × %s, got %+v", b.N, tc.want, res)
+			}
+			runs := after.RunCount - before.RunCount
+			if runs < uint64(b.N) {
+				b.Fatalf("kmesh_inbound ran %d times for %d connections", runs, b.N)
+			}
+			b.ReportMetric(float64(after.RunTimeNs-before.RunTimeNs)/float64(runs), "bpf-ns/lookup")
+		})
 	}
 }
 

@@ -192,7 +192,8 @@ func (e *Env) setup(ctx context.Context) error {
 	if err := e.allowPolicy(ctx); err != nil {
 		return err
 	}
-	pods := []*corev1.Pod{server, serverHBONE, mk("bench", "client"), mk("bench", "hbone-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied")}
+	pods := []*corev1.Pod{server, serverHBONE, mk("bench", "client"), mk("bench", "hbone-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"),
+		mk("plain", "inbound")}
 	for _, p := range pods {
 		if _, err := k.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return err
@@ -223,7 +224,13 @@ func (e *Env) setup(ctx context.Context) error {
 	proxy := &Arm{Name: "haproxy-tcp", Available: true, addr: vipProxy, client: proxied}
 	proxyTLS := &Arm{Name: "haproxy-mtls", Available: true, addr: vipProxyTLS, client: proxied}
 	hbone := &Arm{Name: "kmesh-hbone", Available: true, addr: vipHBONE, client: got["bench/hbone-client"]}
-	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone}
+	// Plaintext from outside the mesh straight to the pod IP of the server
+	// with a policy: the kernel's inbound enforcement (sk_lookup) hands it
+	// to the proxy's 15006, which authorizes it and splices. Against
+	// "direct" (the same, to the server without policies, where sk_lookup
+	// runs and leaves the connection alone) it is the cost of enforcing.
+	inboundAuthz := &Arm{Name: "kmesh-inbound-authz", Available: true, addr: got["bench/server-hbone"].IPs()[0].String(), client: got["plain/inbound"]}
+	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz}
 	if len(e.opts.Arms) > 0 {
 		for _, a := range e.Arms {
 			if a.Available && a != direct && !slices.Contains(e.opts.Arms, a.Name) {
@@ -253,30 +260,40 @@ func (e *Env) setup(ctx context.Context) error {
 	if err := e.waitReachable(ctx); err != nil {
 		return err
 	}
-	if !hbone.Available {
-		return nil
+	if hbone.Available {
+		if err := e.checkCounted(hbone, "tunnel", "sent to the tunnel"); err != nil {
+			return err
+		}
 	}
-	return e.checkTunnelled(hbone)
+	if inboundAuthz.Available {
+		return e.checkCounted(inboundAuthz, "inbound_proxy", "steered to the proxy's 15006")
+	}
+	return nil
 }
 
 // allowPolicy is an ALLOW policy for the HBONE arm's server, as a user
-// would write it: clients of the bench namespace may connect.
+// would write it: clients of the bench namespace may connect, and so may
+// the plaintext client of the inbound-enforcement arm, by address.
 func (e *Env) allowPolicy(ctx context.Context) error {
 	ap := &securityclient.AuthorizationPolicy{
 		ObjectMeta: metav1.ObjectMeta{Name: "server-hbone", Namespace: "bench"},
 		Spec: securityapi.AuthorizationPolicy{
 			Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": "server-hbone"}},
 			Action:   securityapi.AuthorizationPolicy_ALLOW,
-			Rules:    []*securityapi.Rule{{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"bench"}}}}}},
+			Rules: []*securityapi.Rule{
+				{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"bench"}}}}},
+				{From: []*securityapi.Rule_From{{Source: &securityapi.Source{IpBlocks: []string{"10.244.0.0/16"}}}}},
+			},
 		},
 	}
 	_, err := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench").Create(ctx, ap, metav1.CreateOptions{})
 	return err
 }
 
-// checkTunnelled makes sure the HBONE arm measures the tunnel: a probe
-// through it must be counted by the kernel as sent to the node proxy.
-func (e *Env) checkTunnelled(a *Arm) error {
+// checkCounted makes sure an arm measures what it says: a probe through it
+// must move the kernel's counter stat (the HBONE arm: connections sent to
+// the tunnel; the inbound arm: connections steered to 15006).
+func (e *Env) checkCounted(a *Arm, stat, what string) error {
 	maps, closeMaps, err := bpf.OpenPinned(filepath.Join(sim.PinParent, e.cluster.ID, "node-1"))
 	if err != nil {
 		return err
@@ -293,8 +310,8 @@ func (e *Env) checkTunnelled(a *Arm) error {
 	if err != nil {
 		return err
 	}
-	if after["tunnel"] < before["tunnel"]+3 {
-		return fmt.Errorf("arm %s: the kernel sent %d of 3 connections to the tunnel", a.Name, after["tunnel"]-before["tunnel"])
+	if after[stat] < before[stat]+3 {
+		return fmt.Errorf("arm %s: the kernel counted %d of 3 connections %s", a.Name, after[stat]-before[stat], what)
 	}
 	return nil
 }
