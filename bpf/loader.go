@@ -22,7 +22,9 @@ import (
 // the sockops program), waypoint flags instead of waypoint ids.
 // Layout 3: path verdicts (frontend_value.path, backend_value.path_*,
 // sock_orig.path and tunnel_value.path instead of flags).
-const PinLayout = 3
+// Layout 4: the values the connect decision reads carry their own key's
+// identity (element reuse since Linux 6.1, kmesh_maps.h).
+const PinLayout = 4
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
 const DefaultPinRoot = "/sys/fs/bpf/kmesh"

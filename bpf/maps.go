@@ -214,7 +214,7 @@ func (m *Maps) PutEndpoints(es []Endpoint) error {
 	keys := make([]sockAddrEndpointKey, len(es))
 	vals := make([]sockAddrEndpointValue, len(es))
 	for i, e := range es {
-		keys[i], vals[i] = encodeEndpointKey(e.Key), encodeSlot(e.Slot)
+		keys[i], vals[i] = encodeEndpointKey(e.Key), encodeEndpoint(e)
 	}
 	return batchUpdate(m.endpoint, keys, vals)
 }
@@ -276,6 +276,7 @@ var statNames = []string{
 	"tunnel_record_fail",
 	"path_refused",
 	"no_backend",
+	"record_reused",
 }
 
 // Stats sums the per-CPU data path counters.

@@ -220,8 +220,14 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		return 0;
 	/* Datagrams to a workload's own address are left alone: UDP never
 	 * takes the node proxy, so nothing but a refusal could apply. */
-	if (frontend_lookup(key, &fe) != HIT_SERVICE)
+	switch (frontend_lookup(key, &fe)) {
+	case HIT_SERVICE:
+		break;
+	case HIT_CHANGED:
+		return -ECONNREFUSED;
+	default:
 		return 0;
+	}
 	if (fe.path == PATH_PASSTHROUGH) {
 		stat_inc(STAT_LB_PASSTHROUGH);
 		return 0;
@@ -234,10 +240,9 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 	__builtin_memcpy(uk.addr, key->addr, sizeof(uk.addr));
 	struct udp_fwd_value *fwd = bpf_map_lookup_elem(&kmesh_udp_fwd, &uk);
 	if (fwd && fwd->service_id == fe.id) {
-		__u32 id = fe.id;
-		struct service_value *svc = bpf_map_lookup_elem(&kmesh_service, &id);
+		struct service_copy svc;
 
-		if (svc && svc->epoch == fwd->epoch) {
+		if (!service_read(fe.id, family_of(key->addr), &svc) && svc.epoch == fwd->epoch) {
 			__builtin_memcpy(res->addr, fwd->backend_addr, sizeof(res->addr));
 			res->port = fwd->backend_port;
 			stat_inc(STAT_UDP_AFFINITY);

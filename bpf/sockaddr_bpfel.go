@@ -15,6 +15,7 @@ import (
 
 type sockAddrBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -37,6 +38,7 @@ type sockAddrEndpointKey struct {
 
 type sockAddrEndpointValue struct {
 	_         structs.HostLayout
+	Key       sockAddrEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -54,6 +56,7 @@ type sockAddrFrontendKey struct {
 
 type sockAddrFrontendValue struct {
 	_          structs.HostLayout
+	Key        sockAddrFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
@@ -68,6 +71,7 @@ type sockAddrManagedValue struct {
 
 type sockAddrServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8

@@ -15,6 +15,7 @@ import (
 
 type sockOpsBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -37,6 +38,7 @@ type sockOpsEndpointKey struct {
 
 type sockOpsEndpointValue struct {
 	_         structs.HostLayout
+	Key       sockOpsEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -54,6 +56,7 @@ type sockOpsFrontendKey struct {
 
 type sockOpsFrontendValue struct {
 	_          structs.HostLayout
+	Key        sockOpsFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
@@ -68,6 +71,7 @@ type sockOpsManagedValue struct {
 
 type sockOpsServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8

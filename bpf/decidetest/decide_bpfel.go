@@ -15,6 +15,7 @@ import (
 
 type decideBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -56,6 +57,7 @@ type decideEndpointKey struct {
 
 type decideEndpointValue struct {
 	_         structs.HostLayout
+	Key       decideEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -73,10 +75,28 @@ type decideFrontendKey struct {
 
 type decideFrontendValue struct {
 	_          structs.HostLayout
+	Key        decideFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
 	Path       uint8
+}
+
+type decideHammerArgs struct {
+	_           structs.HostLayout
+	Key         decideFrontendKey
+	Lo          uint32
+	Hi          uint32
+	Port        uint16
+	Pad         uint16
+	Runs        uint32
+	Window      uint32
+	Ok          uint32
+	Refused     uint32
+	Foreign     uint32
+	ForeignAddr uint32
+	ForeignPort uint16
+	Pad2        uint16
 }
 
 type decideManagedValue struct {
@@ -87,6 +107,7 @@ type decideManagedValue struct {
 
 type decideServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8
@@ -169,6 +190,8 @@ const (
 	decideMapKmeshUdpFwd   = "kmesh_udp_fwd"
 	decideMapKmeshUdpRev   = "kmesh_udp_rev"
 	decideProgKmeshTdecide = "kmesh_tdecide"
+	decideProgKmeshThammer = "kmesh_thammer"
+	decideVarReuseWindow   = "reuse_window"
 )
 
 // loadDecide returns the embedded CollectionSpec for decide.
@@ -214,6 +237,7 @@ type decideSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideProgramSpecs struct {
 	KmeshTdecide *ebpf.ProgramSpec `ebpf:"kmesh_tdecide"`
+	KmeshThammer *ebpf.ProgramSpec `ebpf:"kmesh_thammer"`
 }
 
 // decideMapSpecs contains maps before they are loaded into the kernel.
@@ -236,6 +260,7 @@ type decideMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideVariableSpecs struct {
+	ReuseWindow *ebpf.VariableSpec `ebpf:"reuse_window"`
 }
 
 // decideObjects contains all objects after they have been loaded into the kernel.
@@ -289,6 +314,7 @@ func (m *decideMaps) Close() error {
 //
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideVariables struct {
+	ReuseWindow *ebpf.Variable `ebpf:"reuse_window"`
 }
 
 // decidePrograms contains all programs after they have been loaded into the kernel.
@@ -296,11 +322,13 @@ type decideVariables struct {
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decidePrograms struct {
 	KmeshTdecide *ebpf.Program `ebpf:"kmesh_tdecide"`
+	KmeshThammer *ebpf.Program `ebpf:"kmesh_thammer"`
 }
 
 func (p *decidePrograms) Close() error {
 	return _DecideClose(
 		p.KmeshTdecide,
+		p.KmeshThammer,
 	)
 }
 

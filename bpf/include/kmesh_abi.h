@@ -6,7 +6,13 @@
  *
  * Conventions: addresses are 16 bytes in network order, IPv4 as v4-mapped
  * IPv6 (::ffff:a.b.c.d) so one key type serves both families; ports are in
- * network order, the way the kernel hands them to sock_addr programs. */
+ * network order, the way the kernel hands them to sock_addr programs.
+ *
+ * The values the connect decision reads (frontend, service, endpoint,
+ * backend) begin with the identity of their own key: since Linux 6.1 an
+ * element may be reused for another key while a program still reads it, and
+ * the programs check the identity after copying (kmesh_maps.h says why and
+ * what that guarantees). User space writes the identity with the value. */
 #ifndef KMESH_ABI_H
 #define KMESH_ABI_H
 
@@ -27,6 +33,7 @@ struct frontend_key {
 };
 
 struct frontend_value {
+	struct frontend_key key; /* the key this value is stored under (element reuse) */
 	__u32 id;	   /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
 	__u16 target_port; /* network order; endpoint_value.port overrides it when set */
 	__u8 kind;	   /* FRONTEND_* */
@@ -39,6 +46,7 @@ struct frontend_value {
  * writes a new generation completely, then flips gen here (one atomic element
  * replacement), then deletes the old one: a connect sees either table whole. */
 struct service_value {
+	__u32 id; /* the service id this value is stored under (element reuse) */
 	__u32 count[KMESH_FAMILIES][KMESH_MAX_RANKS];
 	__u32 epoch; /* bumped on every membership change (UDP affinity check) */
 	__u8 gen;    /* live endpoint generation, 0 or 1 */
@@ -60,6 +68,7 @@ struct endpoint_key {
  * backend_id with probability threshold/2^32, else alias_id. This makes
  * capacity-weighted choice exact and O(1) in the kernel. */
 struct endpoint_value {
+	struct endpoint_key key; /* the key this value is stored under (element reuse) */
 	__u32 backend_id;
 	__u32 alias_id;
 	__u32 threshold;
@@ -69,6 +78,7 @@ struct endpoint_value {
 
 /* kmesh_backend value: a workload, and how connections to it travel. */
 struct backend_value {
+	__u32 id;	/* the backend id this value is stored under (element reuse) */
 	__u32 addr4;	/* network order, 0 when the workload has no IPv4 address */
 	__u32 addr6[4]; /* all zero when it has no IPv6 address */
 	__u32 identity; /* identity id (for policy), 0 = unknown */

@@ -76,6 +76,7 @@ enum kmesh_stat {
 	STAT_TUNNEL_RECORD_FAIL = 12, /* ... but the map update failed */
 	STAT_PATH_REFUSED = 13,	      /* the destination's verdict is REFUSE */
 	STAT_NO_BACKEND = 14,	      /* a workload frontend without its backend: refused */
+	STAT_RECORD_REUSED = 15,      /* a record changed key under us (reuse): retried */
 	STAT_MAX = 16,
 };
 
