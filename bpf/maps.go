@@ -35,8 +35,6 @@ type Maps struct {
 	backend  *ebpf.Map
 	stats    *ebpf.Map
 	tunnel   *ebpf.Map
-	udpFwd   *ebpf.Map
-	udpRev   *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -44,7 +42,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], udpFwd: byName["kmesh_udp_fwd"], udpRev: byName["kmesh_udp_rev"]}
+		tunnel: byName["kmesh_tunnel"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.

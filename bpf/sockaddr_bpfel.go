@@ -114,29 +114,30 @@ type sockAddrTunnelValue struct {
 	Pad         uint16
 }
 
-type sockAddrUdpFwdValue struct {
+type sockAddrUdpAffinity struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]sockAddrUdpSlot
+}
+
+type sockAddrUdpSlot struct {
 	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
+	Vip         [4]uint32
+	Backend     [4]uint32
+	Prev        [4]uint32
+	Seq         uint64
+	PrevSeq     uint64
 	ServiceId   uint32
 	Epoch       uint32
-}
-
-type sockAddrUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type sockAddrUdpRevValue struct {
-	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	VipPort     uint16
+	BackendPort uint16
+	PrevPort    uint16
+	Pad         uint16
 }
 
 // Names of all BPF objects in the ELF.
@@ -151,8 +152,7 @@ const (
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
-	sockAddrMapKmeshUdpFwd    = "kmesh_udp_fwd"
-	sockAddrMapKmeshUdpRev    = "kmesh_udp_rev"
+	sockAddrMapKmeshUdp       = "kmesh_udp"
 	sockAddrProgKmeshConnect4 = "kmesh_connect4"
 	sockAddrProgKmeshConnect6 = "kmesh_connect6"
 	sockAddrProgKmeshGetpeer4 = "kmesh_getpeer4"
@@ -228,8 +228,7 @@ type sockAddrMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // sockAddrVariableSpecs contains global variables before they are loaded into the kernel.
@@ -267,8 +266,7 @@ type sockAddrMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockAddrMaps) Close() error {
@@ -281,8 +279,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 

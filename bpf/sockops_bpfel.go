@@ -114,29 +114,28 @@ type sockOpsTunnelValue struct {
 	Pad         uint16
 }
 
-type sockOpsUdpFwdValue struct {
-	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
-	ServiceId   uint32
-	Epoch       uint32
-}
-
-type sockOpsUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type sockOpsUdpRevValue struct {
+type sockOpsUdpAffinity struct {
 	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]struct {
+		_           structs.HostLayout
+		Vip         [4]uint32
+		Backend     [4]uint32
+		Prev        [4]uint32
+		Seq         uint64
+		PrevSeq     uint64
+		ServiceId   uint32
+		Epoch       uint32
+		VipPort     uint16
+		BackendPort uint16
+		PrevPort    uint16
+		Pad         uint16
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -151,8 +150,7 @@ const (
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
-	sockOpsMapKmeshUdpFwd   = "kmesh_udp_fwd"
-	sockOpsMapKmeshUdpRev   = "kmesh_udp_rev"
+	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
 )
 
@@ -213,8 +211,7 @@ type sockOpsMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // sockOpsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -251,8 +248,7 @@ type sockOpsMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockOpsMaps) Close() error {
@@ -265,8 +261,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 

@@ -150,29 +150,28 @@ type decideTunnelValue struct {
 	Pad         uint16
 }
 
-type decideUdpFwdValue struct {
-	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
-	ServiceId   uint32
-	Epoch       uint32
-}
-
-type decideUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type decideUdpRevValue struct {
+type decideUdpAffinity struct {
 	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]struct {
+		_           structs.HostLayout
+		Vip         [4]uint32
+		Backend     [4]uint32
+		Prev        [4]uint32
+		Seq         uint64
+		PrevSeq     uint64
+		ServiceId   uint32
+		Epoch       uint32
+		VipPort     uint16
+		BackendPort uint16
+		PrevPort    uint16
+		Pad         uint16
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -187,8 +186,7 @@ const (
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
-	decideMapKmeshUdpFwd   = "kmesh_udp_fwd"
-	decideMapKmeshUdpRev   = "kmesh_udp_rev"
+	decideMapKmeshUdp      = "kmesh_udp"
 	decideProgKmeshTdecide = "kmesh_tdecide"
 	decideProgKmeshThammer = "kmesh_thammer"
 	decideVarReuseWindow   = "reuse_window"
@@ -252,8 +250,7 @@ type decideMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // decideVariableSpecs contains global variables before they are loaded into the kernel.
@@ -291,8 +288,7 @@ type decideMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *decideMaps) Close() error {
@@ -305,8 +301,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 

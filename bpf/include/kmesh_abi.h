@@ -17,6 +17,7 @@
 #define KMESH_ABI_H
 
 #include <linux/types.h>
+#include <linux/bpf.h> /* struct bpf_spin_lock */
 
 /* kmesh_managed value: an enrolled pod's network namespace. */
 struct managed_value {
@@ -128,29 +129,30 @@ struct tunnel_value {
 	__u16 pad;
 };
 
-/* Unconnected UDP: the backend chosen for (socket, VIP:port), so one socket's
- * datagrams to a VIP keep going to one backend, and the reverse mapping so
- * replies can be reported as coming from the VIP. */
-struct udp_key {
-	__u64 cookie;
-	__u32 addr[4];
-	__u16 port;
-	__u16 pad;
-	__u32 pad2;
-};
-
-struct udp_fwd_value {
-	__u32 backend_addr[4];
-	__u16 backend_port;
-	__u16 pad;
-	__u32 service_id;
+/* Unconnected UDP, per socket (kmesh_udp, socket storage: it dies with the
+ * socket). A slot per VIP:port the socket sends to: the backend chosen for
+ * it (affinity, until the service's membership changes) and the one before
+ * the last re-pick, each with the send counter of the last datagram that
+ * went there, so recvmsg can report a reply as coming from the VIP. */
+struct udp_slot {
+	__u32 vip[4]; /* what the application sent to */
+	__u32 backend[4];
+	__u32 prev[4];	  /* the backend before the last re-pick; zero when none */
+	__u64 seq;	  /* send counter of the last datagram to backend; 0 = free slot */
+	__u64 prev_seq;	  /* ... and of the last one to prev */
+	__u32 service_id; /* the set backend was drawn from, at epoch */
 	__u32 epoch;
+	__u16 vip_port;
+	__u16 backend_port;
+	__u16 prev_port;
+	__u16 pad;
 };
 
-struct udp_rev_value {
-	__u32 addr[4];
-	__u16 port;
-	__u16 pad;
+struct udp_affinity {
+	struct bpf_spin_lock lock; /* sendmsg and recvmsg on one socket may run on two CPUs */
+	__u32 pad;
+	__u64 seq; /* datagrams this socket sent to VIPs */
+	struct udp_slot slot[KMESH_UDP_SLOTS];
 };
 
 #endif

@@ -14,6 +14,10 @@
  * the node (Istio has six scopes, so seven ranks), STRICT keeps only rank 0. */
 #define KMESH_MAX_RANKS 8
 
+/* VIP:ports one unconnected UDP socket keeps affinity (and reply sources)
+ * for at once; the least recently used slot is reused beyond that. */
+#define KMESH_UDP_SLOTS 8
+
 /* Address families index the per-family endpoint tables. */
 #define KMESH_FAMILY_V4 0
 #define KMESH_FAMILY_V6 1

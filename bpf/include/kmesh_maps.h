@@ -52,9 +52,8 @@
  * Not covered: kmesh_managed is only tested for presence (no value read);
  * kmesh_tunnel (LRU, preallocated, reused the same way) is written by
  * sockops and taken by the node proxy, which refuses a record whose backend
- * it does not know as a mesh workload; the UDP affinity maps are checked
- * against the service's id and epoch. Socket storage (kmesh_sock_orig) is
- * reachable only from its own live socket. */
+ * it does not know as a mesh workload. Socket storage (kmesh_sock_orig,
+ * kmesh_udp) is reachable only from its own live socket and freed with it. */
 #ifndef KMESH_MAPS_H
 #define KMESH_MAPS_H
 
@@ -126,21 +125,14 @@ struct {
 	__type(value, struct tunnel_value);
 } kmesh_tunnel SEC(".maps");
 
-/* Unconnected UDP: backend chosen per (socket cookie, VIP:port). */
+/* Unconnected UDP: per socket, the backend chosen for each VIP it sends to
+ * and what replies are reported as coming from; freed with the socket. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct udp_key);
-	__type(value, struct udp_fwd_value);
-} kmesh_udp_fwd SEC(".maps");
-
-/* Unconnected UDP: (socket cookie, backend:port) -> VIP:port for recvmsg. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct udp_key);
-	__type(value, struct udp_rev_value);
-} kmesh_udp_rev SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct udp_affinity);
+} kmesh_udp SEC(".maps");
 
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
