@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin
 
-.PHONY: help build generate check-generate test lint bench bench-tools bench-quick bench-program bench-sync demo clean
+.PHONY: help build generate check-generate test fuzz lint bench bench-tools bench-quick bench-program bench-sync demo clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -20,8 +20,36 @@ check-generate: generate ## fail if the committed bpf2go output is stale
 	@git diff --exit-code -- bpf/ || { echo "bpf2go output differs from the committed one: run make generate and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- bpf/)" || { git status --porcelain -- bpf/; echo "untracked bpf2go output: commit it"; exit 1; }
 
-test: ## all test tiers; kernel and end-to-end tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
-	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m ./...
+# make test runs the product's packages (unit and kernel tiers) under the race
+# detector, and the harness (integration/: the simulator and the end-to-end
+# tests, which link Istio's discovery server and CA) without it, where it
+# would cost more than the rest of the run together. Every package runs once.
+RACE_PKGS = $(shell $(GO) list ./... | grep -v '^kmesh.dev/kmesh/integration/')
+NORACE_PKGS = $(shell $(GO) list ./integration/...)
+
+test: ## all test tiers (the product under -race); kernel and end-to-end tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
+	@rc=0; \
+	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -race -timeout 30m $(RACE_PKGS) || rc=1; \
+	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m $(NORACE_PKGS) || rc=1; \
+	exit $$rc
+
+# Fuzz targets are found, not listed by hand: the packages holding a
+# `func Fuzz...` in a _test.go file, then `go test -list` in each (so build
+# tags and helpers named Fuzz* in non-test code do not count).
+FUZZTIME ?= 30s
+
+fuzz: ## run every fuzz target for FUZZTIME each (default 30s); fails on the first crash (its input lands in testdata/fuzz/)
+	@pkgs=$$(grep -rlE --include='*_test.go' '^func Fuzz[A-Z0-9_]' . | xargs -r -n1 dirname | sort -u); \
+	test -n "$$pkgs" || { echo "no fuzz targets found"; exit 1; }; \
+	n=0; for pkg in $$pkgs; do \
+		targets=$$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz') || { echo "listing fuzz targets of $$pkg failed"; exit 1; }; \
+		for target in $$targets; do \
+			echo "== $$pkg $$target ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+			n=$$((n+1)); \
+		done; \
+	done; \
+	echo "fuzz: $$n targets, $(FUZZTIME) each, no crash"
 
 lint: ## gofmt, go vet, import rules (product never imports integration/; cilium/ebpf only in bpf/), clang-format
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); test -z "$$out" || { echo "gofmt:"; echo "$$out"; exit 1; }

@@ -32,9 +32,8 @@ func TestABILayout(t *testing.T) {
 		"sock_orig":      sockAddrSockOrig{},
 		"tunnel_key":     sockAddrTunnelKey{},
 		"tunnel_value":   sockAddrTunnelValue{},
-		"udp_key":        sockAddrUdpKey{},
-		"udp_fwd_value":  sockAddrUdpFwdValue{},
-		"udp_rev_value":  sockAddrUdpRevValue{},
+		"udp_slot":       sockAddrUdpSlot{},
+		"udp_affinity":   sockAddrUdpAffinity{},
 	} {
 		var st *btf.Struct
 		if err := spec.Types.TypeByName(cName, &st); err != nil {

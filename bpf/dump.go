@@ -29,8 +29,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_endpoint":  dumpEndpoints,
 	"kmesh_backend":   dumpBackends,
 	"kmesh_tunnel":    dumpTunnels,
-	"kmesh_udp_fwd":   dumpUDPForward,
-	"kmesh_udp_rev":   dumpUDPReverse,
+	"kmesh_udp":       dumpUDP,
 	"kmesh_stats":     dumpStats,
 	"kmesh_sock_orig": dumpSockOrig,
 	"kmesh_inproxy":   dumpInboundListeners,
@@ -152,24 +151,11 @@ func dumpTunnels(m *Maps) (Table, error) {
 	return t, err
 }
 
-func dumpUDPForward(m *Maps) (Table, error) {
-	t := Table{Header: []string{"SOCKET COOKIE", "DIALLED", "BACKEND", "SET", "EPOCH"}}
-	err := dump(m.udpFwd, func(k sockAddrUdpKey, v sockAddrUdpFwdValue) {
-		t.Rows = append(t.Rows, []string{fmt.Sprint(k.Cookie), netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)).String(),
-			netip.AddrPortFrom(wordsAddr(v.BackendAddr), ntohs(v.BackendPort)).String(), fmt.Sprint(v.ServiceId), fmt.Sprint(v.Epoch)})
-	})
-	sortRows(t.Rows)
-	return t, err
-}
-
-func dumpUDPReverse(m *Maps) (Table, error) {
-	t := Table{Header: []string{"SOCKET COOKIE", "BACKEND", "REPORTED AS"}}
-	err := dump(m.udpRev, func(k sockAddrUdpKey, v sockAddrUdpRevValue) {
-		t.Rows = append(t.Rows, []string{fmt.Sprint(k.Cookie), netip.AddrPortFrom(wordsAddr(k.Addr), ntohs(k.Port)).String(),
-			netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)).String()})
-	})
-	sortRows(t.Rows)
-	return t, err
+func dumpUDP(m *Maps) (Table, error) {
+	if m.byName["kmesh_udp"].Type() != ebpf.SkStorage {
+		return Table{}, fmt.Errorf("kmesh_udp is not socket storage")
+	}
+	return Table{Note: "per-socket storage (each unconnected UDP socket's backend per VIP): it lives in the sockets and cannot be listed from user space"}, nil
 }
 
 func dumpStats(m *Maps) (Table, error) {

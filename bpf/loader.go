@@ -23,7 +23,10 @@ import (
 // Layout 3: path verdicts (frontend_value.path, backend_value.path_*,
 // sock_orig.path and tunnel_value.path instead of flags).
 // Layout 4: inbound enforcement (backend_value.path_in, kmesh_inproxy,
-// links/inbound/<netns cookie>).
+// links/inbound/<netns cookie>); the values the connect decision reads
+// carry their own key's identity (element reuse since Linux 6.1,
+// kmesh_maps.h); unconnected UDP state in socket storage (kmesh_udp)
+// instead of two LRU maps.
 const PinLayout = 4
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
@@ -37,7 +40,6 @@ type MapSizes struct {
 	Service  uint32
 	Endpoint uint32
 	Backend  uint32
-	UDP      uint32 // each of the two UDP affinity maps
 }
 
 // Config says where the data path lives.
@@ -97,8 +99,6 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
 	set("kmesh_service", s.Service)
 	set("kmesh_endpoint", s.Endpoint)
 	set("kmesh_backend", s.Backend)
-	set("kmesh_udp_fwd", s.UDP)
-	set("kmesh_udp_rev", s.UDP)
 	if len(missing) > 0 {
 		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
 	}

@@ -35,8 +35,6 @@ type Maps struct {
 	backend  *ebpf.Map
 	stats    *ebpf.Map
 	tunnel   *ebpf.Map
-	udpFwd   *ebpf.Map
-	udpRev   *ebpf.Map
 	inproxy  *ebpf.Map
 }
 
@@ -45,8 +43,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], udpFwd: byName["kmesh_udp_fwd"], udpRev: byName["kmesh_udp_rev"],
-		inproxy: byName["kmesh_inproxy"]}
+		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -216,7 +213,7 @@ func (m *Maps) PutEndpoints(es []Endpoint) error {
 	keys := make([]sockAddrEndpointKey, len(es))
 	vals := make([]sockAddrEndpointValue, len(es))
 	for i, e := range es {
-		keys[i], vals[i] = encodeEndpointKey(e.Key), encodeSlot(e.Slot)
+		keys[i], vals[i] = encodeEndpointKey(e.Key), encodeEndpoint(e)
 	}
 	return batchUpdate(m.endpoint, keys, vals)
 }
@@ -280,6 +277,7 @@ var statNames = []string{
 	"no_backend",
 	"inbound_proxy",
 	"inbound_no_proxy",
+	"record_reused",
 }
 
 // Stats sums the per-CPU data path counters.

@@ -44,20 +44,33 @@ char _license[] SEC("license") = "Dual BSD/GPL";
 
 /* Inbound verdict of a destination address: the workload's path_in, or
  * PATH_TUNNEL when the address is not a known workload (the proxy decides,
- * and refuses what it does not know). */
+ * and refuses what it does not know). Records are read through the
+ * element-reuse checks of kmesh_lb.h; one that changed under us twice is
+ * left to the proxy too. */
 static __always_inline __u8 inbound_path(const __u32 addr[4])
 {
 	struct frontend_key fk = {};
+	struct frontend_value fe;
+	struct backend_copy be;
 
 	__builtin_memcpy(fk.addr, addr, sizeof(fk.addr));
-	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, &fk);
-	if (!fe || fe->kind != FRONTEND_WORKLOAD)
-		return PATH_TUNNEL;
-	__u32 id = fe->id;
-	struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
-	if (!be)
-		return PATH_TUNNEL;
-	return be->path_in;
+#pragma unroll
+	for (int attempt = 0; attempt < 2; attempt++) {
+		struct frontend_value *p = bpf_map_lookup_elem(&kmesh_frontend, &fk);
+		if (!p)
+			return PATH_TUNNEL;
+		if (frontend_read(p, &fk, &fe))
+			continue;
+		if (fe.kind != FRONTEND_WORKLOAD)
+			return PATH_TUNNEL;
+		int err = backend_read(fe.id, KMESH_FAMILY_V4, &be);
+		if (err == -EAGAIN)
+			continue;
+		if (err)
+			return PATH_TUNNEL;
+		return be.path_in;
+	}
+	return PATH_TUNNEL;
 }
 
 SEC("sk_lookup")

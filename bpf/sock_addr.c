@@ -204,15 +204,114 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 
 /* Unconnected UDP. Every datagram passes here, so one socket talking to a VIP
  * keeps its backend (QUIC and other stateful UDP would break otherwise) until
- * the service's membership changes. */
+ * the service's membership changes. The choice lives in the socket's own
+ * storage (kmesh_udp): nothing outlives the socket, and no socket's traffic
+ * evicts another's.
+ *
+ * Replies. A datagram from a backend carries no trace of the VIP it answers,
+ * and one socket may send to two VIPs whose datagrams reach the same
+ * backend:port (two services selecting one pod). recvmsg reports a datagram
+ * from backend:port as coming from the VIP whose datagram this socket most
+ * recently sent there: every send through a slot stamps it with the socket's
+ * send counter, and the slot whose backend (or previous backend, for replies
+ * still in flight across a re-pick) matches with the highest stamp wins. A
+ * client that waits for each answer before asking another VIP always sees the
+ * VIP it asked; replies from a backend the socket never reached through a
+ * VIP are left alone. */
+
+/* Finds the slot for vip:port (or -1), under the lock. */
+static __always_inline int udp_slot_of(struct udp_affinity *aff, const struct frontend_key *key)
+{
+	int found = -1;
+
+#pragma unroll
+	for (int i = 0; i < KMESH_UDP_SLOTS; i++) {
+		struct udp_slot *s = &aff->slot[i];
+
+		if (found < 0 && s->seq && s->vip_port == key->port && addr_eq(s->vip, key->addr))
+			found = i;
+	}
+	return found;
+}
+
+/* Where a new choice for key goes: its own slot, else a free one, else the
+ * least recently used. Under the lock. */
+static __always_inline int udp_slot_for(struct udp_affinity *aff, const struct frontend_key *key)
+{
+	int own = udp_slot_of(aff, key);
+	int victim = 0;
+	__u64 oldest = ~0ULL;
+
+	if (own >= 0)
+		return own;
+#pragma unroll
+	for (int i = 0; i < KMESH_UDP_SLOTS; i++) {
+		if (aff->slot[i].seq < oldest) {
+			oldest = aff->slot[i].seq;
+			victim = i;
+		}
+	}
+	return victim;
+}
+
+/* Sends through vip's slot to the backend it holds if it was drawn from the
+ * set fe points at now, at its current epoch. Returns 1 (res filled) or 0. */
+static __always_inline int udp_affine(struct udp_affinity *aff, const struct frontend_key *key,
+				      __u32 service_id, __u32 epoch, struct lb_result *res)
+{
+	int hit = 0;
+
+	bpf_spin_lock(&aff->lock);
+	int i = udp_slot_of(aff, key);
+	if (i >= 0) {
+		struct udp_slot *s = &aff->slot[i & (KMESH_UDP_SLOTS - 1)];
+
+		if (s->service_id == service_id && s->epoch == epoch) {
+			__builtin_memcpy(res->addr, s->backend, sizeof(res->addr));
+			res->port = s->backend_port;
+			s->seq = ++aff->seq;
+			hit = 1;
+		}
+	}
+	bpf_spin_unlock(&aff->lock);
+	return hit;
+}
+
+/* Records a new choice for vip; the backend it replaces stays matchable
+ * for replies (prev). */
+static __always_inline void udp_remember(struct udp_affinity *aff, const struct frontend_key *key,
+					 __u32 service_id, __u32 epoch, const struct lb_result *res)
+{
+	bpf_spin_lock(&aff->lock);
+	int i = udp_slot_for(aff, key) & (KMESH_UDP_SLOTS - 1);
+	struct udp_slot *s = &aff->slot[i];
+
+	if (s->seq && s->vip_port == key->port && addr_eq(s->vip, key->addr) &&
+	    !(s->backend_port == res->port && addr_eq(s->backend, res->addr))) {
+		__builtin_memcpy(s->prev, s->backend, sizeof(s->prev));
+		s->prev_port = s->backend_port;
+		s->prev_seq = s->seq;
+	} else if (!(s->seq && s->vip_port == key->port && addr_eq(s->vip, key->addr))) {
+		/* A slot taken over from another VIP keeps nothing of it. */
+		__builtin_memset(s->prev, 0, sizeof(s->prev));
+		s->prev_port = 0;
+		s->prev_seq = 0;
+	}
+	__builtin_memcpy(s->vip, key->addr, sizeof(s->vip));
+	s->vip_port = key->port;
+	__builtin_memcpy(s->backend, res->addr, sizeof(s->backend));
+	s->backend_port = res->port;
+	s->service_id = service_id;
+	s->epoch = epoch;
+	s->seq = ++aff->seq;
+	bpf_spin_unlock(&aff->lock);
+}
+
 static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
 					  struct lb_result *res)
 {
 	struct frontend_value fe;
-	struct udp_key uk = {
-	    .cookie = bpf_get_socket_cookie(ctx),
-	    .port = key->port,
-	};
+	struct service_copy svc;
 	struct lb_rand rnd;
 	__u32 epoch;
 
@@ -220,8 +319,14 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		return 0;
 	/* Datagrams to a workload's own address are left alone: UDP never
 	 * takes the node proxy, so nothing but a refusal could apply. */
-	if (frontend_lookup(key, &fe) != HIT_SERVICE)
+	switch (frontend_lookup(key, &fe)) {
+	case HIT_SERVICE:
+		break;
+	case HIT_CHANGED:
+		return -ECONNREFUSED;
+	default:
 		return 0;
+	}
 	if (fe.path == PATH_PASSTHROUGH) {
 		stat_inc(STAT_LB_PASSTHROUGH);
 		return 0;
@@ -231,23 +336,18 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		return -ECONNREFUSED;
 	}
 
-	__builtin_memcpy(uk.addr, key->addr, sizeof(uk.addr));
-	struct udp_fwd_value *fwd = bpf_map_lookup_elem(&kmesh_udp_fwd, &uk);
-	if (fwd && fwd->service_id == fe.id) {
-		__u32 id = fe.id;
-		struct service_value *svc = bpf_map_lookup_elem(&kmesh_service, &id);
-
-		if (svc && svc->epoch == fwd->epoch) {
-			__builtin_memcpy(res->addr, fwd->backend_addr, sizeof(res->addr));
-			res->port = fwd->backend_port;
-			stat_inc(STAT_UDP_AFFINITY);
-			return 1;
-		}
+	int family = family_of(key->addr);
+	struct udp_affinity *aff =
+	    bpf_sk_storage_get(&kmesh_udp, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (aff && !service_read(fe.id, family, &svc) &&
+	    udp_affine(aff, key, fe.id, svc.epoch, res)) {
+		stat_inc(STAT_UDP_AFFINITY);
+		return 1;
 	}
 
 	rnd.slot = bpf_get_prandom_u32();
 	rnd.coin = bpf_get_prandom_u32();
-	int err = lb_pick(&fe, family_of(key->addr), &rnd, res, &epoch);
+	int err = lb_pick(&fe, family, &rnd, res, &epoch);
 	if (err) {
 		count_lb_error(err);
 		return err;
@@ -257,25 +357,10 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		return -ECONNREFUSED;
 	}
 	stat_inc(STAT_LB_SERVICE);
-
-	struct udp_fwd_value nf = {
-	    .backend_port = res->port,
-	    .service_id = fe.id,
-	    .epoch = epoch,
-	};
-	__builtin_memcpy(nf.backend_addr, res->addr, sizeof(nf.backend_addr));
-	bpf_map_update_elem(&kmesh_udp_fwd, &uk, &nf, BPF_ANY);
-
-	struct udp_key rk = {
-	    .cookie = uk.cookie,
-	    .port = res->port,
-	};
-	struct udp_rev_value rv = {
-	    .port = key->port,
-	};
-	__builtin_memcpy(rk.addr, res->addr, sizeof(rk.addr));
-	__builtin_memcpy(rv.addr, key->addr, sizeof(rv.addr));
-	bpf_map_update_elem(&kmesh_udp_rev, &rk, &rv, BPF_ANY);
+	if (aff)
+		udp_remember(aff, key, fe.id, epoch, res);
+	else
+		stat_inc(STAT_STORAGE_FAIL); /* no affinity, replies show the backend */
 	return 1;
 }
 
@@ -325,25 +410,50 @@ int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-/* Finds the VIP a peer address stands for on this socket: the UDP reverse
- * map for unconnected sockets, the socket's own storage for connected ones.
- * No managed check: only sockets we redirected have entries. */
+/* The VIP a reply from addr:port on an unconnected UDP socket answers (see
+ * sendmsg_decide). Returns 1 with addr:port rewritten, or 0. */
+static __always_inline int udp_reply_vip(struct bpf_sock_addr *ctx, __u32 addr[4], __u16 *port)
+{
+	struct udp_affinity *aff = bpf_sk_storage_get(&kmesh_udp, ctx->sk, NULL, 0);
+	__u32 vip[4] = {};
+	__u16 vip_port = 0;
+	__u64 best = 0;
+
+	if (!aff)
+		return 0;
+	bpf_spin_lock(&aff->lock);
+#pragma unroll
+	for (int i = 0; i < KMESH_UDP_SLOTS; i++) {
+		struct udp_slot *s = &aff->slot[i];
+		__u64 seq = 0;
+
+		if (s->seq && s->backend_port == *port && addr_eq(s->backend, addr))
+			seq = s->seq;
+		else if (s->prev_seq && s->prev_port == *port && addr_eq(s->prev, addr))
+			seq = s->prev_seq;
+		if (seq > best) {
+			best = seq;
+			__builtin_memcpy(vip, s->vip, sizeof(vip));
+			vip_port = s->vip_port;
+		}
+	}
+	bpf_spin_unlock(&aff->lock);
+	if (!best)
+		return 0;
+	__builtin_memcpy(addr, vip, sizeof(vip));
+	*port = vip_port;
+	return 1;
+}
+
+/* Finds the VIP a peer address stands for on this socket: for unconnected
+ * UDP the socket's affinity slots, else (connected sockets) the socket's
+ * original destination. No managed check: only sockets we redirected have
+ * storage. */
 static __always_inline int peer_to_vip(struct bpf_sock_addr *ctx, __u32 addr[4], __u16 *port,
 				       int udp)
 {
-	if (udp) {
-		struct udp_key rk = {
-		    .cookie = bpf_get_socket_cookie(ctx),
-		    .port = *port,
-		};
-		__builtin_memcpy(rk.addr, addr, sizeof(rk.addr));
-		struct udp_rev_value *rv = bpf_map_lookup_elem(&kmesh_udp_rev, &rk);
-		if (rv) {
-			__builtin_memcpy(addr, rv->addr, sizeof(rv->addr));
-			*port = rv->port;
-			return 1;
-		}
-	}
+	if (udp && udp_reply_vip(ctx, addr, port))
+		return 1;
 	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, 0);
 	if (so && so->peer_port == *port && addr_eq(so->peer_addr, addr)) {
 		__builtin_memcpy(addr, so->addr, sizeof(so->addr));

@@ -15,6 +15,7 @@ import (
 
 type sockAddrBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -38,6 +39,7 @@ type sockAddrEndpointKey struct {
 
 type sockAddrEndpointValue struct {
 	_         structs.HostLayout
+	Key       sockAddrEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -55,6 +57,7 @@ type sockAddrFrontendKey struct {
 
 type sockAddrFrontendValue struct {
 	_          structs.HostLayout
+	Key        sockAddrFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
@@ -74,6 +77,7 @@ type sockAddrManagedValue struct {
 
 type sockAddrServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8
@@ -116,29 +120,30 @@ type sockAddrTunnelValue struct {
 	Pad         uint16
 }
 
-type sockAddrUdpFwdValue struct {
+type sockAddrUdpAffinity struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]sockAddrUdpSlot
+}
+
+type sockAddrUdpSlot struct {
 	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
+	Vip         [4]uint32
+	Backend     [4]uint32
+	Prev        [4]uint32
+	Seq         uint64
+	PrevSeq     uint64
 	ServiceId   uint32
 	Epoch       uint32
-}
-
-type sockAddrUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type sockAddrUdpRevValue struct {
-	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	VipPort     uint16
+	BackendPort uint16
+	PrevPort    uint16
+	Pad         uint16
 }
 
 // Names of all BPF objects in the ELF.
@@ -154,8 +159,7 @@ const (
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
-	sockAddrMapKmeshUdpFwd    = "kmesh_udp_fwd"
-	sockAddrMapKmeshUdpRev    = "kmesh_udp_rev"
+	sockAddrMapKmeshUdp       = "kmesh_udp"
 	sockAddrProgKmeshConnect4 = "kmesh_connect4"
 	sockAddrProgKmeshConnect6 = "kmesh_connect6"
 	sockAddrProgKmeshGetpeer4 = "kmesh_getpeer4"
@@ -232,8 +236,7 @@ type sockAddrMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // sockAddrVariableSpecs contains global variables before they are loaded into the kernel.
@@ -272,8 +275,7 @@ type sockAddrMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockAddrMaps) Close() error {
@@ -287,8 +289,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 

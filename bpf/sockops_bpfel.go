@@ -15,6 +15,7 @@ import (
 
 type sockOpsBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -38,6 +39,7 @@ type sockOpsEndpointKey struct {
 
 type sockOpsEndpointValue struct {
 	_         structs.HostLayout
+	Key       sockOpsEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -55,6 +57,7 @@ type sockOpsFrontendKey struct {
 
 type sockOpsFrontendValue struct {
 	_          structs.HostLayout
+	Key        sockOpsFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
@@ -74,6 +77,7 @@ type sockOpsManagedValue struct {
 
 type sockOpsServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8
@@ -116,29 +120,28 @@ type sockOpsTunnelValue struct {
 	Pad         uint16
 }
 
-type sockOpsUdpFwdValue struct {
-	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
-	ServiceId   uint32
-	Epoch       uint32
-}
-
-type sockOpsUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type sockOpsUdpRevValue struct {
+type sockOpsUdpAffinity struct {
 	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]struct {
+		_           structs.HostLayout
+		Vip         [4]uint32
+		Backend     [4]uint32
+		Prev        [4]uint32
+		Seq         uint64
+		PrevSeq     uint64
+		ServiceId   uint32
+		Epoch       uint32
+		VipPort     uint16
+		BackendPort uint16
+		PrevPort    uint16
+		Pad         uint16
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -154,8 +157,7 @@ const (
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
-	sockOpsMapKmeshUdpFwd   = "kmesh_udp_fwd"
-	sockOpsMapKmeshUdpRev   = "kmesh_udp_rev"
+	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
 )
 
@@ -217,8 +219,7 @@ type sockOpsMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // sockOpsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -256,8 +257,7 @@ type sockOpsMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockOpsMaps) Close() error {
@@ -271,8 +271,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 

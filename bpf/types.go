@@ -287,8 +287,12 @@ func decodeFrontendKey(k sockAddrFrontendKey) FrontendKey {
 	return FrontendKey{Addr: wordsAddr(k.Addr), Port: ntohs(k.Port), Proto: Proto(k.Proto)}
 }
 
+// The values the connect decision reads carry the identity of their own
+// key (element reuse, kmesh_maps.h): the encoders write it, the decoders
+// leave it out (it is the key).
+
 func encodeFrontendValue(f Frontend) sockAddrFrontendValue {
-	return sockAddrFrontendValue{Id: f.ID, TargetPort: htons(f.TargetPort), Kind: uint8(f.Kind), Path: uint8(f.Path)}
+	return sockAddrFrontendValue{Key: encodeFrontendKey(f.Key), Id: f.ID, TargetPort: htons(f.TargetPort), Kind: uint8(f.Kind), Path: uint8(f.Path)}
 }
 
 func decodeFrontend(k sockAddrFrontendKey, v sockAddrFrontendValue) Frontend {
@@ -302,7 +306,7 @@ func decodeFrontend(k sockAddrFrontendKey, v sockAddrFrontendValue) Frontend {
 }
 
 func encodeService(s Service) sockAddrServiceValue {
-	return sockAddrServiceValue{Count: s.Counts, Epoch: s.Epoch, Gen: s.Gen, Mode: uint8(s.Mode)}
+	return sockAddrServiceValue{Id: s.ID, Count: s.Counts, Epoch: s.Epoch, Gen: s.Gen, Mode: uint8(s.Mode)}
 }
 
 func decodeService(id uint32, v sockAddrServiceValue) Service {
@@ -317,8 +321,9 @@ func decodeEndpointKey(k sockAddrEndpointKey) EndpointKey {
 	return EndpointKey{Service: k.ServiceId, Gen: k.Gen, Family: Family(k.Family), Rank: k.Rank, Index: k.Index}
 }
 
-func encodeSlot(s EndpointSlot) sockAddrEndpointValue {
-	return sockAddrEndpointValue{BackendId: s.Backend, AliasId: s.Alias, Threshold: s.Threshold,
+func encodeEndpoint(e Endpoint) sockAddrEndpointValue {
+	s := e.Slot
+	return sockAddrEndpointValue{Key: encodeEndpointKey(e.Key), BackendId: s.Backend, AliasId: s.Alias, Threshold: s.Threshold,
 		Port: htons(s.Port), AliasPort: htons(s.AliasPort)}
 }
 
@@ -328,7 +333,7 @@ func decodeSlot(v sockAddrEndpointValue) EndpointSlot {
 }
 
 func encodeBackend(b Backend) sockAddrBackendValue {
-	v := sockAddrBackendValue{Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity,
+	v := sockAddrBackendValue{Id: b.ID, Addr4: addr4Word(b.Addr4), Identity: b.Identity, Capacity: b.Capacity,
 		PathSvc: uint8(b.PathSvc), PathAddr: uint8(b.PathAddr), PathUdp: uint8(b.PathUDP), PathIn: uint8(b.PathIn)}
 	if b.Addr6.IsValid() {
 		v.Addr6 = addrWords(b.Addr6)

@@ -27,7 +27,9 @@ type Config struct {
 		Service  uint32 `mapstructure:"service"`
 		Endpoint uint32 `mapstructure:"endpoint"`
 		Backend  uint32 `mapstructure:"backend"`
-		UDP      uint32 `mapstructure:"udp"`
+		// UDP is no longer used (unconnected UDP affinity lives in socket
+		// storage, one per socket); kept so existing files still load.
+		UDP uint32 `mapstructure:"udp"`
 	} `mapstructure:"maps"`
 
 	// Ports of the node-level servers (ztunnel's).
@@ -65,7 +67,7 @@ type Config struct {
 // MapSizes converts the configured sizes for the loader.
 func (c *Config) MapSizes() bpf.MapSizes {
 	return bpf.MapSizes{Managed: c.Maps.Managed, Frontend: c.Maps.Frontend, Service: c.Maps.Service,
-		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend, UDP: c.Maps.UDP}
+		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend}
 }
 
 // setting is one configuration key: its default, the environment variable
@@ -84,7 +86,7 @@ var settings = []setting{
 	{"maps.service", "KMESH_MAP_SERVICE", "max load-balancing sets", uint32(65536)},
 	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(524288)},
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
-	{"maps.udp", "KMESH_MAP_UDP", "max unconnected-UDP flows remembered", uint32(65536)},
+	{"maps.udp", "KMESH_MAP_UDP", "unused (UDP affinity is per-socket storage now)", uint32(65536)},
 	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
 	{"readiness_addr", "KMESH_READINESS_ADDR", "readiness probe", ":15021"},

@@ -77,6 +77,44 @@ func (d *Decider) Decide(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32)
 	return dec, nil
 }
 
+// HammerResult counts what Hammer's decisions came to.
+type HammerResult struct {
+	OK, Refused, Foreign uint32
+	// LastForeign is the last foreign decision's destination.
+	LastForeign netip.AddrPort
+}
+
+// Hammer runs the decision for dst (TCP) runs times inside the kernel with
+// random numbers, waiting window bpf_loop iterations between every lookup
+// and the copy of what it found (so that a writer on another CPU reuses
+// elements meanwhile). A decision is OK when it rewrote dst to an IPv4
+// address in [lo, hi] and port; refused when decide() failed; foreign
+// otherwise — a destination the service never had.
+func (d *Decider) Hammer(dst netip.AddrPort, lo, hi netip.Addr, port uint16, runs, window uint32) (HammerResult, error) {
+	var args decideHammerArgs
+	args.Key.Addr = words(dst.Addr())
+	args.Key.Port = netOrder(dst.Port())
+	args.Key.Proto = uint8(bpf.TCP)
+	args.Lo, args.Hi = hostWord(lo), hostWord(hi)
+	args.Port, args.Runs, args.Window = port, runs, window
+	buf := unsafe.Slice((*byte)(unsafe.Pointer(&args)), unsafe.Sizeof(args))
+	out := make([]byte, len(buf))
+	if _, err := d.objs.KmeshThammer.Run(&ebpf.RunOptions{Context: buf, ContextOut: out}); err != nil {
+		return HammerResult{}, fmt.Errorf("BPF_PROG_RUN: %w", err)
+	}
+	res := *(*decideHammerArgs)(unsafe.Pointer(&out[0]))
+	var a [4]byte
+	binary.NativeEndian.PutUint32(a[:], res.ForeignAddr)
+	return HammerResult{OK: res.Ok, Refused: res.Refused, Foreign: res.Foreign,
+		LastForeign: netip.AddrPortFrom(netip.AddrFrom4(a), hostOrder(res.ForeignPort))}, nil
+}
+
+// hostWord is an IPv4 address as a host-order number.
+func hostWord(a netip.Addr) uint32 {
+	b := a.Unmap().As4()
+	return binary.BigEndian.Uint32(b[:])
+}
+
 // words lays an address out as the C struct holds it: 16 network-order
 // bytes (IPv4 v4-mapped) read as native-endian words.
 func words(a netip.Addr) [4]uint32 {

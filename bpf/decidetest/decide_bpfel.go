@@ -15,6 +15,7 @@ import (
 
 type decideBackendValue struct {
 	_        structs.HostLayout
+	Id       uint32
 	Addr4    uint32
 	Addr6    [4]uint32
 	Identity uint32
@@ -57,6 +58,7 @@ type decideEndpointKey struct {
 
 type decideEndpointValue struct {
 	_         structs.HostLayout
+	Key       decideEndpointKey
 	BackendId uint32
 	AliasId   uint32
 	Threshold uint32
@@ -74,10 +76,28 @@ type decideFrontendKey struct {
 
 type decideFrontendValue struct {
 	_          structs.HostLayout
+	Key        decideFrontendKey
 	Id         uint32
 	TargetPort uint16
 	Kind       uint8
 	Path       uint8
+}
+
+type decideHammerArgs struct {
+	_           structs.HostLayout
+	Key         decideFrontendKey
+	Lo          uint32
+	Hi          uint32
+	Port        uint16
+	Pad         uint16
+	Runs        uint32
+	Window      uint32
+	Ok          uint32
+	Refused     uint32
+	Foreign     uint32
+	ForeignAddr uint32
+	ForeignPort uint16
+	Pad2        uint16
 }
 
 type decideInboundKey struct {
@@ -93,6 +113,7 @@ type decideManagedValue struct {
 
 type decideServiceValue struct {
 	_     structs.HostLayout
+	Id    uint32
 	Count [2][8]uint32
 	Epoch uint32
 	Gen   uint8
@@ -135,29 +156,28 @@ type decideTunnelValue struct {
 	Pad         uint16
 }
 
-type decideUdpFwdValue struct {
-	_           structs.HostLayout
-	BackendAddr [4]uint32
-	BackendPort uint16
-	Pad         uint16
-	ServiceId   uint32
-	Epoch       uint32
-}
-
-type decideUdpKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [4]uint32
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type decideUdpRevValue struct {
+type decideUdpAffinity struct {
 	_    structs.HostLayout
-	Addr [4]uint32
-	Port uint16
-	Pad  uint16
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad  uint32
+	Seq  uint64
+	Slot [8]struct {
+		_           structs.HostLayout
+		Vip         [4]uint32
+		Backend     [4]uint32
+		Prev        [4]uint32
+		Seq         uint64
+		PrevSeq     uint64
+		ServiceId   uint32
+		Epoch       uint32
+		VipPort     uint16
+		BackendPort uint16
+		PrevPort    uint16
+		Pad         uint16
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -173,9 +193,10 @@ const (
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
-	decideMapKmeshUdpFwd   = "kmesh_udp_fwd"
-	decideMapKmeshUdpRev   = "kmesh_udp_rev"
+	decideMapKmeshUdp      = "kmesh_udp"
 	decideProgKmeshTdecide = "kmesh_tdecide"
+	decideProgKmeshThammer = "kmesh_thammer"
+	decideVarReuseWindow   = "reuse_window"
 )
 
 // loadDecide returns the embedded CollectionSpec for decide.
@@ -221,6 +242,7 @@ type decideSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideProgramSpecs struct {
 	KmeshTdecide *ebpf.ProgramSpec `ebpf:"kmesh_tdecide"`
+	KmeshThammer *ebpf.ProgramSpec `ebpf:"kmesh_thammer"`
 }
 
 // decideMapSpecs contains maps before they are loaded into the kernel.
@@ -236,14 +258,14 @@ type decideMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.MapSpec `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.MapSpec `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
 
 // decideVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideVariableSpecs struct {
+	ReuseWindow *ebpf.VariableSpec `ebpf:"reuse_window"`
 }
 
 // decideObjects contains all objects after they have been loaded into the kernel.
@@ -275,8 +297,7 @@ type decideMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdpFwd   *ebpf.Map `ebpf:"kmesh_udp_fwd"`
-	KmeshUdpRev   *ebpf.Map `ebpf:"kmesh_udp_rev"`
+	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *decideMaps) Close() error {
@@ -290,8 +311,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshStats,
 		m.KmeshTunnel,
-		m.KmeshUdpFwd,
-		m.KmeshUdpRev,
+		m.KmeshUdp,
 	)
 }
 
@@ -299,6 +319,7 @@ func (m *decideMaps) Close() error {
 //
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideVariables struct {
+	ReuseWindow *ebpf.Variable `ebpf:"reuse_window"`
 }
 
 // decidePrograms contains all programs after they have been loaded into the kernel.
@@ -306,11 +327,13 @@ type decideVariables struct {
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decidePrograms struct {
 	KmeshTdecide *ebpf.Program `ebpf:"kmesh_tdecide"`
+	KmeshThammer *ebpf.Program `ebpf:"kmesh_thammer"`
 }
 
 func (p *decidePrograms) Close() error {
 	return _DecideClose(
 		p.KmeshTdecide,
+		p.KmeshThammer,
 	)
 }
 

@@ -6,4 +6,4 @@
 // numbers.
 package decidetest
 
-//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type decide_args decide decide.c -- -mcpu=v3 -Wall -Werror -I../include -I/usr/include/$(uname -m)-linux-gnu"
+//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type decide_args -type hammer_args decide decide.c -- -mcpu=v3 -Wall -Werror -I../include -I/usr/include/$(uname -m)-linux-gnu"

@@ -6,11 +6,18 @@
  *
  * Conventions: addresses are 16 bytes in network order, IPv4 as v4-mapped
  * IPv6 (::ffff:a.b.c.d) so one key type serves both families; ports are in
- * network order, the way the kernel hands them to sock_addr programs. */
+ * network order, the way the kernel hands them to sock_addr programs.
+ *
+ * The values the connect decision reads (frontend, service, endpoint,
+ * backend) begin with the identity of their own key: since Linux 6.1 an
+ * element may be reused for another key while a program still reads it, and
+ * the programs check the identity after copying (kmesh_maps.h says why and
+ * what that guarantees). User space writes the identity with the value. */
 #ifndef KMESH_ABI_H
 #define KMESH_ABI_H
 
 #include <linux/types.h>
+#include <linux/bpf.h> /* struct bpf_spin_lock */
 
 /* kmesh_managed value: an enrolled pod's network namespace. */
 struct managed_value {
@@ -27,6 +34,7 @@ struct frontend_key {
 };
 
 struct frontend_value {
+	struct frontend_key key; /* the key this value is stored under (element reuse) */
 	__u32 id;	   /* service id (FRONTEND_SERVICE) or backend id (FRONTEND_WORKLOAD) */
 	__u16 target_port; /* network order; endpoint_value.port overrides it when set */
 	__u8 kind;	   /* FRONTEND_* */
@@ -39,6 +47,7 @@ struct frontend_value {
  * writes a new generation completely, then flips gen here (one atomic element
  * replacement), then deletes the old one: a connect sees either table whole. */
 struct service_value {
+	__u32 id; /* the service id this value is stored under (element reuse) */
 	__u32 count[KMESH_FAMILIES][KMESH_MAX_RANKS];
 	__u32 epoch; /* bumped on every membership change (UDP affinity check) */
 	__u8 gen;    /* live endpoint generation, 0 or 1 */
@@ -60,6 +69,7 @@ struct endpoint_key {
  * backend_id with probability threshold/2^32, else alias_id. This makes
  * capacity-weighted choice exact and O(1) in the kernel. */
 struct endpoint_value {
+	struct endpoint_key key; /* the key this value is stored under (element reuse) */
 	__u32 backend_id;
 	__u32 alias_id;
 	__u32 threshold;
@@ -69,6 +79,7 @@ struct endpoint_value {
 
 /* kmesh_backend value: a workload, and how connections to it travel. */
 struct backend_value {
+	__u32 id;	/* the backend id this value is stored under (element reuse) */
 	__u32 addr4;	/* network order, 0 when the workload has no IPv4 address */
 	__u32 addr6[4]; /* all zero when it has no IPv6 address */
 	__u32 identity; /* identity id (for policy), 0 = unknown */
@@ -127,29 +138,30 @@ struct tunnel_value {
 	__u16 pad;
 };
 
-/* Unconnected UDP: the backend chosen for (socket, VIP:port), so one socket's
- * datagrams to a VIP keep going to one backend, and the reverse mapping so
- * replies can be reported as coming from the VIP. */
-struct udp_key {
-	__u64 cookie;
-	__u32 addr[4];
-	__u16 port;
-	__u16 pad;
-	__u32 pad2;
-};
-
-struct udp_fwd_value {
-	__u32 backend_addr[4];
-	__u16 backend_port;
-	__u16 pad;
-	__u32 service_id;
+/* Unconnected UDP, per socket (kmesh_udp, socket storage: it dies with the
+ * socket). A slot per VIP:port the socket sends to: the backend chosen for
+ * it (affinity, until the service's membership changes) and the one before
+ * the last re-pick, each with the send counter of the last datagram that
+ * went there, so recvmsg can report a reply as coming from the VIP. */
+struct udp_slot {
+	__u32 vip[4]; /* what the application sent to */
+	__u32 backend[4];
+	__u32 prev[4];	  /* the backend before the last re-pick; zero when none */
+	__u64 seq;	  /* send counter of the last datagram to backend; 0 = free slot */
+	__u64 prev_seq;	  /* ... and of the last one to prev */
+	__u32 service_id; /* the set backend was drawn from, at epoch */
 	__u32 epoch;
+	__u16 vip_port;
+	__u16 backend_port;
+	__u16 prev_port;
+	__u16 pad;
 };
 
-struct udp_rev_value {
-	__u32 addr[4];
-	__u16 port;
-	__u16 pad;
+struct udp_affinity {
+	struct bpf_spin_lock lock; /* sendmsg and recvmsg on one socket may run on two CPUs */
+	__u32 pad;
+	__u64 seq; /* datagrams this socket sent to VIPs */
+	struct udp_slot slot[KMESH_UDP_SLOTS];
 };
 
 #endif

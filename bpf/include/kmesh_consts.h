@@ -14,6 +14,10 @@
  * the node (Istio has six scopes, so seven ranks), STRICT keeps only rank 0. */
 #define KMESH_MAX_RANKS 8
 
+/* VIP:ports one unconnected UDP socket keeps affinity (and reply sources)
+ * for at once; the least recently used slot is reused beyond that. */
+#define KMESH_UDP_SLOTS 8
+
 /* Address families index the per-family endpoint tables. */
 #define KMESH_FAMILY_V4 0
 #define KMESH_FAMILY_V6 1
@@ -85,6 +89,7 @@ enum kmesh_stat {
 	STAT_NO_BACKEND = 14,	      /* a workload frontend without its backend: refused */
 	STAT_INBOUND_PROXY = 15,      /* inbound plaintext steered to the proxy's 15006 */
 	STAT_INBOUND_NO_PROXY = 16,   /* ... but the pod's 15006 is not there: dropped */
+	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
 	STAT_MAX = 24,
 };
 

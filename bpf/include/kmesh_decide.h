@@ -23,31 +23,50 @@ enum frontend_hit {
 	HIT_NONE,
 	HIT_SERVICE,
 	HIT_WORKLOAD,
+	HIT_CHANGED, /* what we found changed under us twice (element reuse): refuse */
 };
 
-/* Looks the destination up as a service VIP:port, then as a workload IP. */
-static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *key,
-							 struct frontend_value *out)
+/* Looks the destination up as a service VIP:port, then as a workload IP,
+ * once. */
+static __always_inline enum frontend_hit frontend_lookup_once(struct frontend_key *key,
+							      struct frontend_value *out)
 {
 	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, key);
 
-	if (fe && fe->kind == FRONTEND_SERVICE) {
-		*out = *fe;
-		return HIT_SERVICE;
+	if (fe) {
+		if (frontend_read(fe, key, out))
+			return HIT_CHANGED;
+		if (out->kind == FRONTEND_SERVICE)
+			return HIT_SERVICE;
 	}
 	/* Workloads are keyed by address alone: port 0, protocol 0. */
 	__u16 port = key->port;
 	__u8 proto = key->proto;
+	enum frontend_hit hit = HIT_NONE;
 	key->port = 0;
 	key->proto = 0;
 	fe = bpf_map_lookup_elem(&kmesh_frontend, key);
+	if (fe) {
+		if (frontend_read(fe, key, out))
+			hit = HIT_CHANGED;
+		else if (out->kind == FRONTEND_WORKLOAD)
+			hit = HIT_WORKLOAD;
+	}
 	key->port = port;
 	key->proto = proto;
-	if (fe && fe->kind == FRONTEND_WORKLOAD) {
-		*out = *fe;
-		return HIT_WORKLOAD;
-	}
-	return HIT_NONE;
+	return hit;
+}
+
+/* frontend_lookup is frontend_lookup_once, again once if what it found was
+ * reused for another key while it read it. */
+static __always_inline enum frontend_hit frontend_lookup(struct frontend_key *key,
+							 struct frontend_value *out)
+{
+	enum frontend_hit hit = frontend_lookup_once(key, out);
+
+	if (hit == HIT_CHANGED)
+		hit = frontend_lookup_once(key, out);
+	return hit;
 }
 
 static __always_inline int family_of(const __u32 addr[4])
@@ -98,16 +117,21 @@ static __always_inline int decide(struct frontend_key *key, const struct lb_rand
 		if (tcp && key->port == bpf_htons(KMESH_HBONE_PORT))
 			return 0;
 		__u32 id = fe.id;
-		struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
-		if (!be) {
+		struct backend_copy be;
+		int err = backend_read(id, family_of(key->addr), &be);
+		if (err == -EAGAIN)
+			err = backend_read(id, family_of(key->addr), &be);
+		if (err) {
 			/* User space deletes a workload's frontends before its
-			 * backend: a frontend without one is a bug. Fail closed. */
-			stat_inc(STAT_NO_BACKEND);
+			 * backend: a frontend without one is a bug. Fail closed,
+			 * as when it changed under us twice. */
+			if (err == -ENOENT)
+				stat_inc(STAT_NO_BACKEND);
 			d->path = PATH_REFUSE;
 			return -ECONNREFUSED;
 		}
 		d->backend_id = id;
-		d->path = tcp ? be->path_addr : be->path_udp;
+		d->path = tcp ? be.path_addr : be.path_udp;
 		break;
 	}
 	case HIT_SERVICE:
@@ -131,6 +155,9 @@ static __always_inline int decide(struct frontend_key *key, const struct lb_rand
 		d->backend_id = res.backend_id;
 		d->path = tcp ? res.path_svc : res.path_udp;
 		break;
+	case HIT_CHANGED:
+		d->path = PATH_REFUSE;
+		return -ECONNREFUSED;
 	default:
 		return 0;
 	}

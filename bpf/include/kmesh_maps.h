@@ -2,11 +2,58 @@
 /* Every Kmesh map, defined once. Sizes here are defaults: the loader sets
  * max_entries from configuration and pins each map under
  * /sys/fs/bpf/kmesh/v<layout>/ so that a restarted daemon reuses it.
- * Configuration maps are BPF_F_NO_PREALLOC: an update replaces an element
- * under RCU, but since Linux 6.1 freed memory can be reused at once, so a
- * value copied during a concurrent update may belong to another key. The
- * programs copy right after each lookup; a scheme correct on 6.1+ is open
- * work (see ARCHITECTURE.md, Maps). */
+ *
+ * Element reuse. User space replaces a hash element by writing the key
+ * again: htab_map_update_elem() (kernel/bpf/hashtab.c) links a new element
+ * and unlinks the old one under the bucket lock, and for a
+ * BPF_F_NO_PREALLOC map then hands the old one to free_htab_elem() ->
+ * htab_elem_free() -> bpf_mem_cache_free(); htab_map_delete_elem() does the
+ * same. Since Linux 6.1 that is the BPF memory allocator (kernel/bpf/
+ * memalloc.c): unit_free() pushes the element onto the current CPU's
+ * free_llist and unit_alloc() pops from it, so the next element allocated on
+ * that CPU (the next insert or replacement of any key of the map) is the one
+ * just freed, no grace period in between. The memory goes back to the slab
+ * only after an RCU tasks-trace grace period (free_bulk() ->
+ * do_call_rcu_ttrace()), so a program's pointer into a value never points
+ * outside this map's elements -- but the element may meanwhile hold another
+ * key's value. Preallocation would not help: alloc_htab_elem() parks a
+ * replaced element in the CPU's extra_elems for the next replacement, and a
+ * deleted one goes on pcpu_freelist for the next insert. alloc_htab_elem()
+ * fills a reused element with plain stores (memcpy of the key, then
+ * copy_map_value() of the value) before linking it.
+ *
+ * So every value the connect decision reads -- frontend, service, endpoint
+ * slot, backend -- begins with the identity of the key it is stored under
+ * (kmesh_abi.h), and the programs read such a value in one way only
+ * (kmesh_lb.h: frontend_read, service_read, endpoint_read, backend_read):
+ * copy the fields they use with volatile loads, then, after a compiler
+ * barrier, load the identity and compare it with the key they looked up. A
+ * mismatch means "changed under us": the decision is retried once from the
+ * start, then refused, as for a generation retired under a lookup.
+ *
+ * What that guarantees, for each record the decision uses:
+ *  - reuse that finished before the copy began is always caught: the
+ *    identity is then another key's (a reuse for the same key is a newer
+ *    version of that key, which is as good as the one looked up);
+ *  - reuse that begins after the identity load changes nothing we read;
+ *  - reuse whose stores land during the copy itself (a few instructions,
+ *    nanoseconds): the identity is the value's first member, so a forward
+ *    copy writes it first; where stores become visible in program order
+ *    (x86-64 with plain moves) seeing any field of the new value implies
+ *    seeing its identity, and the mismatch is caught. Where they need not
+ *    (x86 fast-string `rep movsb` copies, arm64) a value torn between two
+ *    keys can pass in that window. This is the residual risk, and the only
+ *    one: outside those nanoseconds the check is exact.
+ * A record that passes may still be an older version of its key (the
+ * element was unlinked, not yet reused): that is RCU's ordinary guarantee,
+ * and user space never hands an id to another object while a record points
+ * at it (ambient/dataplane).
+ *
+ * Not covered: kmesh_managed is only tested for presence (no value read);
+ * kmesh_tunnel (LRU, preallocated, reused the same way) is written by
+ * sockops and taken by the node proxy, which refuses a record whose backend
+ * it does not know as a mesh workload. Socket storage (kmesh_sock_orig,
+ * kmesh_udp) is reachable only from its own live socket and freed with it. */
 #ifndef KMESH_MAPS_H
 #define KMESH_MAPS_H
 
@@ -78,21 +125,14 @@ struct {
 	__type(value, struct tunnel_value);
 } kmesh_tunnel SEC(".maps");
 
-/* Unconnected UDP: backend chosen per (socket cookie, VIP:port). */
+/* Unconnected UDP: per socket, the backend chosen for each VIP it sends to
+ * and what replies are reported as coming from; freed with the socket. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct udp_key);
-	__type(value, struct udp_fwd_value);
-} kmesh_udp_fwd SEC(".maps");
-
-/* Unconnected UDP: (socket cookie, backend:port) -> VIP:port for recvmsg. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct udp_key);
-	__type(value, struct udp_rev_value);
-} kmesh_udp_rev SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct udp_affinity);
+} kmesh_udp SEC(".maps");
 
 /* Each enrolled pod's plaintext inbound listener (the node proxy's 15006),
  * by the pod's addresses: where kmesh_inbound (sk_lookup.c) steers

@@ -23,7 +23,7 @@ Commands:
   version [--kernel]      print the version; --kernel adds what this kernel supports
   dump [MAP...]           print the kernel maps of this node, every field decoded:
                           managed, frontend, service, endpoint, backend, tunnel,
-                          udp_fwd, udp_rev, sock_orig, stats (default: all)
+                          udp, sock_orig, stats (default: all)
   demo [FLAGS]            run the node simulator demo (see README): executes
                           kmesh-sim (next to kmeshctl, else PATH) with FLAGS
 `

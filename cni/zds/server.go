@@ -21,11 +21,18 @@ type Server struct {
 	l    *net.UnixListener
 	log  *slog.Logger
 
-	mu   sync.Mutex
-	pods map[string]*pod
-	conn *serverConn // the newest proxy connection gets the updates
+	mu     sync.Mutex
+	closed bool
+	pods   map[string]*pod
+	conn   *serverConn // the newest proxy connection gets the updates
 }
 
+// pod is an enrolled pod. Its netns file belongs to the Server (closed by
+// AddPod replacing it, DelPod and Close, under mu). A message carrying a pod's
+// namespace carries a duplicate of its own, made under mu, which belongs to
+// the message and is closed once sent or dropped: a namespace replaced or
+// removed while a message is in flight is never closed under the sender (whose
+// fd number the kernel could meanwhile give to another file).
 type pod struct {
 	info  *zdsapi.WorkloadInfo
 	netns *os.File
@@ -37,6 +44,8 @@ type serverConn struct {
 	done chan struct{}
 }
 
+// request is a message for the proxy; fd (nil or a duplicate) belongs to
+// the request: to submit until serve receives it, then to serve.
 type request struct {
 	msg  *zdsapi.WorkloadRequest
 	fd   *os.File
@@ -76,7 +85,9 @@ func (s *Server) Run(ctx context.Context) {
 
 func (s *Server) serve(ctx context.Context, uc *net.UnixConn) error {
 	defer uc.Close()
-	c := &serverConn{uc: uc, reqs: make(chan request, 64), done: make(chan struct{})}
+	// reqs is unbuffered so that a request is either received by this loop
+	// (which then owns its fd) or still the submitter's when we stop.
+	c := &serverConn{uc: uc, reqs: make(chan request), done: make(chan struct{})}
 	defer close(c.done)
 	// Register before the snapshot, as Istio's agent does, so no add made
 	// meanwhile is lost (at worst it arrives twice; adds are idempotent).
@@ -100,8 +111,17 @@ func (s *Server) serve(ctx context.Context, uc *net.UnixConn) error {
 	if hello.GetVersion() != zdsapi.Version_V1 {
 		return fmt.Errorf("unsupported ZDS version %v", hello.GetVersion())
 	}
-	for _, p := range s.snapshot() {
-		if err := c.send(p.msg, p.fd); err != nil {
+	snap, err := s.snapshot()
+	if err != nil {
+		return err
+	}
+	for i, p := range snap {
+		err := c.send(p.msg, p.fd)
+		p.fd.Close()
+		if err != nil {
+			for _, rest := range snap[i+1:] {
+				rest.fd.Close()
+			}
 			return err
 		}
 	}
@@ -111,7 +131,11 @@ func (s *Server) serve(ctx context.Context, uc *net.UnixConn) error {
 	for {
 		select {
 		case r := <-c.reqs:
-			r.resp <- c.send(r.msg, r.fd)
+			err := c.send(r.msg, r.fd)
+			if r.fd != nil {
+				r.fd.Close()
+			}
+			r.resp <- err
 		case <-ctx.Done():
 			return nil
 		}
@@ -137,12 +161,15 @@ func (c *serverConn) send(m *zdsapi.WorkloadRequest, fd *os.File) error {
 	return nil
 }
 
+// snapEntry is one add of a snapshot; fd is a duplicate the caller closes.
 type snapEntry struct {
 	msg *zdsapi.WorkloadRequest
 	fd  *os.File
 }
 
-func (s *Server) snapshot() []snapEntry {
+// snapshot is an add for every enrolled pod, each with a duplicate of the
+// pod's namespace taken under mu (the caller closes them).
+func (s *Server) snapshot() ([]snapEntry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	uids := make([]string, 0, len(s.pods))
@@ -153,9 +180,16 @@ func (s *Server) snapshot() []snapEntry {
 	out := make([]snapEntry, 0, len(uids))
 	for _, uid := range uids {
 		p := s.pods[uid]
-		out = append(out, snapEntry{msg: addMsg(uid, p.info), fd: p.netns})
+		fd, err := dup(p.netns)
+		if err != nil {
+			for _, e := range out {
+				e.fd.Close()
+			}
+			return nil, err
+		}
+		out = append(out, snapEntry{msg: addMsg(uid, p.info), fd: fd})
 	}
-	return out
+	return out, nil
 }
 
 func addMsg(uid string, info *zdsapi.WorkloadInfo) *zdsapi.WorkloadRequest {
@@ -164,19 +198,27 @@ func addMsg(uid string, info *zdsapi.WorkloadInfo) *zdsapi.WorkloadRequest {
 
 // submit hands a request to the connected proxy and waits for its ack. With
 // no proxy connected it succeeds: the next proxy gets the pod in its snapshot.
-func (s *Server) submit(ctx context.Context, m *zdsapi.WorkloadRequest, fd *os.File) error {
-	s.mu.Lock()
-	c := s.conn
-	s.mu.Unlock()
+// submit owns fd (nil, or a duplicate for this message): it closes it unless
+// the connection's loop took the request, which then closes it.
+func (s *Server) submit(ctx context.Context, c *serverConn, m *zdsapi.WorkloadRequest, fd *os.File) error {
 	if c == nil {
+		if fd != nil {
+			fd.Close()
+		}
 		return nil
 	}
 	r := request{msg: m, fd: fd, resp: make(chan error, 1)}
 	select {
 	case c.reqs <- r:
 	case <-c.done:
+		if fd != nil {
+			fd.Close()
+		}
 		return nil
 	case <-ctx.Done():
+		if fd != nil {
+			fd.Close()
+		}
 		return ctx.Err()
 	}
 	select {
@@ -190,19 +232,31 @@ func (s *Server) submit(ctx context.Context, m *zdsapi.WorkloadRequest, fd *os.F
 }
 
 // AddPod enrols a pod: the server keeps a duplicate of netns (the caller
-// keeps its own) and tells the proxy.
+// keeps its own) and tells the proxy. After Close it fails (net.ErrClosed).
 func (s *Server) AddPod(ctx context.Context, uid string, info *zdsapi.WorkloadInfo, netns *os.File) error {
-	fd, err := dup(netns)
+	kept, err := dup(netns)
 	if err != nil {
 		return err
 	}
+	sent, err := dup(netns)
+	if err != nil {
+		kept.Close()
+		return err
+	}
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		kept.Close()
+		sent.Close()
+		return net.ErrClosed
+	}
 	if old := s.pods[uid]; old != nil {
 		old.netns.Close()
 	}
-	s.pods[uid] = &pod{info: info, netns: fd}
+	s.pods[uid] = &pod{info: info, netns: kept}
+	c := s.conn
 	s.mu.Unlock()
-	return s.submit(ctx, addMsg(uid, info), fd)
+	return s.submit(ctx, c, addMsg(uid, info), sent)
 }
 
 // DelPod unenrols a pod.
@@ -210,12 +264,13 @@ func (s *Server) DelPod(ctx context.Context, uid string) error {
 	s.mu.Lock()
 	p := s.pods[uid]
 	delete(s.pods, uid)
+	c := s.conn
 	s.mu.Unlock()
 	if p == nil {
 		return nil
 	}
-	defer p.netns.Close()
-	return s.submit(ctx, &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Del{Del: &zdsapi.DelWorkload{Uid: uid}}}, nil)
+	p.netns.Close()
+	return s.submit(ctx, c, &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Del{Del: &zdsapi.DelWorkload{Uid: uid}}}, nil)
 }
 
 // Enrolled lists the enrolled pod uids.
@@ -238,6 +293,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.closed = true
 	for uid, p := range s.pods {
 		p.netns.Close()
 		delete(s.pods, uid)

@@ -2,9 +2,11 @@ package zds
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -114,5 +116,101 @@ func TestServerClient(t *testing.T) {
 	}
 	if got := srv.Enrolled(); len(got) != 1 || got[0] != "uid-2" {
 		t.Fatalf("enrolled %v", got)
+	}
+}
+
+// checker is a handler that counts adds whose namespace is not the one the
+// test enrols.
+type checker struct {
+	want      uint64
+	adds, bad atomic.Int64
+}
+
+func (c *checker) Add(_ string, _ *zdsapi.WorkloadInfo, netns *os.File) error {
+	defer netns.Close()
+	c.adds.Add(1)
+	if ino(netns) != c.want {
+		c.bad.Add(1)
+	}
+	return nil
+}
+func (c *checker) Keep(string) error   { return nil }
+func (c *checker) Del(string) error    { return nil }
+func (c *checker) SnapshotSent() error { return nil }
+
+// Pods replaced and removed while their adds are being sent (live and in
+// snapshots to reconnecting proxies), and the server closed under a
+// snapshot: every namespace the proxy receives is the one enrolled — never
+// a descriptor closed under the sender, whose number the kernel hands to
+// the next file opened (here: /dev/null, opened in a loop). Run with -race.
+func TestServerFdOwnership(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "ztunnel.sock")
+	srv, err := Listen(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.Run(ctx)
+	ns, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	chk := &checker{want: ino(ns)}
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() { // reuse freed fd numbers at once
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if f, err := os.Open("/dev/null"); err == nil {
+				f.Close()
+			}
+		}
+	}()
+	go func() { // proxies come and go: snapshots race the updates
+		defer wg.Done()
+		for {
+			cctx, ccancel := context.WithCancel(ctx)
+			go (&Client{Path: path, Handler: chk}).Run(cctx)
+			select {
+			case <-stop:
+				ccancel()
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			ccancel()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for i := range 2000 {
+			uid := fmt.Sprintf("uid-%d", i%8)
+			_ = srv.AddPod(ctx, uid, &zdsapi.WorkloadInfo{Name: uid}, ns)
+			if i%3 == 0 {
+				_ = srv.DelPod(ctx, fmt.Sprintf("uid-%d", (i+4)%8))
+			}
+		}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	// Close under whatever is being sent.
+	srv.Close()
+	close(stop)
+	cancel()
+	wg.Wait()
+	t.Logf("%d adds received", chk.adds.Load())
+	if chk.adds.Load() == 0 {
+		t.Fatal("no add reached the proxy")
+	}
+	if b := chk.bad.Load(); b != 0 {
+		t.Fatalf("%d of %d adds carried a descriptor that was not the enrolled namespace", b, chk.adds.Load())
 	}
 }
