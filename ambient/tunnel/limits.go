@@ -1,0 +1,63 @@
+package tunnel
+
+import (
+	"net/netip"
+	"sync"
+)
+
+// Inbound HBONE connections the node accepts at once: per source address
+// (over all pods of the node) and in total. Every peer holding a mesh
+// certificate may be hostile, and each connection costs a socket, TLS
+// state, buffers and two goroutines before it carries anything; a
+// connection beyond either bound is reset as soon as it is accepted,
+// before any TLS work, and counted in kmesh_tunnel_refused_total
+// {direction="inbound", reason="peer_connection_limit" | "node_connection_limit"}.
+//
+// The defaults are far above what HBONE clients open: ztunnel and our own
+// pool share one connection among up to 100 streams per source pod,
+// identity and destination.
+const (
+	defaultMaxInboundPerPeer = 1024
+	defaultMaxInbound        = 16384
+
+	reasonPeerConnLimit = "peer_connection_limit"
+	reasonNodeConnLimit = "node_connection_limit"
+)
+
+// connLimits counts inbound connections by source address.
+type connLimits struct {
+	perPeer, total int // ≤ 0: unlimited
+
+	mu     sync.Mutex
+	n      int
+	byPeer map[netip.Addr]int
+}
+
+func newConnLimits(perPeer, total int) *connLimits {
+	return &connLimits{perPeer: perPeer, total: total, byPeer: map[netip.Addr]int{}}
+}
+
+// acquire counts a connection from peer, or returns why it is refused.
+func (l *connLimits) acquire(peer netip.Addr) (refused string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.total > 0 && l.n >= l.total {
+		return reasonNodeConnLimit
+	}
+	if l.perPeer > 0 && l.byPeer[peer] >= l.perPeer {
+		return reasonPeerConnLimit
+	}
+	l.n++
+	l.byPeer[peer]++
+	return ""
+}
+
+// release forgets a connection acquire counted.
+func (l *connLimits) release(peer netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.n--
+	if l.byPeer[peer]--; l.byPeer[peer] <= 0 {
+		delete(l.byPeer, peer)
+	}
+}
