@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -45,19 +46,112 @@ const (
 	DefaultMaxFrame     = 1 << 20
 )
 
-// Config is one side's HTTP/2 settings. Zero fields take the defaults.
+// Defaults of the limits that keep a hostile or dead peer from holding
+// more than its share (see Config).
+const (
+	// DefaultMaxHeaderListSize is ztunnel's server limit (64 KiB): a
+	// CONNECT carries a handful of short fields.
+	DefaultMaxHeaderListSize = 64 << 10
+	// DefaultMaxControlFrames: x/net's server allows 10000; our control
+	// frames are a few dozen bytes each and a well-behaved peer never has
+	// more than about two per stream waiting, so 1000 is plenty.
+	DefaultMaxControlFrames = 1000
+	// DefaultMaxEarlyResets per DefaultResetWindow: four times the
+	// streams a connection may have open, per 10 s.
+	DefaultMaxEarlyResets = 4 * DefaultMaxStreams
+	DefaultResetWindow    = 10 * time.Second
+	// DefaultHandshakeTimeout bounds the preface and first SETTINGS.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultWriteTimeout: a write that makes no progress for this long
+	// means the peer stopped reading.
+	DefaultWriteTimeout = 20 * time.Second
+	// DefaultPingInterval and DefaultPingTimeout are ztunnel's keepalive.
+	DefaultPingInterval = 10 * time.Second
+	DefaultPingTimeout  = 20 * time.Second
+	// DefaultIdleTimeout closes connections without streams.
+	DefaultIdleTimeout = 10 * time.Minute
+)
+
+// Config is one side's HTTP/2 settings and limits. Zero fields take the
+// defaults; a negative duration or count turns that limit off.
 type Config struct {
 	// MaxStreams is the concurrent streams a server allows per connection
-	// (SETTINGS_MAX_CONCURRENT_STREAMS); default DefaultMaxStreams.
+	// (SETTINGS_MAX_CONCURRENT_STREAMS), and the handlers it runs at once:
+	// a stream the peer resets keeps its handler's place until the
+	// handler returns. Default DefaultMaxStreams.
 	MaxStreams uint32
 	// StreamWindow and ConnWindow are the receive windows: how much a peer
 	// may send ahead on one stream and on the whole connection; default
-	// DefaultStreamWindow (4 MiB) and DefaultConnWindow (16 MiB).
+	// DefaultStreamWindow (4 MiB) and DefaultConnWindow (16 MiB). A peer
+	// that sends more is reset (stream) or disconnected (connection) with
+	// FLOW_CONTROL_ERROR.
 	StreamWindow, ConnWindow uint32
 	// MaxFrame is the largest frame accepted (SETTINGS_MAX_FRAME_SIZE);
 	// default DefaultMaxFrame (1 MiB).
 	MaxFrame uint32
+	// MaxHeaderListSize is the largest header list accepted
+	// (SETTINGS_MAX_HEADER_LIST_SIZE); a server answers a larger request
+	// with 431. Default DefaultMaxHeaderListSize.
+	MaxHeaderListSize uint32
+	// MaxControlFrames bounds the control frames (PING and SETTINGS acks,
+	// RST_STREAM, WINDOW_UPDATE) waiting for the socket: a peer that makes
+	// us queue more sends faster than it reads, and is disconnected.
+	MaxControlFrames int
+	// MaxEarlyResets bounds, per ResetWindow, the streams a server sees
+	// reset before it answered them (by the peer, or for the peer's stream
+	// errors), and the streams it queues for a handler; beyond it, GOAWAY
+	// ENHANCE_YOUR_CALM. Defaults DefaultMaxEarlyResets per
+	// DefaultResetWindow.
+	MaxEarlyResets int
+	ResetWindow    time.Duration
+	// HandshakeTimeout bounds the wait for the peer's preface and
+	// SETTINGS; default DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// WriteTimeout: a write that makes no progress for this long ends the
+	// connection (the peer stopped reading); default DefaultWriteTimeout.
+	WriteTimeout time.Duration
+	// PingInterval: after this long without a frame from the peer, PING
+	// it; PingTimeout: without a frame for this long after the PING, the
+	// peer is gone and the connection is closed. Defaults
+	// DefaultPingInterval and DefaultPingTimeout.
+	PingInterval, PingTimeout time.Duration
+	// IdleTimeout: a connection without streams for this long is closed (a
+	// server's after GOAWAY); default DefaultIdleTimeout.
+	IdleTimeout time.Duration
+	// CountError, when set, is called with one of the Reason* constants
+	// for every limit a peer hits and every protocol error it makes.
+	CountError func(reason string)
 }
+
+// Reasons passed to Config.CountError.
+const (
+	// ReasonRapidReset: too many streams reset before their answer, or
+	// queued for a handler (GOAWAY ENHANCE_YOUR_CALM).
+	ReasonRapidReset = "rapid_reset"
+	// ReasonControlFlood: control frames queued beyond MaxControlFrames.
+	ReasonControlFlood = "control_flood"
+	// ReasonFlowControl: DATA beyond the connection window (GOAWAY
+	// FLOW_CONTROL_ERROR); ReasonStreamFlowControl: beyond a stream's
+	// window (RST_STREAM FLOW_CONTROL_ERROR).
+	ReasonFlowControl       = "flow_control"
+	ReasonStreamFlowControl = "stream_flow_control"
+	// ReasonStreamClosed: frames on a stream the peer had ended or reset
+	// (RST_STREAM STREAM_CLOSED).
+	ReasonStreamClosed = "stream_closed"
+	// ReasonStreamLimit: a stream beyond SETTINGS_MAX_CONCURRENT_STREAMS
+	// or after GOAWAY (RST_STREAM REFUSED_STREAM).
+	ReasonStreamLimit = "stream_limit"
+	// ReasonHeaderListSize: a header list beyond MaxHeaderListSize.
+	ReasonHeaderListSize = "header_list_too_large"
+	// ReasonProtocol: any other connection error (GOAWAY with its code).
+	ReasonProtocol = "protocol_error"
+	// ReasonHandshakeTimeout, ReasonWriteTimeout, ReasonKeepaliveTimeout:
+	// the peer did not complete the handshake, stopped reading, or stopped
+	// answering.
+	ReasonHandshakeTimeout = "handshake_timeout"
+	ReasonWriteTimeout     = "write_timeout"
+	ReasonKeepaliveTimeout = "keepalive_timeout"
+)
 
 // WithDefaults is c with its zero fields set to the defaults.
 func (c Config) WithDefaults() Config {
@@ -73,6 +167,26 @@ func (c Config) WithDefaults() Config {
 	if c.MaxFrame == 0 {
 		c.MaxFrame = DefaultMaxFrame
 	}
+	if c.MaxHeaderListSize == 0 {
+		c.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
+	if c.MaxControlFrames == 0 {
+		c.MaxControlFrames = DefaultMaxControlFrames
+	}
+	if c.MaxEarlyResets == 0 {
+		c.MaxEarlyResets = 4 * int(c.MaxStreams)
+	}
+	orDefault := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	orDefault(&c.ResetWindow, DefaultResetWindow)
+	orDefault(&c.HandshakeTimeout, DefaultHandshakeTimeout)
+	orDefault(&c.WriteTimeout, DefaultWriteTimeout)
+	orDefault(&c.PingInterval, DefaultPingInterval)
+	orDefault(&c.PingTimeout, DefaultPingTimeout)
+	orDefault(&c.IdleTimeout, DefaultIdleTimeout)
 	return c
 }
 
@@ -82,12 +196,27 @@ var (
 	ErrStreamReset = errors.New("hbone: stream reset by peer")
 	ErrGoAway      = errors.New("hbone: peer is going away")
 	ErrRefused     = errors.New("hbone: no more streams on this connection")
+	// ErrHeaderListTooLarge: a request larger than the peer accepts
+	// (its SETTINGS_MAX_HEADER_LIST_SIZE) is not sent.
+	ErrHeaderListTooLarge = errors.New("hbone: header list larger than the peer accepts")
+	// ErrWriteTimeout: a write made no progress for Config.WriteTimeout.
+	ErrWriteTimeout = errors.New("hbone: write timed out (the peer stopped reading)")
+	// ErrHandshakeTimeout: no preface or SETTINGS within
+	// Config.HandshakeTimeout.
+	ErrHandshakeTimeout = errors.New("hbone: handshake timed out")
+	// ErrKeepaliveTimeout: the peer did not answer a PING.
+	ErrKeepaliveTimeout = errors.New("hbone: keepalive timed out (the peer is gone)")
+	// ErrIdle: the connection had no streams for Config.IdleTimeout.
+	ErrIdle = errors.New("hbone: idle connection closed")
 )
 
 const (
 	defaultWindow   = 65535 // RFC 9113 initial windows
 	defaultMaxFrame = 16384
-	maxHeaderList   = 64 << 10
+	maxWindow       = 1<<31 - 1
+	// writeChunk bounds one write to the socket, so that a write making
+	// progress on a slow link keeps renewing its deadline.
+	writeChunk = 64 << 10
 )
 
 // Conn is one HTTP/2 connection carrying CONNECT streams.
@@ -99,11 +228,17 @@ type Conn struct {
 	// Writing: the framer writes into bw; whoever holds wmu writes frames
 	// and flushes. HPACK encoding state is part of the write side. Lock
 	// order: wmu before mu; never wmu while holding mu or a stream's mu.
+	// Nothing waits for wmu that must not wait for the network: writes
+	// give up after WriteTimeout without progress, and Shutdown, Close
+	// and the read loop never take it (they queue control frames).
 	wmu  sync.Mutex
 	bw   *bufio.Writer
 	fr   *http2.Framer
 	henc *hpack.Encoder
 	hbuf bytes.Buffer
+	// wdRenew: when the socket's write deadline must be pushed out again
+	// (under wmu).
+	wdRenew time.Time
 
 	// Control frames waiting for wmu (control.go).
 	cmu         sync.Mutex
@@ -118,15 +253,35 @@ type Conn struct {
 	nextID      uint32 // client: next stream id
 	lastPeerID  uint32 // server: highest stream id the peer opened
 	sendWindow  int64  // connection-level send window
+	recvWindow  int64  // connection-level: what the peer may still send
 	peerWindow  int64  // peer's SETTINGS_INITIAL_WINDOW_SIZE for new streams
 	peerMaxFr   uint32
 	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	peerMaxHdr  uint32 // peer's SETTINGS_MAX_HEADER_LIST_SIZE (0: unlimited)
 	recvUnacked int64  // connection-level bytes consumed and not yet returned by WINDOW_UPDATE
 	goAway      bool
 	prefaced    bool  // our SETTINGS are out: a GOAWAY may follow
 	halfClosed  bool  // drained: our side of the transport is closed
+	handshook   bool  // the peer's SETTINGS arrived
 	err         error // set when the connection is dead
 	done        chan struct{}
+
+	// server: handlers running (at most cfg.MaxStreams) and streams
+	// waiting for one of them to return (serve.go).
+	handlers int
+	pending  []pendingStream
+	// server: streams reset before their answer in the current window.
+	resetsSince time.Time
+	resets      int
+
+	// Keepalive and idle timer (serve.go): frames read so far, as last
+	// seen by the timer and since when; an unanswered PING.
+	framesRead atomic.Uint64
+	timer      *time.Timer
+	seen       uint64
+	quietSince time.Time
+	pingSentAt time.Time
+	idleSince  time.Time
 
 	// server: called for every new stream, on a goroutine of its own.
 	handler func(*Stream, *Request)
@@ -135,17 +290,50 @@ type Conn struct {
 func newConn(nc net.Conn, cfg Config, server bool) *Conn {
 	cfg = cfg.WithDefaults()
 	c := &Conn{nc: nc, cfg: cfg, server: server, streams: map[uint32]*Stream{}, nextID: 1,
-		sendWindow: defaultWindow, peerWindow: defaultWindow, peerMaxFr: defaultMaxFrame, peerStreams: 100,
+		sendWindow: defaultWindow, recvWindow: int64(max(cfg.ConnWindow, defaultWindow)),
+		peerWindow: defaultWindow, peerMaxFr: defaultMaxFrame, peerStreams: 100,
 		done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	c.cond = sync.NewCond(&c.mu)
-	c.bw = bufio.NewWriterSize(nc, 32<<10)
+	c.bw = bufio.NewWriterSize(timedWriter{c}, 32<<10)
 	c.fr = http2.NewFramer(c.bw, nc)
 	c.fr.SetMaxReadFrameSize(cfg.MaxFrame)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.fr.MaxHeaderListSize = maxHeaderList
+	c.fr.MaxHeaderListSize = cfg.MaxHeaderListSize
 	c.fr.SetReuseFrames()
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	return c
+}
+
+// timedWriter writes to the connection's socket with a deadline: a write
+// that makes no progress for WriteTimeout fails (and ends the
+// connection). Writes go in chunks, each renewing the deadline, so a slow
+// but moving peer is not cut off. Called under wmu.
+type timedWriter struct{ c *Conn }
+
+func (w timedWriter) Write(p []byte) (int, error) {
+	c := w.c
+	timeout := c.cfg.WriteTimeout
+	if timeout < 0 {
+		return c.nc.Write(p)
+	}
+	n := 0
+	for n < len(p) {
+		// Renewing the deadline costs a timer update: do it when half of
+		// it is used up, so each chunk has between timeout/2 and timeout.
+		if now := time.Now(); now.After(c.wdRenew) {
+			_ = c.nc.SetWriteDeadline(now.Add(timeout))
+			c.wdRenew = now.Add(timeout / 2)
+		}
+		k, err := c.nc.Write(p[n:min(len(p), n+writeChunk)])
+		n += k
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("%w: no progress for %v", ErrWriteTimeout, timeout)
+			}
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 // settings are what this side announces (and the connection window).
@@ -160,7 +348,7 @@ func (c *Conn) writePreface() error {
 	s := []http2.Setting{
 		{ID: http2.SettingInitialWindowSize, Val: c.cfg.StreamWindow},
 		{ID: http2.SettingMaxFrameSize, Val: c.cfg.MaxFrame},
-		{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderList},
+		{ID: http2.SettingMaxHeaderListSize, Val: c.cfg.MaxHeaderListSize},
 	}
 	if c.server {
 		s = append(s, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.cfg.MaxStreams})
@@ -184,10 +372,12 @@ func (c *Conn) writePreface() error {
 // Client starts an HTTP/2 client on an established (TLS) connection.
 func Client(nc net.Conn, cfg Config) (*Conn, error) {
 	c := newConn(nc, cfg, false)
+	c.handshakeDeadline()
 	if err := c.writePreface(); err != nil {
 		nc.Close()
 		return nil, err
 	}
+	c.startTimer()
 	go c.controlWriter()
 	go c.readLoop()
 	return c, nil
@@ -212,15 +402,19 @@ func NewServer(nc net.Conn, cfg Config, handler func(*Stream, *Request)) *Conn {
 func (c *Conn) Serve() error {
 	nc := c.nc
 	preface := make([]byte, len(http2.ClientPreface))
-	_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.handshakeDeadline() // the preface and the SETTINGS after it
 	if _, err := io.ReadFull(nc, preface); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			c.count(ReasonHandshakeTimeout)
+			err = ErrHandshakeTimeout
+		}
 		err = fmt.Errorf("hbone: reading the client preface: %w", err)
 		c.fail(err)
 		return err
 	}
-	_ = nc.SetReadDeadline(time.Time{})
 	if string(preface) != http2.ClientPreface {
 		err := errors.New("hbone: not an HTTP/2 client (bad preface)")
+		c.count(ReasonProtocol)
 		c.fail(err)
 		return err
 	}
@@ -228,15 +422,19 @@ func (c *Conn) Serve() error {
 		c.fail(err)
 		return err
 	}
-	c.mu.Lock()
-	early := c.goAway // Shutdown before we started: say it now
-	c.mu.Unlock()
-	if early {
-		c.writeGoAway()
-	}
+	c.closeIfDrained() // Shutdown before we started: its GOAWAY went out with our SETTINGS
+	c.startTimer()
 	go c.controlWriter()
 	c.readLoop()
 	return c.Err()
+}
+
+// handshakeDeadline bounds the wait for the peer's preface and SETTINGS;
+// the read loop lifts it when they arrived.
+func (c *Conn) handshakeDeadline() {
+	if c.cfg.HandshakeTimeout > 0 {
+		_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.HandshakeTimeout))
+	}
 }
 
 // Err is why the connection ended (nil while it is up).
@@ -275,7 +473,8 @@ func (c *Conn) Active() int {
 	return len(c.streams)
 }
 
-// Close ends the connection and every stream on it.
+// Close ends the connection and every stream on it. It does not wait for
+// the network.
 func (c *Conn) Close() error {
 	c.fail(ErrClosed)
 	return nil
@@ -283,33 +482,34 @@ func (c *Conn) Close() error {
 
 // Shutdown tells the peer no more streams will be accepted (GOAWAY) and
 // lets open streams finish; a server connection then closes itself once
-// its last stream is over (a client's is closed by its pool).
+// its last stream is over (a client's is closed by its pool). It does not
+// wait for the network: the GOAWAY is queued like any control frame, and
+// a peer that stopped reading is cut off by the write timeout.
 func (c *Conn) Shutdown() {
 	c.mu.Lock()
-	if c.goAway || c.err != nil {
-		c.mu.Unlock()
-		return
-	}
-	c.goAway = true
-	if !c.prefaced {
-		c.mu.Unlock()
-		return // Serve sends it after our SETTINGS
-	}
+	last, ok := c.goAwayLocked()
 	c.mu.Unlock()
-	c.writeGoAway()
+	if ok {
+		c.sendGoAway(last)
+	}
 }
 
-// writeGoAway sends GOAWAY (goAway is already set) and closes the
-// connection if no stream is left.
-func (c *Conn) writeGoAway() {
-	c.mu.Lock()
-	last := c.lastPeerID
-	c.mu.Unlock()
-	c.wmu.Lock()
-	_ = c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
-	_ = c.bw.Flush()
-	c.unlockW()
+// goAwayLocked marks the connection as going away; false if it already
+// was (or is dead). It returns the last stream id the GOAWAY announces.
+// Caller holds mu.
+func (c *Conn) goAwayLocked() (uint32, bool) {
+	if c.goAway || c.err != nil {
+		return 0, false
+	}
+	c.goAway = true
+	return c.lastPeerID, true
+}
+
+// sendGoAway queues GOAWAY (written after our SETTINGS if they are not
+// out yet) and closes the connection if no stream is left.
+func (c *Conn) sendGoAway(last uint32) {
 	c.cond.Broadcast()
+	c.sendControl(ctrlFrame{kind: ctrlGoAway, id: last, val: uint32(http2.ErrCodeNo)})
 	c.closeIfDrained()
 }
 
@@ -347,9 +547,16 @@ func (c *Conn) fail(err error) {
 	c.err = err
 	streams := c.streams
 	c.streams = map[uint32]*Stream{}
+	c.pending = nil
+	if c.timer != nil {
+		c.timer.Stop()
+	}
 	close(c.done)
 	c.mu.Unlock()
 	c.cond.Broadcast()
+	if errors.Is(err, ErrWriteTimeout) {
+		c.count(ReasonWriteTimeout)
+	}
 	// A connection that ended without GOAWAY (io.EOF: the peer's TCP
 	// closed) truncates every stream still open: their readers must not
 	// mistake it for the peer's END_STREAM.
@@ -360,24 +567,57 @@ func (c *Conn) fail(err error) {
 	for _, s := range streams {
 		s.abort(serr)
 	}
-	c.nc.Close()
+	c.closeTransport(errors.Is(err, ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, ErrIdle))
 }
 
-// protocolError ends the connection with GOAWAY.
-func (c *Conn) protocolError(code http2.ErrCode, format string, args ...any) {
+// closeTransport closes the socket without waiting for the network. TLS
+// says goodbye (close_notify) when the connection ends cleanly; crypto/tls
+// may wait up to 5 s for that write when the peer does not read, so it is
+// sent from a goroutine of its own. A connection that failed is cut at
+// once, underneath TLS.
+func (c *Conn) closeTransport(clean bool) {
+	tc, isTLS := c.nc.(interface{ NetConn() net.Conn })
+	switch {
+	case !isTLS:
+		c.nc.Close()
+	case clean:
+		go c.nc.Close()
+	default:
+		tc.NetConn().Close()
+		c.nc.Close() // returns at once: the socket is closed
+	}
+}
+
+// count reports a limit hit or a protocol error (Config.CountError).
+func (c *Conn) count(reason string) {
+	if f := c.cfg.CountError; f != nil {
+		f(reason)
+	}
+}
+
+// protocolError ends the connection with GOAWAY, counted under reason.
+func (c *Conn) protocolError(code http2.ErrCode, reason, format string, args ...any) {
 	err := fmt.Errorf("hbone: protocol error: "+format, args...)
+	c.count(reason)
 	c.mu.Lock()
 	last := c.lastPeerID
 	c.mu.Unlock()
 	// Best effort: a writer blocked on a full socket holds wmu, and the
-	// connection is closed either way.
+	// connection is closed either way. The read loop calls this: it waits
+	// for the socket for a moment at most.
 	if c.wmu.TryLock() {
+		deadline := time.Now().Add(goAwayTimeout)
+		_ = c.nc.SetWriteDeadline(deadline)
+		c.wdRenew = deadline
 		_ = c.fr.WriteGoAway(last, code, []byte(truncate(err.Error())))
 		_ = c.bw.Flush()
 		c.wmu.Unlock()
 	}
 	c.fail(err)
 }
+
+// goAwayTimeout bounds writing the GOAWAY of a connection error.
+const goAwayTimeout = time.Second
 
 func truncate(s string) string {
 	if len(s) > 128 {
@@ -392,6 +632,9 @@ type Request struct {
 	Authority string
 	// Header holds the regular fields, names in lower case (HTTP/2's).
 	Header map[string][]string
+	// tooLarge: the header list exceeded MaxHeaderListSize and was cut;
+	// the stream is answered 431 without calling the handler.
+	tooLarge bool
 }
 
 // Get returns a header's first value.
@@ -402,6 +645,16 @@ func (r *Request) Get(name string) string {
 	return ""
 }
 
+// headerListSize is RFC 9113's size of a header list (6.5.2): name and
+// value lengths plus 32 per field.
+func headerListSize(fields [][2]string) uint32 {
+	var n uint64
+	for _, f := range fields {
+		n += uint64(len(f[0]) + len(f[1]) + 32)
+	}
+	return uint32(min(n, 1<<32-1))
+}
+
 // Connect opens a CONNECT stream to authority (ip:port) with the given
 // extra header fields, and waits for the response status. A status other
 // than 200 comes back with the stream already finished.
@@ -410,6 +663,7 @@ func (c *Conn) Connect(ctx context.Context, authority string, header [][2]string
 		return nil, 0, errors.New("hbone: Connect on a server connection")
 	}
 	fields := append([][2]string{{":method", "CONNECT"}, {":authority", authority}}, header...)
+	size := headerListSize(fields)
 	// Ids must reach the wire in increasing order: allocate under wmu. The
 	// stream is checked, created and registered in one critical section,
 	// so no SETTINGS (window size) or GOAWAY can fall in between.
@@ -423,6 +677,8 @@ func (c *Conn) Connect(ctx context.Context, authority string, header [][2]string
 		refuse = ErrGoAway
 	case len(c.streams) >= int(c.peerStreams) || c.nextID >= 1<<31-1:
 		refuse = ErrRefused
+	case c.peerMaxHdr > 0 && size > c.peerMaxHdr:
+		refuse = fmt.Errorf("%w (%d bytes, the peer takes %d)", ErrHeaderListTooLarge, size, c.peerMaxHdr)
 	}
 	if refuse != nil {
 		c.mu.Unlock()
@@ -495,7 +751,7 @@ func (c *Conn) writeHeadersLocked(id uint32, fields [][2]string, endStream bool)
 }
 
 func (c *Conn) newStreamLocked(id uint32) *Stream {
-	s := &Stream{c: c, id: id, sendWindow: c.peerWindow, respCh: make(chan struct{})}
+	s := &Stream{c: c, id: id, sendWindow: c.peerWindow, recvWindow: int64(c.cfg.StreamWindow), respCh: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
 	return s
 }

@@ -4,15 +4,20 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// Control frames (WINDOW_UPDATE, RST_STREAM, PING and SETTINGS acks) never
-// make their sender wait for the write lock. The read loop sends most of
-// them, and it must keep reading while a writer holds wmu blocked in a
-// flush: that writer waits for the peer to read, and the peer may be
-// waiting for us to read (both sides writing bulk at once). A read loop
-// that blocked on wmu there would deadlock the connection. So control
+// Control frames (WINDOW_UPDATE, RST_STREAM, PING and its ack, SETTINGS
+// acks, GOAWAY) never make their sender wait for the write lock. The read
+// loop sends most of them, and it must keep reading while a writer holds
+// wmu blocked in a flush: that writer waits for the peer to read, and the
+// peer may be waiting for us to read (both sides writing bulk at once). A
+// read loop that blocked on wmu there would deadlock the connection. So control
 // frames go into a queue, written by whoever holds wmu next (a writer
 // takes them along as it unlocks) or by the connection's control writer,
 // which blocks on wmu and on the socket so the read loop never does.
+//
+// The queue is bounded (Config.MaxControlFrames): most control frames
+// answer the peer's frames, and a peer that keeps sending PINGs or
+// SETTINGS while it reads nothing would otherwise grow it for as long as
+// it likes. Such a peer is disconnected, as x/net's server does.
 type ctrlKind uint8
 
 const (
@@ -20,6 +25,8 @@ const (
 	ctrlRST
 	ctrlPingAck
 	ctrlSettingsAck
+	ctrlPing       // keepalive
+	ctrlGoAway     // id: last stream id; val: error code
 	ctrlCloseWrite // the connection is drained: close our sending side
 )
 
@@ -33,9 +40,18 @@ type ctrlFrame struct {
 	ping      [8]byte
 }
 
-// sendControl queues f for the control writer; it never blocks.
+// sendControl queues f for the control writer; it never blocks. A queue
+// that is full ends the connection. Callers hold none of the connection's
+// locks.
 func (c *Conn) sendControl(f ctrlFrame) {
 	c.cmu.Lock()
+	if max := c.cfg.MaxControlFrames; max > 0 && len(c.ctrl) >= max && f.kind < ctrlGoAway {
+		n := len(c.ctrl)
+		c.cmu.Unlock()
+		c.protocolError(http2.ErrCodeEnhanceYourCalm, ReasonControlFlood,
+			"%d control frames waiting for the peer to read (it sends faster than it reads)", n)
+		return
+	}
 	c.ctrl = append(c.ctrl, f)
 	c.ctrlPending.Store(true)
 	c.cmu.Unlock()
@@ -98,6 +114,10 @@ func (c *Conn) writeControlLocked() {
 			err = c.fr.WriteRSTStream(f.id, http2.ErrCode(f.val))
 		case ctrlPingAck:
 			err = c.fr.WritePing(true, f.ping)
+		case ctrlPing:
+			err = c.fr.WritePing(false, f.ping)
+		case ctrlGoAway:
+			err = c.fr.WriteGoAway(f.id, http2.ErrCode(f.val), nil)
 		case ctrlSettingsAck:
 			if f.tableSize >= 0 {
 				c.henc.SetMaxDynamicTableSizeLimit(uint32(f.tableSize))

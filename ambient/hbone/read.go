@@ -1,37 +1,52 @@
 package hbone
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"strconv"
+	"time"
 
 	"golang.org/x/net/http2"
 )
 
 // readLoop is the connection's one reader: it reads frames and hands
-// their effect to streams and waiting writers.
+// their effect to streams and waiting writers. It never waits for the
+// write lock or the network's write side (control.go).
+//
+// Errors follow RFC 9113 section 5.4: what breaks the connection's state
+// (HPACK, flow control of the whole connection, frames on streams that
+// were never opened) ends it with GOAWAY; what concerns one stream (its
+// window, frames after it ended or was reset) resets that stream only.
 func (c *Conn) readLoop() {
-	first := true
 	for {
 		f, err := c.fr.ReadFrame()
 		if err != nil {
 			if se, ok := err.(http2.StreamError); ok {
+				c.count(ReasonProtocol)
 				c.resetStream(se.StreamID, se.Code)
+				if !c.peerStreamError() {
+					return
+				}
 				continue
 			}
 			if ce, ok := err.(http2.ConnectionError); ok {
-				c.protocolError(http2.ErrCode(ce), "%v", c.fr.ErrorDetail())
+				c.protocolError(http2.ErrCode(ce), ReasonProtocol, "%v", c.fr.ErrorDetail())
 				return
+			}
+			c.mu.Lock()
+			handshook, drained := c.handshook, c.halfClosed
+			c.mu.Unlock()
+			if !handshook && !drained && errors.Is(err, os.ErrDeadlineExceeded) {
+				c.count(ReasonHandshakeTimeout)
+				err = fmt.Errorf("%w: no SETTINGS from the peer within %v", ErrHandshakeTimeout, c.cfg.HandshakeTimeout)
 			}
 			c.fail(err)
 			return
 		}
-		if first {
-			// The peer's preface ends with SETTINGS (RFC 9113 3.4).
-			if _, ok := f.(*http2.SettingsFrame); !ok {
-				c.protocolError(http2.ErrCodeProtocol, "first frame is %v, not SETTINGS", f.Header().Type)
-				return
-			}
-			first = false
+		c.framesRead.Add(1)
+		if !c.handshook && !c.onFirstFrame(f) {
+			return
 		}
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
@@ -45,7 +60,9 @@ func (c *Conn) readLoop() {
 		case *http2.GoAwayFrame:
 			c.onGoAway(f)
 		case *http2.WindowUpdateFrame:
-			c.onWindowUpdate(f)
+			if !c.onWindowUpdate(f) {
+				return
+			}
 		case *http2.MetaHeadersFrame:
 			if !c.onHeaders(f) {
 				return
@@ -55,21 +72,32 @@ func (c *Conn) readLoop() {
 				return
 			}
 		case *http2.RSTStreamFrame:
-			c.mu.Lock()
-			s := c.streams[f.StreamID]
-			c.mu.Unlock()
-			if s != nil {
-				s.abort(fmt.Errorf("%w (%v)", ErrStreamReset, f.ErrCode))
-				s.dropUnread(false)
-				c.removeIfDone(s)
+			if !c.onReset(f) {
+				return
 			}
 		case *http2.PushPromiseFrame:
-			c.protocolError(http2.ErrCodeProtocol, "PUSH_PROMISE (push is disabled)")
+			c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "PUSH_PROMISE (push is disabled)")
 			return
 		default:
 			// PRIORITY, unknown extension frames: ignored (RFC 9113 5.5).
 		}
 	}
+}
+
+// onFirstFrame checks the peer's preface ends with SETTINGS (RFC 9113 3.4)
+// and lifts the handshake deadline. Only the read loop writes handshook.
+func (c *Conn) onFirstFrame(f http2.Frame) bool {
+	if _, ok := f.(*http2.SettingsFrame); !ok {
+		c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "first frame is %v, not SETTINGS", f.Header().Type)
+		return false
+	}
+	c.mu.Lock()
+	c.handshook = true
+	if !c.halfClosed { // a drained connection keeps its linger deadline
+		_ = c.nc.SetReadDeadline(time.Time{})
+	}
+	c.mu.Unlock()
+	return true
 }
 
 func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
@@ -78,33 +106,47 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) bool {
 	}
 	var perr error
 	tableSize := int64(-1)
+	window := int64(-1)
+	c.mu.Lock()
 	_ = f.ForeachSetting(func(s http2.Setting) error {
 		if err := s.Valid(); err != nil {
 			perr = err
 			return err
 		}
-		c.mu.Lock()
 		switch s.ID {
 		case http2.SettingInitialWindowSize:
-			delta := int64(s.Val) - c.peerWindow
-			c.peerWindow = int64(s.Val)
-			for _, st := range c.streams {
-				st.mu.Lock()
-				st.sendWindow += delta
-				st.mu.Unlock()
-			}
+			window = int64(s.Val)
 		case http2.SettingMaxFrameSize:
 			c.peerMaxFr = s.Val
 		case http2.SettingMaxConcurrentStreams:
 			c.peerStreams = s.Val
+		case http2.SettingMaxHeaderListSize:
+			c.peerMaxHdr = s.Val
 		case http2.SettingHeaderTableSize:
 			tableSize = int64(s.Val) // applied with the ack, under wmu
 		}
-		c.mu.Unlock()
 		return nil
 	})
+	if perr == nil && window >= 0 {
+		// Applied once per frame, however many times it repeats the setting.
+		delta := window - c.peerWindow
+		c.peerWindow = window
+		for _, st := range c.streams {
+			st.mu.Lock()
+			st.sendWindow += delta
+			if st.sendWindow > maxWindow {
+				perr = http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
+			st.mu.Unlock()
+		}
+	}
+	c.mu.Unlock()
 	if perr != nil {
-		c.protocolError(http2.ErrCodeProtocol, "%v", perr)
+		code := http2.ErrCodeProtocol
+		if ce, ok := perr.(http2.ConnectionError); ok {
+			code = http2.ErrCode(ce)
+		}
+		c.protocolError(code, ReasonProtocol, "SETTINGS: %v", perr)
 		return false
 	}
 	c.wakeWriters()
@@ -131,22 +173,49 @@ func (c *Conn) onGoAway(f *http2.GoAwayFrame) {
 	c.cond.Broadcast()
 }
 
-func (c *Conn) onWindowUpdate(f *http2.WindowUpdateFrame) {
+func (c *Conn) onWindowUpdate(f *http2.WindowUpdateFrame) bool {
 	c.mu.Lock()
 	if f.StreamID == 0 {
 		c.sendWindow += int64(f.Increment)
+		over := c.sendWindow > maxWindow
 		c.mu.Unlock()
+		if over {
+			c.protocolError(http2.ErrCodeFlowControl, ReasonProtocol, "connection send window above 2^31-1")
+			return false
+		}
 		c.wakeWriters()
-		return
+		return true
 	}
 	s := c.streams[f.StreamID]
+	idle := s == nil && c.idleStreamLocked(f.StreamID)
 	c.mu.Unlock()
+	if idle {
+		c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "WINDOW_UPDATE on idle stream %d", f.StreamID)
+		return false
+	}
 	if s != nil {
 		s.mu.Lock()
 		s.sendWindow += int64(f.Increment)
+		over := s.sendWindow > maxWindow
 		s.mu.Unlock()
+		if over {
+			c.count(ReasonProtocol)
+			c.resetStream(f.StreamID, http2.ErrCodeFlowControl)
+			return c.peerStreamError()
+		}
 		s.cond.Broadcast()
 	}
+	return true
+}
+
+// idleStreamLocked reports whether id names a stream the peer could not
+// have opened yet ("idle" in RFC 9113 5.1): frames other than HEADERS and
+// PRIORITY on it are a connection error. Caller holds mu.
+func (c *Conn) idleStreamLocked(id uint32) bool {
+	if c.server {
+		return id%2 == 0 || id > c.lastPeerID
+	}
+	return id%2 == 0 || id >= c.nextID // the server opens none (no push)
 }
 
 // wakeWriters wakes every stream waiting for send window.
@@ -163,74 +232,146 @@ func (c *Conn) wakeWriters() {
 	c.cond.Broadcast()
 }
 
+// onReset handles the peer's RST_STREAM. On a server, a stream reset
+// before it was answered counts against the peer's budget of early resets
+// (Rapid Reset, CVE-2023-44487).
+func (c *Conn) onReset(f *http2.RSTStreamFrame) bool {
+	c.mu.Lock()
+	s := c.streams[f.StreamID]
+	idle := s == nil && c.idleStreamLocked(f.StreamID)
+	c.mu.Unlock()
+	if idle {
+		c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "RST_STREAM on idle stream %d", f.StreamID)
+		return false
+	}
+	if s == nil {
+		return true // over already; never answer a reset with a reset
+	}
+	s.mu.Lock()
+	early := !s.responded
+	s.mu.Unlock()
+	s.abort(fmt.Errorf("%w (%v)", ErrStreamReset, f.ErrCode))
+	s.dropUnread(false)
+	c.removeIfDone(s)
+	if c.server && early {
+		return c.earlyReset()
+	}
+	return true
+}
+
 func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) bool {
 	id := f.StreamID
 	c.mu.Lock()
 	s := c.streams[id]
-	if s == nil && c.server {
-		if id%2 == 0 || id <= c.lastPeerID {
-			c.mu.Unlock()
-			c.protocolError(http2.ErrCodeProtocol, "HEADERS on stream %d", id)
-			return false
-		}
-		c.lastPeerID = id
-		if c.goAway || len(c.streams) >= int(c.cfg.MaxStreams) {
-			c.mu.Unlock()
-			c.resetStream(id, http2.ErrCodeRefusedStream)
-			return true
-		}
-		s = c.newStreamLocked(id)
-		c.streams[id] = s
+	if s == nil && c.server && id%2 == 1 && id > c.lastPeerID {
 		c.mu.Unlock()
-		req := &Request{Header: map[string][]string{}}
-		for _, hf := range f.Fields {
-			switch hf.Name {
-			case ":method":
-				req.Method = hf.Value
-			case ":authority":
-				req.Authority = hf.Value
-			default:
-				if hf.Name[0] != ':' {
-					req.Header[hf.Name] = append(req.Header[hf.Name], hf.Value)
-				}
-			}
-		}
-		if f.StreamEnded() {
-			s.mu.Lock()
-			s.recvEnd = true
-			s.mu.Unlock()
-		}
-		go c.runHandler(s, req)
-		return true
+		return c.openStream(f)
 	}
+	idle := s == nil && c.idleStreamLocked(id)
 	c.mu.Unlock()
+	if idle {
+		c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "HEADERS on stream %d", id)
+		return false
+	}
 	if s == nil {
-		// A stream we already forgot (reset): nothing to deliver.
-		return true
+		// A stream that is over: reset by either side, or ended both ways.
+		// A stream error (RFC 9113 5.1, "closed"); the header block was
+		// decoded, so the connection's HPACK state is intact.
+		if !c.server {
+			return true // a response to a stream we gave up: nothing to deliver
+		}
+		c.count(ReasonStreamClosed)
+		c.resetStream(id, http2.ErrCodeStreamClosed)
+		return c.peerStreamError()
 	}
 	if !c.server {
 		s.mu.Lock()
 		if s.status == 0 {
 			st, err := strconv.Atoi(f.PseudoValue("status"))
-			if err != nil || st < 100 || st > 999 {
+			if err != nil || st < 100 || st > 999 || f.Truncated {
 				s.mu.Unlock()
+				c.count(ReasonProtocol)
 				c.resetStream(id, http2.ErrCodeProtocol)
 				return true
 			}
 			if st >= 200 {
 				s.status = st
 			}
+			final := s.status != 0
+			s.mu.Unlock()
+			if final {
+				s.respOnce.Do(func() { close(s.respCh) })
+			}
+			if f.StreamEnded() {
+				s.endRecv()
+				c.removeIfDone(s)
+			}
+			return true
 		}
-		final := s.status != 0
 		s.mu.Unlock()
-		if final {
-			s.respOnce.Do(func() { close(s.respCh) })
+	}
+	// Anything else is trailers: they must end the stream, and only once.
+	s.mu.Lock()
+	ended := s.recvEnd
+	s.mu.Unlock()
+	if ended || !f.StreamEnded() {
+		code := http2.ErrCodeStreamClosed
+		reason := ReasonStreamClosed
+		if !ended {
+			code, reason = http2.ErrCodeProtocol, ReasonProtocol
+		}
+		c.count(reason)
+		c.resetStream(id, code)
+		return c.peerStreamError()
+	}
+	s.endRecv()
+	c.removeIfDone(s)
+	return true
+}
+
+// openStream starts a stream the peer opened with HEADERS (server).
+func (c *Conn) openStream(f *http2.MetaHeadersFrame) bool {
+	id := f.StreamID
+	req := &Request{Header: map[string][]string{}, tooLarge: f.Truncated}
+	for _, hf := range f.Fields {
+		switch hf.Name {
+		case ":method":
+			req.Method = hf.Value
+		case ":authority":
+			req.Authority = hf.Value
+		default:
+			if hf.Name[0] != ':' {
+				req.Header[hf.Name] = append(req.Header[hf.Name], hf.Value)
+			}
 		}
 	}
-	// Anything else is trailers: they only end the stream.
-	if f.StreamEnded() {
-		s.endRecv()
-		c.removeIfDone(s)
+	if req.tooLarge {
+		c.count(ReasonHeaderListSize)
+	}
+	c.mu.Lock()
+	c.lastPeerID = id
+	if c.err != nil || c.goAway || len(c.streams) >= int(c.cfg.MaxStreams) {
+		// Beyond the limit we announced, the peer is in the wrong (RFC
+		// 9113 5.1.2) and pays for it like for a reset; after GOAWAY it
+		// only raced with it.
+		over := !c.goAway
+		c.mu.Unlock()
+		c.count(ReasonStreamLimit)
+		c.resetStream(id, http2.ErrCodeRefusedStream)
+		return !over || c.peerStreamError()
+	}
+	s := c.newStreamLocked(id)
+	s.recvEnd = f.StreamEnded()
+	c.streams[id] = s
+	start, ok := c.scheduleLocked(s, req)
+	c.mu.Unlock()
+	if !ok {
+		c.protocolError(http2.ErrCodeEnhanceYourCalm, ReasonRapidReset,
+			"more than %d streams waiting for a handler (streams reset before their answer)", 4*c.cfg.MaxStreams)
+		return false
+	}
+	if start {
+		go c.runHandler(s, req)
 	}
 	return true
 }
@@ -239,10 +380,24 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 	n := int64(f.Length) // padding counts for flow control too
 	payload := int64(len(f.Data()))
 	c.mu.Lock()
+	if n > c.recvWindow {
+		w := c.recvWindow
+		c.mu.Unlock()
+		c.protocolError(http2.ErrCodeFlowControl, ReasonFlowControl,
+			"DATA of %d bytes on stream %d, %d left in the connection window", n, f.StreamID, w)
+		return false
+	}
+	c.recvWindow -= n
 	s := c.streams[f.StreamID]
+	idle := s == nil && c.idleStreamLocked(f.StreamID)
 	c.mu.Unlock()
+	if idle {
+		c.protocolError(http2.ErrCodeProtocol, ReasonProtocol, "DATA on idle stream %d", f.StreamID)
+		return false
+	}
 	if s == nil {
-		// Closed meanwhile: the bytes only count for the connection.
+		// Closed meanwhile (we may have reset it while the peer was still
+		// sending): the bytes only count for the connection.
 		c.consumed(n)
 		return true
 	}
@@ -250,20 +405,23 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 	if s.recvEnd {
 		s.mu.Unlock()
 		c.consumed(n)
+		c.count(ReasonStreamClosed)
 		c.resetStream(f.StreamID, http2.ErrCodeStreamClosed)
-		return true
+		return c.peerStreamError()
 	}
 	if s.err != nil {
 		s.mu.Unlock()
 		c.consumed(n) // nobody will read it
 		return true
 	}
-	if int64(len(s.buf)-s.off)+payload > int64(c.cfg.StreamWindow) {
+	if n > s.recvWindow {
 		s.mu.Unlock()
 		c.consumed(n)
+		c.count(ReasonStreamFlowControl)
 		c.resetStream(f.StreamID, http2.ErrCodeFlowControl)
-		return true
+		return c.peerStreamError()
 	}
+	s.recvWindow -= n
 	d := f.Data()
 	var direct int64
 	if s.sink != nil && len(d) > 0 && s.off == len(s.buf) && !s.readerBusy {
@@ -289,6 +447,7 @@ func (c *Conn) onData(f *http2.DataFrame) bool {
 	var upd int64
 	if direct > 0 && s.unacked >= int64(c.cfg.StreamWindow)/2 && !f.StreamEnded() {
 		upd, s.unacked = s.unacked, 0
+		s.recvWindow += upd
 	}
 	s.mu.Unlock()
 	if len(d) > 0 {
@@ -327,25 +486,4 @@ func (c *Conn) resetStream(id uint32, code http2.ErrCode) {
 	}
 	c.cond.Broadcast()
 	c.closeIfDrained()
-}
-
-// runHandler runs the server's handler for one stream; a panic there
-// resets the stream instead of taking the daemon down.
-func (c *Conn) runHandler(s *Stream, req *Request) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.Reset(http2.ErrCodeInternal)
-			return
-		}
-		// The handler is done with the stream: one it never answered gets
-		// a 500, one it left open is reset.
-		s.mu.Lock()
-		responded := s.responded
-		s.mu.Unlock()
-		if !responded {
-			_ = s.Respond(500)
-		}
-		s.Close()
-	}()
-	c.handler(s, req)
 }

@@ -23,8 +23,10 @@ type Stream struct {
 	buf []byte
 	off int
 	// unacked: bytes consumed (or padding) not yet returned to the peer's
-	// send window.
+	// send window; recvWindow: what the peer may still send (more is a
+	// stream error).
 	unacked    int64
+	recvWindow int64
 	recvEnd    bool // the peer sent END_STREAM
 	sentEnd    bool // we sent END_STREAM (or a final non-200 response)
 	sendWindow int64
@@ -141,6 +143,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 		// Return window in large steps: one WINDOW_UPDATE per half window.
 		if s.unacked >= int64(s.c.cfg.StreamWindow)/2 && !s.recvEnd {
 			upd, s.unacked = s.unacked, 0
+			s.recvWindow += upd
 		}
 		s.mu.Unlock()
 		if upd > 0 {
@@ -166,6 +169,7 @@ func (c *Conn) consumed(n int64) {
 	var upd int64
 	if c.recvUnacked >= int64(c.cfg.ConnWindow)/4 {
 		upd, c.recvUnacked = c.recvUnacked, 0
+		c.recvWindow += upd
 	}
 	dead := c.err != nil
 	c.mu.Unlock()
@@ -283,9 +287,20 @@ func (s *Stream) CloseWrite() error {
 	return nil
 }
 
-// Reset aborts the stream both ways (RST_STREAM with code).
+// Reset aborts the stream both ways (RST_STREAM with code). A stream that
+// is already over (the peer reset it, or it ended both ways) is only
+// released: a reset is never answered with a reset.
 func (s *Stream) Reset(code http2.ErrCode) {
-	s.c.resetStream(s.id, code)
+	c := s.c
+	c.mu.Lock()
+	known := c.streams[s.id] == s
+	c.mu.Unlock()
+	if known {
+		c.resetStream(s.id, code)
+		return
+	}
+	s.abort(errClosedLocally)
+	s.dropUnread(true)
 }
 
 // Close releases the stream: a stream still open in either direction is
@@ -317,13 +332,20 @@ var errClosedLocally = errors.New("hbone: stream closed")
 
 // Respond sends the response headers of a server stream. 200 opens the
 // tunnel; any other status ends the stream (and tells the client to stop
-// sending with RST_STREAM NO_ERROR, as RFC 9113 8.1 allows).
+// sending with RST_STREAM NO_ERROR, as RFC 9113 8.1 allows). A stream
+// that was reset (or whose connection ended) gets no response: Respond
+// returns why.
 func (s *Stream) Respond(status int) error {
 	c := s.c
 	s.mu.Lock()
 	if s.responded {
 		s.mu.Unlock()
 		return errors.New("hbone: already responded")
+	}
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return err
 	}
 	s.responded = true
 	end := status != 200

@@ -21,6 +21,9 @@ type metrics struct {
 	refused        *prometheus.CounterVec
 	pooled         prometheus.Gauge
 	handshakes     *prometheus.CounterVec
+	// hboneErrors: limits HBONE peers hit and protocol errors they made
+	// (hbone.Reason*), by direction.
+	hboneErrors *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -39,11 +42,19 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Outbound HBONE connections held open for reuse."}),
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_tunnel_handshakes_total",
 			Help: "TLS handshakes of HBONE connections, by direction."}, []string{"direction"}),
+		hboneErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_hbone_connection_errors_total",
+			Help: "HTTP/2 limits HBONE peers hit and protocol errors they made (streams reset or connections closed for it), by direction and reason."},
+			[]string{"direction", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.opened, m.closed, m.received, m.sent, m.refused, m.pooled, m.handshakes)
+		reg.MustRegister(m.opened, m.closed, m.received, m.sent, m.refused, m.pooled, m.handshakes, m.hboneErrors)
 	}
 	return m
+}
+
+// countHBONE is an hbone.Config.CountError for one direction.
+func (m *metrics) countHBONE(direction string) func(reason string) {
+	return func(reason string) { m.hboneErrors.WithLabelValues(direction, reason).Inc() }
 }
 
 // connReport is one proxied connection, for Istio's TCP metrics.

@@ -30,6 +30,12 @@ type pooledConn struct {
 // connection with room (fewer than cfg.MaxStreams streams); while one
 // connection to a key is being dialled, other callers wait for it instead
 // of racing to open their own.
+//
+// The pool's lock guards its maps only: nothing that touches the network
+// (dialling, the TLS handshake, the HTTP/2 preface, GOAWAY, closing a
+// connection) happens while it is held, so a peer that hangs holds up the
+// callers that want a connection to that peer, bounded by the dial and
+// handshake timeouts, and nobody else.
 type pool struct {
 	cfg     hbone.Config
 	m       *metrics
@@ -55,6 +61,7 @@ func newPool(cfg hbone.Config, m *metrics, idle time.Duration) *pool {
 // that gives the stream back.
 func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (net.Conn, error)) (*pooledConn, func(), error) {
 	for {
+		var dead []*pooledConn
 		p.mu.Lock()
 		conns := p.conns[k]
 		live := conns[:0]
@@ -62,8 +69,7 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 		for _, pc := range conns {
 			if pc.cc.GoingAway() {
 				if pc.active == 0 {
-					pc.cc.Close()
-					p.m.pooled.Dec()
+					dead = append(dead, pc)
 					continue
 				}
 			} else if pick == nil && pc.active < int(p.cfg.MaxStreams) && pc.cc.Available(int(p.cfg.MaxStreams)) {
@@ -71,14 +77,23 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 			}
 			live = append(live, pc)
 		}
+		clear(conns[len(live):])
 		p.conns[k] = live
 		if pick != nil {
 			pick.active++
-			p.mu.Unlock()
+		}
+		wait, waiting := p.dialing[k]
+		var d *dialing
+		if pick == nil && !waiting {
+			d = &dialing{done: make(chan struct{})}
+			p.dialing[k] = d
+		}
+		p.mu.Unlock()
+		p.close(dead)
+		if pick != nil {
 			return pick, p.releaser(pick), nil
 		}
-		if wait, ok := p.dialing[k]; ok {
-			p.mu.Unlock()
+		if waiting {
 			select {
 			case <-wait.done:
 				if wait.err != nil {
@@ -89,9 +104,6 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 				return nil, nil, ctx.Err()
 			}
 		}
-		d := &dialing{done: make(chan struct{})}
-		p.dialing[k] = d
-		p.mu.Unlock()
 
 		c, err := dial(ctx)
 		var cc *hbone.Conn
@@ -114,6 +126,16 @@ func (p *pool) get(ctx context.Context, k poolKey, dial func(context.Context) (n
 	}
 }
 
+// close closes connections taken out of the pool (without its lock:
+// closing does not wait for the network, but nothing that could is done
+// under the lock).
+func (p *pool) close(conns []*pooledConn) {
+	for _, pc := range conns {
+		pc.cc.Close()
+		p.m.pooled.Dec()
+	}
+}
+
 func (p *pool) releaser(pc *pooledConn) func() {
 	var once sync.Once
 	return func() {
@@ -128,62 +150,69 @@ func (p *pool) releaser(pc *pooledConn) func() {
 
 // reap closes connections idle for longer than the idle timeout, and dead ones.
 func (p *pool) reap(now time.Time) {
+	var dead []*pooledConn
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for k, conns := range p.conns {
 		live := conns[:0]
 		for _, pc := range conns {
 			if pc.active == 0 && (now.Sub(pc.lastUsed) > p.idle || pc.cc.GoingAway()) {
-				pc.cc.Close()
-				p.m.pooled.Dec()
+				dead = append(dead, pc)
 				continue
 			}
 			live = append(live, pc)
 		}
+		clear(conns[len(live):])
 		if len(live) == 0 {
 			delete(p.conns, k)
 		} else {
 			p.conns[k] = live
 		}
 	}
+	p.mu.Unlock()
+	p.close(dead)
 }
 
 // dropPod closes the idle connections of a pod that left; busy ones get
 // GOAWAY and stay in the pool, unusable (GoingAway), until reap closes
-// them after their last stream.
+// them after their last stream. Neither waits for the network: a peer
+// that stopped reading does not hold up the pod's removal.
 func (p *pool) dropPod(uid string) {
+	var idle, busy []*pooledConn
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for k, conns := range p.conns {
 		if k.pod != uid {
 			continue
 		}
-		busy := conns[:0]
+		kept := conns[:0]
 		for _, pc := range conns {
 			if pc.active == 0 {
-				pc.cc.Close()
-				p.m.pooled.Dec()
+				idle = append(idle, pc)
 				continue
 			}
-			pc.cc.Shutdown()
 			busy = append(busy, pc)
+			kept = append(kept, pc)
 		}
-		if len(busy) == 0 {
+		clear(conns[len(kept):])
+		if len(kept) == 0 {
 			delete(p.conns, k)
 		} else {
-			p.conns[k] = busy
+			p.conns[k] = kept
 		}
+	}
+	p.mu.Unlock()
+	p.close(idle)
+	for _, pc := range busy {
+		pc.cc.Shutdown()
 	}
 }
 
 func (p *pool) closeAll() {
+	var all []*pooledConn
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for k, conns := range p.conns {
-		for _, pc := range conns {
-			pc.cc.Close()
-			p.m.pooled.Dec()
-		}
+		all = append(all, conns...)
 		delete(p.conns, k)
 	}
+	p.mu.Unlock()
+	p.close(all)
 }

@@ -87,8 +87,14 @@ type Config struct {
 	DialTimeout time.Duration
 	// IdleTimeout closes pooled HBONE connections without streams (60 s).
 	IdleTimeout time.Duration
-	Registerer  prometheus.Registerer
-	Log         *slog.Logger
+	// MaxHBONEConnsPerPeer and MaxHBONEConns bound the inbound HBONE
+	// connections of the node at once, from one source address and in
+	// total (1024 and 16384; negative: unlimited). Connections beyond are
+	// reset at accept and counted (limits.go).
+	MaxHBONEConnsPerPeer, MaxHBONEConns int
+
+	Registerer prometheus.Registerer
+	Log        *slog.Logger
 }
 
 // Pod is an enrolled pod as the proxy sees it.
@@ -109,12 +115,16 @@ type Pod struct {
 
 // Proxy is the node proxy: one per daemon, serving every enrolled pod.
 type Proxy struct {
-	cfg   Config
-	log   *slog.Logger
-	m     *metrics
-	pool  *pool
-	h2    hbone.Config
-	authz *authzCache
+	cfg  Config
+	log  *slog.Logger
+	m    *metrics
+	pool *pool
+	// h2 is the inbound (server) HTTP/2 configuration; the pool has the
+	// outbound one. They differ in where they count errors.
+	h2      hbone.Config
+	authz   *authzCache
+	inbound *connLimits // inbound HBONE connections at once
+	plain   *connLimits // inbound plaintext (15006) connections at once
 
 	mu     sync.Mutex
 	pods   map[string]*podProxy
@@ -227,18 +237,28 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.MaxHBONEConnsPerPeer == 0 {
+		cfg.MaxHBONEConnsPerPeer = defaultMaxInboundPerPeer
+	}
+	if cfg.MaxHBONEConns == 0 {
+		cfg.MaxHBONEConns = defaultMaxInbound
+	}
 	// ztunnel's settings; a pooled connection carries at most MaxStreams
-	// streams, which is also what the server side advertises.
-	h2 := hbone.Config{}.WithDefaults()
+	// streams, which is also what the server side advertises. hbone's
+	// limits on what a peer may cost (handlers, resets, control frames,
+	// windows, keepalive, write and idle timeouts) are its defaults.
 	m := newMetrics(cfg.Registerer)
+	in, out := hbone.Config{CountError: m.countHBONE("inbound")}, hbone.Config{CountError: m.countHBONE("outbound")}
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
-		pool:   newPool(h2, m, cfg.IdleTimeout),
-		h2:     h2,
-		authz:  newAuthzCache(),
-		pods:   map[string]*podProxy{},
-		active: map[*net.TCPConn]struct{}{},
-		stop:   make(chan struct{}),
+		pool:    newPool(out, m, cfg.IdleTimeout),
+		h2:      in.WithDefaults(),
+		authz:   newAuthzCache(),
+		inbound: newConnLimits("inbound", cfg.MaxHBONEConnsPerPeer, cfg.MaxHBONEConns),
+		plain:   newConnLimits("inbound_plaintext", defaultMaxPlainPerPeer, defaultMaxPlain),
+		pods:    map[string]*podProxy{},
+		active:  map[*net.TCPConn]struct{}{},
+		stop:    make(chan struct{}),
 	}
 	p.connCtx, p.cancelConn = context.WithCancel(context.Background())
 	p.dialApp = func(ctx context.Context, pp *podProxy, target netip.AddrPort) (*net.TCPConn, error) {
@@ -291,12 +311,13 @@ func (p *Proxy) AddPod(pod Pod) error {
 		required bool
 		serve    func(*podProxy, *net.TCPConn)
 		inbound  bool // the kernel's inbound enforcement steers here
+		limits   *connLimits
 	}
 	for _, s := range []spec{
-		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound, false},
-		{[]string{"[::1]:15001"}, false, p.serveOutbound, false}, // pods without IPv6 have no ::1
-		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE, false},
-		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain, true},
+		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound, false, nil},
+		{[]string{"[::1]:15001"}, false, p.serveOutbound, false, nil}, // pods without IPv6 have no ::1
+		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE, false, p.inbound},
+		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain, true, p.plain},
 	} {
 		var l *net.TCPListener
 		var lerr error
@@ -318,7 +339,7 @@ func (p *Proxy) AddPod(pod Pod) error {
 			}
 		}
 		p.wg.Add(1)
-		go p.acceptLoop(pp, l, s.serve)
+		go p.acceptLoop(pp, l, s.serve, s.limits)
 	}
 	p.mu.Lock()
 	if p.draining {
@@ -338,7 +359,10 @@ func (p *Proxy) AddPod(pod Pod) error {
 
 // RemovePod closes the pod's listeners. Connections it has open continue
 // (the pod left the mesh; what it already had keeps working, as on the
-// kernel path) until they end.
+// kernel path) until they end. It does not wait for the network (it runs
+// on the goroutine that enrols every pod of the node): the GOAWAYs it
+// sends are queued, and a peer that stopped reading is cut off by the
+// HTTP/2 write timeout.
 func (p *Proxy) RemovePod(uid string) {
 	p.mu.Lock()
 	pp := p.pods[uid]
@@ -365,7 +389,9 @@ func (pp *podProxy) close() {
 	})
 }
 
-func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProxy, *net.TCPConn)) {
+// acceptLoop serves the connections of one listener; limits (when set)
+// bounds them per source address and in total.
+func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProxy, *net.TCPConn), limits *connLimits) {
 	defer p.wg.Done()
 	for {
 		c, err := l.AcceptTCP()
@@ -377,17 +403,32 @@ func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProx
 			time.Sleep(10 * time.Millisecond) // EMFILE and friends: do not spin
 			continue
 		}
+		release := func() {}
+		if limits != nil {
+			peer := addrPortOf(c.RemoteAddr()).Addr()
+			if reason := limits.acquire(peer); reason != "" {
+				p.m.refused.WithLabelValues(limits.dir, reason).Inc()
+				p.log.Debug("inbound connection over the limit: reset", "pod", pp.pod.UID, "peer", peer.String(), "reason", reason)
+				_ = c.SetLinger(0)
+				c.Close()
+				continue
+			}
+			release = func() { limits.release(peer) }
+		}
 		if !p.track(c) {
+			release()
 			c.Close()
 			return
 		}
 		if !pp.hold() {
+			release()
 			p.untrack(c)
 			return
 		}
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
+			defer release()
 			defer pp.release()
 			defer p.untrack(c)
 			if !p.waitReady(pp, c) {
@@ -452,7 +493,9 @@ func (p *Proxy) untrack(c *net.TCPConn) {
 // daemon of an upgrade starts meanwhile and listens beside this one, so no
 // new connection is refused), then stops accepting (connections waiting in
 // the accept queue migrate to the other listener), lets connections in
-// flight finish until ctx ends, and closes what is left.
+// flight finish until ctx ends, and closes what is left. It returns soon
+// after ctx ends whatever the peers do: GOAWAYs are queued, not waited
+// for, and what is still open at the deadline is closed under them.
 func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
 	p.mu.Lock()
 	if p.draining {
@@ -493,7 +536,14 @@ func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
 		}
 		p.mu.Unlock()
 		p.pool.closeAll()
-		<-done
+		// Every goroutine notices within moments; one that does not (a
+		// plaintext leg whose far end neither reads nor closes) is left
+		// behind rather than holding up the daemon's exit.
+		select {
+		case <-done:
+		case <-time.After(closeGrace):
+			p.log.Warn("drain deadline passed: connections left behind", "grace", closeGrace.String())
+		}
 	}
 	p.cancelConn()
 	p.pool.closeAll()
@@ -533,3 +583,7 @@ func (p *Proxy) serverTLS(pp *podProxy, peer *identity.Identity, why *string) *t
 }
 
 func (p *Proxy) rand() uint32 { return p.cfg.Rand() }
+
+// closeGrace is how long Close waits, after the drain deadline closed
+// what was open, for the goroutines serving it to notice.
+const closeGrace = time.Second
