@@ -33,6 +33,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_stats":     dumpStats,
 	"kmesh_sock_orig": dumpSockOrig,
 	"kmesh_inproxy":   dumpInboundListeners,
+	"kmesh_proxy_sk":  dumpProxySockets,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -182,6 +183,10 @@ func dumpInboundListeners(m *Maps) (Table, error) {
 	}
 	sortRows(t.Rows)
 	return t, err
+}
+
+func dumpProxySockets(*Maps) (Table, error) {
+	return Table{Note: "per-socket storage (the node proxy's own sockets): it lives in the sockets and cannot be listed from user space"}, nil
 }
 
 func sortRows(rows [][]string) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -36,6 +37,7 @@ type Maps struct {
 	stats    *ebpf.Map
 	tunnel   *ebpf.Map
 	inproxy  *ebpf.Map
+	proxySk  *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -43,7 +45,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"]}
+		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -374,4 +376,22 @@ func (m *Maps) InboundListeners() (map[netip.Addr]uint64, error) {
 	out := map[netip.Addr]uint64{}
 	err := dump(m.inproxy, func(k sockAddrInboundKey, cookie uint64) { out[wordsAddr(k.Addr)] = cookie })
 	return out, err
+}
+
+// MarkProxySocket records the socket with file descriptor fd as the node
+// proxy's own: the connect programs leave its connect alone. Call it
+// before connecting from inside a pod.
+func (m *Maps) MarkProxySocket(fd uintptr) error {
+	return wrapErr(m.proxySk, "update", m.proxySk.Update(int32(fd), uint32(1), ebpf.UpdateAny))
+}
+
+// MarkProxySocketPinned is MarkProxySocket on the maps a daemon pinned
+// under root (for tests that play the proxy from another process).
+func MarkProxySocketPinned(root string, fd uintptr) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(PinDir(root), "kmesh_proxy_sk"), nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return (&Maps{proxySk: m}).MarkProxySocket(fd)
 }

@@ -153,6 +153,7 @@ const (
 	skLookupMapKmeshFrontend = "kmesh_frontend"
 	skLookupMapKmeshInproxy  = "kmesh_inproxy"
 	skLookupMapKmeshManaged  = "kmesh_managed"
+	skLookupMapKmeshProxySk  = "kmesh_proxy_sk"
 	skLookupMapKmeshService  = "kmesh_service"
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
 	skLookupMapKmeshStats    = "kmesh_stats"
@@ -215,6 +216,7 @@ type skLookupMapSpecs struct {
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -253,6 +255,7 @@ type skLookupMaps struct {
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
@@ -267,6 +270,7 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,
+		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,

@@ -54,8 +54,10 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
 	if (!is_managed(ctx))
 		return 0;
 	/* The node proxy's own sockets (HBONE to a peer, the app behind an
-	 * inbound tunnel) inside the pod's namespace go where they asked. */
-	if (ctx->sk->mark == KMESH_PROXY_MARK)
+	 * inbound tunnel) inside the pod's namespace go where they asked. They
+	 * are known by what the daemon wrote into their storage, never by
+	 * their mark: a pod with NET_ADMIN can set 0x539 on its own sockets. */
+	if (bpf_sk_storage_get(&kmesh_proxy_sk, ctx->sk, NULL, 0))
 		return 0;
 	rnd.slot = bpf_get_prandom_u32();
 	rnd.coin = bpf_get_prandom_u32();

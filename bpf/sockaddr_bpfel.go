@@ -155,6 +155,7 @@ const (
 	sockAddrMapKmeshFrontend  = "kmesh_frontend"
 	sockAddrMapKmeshInproxy   = "kmesh_inproxy"
 	sockAddrMapKmeshManaged   = "kmesh_managed"
+	sockAddrMapKmeshProxySk   = "kmesh_proxy_sk"
 	sockAddrMapKmeshService   = "kmesh_service"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshStats     = "kmesh_stats"
@@ -232,6 +233,7 @@ type sockAddrMapSpecs struct {
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -271,6 +273,7 @@ type sockAddrMaps struct {
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
@@ -285,6 +288,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,
+		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,

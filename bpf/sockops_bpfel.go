@@ -153,6 +153,7 @@ const (
 	sockOpsMapKmeshFrontend = "kmesh_frontend"
 	sockOpsMapKmeshInproxy  = "kmesh_inproxy"
 	sockOpsMapKmeshManaged  = "kmesh_managed"
+	sockOpsMapKmeshProxySk  = "kmesh_proxy_sk"
 	sockOpsMapKmeshService  = "kmesh_service"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshStats    = "kmesh_stats"
@@ -215,6 +216,7 @@ type sockOpsMapSpecs struct {
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -253,6 +255,7 @@ type sockOpsMaps struct {
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
@@ -267,6 +270,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,
+		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,

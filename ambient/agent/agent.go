@@ -153,7 +153,7 @@ func (a *Agent) startTunnel() error {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
-		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log})
+		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log})
 	if err != nil {
 		return err
 	}

@@ -110,8 +110,14 @@ func TestPrivilegedTunnelRedirect(t *testing.T) {
 		expectOnly(t, res.Names, fmt.Sprintf("tunnel:%s>%s", a4, a4), 3)
 		must(f.dp.SetWorkload(hbone("a", remote)))
 	})
-	t.Run("the proxy's own sockets are left alone", func(t *testing.T) {
+	t.Run("the proxy's own sockets are left alone, a forged mark is not enough", func(t *testing.T) {
+		// A pod with NET_ADMIN can set the proxy's mark on its sockets:
+		// they are tunnelled like any other.
 		res := f.run(t, f.client, "tcp", "-addr", a4.String(), "-n", "3", "-mark", fmt.Sprint(bpf.ProxyMark))
+		expectOnly(t, res.Names, fmt.Sprintf("tunnel:%s>%s", a4, a4), 3)
+		// What the daemon records in the socket's storage (a pod cannot
+		// write that map) is what the kernel trusts.
+		res = f.run(t, f.client, "tcp", "-addr", a4.String(), "-n", "3", "-own-pin", f.env.Config.PinRoot)
 		expectOnly(t, res.Names, "a:8080", 3)
 	})
 	t.Run("HBONE port is never tunnelled twice", func(t *testing.T) {

@@ -57,6 +57,12 @@ type TunnelTable interface {
 	TakeTunnel(netnsCookie uint64, client netip.AddrPort) (bpf.TunnelOrig, bool, error)
 }
 
+// OwnSockets is the kernel's record of the node proxy's own sockets
+// (bpf.Maps).
+type OwnSockets interface {
+	MarkProxySocket(fd uintptr) error
+}
+
 // Config configures the node proxy.
 type Config struct {
 	// TrustDomain: inbound peers must belong to it.
@@ -75,6 +81,12 @@ type Config struct {
 	// enforcement (sk_lookup) to steer plaintext connections to; nil: only
 	// iptables redirection reaches 15006.
 	Inbound InboundTable
+	// OwnSockets records the sockets the proxy connects from inside a pod
+	// as its own, so the kernel's connect programs leave them alone (a
+	// pod cannot forge that record, unlike a socket mark). Required when
+	// the kernel path is loaded: without it the proxy's own connections
+	// would be redirected back to itself. nil: no kernel path.
+	OwnSockets OwnSockets
 	// Rand feeds the load balancer and the waypoint choice (default:
 	// math/rand/v2); tests make it deterministic.
 	Rand func() uint32
@@ -290,7 +302,7 @@ func (p *Proxy) AddPod(pod Pod) error {
 	if err != nil {
 		return fmt.Errorf("pod %s: duplicating its namespace: %w", pod.UID, err)
 	}
-	pp := &podProxy{pod: pod, ns: podNetns{fd: fd}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID), refs: 1}
+	pp := &podProxy{pod: pod, ns: podNetns{fd: fd, own: p.cfg.OwnSockets}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID), refs: 1}
 	pp.ctx, pp.cancel = context.WithCancel(context.Background())
 	fail := func(err error) error {
 		pp.close()

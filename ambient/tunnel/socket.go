@@ -18,10 +18,13 @@ import (
 )
 
 // podNetns creates sockets inside one pod's network namespace. Every socket
-// carries the proxy mark, so the kernel path (and istio-cni's rules, when
-// they coexist) leave the proxy's own traffic alone.
+// carries the proxy mark, which istio-cni's rules (when they coexist) know;
+// sockets that connect are also recorded in the kernel's own-socket storage
+// (own), which is what the kernel path trusts: a pod can set a mark, it
+// cannot write that storage.
 type podNetns struct {
-	fd int
+	fd  int
+	own OwnSockets
 }
 
 // markControl sets the proxy mark and, for listeners, SO_REUSEPORT: a
@@ -96,7 +99,7 @@ func (n podNetns) dial(ctx context.Context, dst netip.AddrPort, timeout time.Dur
 }
 
 // socket creates a non-blocking TCP socket in the pod's namespace, with the
-// proxy mark, and hands it back as a pollable file (os.NewFile registers a
+// proxy mark and recorded as the proxy's own, and hands it back as a pollable file (os.NewFile registers a
 // non-blocking descriptor with the runtime's poller).
 func (n podNetns) socket(v6 bool) (*os.File, error) {
 	family := unix.AF_INET
@@ -118,6 +121,14 @@ func (n podNetns) socket(v6 bool) (*os.File, error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("SO_MARK: %w", err)
+	}
+	// Fail the dial rather than connect unrecorded: the kernel would send
+	// the proxy's own connection back to the proxy.
+	if n.own != nil {
+		if err := n.own.MarkProxySocket(uintptr(fd)); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("recording the socket as the proxy's own: %w", err)
+		}
 	}
 	return os.NewFile(uintptr(fd), "tcp"), nil
 }

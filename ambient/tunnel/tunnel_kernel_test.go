@@ -111,7 +111,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		Ports: []dataplane.Port{{ServicePort: 80, TargetPort: 9090}}, Endpoints: []dataplane.Endpoint{{WorkloadUID: "echo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps})
+	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps, OwnSockets: env.DP.Maps})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -189,6 +189,7 @@ const (
 	decideMapKmeshFrontend = "kmesh_frontend"
 	decideMapKmeshInproxy  = "kmesh_inproxy"
 	decideMapKmeshManaged  = "kmesh_managed"
+	decideMapKmeshProxySk  = "kmesh_proxy_sk"
 	decideMapKmeshService  = "kmesh_service"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshStats    = "kmesh_stats"
@@ -254,6 +255,7 @@ type decideMapSpecs struct {
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -293,6 +295,7 @@ type decideMaps struct {
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
@@ -307,6 +310,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,
+		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,

@@ -145,6 +145,17 @@ struct {
 	__type(value, __u64);
 } kmesh_inproxy SEC(".maps");
 
+/* The node proxy's own sockets, marked by the daemon (a map update keyed by
+ * the socket's fd) before they connect from inside a pod: the connect
+ * programs leave them alone. A pod cannot write here, unlike SO_MARK, which
+ * any pod with NET_ADMIN can set on its sockets to bypass the tunnel. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} kmesh_proxy_sk SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

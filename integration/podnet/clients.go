@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/bpf"
 )
 
 // Name servers answer every connection or datagram with their name. Clients
@@ -321,16 +323,24 @@ func tcpClient(args []string) (any, error) {
 	latency := fs.Bool("latency", false, "record per-connection latency")
 	rst := fs.Bool("rst", false, "close with RST (SO_LINGER 0): no TIME_WAIT piles up in long runs")
 	mark := fs.Int("mark", 0, "SO_MARK for the sockets (0x539 is the node proxy's)")
+	ownPin := fs.String("own-pin", "", "record each socket as the node proxy's own in the data path pinned under this root, as the daemon does")
 	eof := fs.Bool("until-eof", false, "read until the server closes (HTTP/1.0 style) instead of one line")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	res := ClientResult{Names: Tally{}, Errors: Tally{}, Peers: Tally{}}
 	d := net.Dialer{Timeout: *timeout}
-	if *mark != 0 {
+	if *mark != 0 || *ownPin != "" {
 		d.Control = func(_, _ string, rc syscall.RawConn) error {
 			var serr error
-			if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, *mark) }); err != nil {
+			if err := rc.Control(func(fd uintptr) {
+				if *mark != 0 {
+					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, *mark)
+				}
+				if serr == nil && *ownPin != "" {
+					serr = bpf.MarkProxySocketPinned(*ownPin, fd)
+				}
+			}); err != nil {
 				return err
 			}
 			return serr
