@@ -214,7 +214,8 @@ const (
 	defaultWindow   = 65535 // RFC 9113 initial windows
 	defaultMaxFrame = 16384
 	maxWindow       = 1<<31 - 1
-	// writeChunk bounds one write to the socket, so that a write making
+	// writeChunk is how much one write to the socket carries (up to twice
+	// that for the last piece of a larger one), so that a write making
 	// progress on a slow link keeps renewing its deadline.
 	writeChunk = 64 << 10
 )
@@ -324,7 +325,11 @@ func (w timedWriter) Write(p []byte) (int, error) {
 			_ = c.nc.SetWriteDeadline(now.Add(timeout))
 			c.wdRenew = now.Add(timeout / 2)
 		}
-		k, err := c.nc.Write(p[n:min(len(p), n+writeChunk)])
+		k := len(p) - n
+		if k >= 2*writeChunk { // no short tail: a frame is one write
+			k = writeChunk
+		}
+		k, err := c.nc.Write(p[n : n+k])
 		n += k
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
