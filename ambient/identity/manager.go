@@ -221,12 +221,14 @@ func (m *Manager) run(ctx context.Context, id Identity, e *entry) {
 			log.Info("certificate issued", "serial", cert.Leaf.SerialNumber.String(),
 				"not_after", cert.NotAfter, "refresh_at", refresh)
 		}
+		if err == nil {
+			// The CA's roots before the certificate is published: whoever
+			// gets the certificate verifies peers against them.
+			m.roots.setCARoots(cert.Roots)
+		}
 		close(e.changed)
 		e.changed = make(chan struct{})
 		m.mu.Unlock()
-		if err == nil {
-			m.roots.setCARoots(cert.Roots)
-		}
 
 		t := time.NewTimer(wait)
 		select {
