@@ -48,6 +48,7 @@ const (
 	reasonHandshake     = "tls_handshake"
 	reasonUnknownPod    = "unknown_pod"
 	reasonUnknownDst    = "unknown_destination"
+	reasonUIDMismatch   = "workload_uid_mismatch"
 )
 
 // checkConnect validates an inbound HBONE request: a CONNECT whose

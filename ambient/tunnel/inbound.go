@@ -3,10 +3,13 @@ package tunnel
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -83,7 +86,7 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
-	if ref := p.authorize(dst, src.Addr(), target, peer); ref != nil {
+	if ref := p.authorize(pp, dst, src.Addr(), target, peer); ref != nil {
 		p.refuse(st, "inbound", ref, pp, src)
 		return
 	}
@@ -117,10 +120,9 @@ func (p *Proxy) refuse(st *hbone.Stream, dir string, ref *refusal, pp *podProxy,
 // authorize applies the destination workload's L4 policies. A destination
 // the control plane does not know is refused, as ztunnel does: policies
 // that would apply to it cannot be known.
-func (p *Proxy) authorize(dst *state.Workload, src netip.Addr, target netip.AddrPort, id *identity.Identity) *refusal {
+func (p *Proxy) authorize(pp *podProxy, dst *state.Workload, src netip.Addr, target netip.AddrPort, id *identity.Identity) *refusal {
 	if dst == nil {
-		return &refusal{http.StatusUnauthorized, reasonUnknownDst, "the destination workload is unknown to the control plane " +
-			"(just created? or the daemon's CLUSTER_ID differs from istiod's, so the pod's workload UID does not match)"}
+		return unknownDestination(pp.pod.WorkloadUID, p.cfg.Dir.WorkloadByAddr(state.NetworkAddr{Network: p.cfg.Network, Addr: target.Addr()}))
 	}
 	set := p.authz.get(dst, p.cfg.Dir)
 	d := set.Evaluate(authz.Conn{SrcIP: src, DstIP: target.Addr(), DstPort: target.Port(), SrcIdentity: id})
@@ -153,7 +155,7 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 	addrs, dst := p.podAddrs(pp)
 	target, ref := checkConnect(http.MethodConnect, dstAddr.String(), addrs)
 	if ref == nil {
-		ref = p.authorize(dst, src.Addr(), target, nil)
+		ref = p.authorize(pp, dst, src.Addr(), target, nil)
 	}
 	if ref != nil {
 		p.refuse(nil, "inbound_plaintext", ref, pp, src)
@@ -172,6 +174,25 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 	labels := p.m.open(rep)
 	received, sent := splicePipe(c, app)
 	p.m.close(labels, received, sent)
+}
+
+// unknownDestination is the refusal for a pod whose workload (enrolledAs,
+// built from the daemon's CLUSTER_ID and the pod's namespace and name) the
+// control plane has not sent. atAddr is the workload the control plane
+// does have at the address connected to, if any: under another UID it
+// names the misconfiguration instead of leaving the operator to guess.
+func unknownDestination(enrolledAs string, atAddr *state.Workload) *refusal {
+	if atAddr != nil && atAddr.UID != enrolledAs {
+		mine, _, ok1 := strings.Cut(enrolledAs, "//")
+		theirs, _, ok2 := strings.Cut(atAddr.UID, "//")
+		msg := fmt.Sprintf("the pod was enrolled as workload %q but the control plane has %q at this address", enrolledAs, atAddr.UID)
+		if ok1 && ok2 && theirs != mine {
+			msg += fmt.Sprintf(": the daemon's CLUSTER_ID %q differs from istiod's %q (set CLUSTER_ID=%s on the daemon)", mine, theirs, theirs)
+		}
+		return &refusal{http.StatusUnauthorized, reasonUIDMismatch, msg}
+	}
+	return &refusal{http.StatusUnauthorized, reasonUnknownDst, "the destination workload " + strconv.Quote(enrolledAs) +
+		" is unknown to the control plane (just created, or not yet synced?)"}
 }
 
 func fillDst(rep *connReport, w *state.Workload) {

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 
 	securityapi "istio.io/istio/pkg/workloadapi/security"
@@ -132,6 +133,37 @@ func TestPrivilegedInboundEnforcement(t *testing.T) {
 		}
 		if got := counter(t, f.proxy, "inbound_plaintext", reasonUnknownDst) - before; got != 2 {
 			t.Errorf("%v unknown-destination refusals counted, want 2", got)
+		}
+	})
+
+	t.Run("mismatched workload UID (CLUSTER_ID): refused, the log names both", func(t *testing.T) {
+		// The daemon enrolled the pod as "near" (its CLUSTER_ID's UID);
+		// istiod sends the same pod under its own cluster's UID.
+		w := f.dir.Workload("near")
+		theirs := *w
+		theirs.UID = "Kubernetes//Pod/app/near"
+		f.dir.Apply(state.Update{RemovedAddresses: []string{"near"}, Workloads: []*state.Workload{&theirs}})
+		if err := f.dp.DeleteWorkload("near"); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.dp.SetWorkload(dataplane.Workload{UID: theirs.UID, Addrs: w.Addresses, Capacity: 1, Healthy: true, HBONE: true,
+			Policies: true, Topology: dataplane.Topology{Node: "n1"}}); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			f.dir.Apply(state.Update{RemovedAddresses: []string{theirs.UID}, Workloads: []*state.Workload{w}})
+			_ = f.dp.DeleteWorkload(theirs.UID)
+			setPolicies(t, false)
+		}()
+		before := counter(t, f.proxy, "inbound_plaintext", reasonUIDMismatch)
+		if res := from(t, f.outsider, near, 2); res.Names["near:9090"] != 0 {
+			t.Fatalf("a pod whose workload UID does not match was served: %+v", res)
+		}
+		if got := counter(t, f.proxy, "inbound_plaintext", reasonUIDMismatch) - before; got != 2 {
+			t.Errorf("%v mismatch refusals counted, want 2", got)
+		}
+		if want := `enrolled as workload \"near\" but the control plane has \"Kubernetes//Pod/app/near\" at this address`; !strings.Contains(f.logs.String(), want) {
+			t.Errorf("the log does not name the cause (%s):\n%s", want, f.logs.String())
 		}
 	})
 }

@@ -7,12 +7,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -47,6 +49,27 @@ type tunnelFixture struct {
 	dp       *dataplane.Dataplane
 	ca       *testCA
 	proxy    *Proxy
+	// logs is what the proxy logged (JSON lines).
+	logs *lockedBuffer
+}
+
+// lockedBuffer is a bytes.Buffer the proxy's goroutines write to while the
+// test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func podWorkload(p *podnet.Pod, sa, node string) *state.Workload {
@@ -64,7 +87,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { node.Close() })
-	f := &tunnelFixture{env: env, dir: state.NewStore(), ca: newTestCA(t, "cluster.local")}
+	f := &tunnelFixture{env: env, dir: state.NewStore(), ca: newTestCA(t, "cluster.local"), logs: &lockedBuffer{}}
 	add := func(name string, host int) *podnet.Pod {
 		p, err := node.AddPod(name, netip.MustParseAddr(fmt.Sprintf("10.244.1.%d", host)), netip.MustParseAddr(fmt.Sprintf("fd00:10:244:1::%d", host)))
 		if err != nil {
@@ -111,7 +134,8 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		Ports: []dataplane.Port{{ServicePort: 80, TargetPort: 9090}}, Endpoints: []dataplane.Endpoint{{WorkloadUID: "echo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps, OwnSockets: env.DP.Maps})
+	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps, OwnSockets: env.DP.Maps,
+		Log: slog.New(slog.NewJSONHandler(f.logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
