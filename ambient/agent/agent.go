@@ -50,6 +50,8 @@ type Agent struct {
 	IDs   *identity.Manager
 
 	caClient *identity.CAClient
+	// xds follows istiod (set once started; readiness reads it meanwhile).
+	xds atomic.Pointer[xds.Client]
 
 	ready  atomic.Bool
 	synced chan struct{}
@@ -207,6 +209,7 @@ func (a *Agent) startXDS(ctx context.Context) error {
 		return err
 	}
 	client := xds.New(xc)
+	a.xds.Store(client)
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -241,13 +244,27 @@ func (a *Agent) Failed() int { return a.rec.Failed() }
 // Synced is closed once the first full control-plane state is in the maps.
 func (a *Agent) Synced() <-chan struct{} { return a.synced }
 
+// waitingFor says why the daemon is not ready yet: the first state has
+// not come from istiod, and the last attempt's error says what to check
+// (xds.Client.LastError: a missing token, an untrusted certificate, an
+// unreachable address, refused credentials).
+func (a *Agent) waitingFor() string {
+	msg := "waiting for the first control-plane state from istiod at " + a.cfg.XDSAddress
+	if c := a.xds.Load(); c != nil {
+		if err := c.LastError(); err != nil {
+			msg += ": " + err.Error()
+		}
+	}
+	return msg
+}
+
 func (a *Agent) readinessHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
 		select {
 		case <-a.synced:
 		default:
-			http.Error(w, "waiting for the first control-plane state", http.StatusServiceUnavailable)
+			http.Error(w, a.waitingFor(), http.StatusServiceUnavailable)
 			return
 		}
 		if !a.ready.Load() {

@@ -4,9 +4,12 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
+	"time"
 
 	"kmesh.dev/kmesh/ambient/agent"
 	"kmesh.dev/kmesh/ambient/config"
@@ -48,5 +51,53 @@ func TestPrivilegedAgentLifecycle(t *testing.T) {
 	// Closing the daemon leaves the data path pinned for the next one.
 	if _, err := os.Stat(bpf.PinDir(cfg.PinRoot) + "/links/connect4"); err != nil {
 		t.Fatalf("daemon exit removed the data path: %v", err)
+	}
+}
+
+// A daemon that cannot reach istiod says so on its readiness endpoint, with
+// what to check, not only "not ready".
+func TestPrivilegedAgentReadinessSaysWhy(t *testing.T) {
+	env := kerneltest.New(t, bpf.Config{})
+	env.DP.Close()
+	cfg, err := config.Load(nil, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "127.0.0.1:0", "", ""
+	// A loopback port nothing listens on.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.XDSAddress = l.Addr().String()
+	l.Close()
+	cfg.XDSPlaintext, cfg.CAAddress, cfg.ZDSSocket = true, "", ""
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, err := agent.Start(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	want := "waiting for the first control-plane state from istiod at " + cfg.XDSAddress
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get("http://" + a.Addrs["readiness"].String() + "/healthz/ready")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("readiness %d without istiod, want 503", resp.StatusCode)
+		}
+		if strings.Contains(string(body), want) && strings.Contains(string(body), "is istiod running, XDS_ADDRESS right") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("readiness says %q, want the address and what to check", body)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -79,6 +80,18 @@ type Client struct {
 	synced   map[string]bool
 	onSynced sync.Once
 	started  time.Time
+	// lastErr is why the last stream ended, for readiness to report while
+	// the first state has not arrived; nil once a stream is up.
+	lastErr atomic.Pointer[error]
+}
+
+// LastError is why the last stream to istiod ended (nil while one is
+// connected and answering, and before the first attempt ends).
+func (c *Client) LastError() error {
+	if p := c.lastErr.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // New returns a client; nothing happens until Run.
@@ -115,6 +128,10 @@ func (c *Client) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if err == nil {
+			err = io.EOF
+		}
+		c.lastErr.Store(&err)
 		reason := terminationReason(err)
 		c.cfg.Metrics.Terminations.WithLabelValues(reason).Inc()
 		if time.Since(start) > time.Minute {
@@ -135,6 +152,29 @@ func (c *Client) Run(ctx context.Context) error {
 			backoff = min(backoff*2, c.cfg.MaxBackoff)
 		}
 	}
+}
+
+// hint says what to check for a failed stream, where the error itself does
+// not: istiod.VerifyError and istiod.TokenError already do.
+func hint(err error, cfg istiod.Config) string {
+	var verr *istiod.VerifyError
+	var terr *istiod.TokenError
+	if errors.As(err, &verr) || errors.As(err, &terr) || strings.Contains(err.Error(), "handshake failed") {
+		return ""
+	}
+	s, ok := status.FromError(err)
+	if !ok {
+		return ""
+	}
+	switch s.Code() {
+	case codes.Unavailable:
+		return " (is istiod running, XDS_ADDRESS right and port 15012 open?)"
+	case codes.Unauthenticated, codes.PermissionDenied:
+		return fmt.Sprintf(" (istiod refused this node's credentials: the token in %s must be a projected service account token "+
+			"with audience istio-ca, for a service account istiod trusts as a node proxy (its CA_TRUSTED_NODE_ACCOUNTS, "+
+			"istio-system/ztunnel by default); CLUSTER_ID %q must be istiod's)", cfg.TokenFile, cfg.ClusterID)
+	}
+	return ""
 }
 
 // terminationReason classifies a stream end for the metric, as ztunnel:
@@ -189,11 +229,7 @@ func (c *Client) stream(ctx context.Context) error {
 	defer cancel()
 	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(sctx, grpc.ForceCodecV2(newCodec()))
 	if err != nil {
-		hint := " (is istiod reachable, and port 15012 open?)"
-		if strings.Contains(err.Error(), "handshake failed") {
-			hint = "" // istiod.VerifyError says what to check
-		}
-		return fmt.Errorf("opening the ADS stream to %s%s: %w", c.cfg.Istiod.Addr, hint, err)
+		return fmt.Errorf("opening the ADS stream to %s%s: %w", c.cfg.Istiod.Addr, hint(err, c.cfg.Istiod), err)
 	}
 	for _, req := range c.initialRequests() {
 		if err := st.Send(req); err != nil {
@@ -205,12 +241,16 @@ func (c *Client) stream(ctx context.Context) error {
 	for {
 		var resp rawResponse
 		if err := st.RecvMsg(&resp); err != nil {
+			if h := hint(err, c.cfg.Istiod); h != "" {
+				return fmt.Errorf("ADS stream to %s%s: %w", c.cfg.Istiod.Addr, h, err)
+			}
 			return err
 		}
 		ack, err := c.handle(newRope(resp.data))
 		if err != nil {
 			return err
 		}
+		c.lastErr.Store(nil) // istiod answers
 		if err := st.Send(ack); err != nil {
 			return err
 		}

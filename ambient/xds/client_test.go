@@ -12,6 +12,8 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -142,6 +144,88 @@ func TestTerminationReason(t *testing.T) {
 	} {
 		if got := terminationReason(tc.err); got != tc.want {
 			t.Errorf("terminationReason(%v) = %s, want %s", tc.err, got, tc.want)
+		}
+	}
+}
+
+// While no state has come, LastError says why, and what to check: the
+// readiness endpoint shows it. A stream that answers clears it.
+func TestLastErrorSaysWhatToCheck(t *testing.T) {
+	srv, err := xdstest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	closed := func() string { // a loopback port nothing listens on
+		s, err := xdstest.Start()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Stop()
+		return s.Addr
+	}()
+	run := func(t *testing.T, cfg istiod.Config) *Client {
+		c := New(Config{Istiod: cfg, Node: &core.Node{Id: "n"}, Types: []string{AddressType},
+			Handler:        func(string, *Resources, []string) []Rejection { return nil },
+			InitialBackoff: time.Millisecond, MaxBackoff: 10 * time.Millisecond})
+		ctx, cancel := context.WithCancel(context.Background())
+		t.Cleanup(cancel)
+		go c.Run(ctx)
+		return c
+	}
+	waitFor := func(t *testing.T, c *Client, want string) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			if err := c.LastError(); err != nil && strings.Contains(err.Error(), want) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("LastError %v, want one containing %q", c.LastError(), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	t.Run("no token file", func(t *testing.T) {
+		c := run(t, istiod.Config{Addr: srv.Addr, Plaintext: true, TokenFile: tok})
+		waitFor(t, c, "reading the token for istiod from "+tok)
+		// The token appears (the projected volume was late): the stream
+		// comes up, istiod answers, the error is gone.
+		if err := os.WriteFile(tok, []byte("t"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s := nextStream(t, srv)
+		recv(t, s)
+		s.Send(&discovery.DeltaDiscoveryResponse{TypeUrl: AddressType, Nonce: "n1"})
+		recv(t, s)
+		if err := c.LastError(); err != nil {
+			t.Fatalf("LastError %v after istiod answered", err)
+		}
+	})
+	t.Run("istiod unreachable", func(t *testing.T) {
+		c := run(t, istiod.Config{Addr: closed, Plaintext: true})
+		waitFor(t, c, "is istiod running, XDS_ADDRESS right and port 15012 open?")
+	})
+}
+
+func TestHint(t *testing.T) {
+	cfg := istiod.Config{TokenFile: "/var/run/secrets/tokens/istio-token", ClusterID: "east"}
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{status.Error(codes.Unavailable, "connection refused"), "is istiod running"},
+		{status.Error(codes.Unauthenticated, "authentication failure"), `token in /var/run/secrets/tokens/istio-token must be a projected service account token with audience istio-ca`},
+		{status.Error(codes.PermissionDenied, "no"), `CLUSTER_ID "east" must be istiod's`},
+		{status.Error(codes.Unavailable, "connection error: desc = \"transport: authentication handshake failed: x\""), ""},
+		{&istiod.TokenError{File: "f", Err: os.ErrNotExist}, ""},
+		{errors.New("not a status"), ""},
+	} {
+		got := hint(tc.err, cfg)
+		if (tc.want == "") != (got == "") || !strings.Contains(got, tc.want) {
+			t.Errorf("hint(%v) = %q, want one containing %q", tc.err, got, tc.want)
 		}
 	}
 }
