@@ -147,8 +147,3 @@ func (o objects) proxy(t testing.TB) *corev1.Container {
 	}
 	return &cs[0]
 }
-
-func TestRenderDump(t *testing.T) {
-	o := mustRender(t, "")
-	t.Log(o.raw)
-}
