@@ -48,11 +48,15 @@ func envOf(t testing.TB, c *corev1.Container) map[string]envVar {
 		}
 		v := envVar{value: e.Value}
 		if e.ValueFrom != nil {
-			if e.ValueFrom.FieldRef == nil || e.Value != "" {
+			switch f := e.ValueFrom; {
+			case f.FieldRef != nil:
+				v.field = f.FieldRef.FieldPath
+			case f.ResourceFieldRef != nil:
+				v.field = "resource " + f.ResourceFieldRef.Resource
+			default:
 				t.Errorf("env %s: only values and field references expected, got %+v", e.Name, e)
 				continue
 			}
-			v.field = e.ValueFrom.FieldRef.FieldPath
 		}
 		m[e.Name] = v
 	}
@@ -298,8 +302,8 @@ func TestDefaults(t *testing.T) {
 	if pod.PriorityClassName != "system-node-critical" {
 		t.Errorf("priority class %q", pod.PriorityClassName)
 	}
-	if pod.TerminationGracePeriodSeconds == nil || *pod.TerminationGracePeriodSeconds != 30 {
-		t.Errorf("grace period %v, want 30", pod.TerminationGracePeriodSeconds)
+	if g := pod.TerminationGracePeriodSeconds; g == nil || *g != 30 {
+		t.Errorf("grace period %v, want 30", ptrValue(g))
 	} else if grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second; cfg.DrainDuration > grace {
 		t.Errorf("the daemon drains %v but Kubernetes kills it after %v", cfg.DrainDuration, grace)
 	}
@@ -532,4 +536,11 @@ func TestEnvIsReadByDaemon(t *testing.T) {
 			t.Errorf("%s is listed as not the daemon's but is in its settings table: drop it from notForDaemon", n)
 		}
 	}
+}
+
+func ptrValue[T any](p *T) any {
+	if p == nil {
+		return "unset"
+	}
+	return *p
 }
