@@ -111,6 +111,18 @@ var settings = []setting{
 	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
 
+// EnvNames returns the environment variables the daemon takes settings from,
+// in the order of the settings table. Deployment manifests are checked
+// against it (integration/charttest), so a variable the chart sets that the
+// daemon does not read is caught.
+func EnvNames() []string {
+	names := make([]string, len(settings))
+	for i, s := range settings {
+		names[i] = s.env
+	}
+	return names
+}
+
 // Flags registers every setting as a flag (dots become dashes).
 func Flags(fs *pflag.FlagSet) {
 	fs.String("config", "", "YAML configuration file")

@@ -42,3 +42,22 @@ func TestPrecedence(t *testing.T) {
 		}
 	}
 }
+
+func TestEnvNamesCoverEverySetting(t *testing.T) {
+	names := EnvNames()
+	if len(names) != len(settings) {
+		t.Fatalf("EnvNames has %d names for %d settings", len(names), len(settings))
+	}
+	seen := map[string]bool{}
+	for _, n := range names {
+		if n == "" || seen[n] {
+			t.Errorf("env name %q is empty or repeated", n)
+		}
+		seen[n] = true
+	}
+	for _, want := range []string{"XDS_ADDRESS", "KMESH_PIN_ROOT", "TERMINATION_GRACE_PERIOD_SECONDS"} {
+		if !seen[want] {
+			t.Errorf("EnvNames lacks %s", want)
+		}
+	}
+}
