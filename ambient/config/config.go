@@ -6,6 +6,8 @@ package config
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -106,7 +108,7 @@ var settings = []setting{
 	{"secret_ttl", "SECRET_TTL", "validity of the workload certificates asked from the CA", 24 * time.Hour},
 	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
-	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown", 5 * time.Second},
+	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
 	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
 	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
@@ -116,11 +118,32 @@ var settings = []setting{
 // against it (integration/charttest), so a variable the chart sets that the
 // daemon does not read is caught.
 func EnvNames() []string {
-	names := make([]string, len(settings))
-	for i, s := range settings {
-		names[i] = s.env
+	names := make([]string, 0, len(settings)+len(envOverrides))
+	for _, s := range settings {
+		names = append(names, s.env)
+	}
+	for _, k := range slices.Sorted(maps.Keys(envOverrides)) {
+		names = append(names, envOverrides[k])
 	}
 	return names
+}
+
+// envOverrides are variables that win over a setting's own, as in
+// ztunnel: ISTIO_META_CLUSTER_ID (what ztunnel's chart sets) over
+// CLUSTER_ID.
+var envOverrides = map[string]string{"cluster_id": "ISTIO_META_CLUSTER_ID"}
+
+// DrainFor is how long connections drain when the pod has grace to stop:
+// ztunnel's rule, all but 5 s of it (1 s when it is 10 s or less), so the
+// forced close happens before Kubernetes kills the process.
+func DrainFor(grace time.Duration) time.Duration {
+	switch {
+	case grace > 10*time.Second:
+		return grace - 5*time.Second
+	case grace > time.Second:
+		return grace - time.Second
+	}
+	return grace
 }
 
 // Flags registers every setting as a flag (dots become dashes).
@@ -149,12 +172,24 @@ func Load(fs *pflag.FlagSet, getenv func(string) string) (*Config, error) {
 	v := viper.New()
 	for _, s := range settings {
 		v.SetDefault(s.key, s.def)
-		if e := getenv(s.env); e != "" {
-			if s.key == "drain_duration" && !strings.ContainsAny(e, "smh") {
+		e := getenv(s.env)
+		if o := envOverrides[s.key]; o != "" && getenv(o) != "" {
+			e = getenv(o)
+		}
+		if e == "" {
+			continue
+		}
+		if s.key == "drain_duration" {
+			if !strings.ContainsAny(e, "smh") {
 				e += "s" // ztunnel's variable is whole seconds
 			}
-			v.Set(s.key, e)
+			grace, err := time.ParseDuration(e)
+			if err != nil || grace < 0 {
+				return nil, fmt.Errorf("%s=%q: want the pod's grace period in whole seconds", s.env, getenv(s.env))
+			}
+			e = DrainFor(grace).String()
 		}
+		v.Set(s.key, e)
 	}
 	if fs != nil {
 		if f := fs.Lookup("config"); f != nil && f.Value.String() != "" {

@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -35,7 +36,7 @@ func TestPrecedence(t *testing.T) {
 		{"nested from flag", c.Maps.Frontend, uint32(77)},
 		{"default", c.Maps.Backend, uint32(131072)},
 		{"CA defaults to xDS", c.CAAddress, "from-env:15012"},
-		{"ztunnel's seconds", c.DrainDuration, 30 * time.Second},
+		{"ztunnel's seconds, drained as ztunnel: all but 5 s", c.DrainDuration, 25 * time.Second},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s: got %v, want %v", tc.name, tc.got, tc.want)
@@ -45,8 +46,8 @@ func TestPrecedence(t *testing.T) {
 
 func TestEnvNamesCoverEverySetting(t *testing.T) {
 	names := EnvNames()
-	if len(names) != len(settings) {
-		t.Fatalf("EnvNames has %d names for %d settings", len(names), len(settings))
+	if len(names) != len(settings)+len(envOverrides) {
+		t.Fatalf("EnvNames has %d names for %d settings and %d overrides", len(names), len(settings), len(envOverrides))
 	}
 	seen := map[string]bool{}
 	for _, n := range names {
@@ -55,9 +56,53 @@ func TestEnvNamesCoverEverySetting(t *testing.T) {
 		}
 		seen[n] = true
 	}
-	for _, want := range []string{"XDS_ADDRESS", "KMESH_PIN_ROOT", "TERMINATION_GRACE_PERIOD_SECONDS"} {
+	for _, want := range []string{"XDS_ADDRESS", "KMESH_PIN_ROOT", "TERMINATION_GRACE_PERIOD_SECONDS", "ISTIO_META_CLUSTER_ID"} {
 		if !seen[want] {
 			t.Errorf("EnvNames lacks %s", want)
 		}
+	}
+}
+
+func TestDrainFor(t *testing.T) {
+	for _, tc := range []struct{ grace, drain time.Duration }{
+		{30 * time.Second, 25 * time.Second},
+		{11 * time.Second, 6 * time.Second},
+		{10 * time.Second, 9 * time.Second},
+		{2 * time.Second, time.Second},
+		{time.Second, time.Second},
+		{0, 0},
+	} {
+		if got := DrainFor(tc.grace); got != tc.drain {
+			t.Errorf("DrainFor(%v) = %v, want %v", tc.grace, got, tc.drain)
+		}
+	}
+}
+
+// ztunnel's chart sets ISTIO_META_CLUSTER_ID; ztunnel prefers it to
+// CLUSTER_ID, and so does the daemon.
+func TestClusterIDFromIstioMeta(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{}, "Kubernetes"},
+		{map[string]string{"CLUSTER_ID": "east"}, "east"},
+		{map[string]string{"ISTIO_META_CLUSTER_ID": "west"}, "west"},
+		{map[string]string{"CLUSTER_ID": "east", "ISTIO_META_CLUSTER_ID": "west"}, "west"},
+	} {
+		c, err := Load(nil, func(k string) string { return tc.env[k] })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.ClusterID != tc.want {
+			t.Errorf("env %v: cluster %q, want %q", tc.env, c.ClusterID, tc.want)
+		}
+	}
+}
+
+func TestBadGracePeriod(t *testing.T) {
+	_, err := Load(nil, func(k string) string { return map[string]string{"TERMINATION_GRACE_PERIOD_SECONDS": "thirty"}[k] })
+	if err == nil || !strings.Contains(err.Error(), "TERMINATION_GRACE_PERIOD_SECONDS") {
+		t.Fatalf("err %v, want one naming TERMINATION_GRACE_PERIOD_SECONDS", err)
 	}
 }

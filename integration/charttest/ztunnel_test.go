@@ -20,7 +20,7 @@ import (
 var ztunnelOnly = map[string]string{
 	"RUST_LOG":                     "ztunnel's log filter; the daemon's is KMESH_LOG_LEVEL, from the same logLevel value",
 	"RUST_BACKTRACE":               "Rust runtime",
-	"ISTIO_META_CLUSTER_ID":        "ztunnel's name for the cluster; the daemon reads CLUSTER_ID, set from the same multiCluster.clusterName",
+	"ISTIO_META_CLUSTER_ID":        "the daemon reads it too (over CLUSTER_ID, as ztunnel does); this chart sets CLUSTER_ID from the same multiCluster.clusterName",
 	"INPOD_ENABLED":                "ztunnel's switch for in-pod mode; the daemon always works in the pods' namespaces (ZDS)",
 	"SERVICE_ACCOUNT":              "ztunnel's own service account; the daemon's identity towards istiod is its token's",
 	"ZTUNNEL_CPU_LIMIT":            "ztunnel sizes its worker threads from it; the daemon's are ZTUNNEL_WORKER_THREADS (default 2, settable with env)",
