@@ -51,7 +51,7 @@ func mapType(mt ebpf.MapType) func() error {
 var probes = []probe{
 	{"prog:cgroup_sock_addr", true, "connect-time service load balancing", progType(ebpf.CGroupSockAddr)},
 	{"map:hash", true, "frontend/service/endpoint/backend maps", mapType(ebpf.Hash)},
-	{"map:lru_hash", true, "UDP affinity and reverse NAT", mapType(ebpf.LRUHash)},
+	{"map:lru_hash", true, "the tunnel's record of redirected connections", mapType(ebpf.LRUHash)},
 	{"map:percpu_array", true, "data path counters", mapType(ebpf.PerCPUArray)},
 	{"map:sk_storage", true, "original destination per socket (getpeername)", mapType(ebpf.SkStorage)},
 	{"map_flag:no_prealloc", true, "RCU-safe replacement of map values", func() error { return features.HaveMapFlag(features.BPF_F_NO_PREALLOC) }},
@@ -62,10 +62,12 @@ var probes = []probe{
 	{"helper:set_retval", true, "refusing a VIP with no endpoint with ECONNREFUSED", helper(ebpf.CGroupSockAddr, asm.FnSetRetval)},
 	{"helper:get_prandom_u32", true, "random endpoint choice", helper(ebpf.CGroupSockAddr, asm.FnGetPrandomU32)},
 	{"map_batch_ops", true, "batched map updates", probeBatchOps},
+	{"prog:sock_ops", true, "handing the tunnel the original destination of redirected connections", progType(ebpf.SockOps)},
+	{"prog:sk_lookup", true, "inbound enforcement (plaintext to a pod with policies goes to its 15006)", progType(ebpf.SkLookup)},
+	{"map:sockhash", true, "inbound enforcement (the pods' 15006 listeners)", mapType(ebpf.SockHash)},
+	{"helper:sk_assign", true, "inbound enforcement (steering to a listener)", helper(ebpf.SkLookup, asm.FnSkAssign)},
 	// Optional: later data paths use these; their absence only disables them.
-	{"prog:sock_ops", false, "sockmap splicing of node-local connections", progType(ebpf.SockOps)},
 	{"prog:sk_msg", false, "sockmap splicing of node-local connections", progType(ebpf.SkMsg)},
-	{"map:sockhash", false, "sockmap splicing of node-local connections", mapType(ebpf.SockHash)},
 	{"map:ringbuf", false, "connection events for telemetry", mapType(ebpf.RingBuf)},
 }
 
