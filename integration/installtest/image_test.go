@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"debug/elf"
+	"encoding/json"
 	"errors"
 	"io"
 	"maps"
@@ -11,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -219,4 +221,36 @@ func exitCode(err error) int {
 		return -1
 	}
 	return 0
+}
+
+// TestDockerfileMatchesImageBuilder keeps the two image definitions in step:
+// the Dockerfile's final stage copies the same binaries to the same place,
+// has the same entrypoint and the same fixed labels as ociimage.Build.
+func TestDockerfileMatchesImageBuilder(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repo, "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	df := string(b)
+	final := df[strings.LastIndex(df, "\nFROM "):]
+	if !strings.HasPrefix(final, "\nFROM scratch") {
+		t.Errorf("the final stage is %q, want FROM scratch like the Go builder's empty base", strings.SplitN(final[1:], "\n", 2)[0])
+	}
+	entry, _ := json.Marshal(ociimage.Entrypoint)
+	if !strings.Contains(final, "ENTRYPOINT "+string(entry)) {
+		t.Errorf("the Dockerfile's final stage has no ENTRYPOINT %s", entry)
+	}
+	for name, pkg := range ociimage.Commands {
+		if !strings.Contains(df, " "+pkg) || !strings.Contains(final, "/out/"+name) {
+			t.Errorf("the Dockerfile does not build %s and copy %s", pkg, name)
+		}
+	}
+	if !strings.Contains(final, ociimage.BinDir+"/") || !strings.Contains(df, "CGO_ENABLED=0") {
+		t.Errorf("the Dockerfile does not install static binaries into %s", ociimage.BinDir)
+	}
+	for k, v := range ociimage.Labels(ociimage.Options{}) {
+		if v != "" && !strings.Contains(final, k+"="+strconv.Quote(v)) {
+			t.Errorf("the Dockerfile lacks LABEL %s=%q", k, v)
+		}
+	}
 }
