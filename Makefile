@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin
 
-.PHONY: help build generate check-generate test fuzz lint bench bench-tools bench-quick bench-program bench-sync demo clean
+.PHONY: help build generate check-generate test fuzz lint bench bench-tools bench-quick bench-program bench-sync demo manifests image clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -82,5 +82,14 @@ bench-sync: build ## control-plane sync: full sync time, daemon RSS, update late
 demo: build ## the node simulator demo (needs root): kmeshctl demo runs bin/kmesh-sim
 	$(BIN)/kmeshctl demo
 
+# The image make image builds and the assembled profile names.
+IMAGE ?= ghcr.io/kmesh-dev/kmesh:latest
+
+manifests: ## istioctl install package in out/manifests: the pinned Istio charts + profiles/kmesh.yaml (IMAGE=ref to name another image)
+	$(GO) run ./integration/cmd/manifests -out out/manifests -image $(IMAGE)
+
+image: ## Kmesh's image (static binaries, entrypoint kmesh-daemon) as an OCI layout in out/image, named IMAGE; no docker needed
+	$(GO) run ./integration/cmd/kmesh-image -out out/image -ref $(IMAGE) -version $(VERSION)
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) out
