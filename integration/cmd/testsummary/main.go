@@ -53,7 +53,11 @@ func main() {
 			fmt.Println(sc.Text()) // build errors and the like
 			continue
 		}
-		key := e.Package + " " + e.Test
+		// Subtests' output goes to their top-level test's log, which is
+		// printed when that test fails: a failing subtest's messages are
+		// what a person needs.
+		top, _, _ := strings.Cut(e.Test, "/")
+		key := e.Package + " " + top
 		switch e.Action {
 		case "output":
 			b := logs[key]
