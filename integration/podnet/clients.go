@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -183,6 +184,7 @@ func streamClient(args []string) (any, error) {
 	addr := fs.String("addr", "", "destination")
 	duration := fs.Duration("duration", 3*time.Second, "how long to hold the connection")
 	interval := fs.Duration("interval", 50*time.Millisecond, "time between exchanges")
+	ready := fs.String("ready", "", "create this file once the first exchange is done (tests wait for it instead of guessing how long a process takes to start)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -217,6 +219,11 @@ func streamClient(args []string) (any, error) {
 			}
 		}
 		res.Exchanges++
+		if i == 0 && *ready != "" {
+			if err := os.WriteFile(*ready, nil, 0o644); err != nil {
+				return nil, err
+			}
+		}
 		time.Sleep(*interval)
 	}
 	return res, nil

@@ -3,6 +3,8 @@ package sim_test
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -16,16 +18,34 @@ import (
 )
 
 // stream holds a connection through the VIP while the test changes things.
+// It returns once the connection is up and has carried one exchange (a
+// helper process can take seconds to start on a loaded machine), or fails
+// the test if it could not get there.
 func stream(t *testing.T, p *sim.Pod, addr string, d time.Duration) <-chan podnet.StreamResult {
+	t.Helper()
+	ready := filepath.Join(t.TempDir(), "stream-ready")
 	ch := make(chan podnet.StreamResult, 1)
 	go func() {
 		var res podnet.StreamResult
-		if err := p.Helper(&res, "stream", "-addr", addr, "-duration", d.String()); err != nil {
+		if err := p.Helper(&res, "stream", "-addr", addr, "-duration", d.String(), "-ready", ready); err != nil {
 			res.Error = err.Error()
 		}
 		ch <- res
 	}()
-	return ch
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(ready); err == nil {
+			return ch
+		}
+		select {
+		case res := <-ch:
+			t.Fatalf("the held connection ended before its first exchange: %+v", res)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the held connection made no exchange within 20s")
+		}
+	}
 }
 
 func setNamespaceLabel(t *testing.T, c *sim.Cluster, ns, value string) {
