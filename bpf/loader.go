@@ -215,10 +215,16 @@ func (dp *Datapath) loadSockOps() error {
 			return fmt.Errorf("parsing the embedded %s object: %w", o.name, err)
 		}
 		repl := dp.MapReplacements()
-		for name := range spec.Maps {
-			if !strings.HasPrefix(name, ".") && repl[name] == nil {
+		for name, ms := range spec.Maps {
+			if strings.HasPrefix(name, ".") {
+				continue
+			}
+			if repl[name] == nil {
 				return fmt.Errorf("%s object uses map %s that sock_addr does not define", o.name, name)
 			}
+			// The configured size (MapSizes) is the created map's: a
+			// replacement must match the spec it replaces.
+			ms.MaxEntries = repl[name].MaxEntries()
 		}
 		if err := spec.LoadAndAssign(o.objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 			var verr *ebpf.VerifierError

@@ -12,6 +12,8 @@ type TCPBytes struct {
 	// Acked: bytes the socket sent that its peer acknowledged; Received:
 	// bytes it received (the same counters sockops reads).
 	Acked, Received uint64
+	// State is the socket's TCP state (TCP_ESTABLISHED = 1 ...).
+	State uint8
 }
 
 // TCPSocketBytes dumps the TCP sockets of the network namespace open at
@@ -32,7 +34,7 @@ func TCPSocketBytes(nsFd int) (map[uint64]TCPBytes, error) {
 					continue
 				}
 				c := uint64(s.InetDiagMsg.ID.Cookie[0]) | uint64(s.InetDiagMsg.ID.Cookie[1])<<32
-				out[c] = TCPBytes{Acked: s.TCPInfo.Bytes_acked, Received: s.TCPInfo.Bytes_received}
+				out[c] = TCPBytes{Acked: s.TCPInfo.Bytes_acked, Received: s.TCPInfo.Bytes_received, State: s.InetDiagMsg.State}
 			}
 		}
 		return nil

@@ -164,7 +164,8 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 		} else {
 			duration = ev.Time - o.opened
 		}
-		recv, sent := Directional(o.outbound, ev.BytesAcked, ev.BytesReceived)
+		acked, received := Payload(o.outbound, ev.OldState, ev.BytesAcked, ev.BytesReceived)
+		recv, sent := Directional(o.outbound, acked, received)
 		prevRecv, prevSent := Directional(o.outbound, o.acked, o.received)
 		o.series.Close(sub(recv, prevRecv), sub(sent, prevSent))
 		r := &Record{Conn: &o.conn, Duration: duration, BytesSent: sent, BytesRecv: recv}
@@ -207,10 +208,11 @@ func (k *KernelReader) Walk() {
 				continue
 			}
 			o.missed = 0
-			recv, sent := Directional(o.outbound, b.Acked, b.Received)
+			acked, received := Payload(o.outbound, b.State, b.Acked, b.Received)
+			recv, sent := Directional(o.outbound, acked, received)
 			prevRecv, prevSent := Directional(o.outbound, o.acked, o.received)
 			o.series.Add(sub(recv, prevRecv), sub(sent, prevSent))
-			o.acked, o.received = max(o.acked, b.Acked), max(o.received, b.Received)
+			o.acked, o.received = max(o.acked, acked), max(o.received, received)
 		}
 	}
 }
@@ -244,6 +246,33 @@ func Classify(oldState uint8) Outcome {
 		return Reset
 	}
 	return Completed
+}
+
+// Payload removes the sequence numbers SYN and FIN take from a socket's
+// counters, leaving the application's bytes: the kernel's bytes_acked
+// counts the acknowledged FIN and, on the connecting side only, the SYN
+// (an accepted socket starts with its SYN-ACK acknowledged:
+// tcp_create_openreq_child), bytes_received the peer's FIN. state is the TCP state the socket is
+// in, or left for TCP_CLOSE: whether our FIN was acknowledged (FIN_WAIT2,
+// TIME_WAIT, CLOSING's way to TIME_WAIT, LAST_ACK's to CLOSE) and whether
+// the peer's arrived (CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, and
+// FIN_WAIT2 on its way to TIME_WAIT) follow from it.
+func Payload(outbound bool, state uint8, acked, received uint64) (uint64, uint64) {
+	var synFin, peerFin uint64
+	switch state {
+	case bpf.TCPSynSent, bpf.TCPSynRecv, bpf.TCPListen, 0:
+		// nothing acknowledged yet
+	case bpf.TCPEstablished, bpf.TCPFinWait1:
+		synFin = 1
+	case bpf.TCPCloseWait:
+		synFin, peerFin = 1, 1
+	case bpf.TCPFinWait2, bpf.TCPTimeWait, bpf.TCPClosing, bpf.TCPLastAck:
+		synFin, peerFin = 2, 1
+	}
+	if !outbound && synFin > 0 {
+		synFin--
+	}
+	return sub(acked, synFin), sub(received, peerFin)
 }
 
 // Directional maps a socket's counters to Istio's: received is client to
