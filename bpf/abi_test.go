@@ -21,7 +21,13 @@ func TestABILayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ops, err := loadSockOps()
+	if err != nil {
+		t.Fatal(err)
+	}
+	types := map[string]*btf.Spec{"conn_event": ops.Types}
 	for cName, goVal := range map[string]any{
+		"conn_event":     sockOpsConnEvent{},
 		"managed_value":  sockAddrManagedValue{},
 		"frontend_key":   sockAddrFrontendKey{},
 		"frontend_value": sockAddrFrontendValue{},
@@ -36,7 +42,11 @@ func TestABILayout(t *testing.T) {
 		"udp_affinity":   sockAddrUdpAffinity{},
 	} {
 		var st *btf.Struct
-		if err := spec.Types.TypeByName(cName, &st); err != nil {
+		from := spec.Types
+		if types[cName] != nil {
+			from = types[cName]
+		}
+		if err := from.TypeByName(cName, &st); err != nil {
 			t.Errorf("%s: %v", cName, err)
 			continue
 		}

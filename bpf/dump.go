@@ -34,6 +34,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_sock_orig": dumpSockOrig,
 	"kmesh_inproxy":   dumpInboundListeners,
 	"kmesh_proxy_sk":  dumpProxySockets,
+	"kmesh_events":    dumpEvents,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and

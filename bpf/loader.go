@@ -15,8 +15,10 @@ import (
 )
 
 // PinLayout versions the layout of maps and links under the pin root. A
-// daemon only reuses pins of its own layout; bump it whenever a map's key or
-// value changes (kmesh_abi.h) or a map is added or removed.
+// daemon only reuses pins of its own layout; bump it whenever a map's key,
+// value, type or flags change (kmesh_abi.h) or a map is removed. Adding a
+// map is compatible and keeps the layout (TestABIFingerprint): daemons of
+// the same layout that predate it never open its pin.
 //
 // Layout 2: tunnel redirect (sock_orig gained flags and peer, kmesh_tunnel,
 // the sockops program), waypoint flags instead of waypoint ids.
@@ -26,7 +28,8 @@ import (
 // links/inbound/<netns cookie>); the values the connect decision reads
 // carry their own key's identity (element reuse since Linux 6.1,
 // kmesh_maps.h); unconnected UDP state in socket storage (kmesh_udp)
-// instead of two LRU maps.
+// instead of two LRU maps. Later, within layout 4: kmesh_events (the
+// kernel-path connection events' ring buffer), added.
 const PinLayout = 4
 
 // DefaultPinRoot is where a node's daemon pins maps and links.
@@ -40,6 +43,9 @@ type MapSizes struct {
 	Service  uint32
 	Endpoint uint32
 	Backend  uint32
+	// Events is the size in bytes of kmesh_events, the kernel-path
+	// connection events' ring buffer: a power of two, at least a page.
+	Events uint32
 }
 
 // Config says where the data path lives.
@@ -99,6 +105,7 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
 	set("kmesh_service", s.Service)
 	set("kmesh_endpoint", s.Endpoint)
 	set("kmesh_backend", s.Backend)
+	set("kmesh_events", s.Events)
 	if len(missing) > 0 {
 		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
 	}
@@ -208,10 +215,16 @@ func (dp *Datapath) loadSockOps() error {
 			return fmt.Errorf("parsing the embedded %s object: %w", o.name, err)
 		}
 		repl := dp.MapReplacements()
-		for name := range spec.Maps {
-			if !strings.HasPrefix(name, ".") && repl[name] == nil {
+		for name, ms := range spec.Maps {
+			if strings.HasPrefix(name, ".") {
+				continue
+			}
+			if repl[name] == nil {
 				return fmt.Errorf("%s object uses map %s that sock_addr does not define", o.name, name)
 			}
+			// The configured size (MapSizes) is the created map's: a
+			// replacement must match the spec it replaces.
+			ms.MaxEntries = repl[name].MaxEntries()
 		}
 		if err := spec.LoadAndAssign(o.objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 			var verr *ebpf.VerifierError

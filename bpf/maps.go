@@ -280,6 +280,8 @@ var statNames = []string{
 	"inbound_proxy",
 	"inbound_no_proxy",
 	"record_reused",
+	"conn_event",
+	"conn_event_drop",
 }
 
 // Stats sums the per-CPU data path counters.

@@ -150,6 +150,7 @@ type skLookupUdpAffinity struct {
 const (
 	skLookupMapKmeshBackend  = "kmesh_backend"
 	skLookupMapKmeshEndpoint = "kmesh_endpoint"
+	skLookupMapKmeshEvents   = "kmesh_events"
 	skLookupMapKmeshFrontend = "kmesh_frontend"
 	skLookupMapKmeshInproxy  = "kmesh_inproxy"
 	skLookupMapKmeshManaged  = "kmesh_managed"
@@ -213,6 +214,7 @@ type skLookupProgramSpecs struct {
 type skLookupMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
@@ -252,6 +254,7 @@ func (o *skLookupObjects) Close() error {
 type skLookupMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
@@ -267,6 +270,7 @@ func (m *skLookupMaps) Close() error {
 	return _SkLookupClose(
 		m.KmeshBackend,
 		m.KmeshEndpoint,
+		m.KmeshEvents,
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,

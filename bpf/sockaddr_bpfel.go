@@ -152,6 +152,7 @@ type sockAddrUdpSlot struct {
 const (
 	sockAddrMapKmeshBackend   = "kmesh_backend"
 	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
+	sockAddrMapKmeshEvents    = "kmesh_events"
 	sockAddrMapKmeshFrontend  = "kmesh_frontend"
 	sockAddrMapKmeshInproxy   = "kmesh_inproxy"
 	sockAddrMapKmeshManaged   = "kmesh_managed"
@@ -230,6 +231,7 @@ type sockAddrProgramSpecs struct {
 type sockAddrMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
@@ -270,6 +272,7 @@ func (o *sockAddrObjects) Close() error {
 type sockAddrMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
@@ -285,6 +288,7 @@ func (m *sockAddrMaps) Close() error {
 	return _SockAddrClose(
 		m.KmeshBackend,
 		m.KmeshEndpoint,
+		m.KmeshEvents,
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,

@@ -2,7 +2,7 @@
 //go:build ignore
 
 /* sockops: hands the node proxy the original destination of a tunnelled
- * connection.
+ * connection, and reports the kernel path's connections to the daemon.
  *
  * connect4/6 send a connection that needs HBONE to the proxy's outbound
  * listener on the pod's loopback and keep what the application dialled in
@@ -13,6 +13,19 @@
  * the proxy looks it up on accept. The record carries the verdict (TUNNEL
  * or WAYPOINT) the connect followed: the proxy obeys it and never falls back
  * to plaintext.
+ *
+ * Telemetry. Connections of enrolled pods that do not pass through the node
+ * proxy (the kernel path) are invisible to it, so this reports them: for
+ * such a socket it turns on the TCP state callback (BPF_SOCK_OPS_STATE_CB)
+ * when the pod connects (TCP_CONNECT_CB: a connect that fails is reported
+ * too) or accepts (PASSIVE_ESTABLISHED_CB), and queues a conn_event in the
+ * kmesh_events ring buffer when it is established and when it reaches
+ * TCP_CLOSE, with the bytes the socket sent (acked) and received. Nothing
+ * runs per packet: the state callback fires about five times in a
+ * connection's life. Long-lived connections' bytes are read between events
+ * by the daemon (sock_diag, every few seconds), not here, so no per-ACK
+ * callback (RTT_CB) is needed. A full ring buffer drops the event and counts
+ * it; the connection never waits.
  *
  * The maps are the ones sock_addr.c defines and the loader creates: this
  * object is loaded with those very maps substituted (MapReplacements). */
@@ -32,6 +45,10 @@
 #endif
 
 char _license[] SEC("license") = "Dual BSD/GPL";
+
+/* Puts struct conn_event into the object's BTF, for bpf2go's generated Go
+ * type (a type only reached through bpf_ringbuf_reserve is not emitted). */
+const struct conn_event *conn_event_btf __attribute__((unused));
 
 static __always_inline void record_tunnel(struct bpf_sock_ops *skops)
 {
@@ -75,10 +92,167 @@ static __always_inline void record_tunnel(struct bpf_sock_ops *skops)
 		stat_inc(STAT_TUNNEL_RECORD);
 }
 
+/* A socket's addresses, read from the context once (see record_tunnel). */
+struct conn_tuple {
+	__u32 local[4];
+	__u32 remote[4];
+	__u16 local_port; /* network order */
+	__u16 remote_port;
+};
+
+/* Context fields are loaded through volatile pointers, each exactly once
+ * and up front: otherwise the compiler sinks them into the branches below
+ * and offsets the context pointer to share one load, which the verifier
+ * refuses. */
+#define CTX_U32(f) (*(volatile __u32 *)&skops->f)
+
+static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct conn_tuple *t)
+{
+	__u32 family = CTX_U32(family);
+	__u32 l4 = CTX_U32(local_ip4);
+	__u32 r4 = CTX_U32(remote_ip4);
+	__u32 l6[4] = {CTX_U32(local_ip6[0]), CTX_U32(local_ip6[1]), CTX_U32(local_ip6[2]),
+		       CTX_U32(local_ip6[3])};
+	__u32 r6[4] = {CTX_U32(remote_ip6[0]), CTX_U32(remote_ip6[1]), CTX_U32(remote_ip6[2]),
+		       CTX_U32(remote_ip6[3])};
+	__u32 lport = CTX_U32(local_port);
+	__u32 rport = CTX_U32(remote_port);
+
+	/* local_port is host order; remote_port is the network-order port
+	 * shifted into the upper half (bpf_ntohl gives it in host order). */
+	t->local_port = bpf_htons((__u16)lport);
+	t->remote_port = bpf_htons((__u16)bpf_ntohl(rport));
+	if (family == AF_INET) {
+		addr_set_v4(t->local, l4);
+		addr_set_v4(t->remote, r4);
+	} else {
+		__builtin_memcpy(t->local, l6, sizeof(t->local));
+		__builtin_memcpy(t->remote, r6, sizeof(t->remote));
+	}
+}
+
+static __always_inline int addr_is_loopback(const __u32 a[4])
+{
+	if (addr_is_v4mapped(a))
+		return (bpf_ntohl(a[3]) >> 24) == 127;
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
+}
+
+/* The node proxy's ports in a pod: connections to them are the tunnel
+ * path's, which the proxy reports itself. */
+static __always_inline int is_proxy_port(__u16 port)
+{
+	return port == bpf_htons(KMESH_OUTBOUND_PORT) || port == bpf_htons(KMESH_INBOUND_PORT) ||
+	       port == bpf_htons(KMESH_HBONE_PORT) || port == bpf_htons(KMESH_DNS_PORT);
+}
+
+/* Telemetry's per-socket state is the callback flags themselves (no socket
+ * storage to allocate): STATE_CB on a tracked socket, and on an accepted
+ * one also RTO_CB, which marks it inbound for its close event (that
+ * callback fires only on a retransmission timeout, where it returns at
+ * once). */
+#define CONN_TRACKED BPF_SOCK_OPS_STATE_CB_FLAG
+#define CONN_INBOUND BPF_SOCK_OPS_RTO_CB_FLAG
+
+/* Whether a pod's socket is on the kernel path and worth reporting: the
+ * pod is enrolled, the socket is not the node proxy's (its connections are
+ * reported by the proxy), and the peer is not on the pod's loopback (the
+ * tunnel's redirect to 15001 lands there; loopback never crosses the
+ * mesh). Accepted sockets are also not the proxy's listeners, and not
+ * connections from the pod's own address (the proxy's dial to the
+ * application behind an inbound tunnel). */
+static __always_inline int conn_tracked(struct bpf_sock_ops *skops, const struct conn_tuple *t,
+					int inbound, __u32 *backend_id)
+{
+	__u64 cookie = bpf_get_netns_cookie(skops);
+	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+
+	if (!mv)
+		return 0;
+	if (addr_is_loopback(t->remote))
+		return 0;
+	if (inbound) {
+		if (is_proxy_port(t->local_port) || addr_eq(t->local, t->remote))
+			return 0;
+	} else if (skops->sk && bpf_sk_storage_get(&kmesh_proxy_sk, skops->sk, NULL, 0)) {
+		return 0;
+	}
+	*backend_id = mv->backend_id;
+	return 1;
+}
+
+static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct conn_tuple *t,
+				      __u8 kind, __u8 old_state, __u32 backend_id)
+{
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
+	struct conn_event *e = bpf_ringbuf_reserve(&kmesh_events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(STAT_CONN_EVENT_DROP);
+		return;
+	}
+	e->sock_cookie = bpf_get_socket_cookie(skops);
+	e->netns_cookie = bpf_get_netns_cookie(skops);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->bytes_acked = skops->bytes_acked;
+	e->bytes_received = skops->bytes_received;
+	__builtin_memcpy(e->local_addr, t->local, sizeof(e->local_addr));
+	__builtin_memcpy(e->remote_addr, t->remote, sizeof(e->remote_addr));
+	e->local_port = t->local_port;
+	e->remote_port = t->remote_port;
+	__builtin_memset(e->orig_addr, 0, sizeof(e->orig_addr));
+	e->orig_port = 0;
+	e->kind = kind;
+	e->direction = (flags & CONN_INBOUND) ? CONN_DIR_INBOUND : CONN_DIR_OUTBOUND;
+	e->old_state = old_state;
+	e->pad0 = 0;
+	e->pad1 = 0;
+	e->backend_id = backend_id;
+	if (e->direction == CONN_DIR_OUTBOUND && skops->sk) {
+		struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, skops->sk, NULL, 0);
+		if (so) {
+			__builtin_memcpy(e->orig_addr, so->addr, sizeof(e->orig_addr));
+			e->orig_port = so->port;
+		}
+	}
+	bpf_ringbuf_submit(e, 0);
+	stat_inc(STAT_CONN_EVENT);
+}
+
 SEC("sockops")
 int kmesh_sockops(struct bpf_sock_ops *skops)
 {
-	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+	struct conn_tuple t;
+	__u32 backend_id = 0;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		read_tuple(skops, &t);
+		if (conn_tracked(skops, &t, 0, &backend_id))
+			bpf_sock_ops_cb_flags_set(skops,
+						  skops->bpf_sock_ops_cb_flags | CONN_TRACKED);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		record_tunnel(skops);
+		if (skops->bpf_sock_ops_cb_flags & CONN_TRACKED) {
+			read_tuple(skops, &t);
+			conn_emit(skops, &t, CONN_EV_OPEN, 0, 0);
+		}
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		read_tuple(skops, &t);
+		if (conn_tracked(skops, &t, 1, &backend_id)) {
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							     CONN_TRACKED | CONN_INBOUND);
+			conn_emit(skops, &t, CONN_EV_OPEN, 0, backend_id);
+		}
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			read_tuple(skops, &t);
+			conn_emit(skops, &t, CONN_EV_CLOSE, (__u8)skops->args[0], 0);
+		}
+		break;
+	}
 	return 1;
 }

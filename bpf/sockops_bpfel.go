@@ -27,6 +27,27 @@ type sockOpsBackendValue struct {
 	Flags    uint32
 }
 
+type sockOpsConnEvent struct {
+	_             structs.HostLayout
+	SockCookie    uint64
+	NetnsCookie   uint64
+	TsNs          uint64
+	BytesAcked    uint64
+	BytesReceived uint64
+	LocalAddr     [4]uint32
+	RemoteAddr    [4]uint32
+	OrigAddr      [4]uint32
+	LocalPort     uint16
+	RemotePort    uint16
+	OrigPort      uint16
+	Kind          uint8
+	Direction     uint8
+	OldState      uint8
+	Pad0          uint8
+	Pad1          uint16
+	BackendId     uint32
+}
+
 type sockOpsEndpointKey struct {
 	_         structs.HostLayout
 	ServiceId uint32
@@ -150,6 +171,7 @@ type sockOpsUdpAffinity struct {
 const (
 	sockOpsMapKmeshBackend  = "kmesh_backend"
 	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
+	sockOpsMapKmeshEvents   = "kmesh_events"
 	sockOpsMapKmeshFrontend = "kmesh_frontend"
 	sockOpsMapKmeshInproxy  = "kmesh_inproxy"
 	sockOpsMapKmeshManaged  = "kmesh_managed"
@@ -160,6 +182,7 @@ const (
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
+	sockOpsVarConnEventBtf  = "conn_event_btf"
 )
 
 // loadSockOps returns the embedded CollectionSpec for sockOps.
@@ -213,6 +236,7 @@ type sockOpsProgramSpecs struct {
 type sockOpsMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
@@ -228,6 +252,7 @@ type sockOpsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsVariableSpecs struct {
+	ConnEventBtf *ebpf.VariableSpec `ebpf:"conn_event_btf"`
 }
 
 // sockOpsObjects contains all objects after they have been loaded into the kernel.
@@ -252,6 +277,7 @@ func (o *sockOpsObjects) Close() error {
 type sockOpsMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
@@ -267,6 +293,7 @@ func (m *sockOpsMaps) Close() error {
 	return _SockOpsClose(
 		m.KmeshBackend,
 		m.KmeshEndpoint,
+		m.KmeshEvents,
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,
@@ -283,6 +310,7 @@ func (m *sockOpsMaps) Close() error {
 //
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsVariables struct {
+	ConnEventBtf *ebpf.Variable `ebpf:"conn_event_btf"`
 }
 
 // sockOpsPrograms contains all programs after they have been loaded into the kernel.

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ import (
 	"kmesh.dev/kmesh/ambient/istiod"
 	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/ambient/tunnel"
 	"kmesh.dev/kmesh/ambient/xds"
 	"kmesh.dev/kmesh/bpf"
@@ -48,6 +50,10 @@ type Agent struct {
 	// certificates (nil without a CA).
 	Proxy *tunnel.Proxy
 	IDs   *identity.Manager
+	// Telemetry: Istio's TCP metrics of both paths; AccessLog their
+	// access log (AccessLog.Enabled switches it at runtime).
+	Telemetry *telemetry.Metrics
+	AccessLog *telemetry.AccessLog
 
 	caClient *identity.CAClient
 	// xds follows istiod (set once started; readiness reads it meanwhile).
@@ -92,6 +98,9 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	}
 	a.rec = reconcile.New(a.Store, a.Plane, node, log)
 	a.Reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.dataplaneCollector())
+	a.Telemetry = telemetry.NewMetrics(a.Reg)
+	a.AccessLog = telemetry.NewAccessLog(os.Stdout, telemetry.LogConfig{JSON: cfg.LogFormat == "json",
+		Rate: float64(cfg.AccessLogRate), Enabled: cfg.AccessLog}, a.Telemetry.LogsDropped.Inc)
 
 	fail := func(err error) (*Agent, error) {
 		cancel()
@@ -129,6 +138,9 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 			_ = zc.Run(ctx)
 		}()
 	}
+	if err := a.startKernelTelemetry(ctx); err != nil {
+		return fail(err)
+	}
 	a.wg.Add(1)
 	go a.retryLoop(ctx)
 	a.ready.Store(true)
@@ -155,11 +167,29 @@ func (a *Agent) startTunnel() error {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
-		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log})
+		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log,
+		Telemetry: a.Telemetry, AccessLog: a.AccessLog})
 	if err != nil {
 		return err
 	}
 	a.Proxy = p
+	return nil
+}
+
+// startKernelTelemetry reads the kernel path's connection events into
+// Istio's metrics and the access log, until ctx ends.
+func (a *Agent) startKernelTelemetry(ctx context.Context) error {
+	ev, err := a.DP.Maps.OpenConnEvents()
+	if err != nil {
+		return err
+	}
+	r := telemetry.NewKernelReader(telemetry.KernelConfig{Events: ev, Pods: a.enr, Dir: a.Store, Network: a.cfg.Network,
+		Metrics: a.Telemetry, Log: a.AccessLog, Logger: a.log})
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		r.Run(ctx)
+	}()
 	return nil
 }
 

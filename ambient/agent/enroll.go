@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 
+	"golang.org/x/sys/unix"
 	"istio.io/istio/pkg/zdsapi"
 
 	"kmesh.dev/kmesh/ambient/dataplane"
@@ -185,6 +186,25 @@ func (e *enroller) SnapshotSent() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// PodByNetns finds the enrolled pod with a network namespace cookie (the
+// kernel path's telemetry names connections' pods by it). The namespace
+// handle is a duplicate: the pod may leave meanwhile, the caller closes it.
+func (e *enroller) PodByNetns(cookie uint64) (string, *os.File, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, p := range e.pods {
+		if p.cookie != cookie {
+			continue
+		}
+		fd, err := unix.FcntlInt(p.netns.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return "", nil, false
+		}
+		return p.workloadUID, os.NewFile(uintptr(fd), p.netns.Name()), true
+	}
+	return "", nil, false
 }
 
 // close releases every namespace the daemon holds. The kernel keeps the

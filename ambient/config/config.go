@@ -29,6 +29,7 @@ type Config struct {
 		Service  uint32 `mapstructure:"service"`
 		Endpoint uint32 `mapstructure:"endpoint"`
 		Backend  uint32 `mapstructure:"backend"`
+		Events   uint32 `mapstructure:"events"`
 		// UDP is no longer used (unconnected UDP affinity lives in socket
 		// storage, one per socket); kept so existing files still load.
 		UDP uint32 `mapstructure:"udp"`
@@ -61,6 +62,12 @@ type Config struct {
 	DrainDuration time.Duration `mapstructure:"drain_duration"`
 
 	LogLevel string `mapstructure:"log_level"`
+	// LogFormat is ztunnel's LOG_FORMAT: "json", or text otherwise.
+	LogFormat string `mapstructure:"log_format"`
+	// AccessLog turns the connection access log on at start (switchable
+	// at runtime); AccessLogRate bounds its lines a second.
+	AccessLog     bool   `mapstructure:"access_log"`
+	AccessLogRate uint32 `mapstructure:"access_log_rate"`
 	// WorkerThreads bounds the threads running Go code (GOMAXPROCS): the
 	// tunnel's latency and CPU per request depend on it (see README).
 	WorkerThreads uint32 `mapstructure:"worker_threads"`
@@ -69,7 +76,7 @@ type Config struct {
 // MapSizes converts the configured sizes for the loader.
 func (c *Config) MapSizes() bpf.MapSizes {
 	return bpf.MapSizes{Managed: c.Maps.Managed, Frontend: c.Maps.Frontend, Service: c.Maps.Service,
-		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend}
+		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend, Events: c.Maps.Events}
 }
 
 // setting is one configuration key: its default, the environment variable
@@ -88,6 +95,7 @@ var settings = []setting{
 	{"maps.service", "KMESH_MAP_SERVICE", "max load-balancing sets", uint32(65536)},
 	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(524288)},
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
+	{"maps.events", "KMESH_MAP_EVENTS", "bytes of the kernel-path connection events' ring buffer (a power of two; ~100 bytes an event)", uint32(1 << 20)},
 	{"maps.udp", "KMESH_MAP_UDP", "unused (UDP affinity is per-socket storage now)", uint32(65536)},
 	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
@@ -110,6 +118,9 @@ var settings = []setting{
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
 	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
+	{"log_format", "LOG_FORMAT", "json for JSON logs (ztunnel's variable), text otherwise", ""},
+	{"access_log", "KMESH_ACCESS_LOG", "log each connection as it ends, ztunnel's access log (switchable at runtime)", true},
+	{"access_log_rate", "KMESH_ACCESS_LOG_RATE", "access log lines a second at most (beyond: dropped and counted)", uint32(100)},
 	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
 

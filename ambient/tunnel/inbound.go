@@ -98,14 +98,14 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 	defer app.Close()
 	bag := parseBaggage(req.Get("baggage"))
 	rep := &connReport{reporter: "destination", srcNS: peer.Namespace, srcPrinc: peer.String(),
-		srcWorkload: firstWorkloadName(bag), mtls: true}
+		srcWorkload: firstWorkloadName(bag), mtls: true, srcAddr: src.String(), dstAddr: target.String()}
 	fillDst(rep, dst)
 	if err := st.Respond(http.StatusOK); err != nil {
 		return
 	}
-	labels := p.m.open(rep)
-	toApp, fromApp, _ := pipeInbound(app, st)
-	p.m.close(labels, toApp, fromApp)
+	cm := p.m.open(rep, socketSample(app, false))
+	toApp, fromApp, err := pipeInbound(app, st)
+	cm.close(toApp, fromApp, err)
 }
 
 // refuse answers a refused CONNECT with its status, and counts it.
@@ -169,11 +169,11 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 		return
 	}
 	defer app.Close()
-	rep := &connReport{reporter: "destination"}
+	rep := &connReport{reporter: "destination", srcAddr: src.String(), dstAddr: target.String()}
 	fillDst(rep, dst)
-	labels := p.m.open(rep)
+	cm := p.m.open(rep, socketSample(c, true))
 	received, sent := splicePipe(c, app)
-	p.m.close(labels, received, sent)
+	cm.close(received, sent, nil)
 }
 
 // unknownDestination is the refusal for a pod whose workload (enrolledAs,
@@ -200,10 +200,11 @@ func fillDst(rep *connReport, w *state.Workload) {
 		return
 	}
 	m := w.Meta()
+	rep.dst = w
 	rep.dstWorkload, rep.dstNS = m.WorkloadName, m.Namespace
 	rep.dstPrinc = WorkloadIdentity(w).String()
 	if len(w.Services) > 0 {
-		_, rep.dstService = splitKey(w.Services[0].Service)
+		rep.dstServiceNS, rep.dstService = splitKey(w.Services[0].Service)
 	}
 }
 

@@ -1,41 +1,38 @@
 package tunnel
 
 import (
+	"net"
+	"strings"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/telemetry"
 )
 
-// connLabels are Istio's standard TCP metric labels (the subset a node
-// proxy knows without L7): dashboards built for ztunnel work unchanged.
-var connLabels = []string{
-	"reporter",
-	"source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal", "destination_service",
-	"connection_security_policy",
-}
-
 type metrics struct {
-	opened, closed *prometheus.CounterVec
-	// received: bytes from client to server; sent: server to client
-	// (Istio's convention), added when a connection ends.
-	received, sent *prometheus.CounterVec
-	refused        *prometheus.CounterVec
-	pooled         prometheus.Gauge
-	handshakes     *prometheus.CounterVec
+	// tcp: Istio's TCP metrics, shared with the kernel path's reader.
+	tcp *telemetry.Metrics
+	// live reports long-lived connections' bytes every few seconds.
+	live       *telemetry.Live
+	log        *telemetry.AccessLog
+	refused    *prometheus.CounterVec
+	pooled     prometheus.Gauge
+	handshakes *prometheus.CounterVec
 	// hboneErrors: limits HBONE peers hit and protocol errors they made
 	// (hbone.Reason*), by direction.
 	hboneErrors *prometheus.CounterVec
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
-	m := &metrics{
-		opened: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_opened_total",
-			Help: "TCP connections opened through the node proxy."}, connLabels),
-		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_closed_total",
-			Help: "TCP connections closed by the node proxy."}, connLabels),
-		received: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_received_bytes_total",
-			Help: "Bytes from client to server, counted when a connection closes."}, connLabels),
-		sent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_sent_bytes_total",
-			Help: "Bytes from server to client, counted when a connection closes."}, connLabels),
+// newMetrics uses tcp for Istio's TCP metrics (nil: its own, registered
+// with reg).
+func newMetrics(reg prometheus.Registerer, tcp *telemetry.Metrics, log *telemetry.AccessLog, interval time.Duration) *metrics {
+	if tcp == nil {
+		tcp = telemetry.NewMetrics(reg)
+	}
+	m := &metrics{tcp: tcp, log: log, live: telemetry.NewLive(interval),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_tunnel_refused_total",
 			Help: "Connections and CONNECT requests the node proxy refused, by direction and reason."}, []string{"direction", "reason"}),
 		pooled: prometheus.NewGauge(prometheus.GaugeOpts{Name: "kmesh_tunnel_pooled_connections",
@@ -47,7 +44,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			[]string{"direction", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.opened, m.closed, m.received, m.sent, m.refused, m.pooled, m.handshakes, m.hboneErrors)
+		reg.MustRegister(m.refused, m.pooled, m.handshakes, m.hboneErrors)
 	}
 	return m
 }
@@ -57,47 +54,78 @@ func (m *metrics) countHBONE(direction string) func(reason string) {
 	return func(reason string) { m.hboneErrors.WithLabelValues(direction, reason).Inc() }
 }
 
-// connReport is one proxied connection, for Istio's TCP metrics.
+// connReport is one proxied connection, for Istio's TCP metrics and the
+// access log.
 type connReport struct {
 	reporter                     string
 	srcWorkload, srcNS, srcPrinc string
 	dstWorkload, dstNS, dstPrinc string
-	dstService                   string
+	dstService, dstServiceNS     string
 	mtls                         bool
+	// dst: the destination workload, for the rest of its labels.
+	dst              *state.Workload
+	srcAddr, dstAddr string
 }
 
-func (r *connReport) labels() prometheus.Labels {
-	policy := "unknown"
-	if r.mtls {
-		policy = "mutual_tls"
+func (r *connReport) conn() *telemetry.Conn {
+	c := &telemetry.Conn{Reporter: r.reporter, MTLS: r.mtls, SrcAddr: r.srcAddr, DstAddr: r.dstAddr, Direction: "outbound"}
+	if r.reporter == "destination" {
+		c.Direction = "inbound"
 	}
-	or := func(s string) string {
-		if s == "" {
-			return "unknown"
+	c.Dst = telemetry.PeerOf(r.dst)
+	c.Src = telemetry.Peer{Workload: r.srcWorkload, Namespace: r.srcNS, Principal: r.srcPrinc}
+	if r.dst == nil {
+		c.Dst = telemetry.Peer{}
+	}
+	c.Dst.Workload, c.Dst.Namespace, c.Dst.Principal = r.dstWorkload, r.dstNS, r.dstPrinc
+	c.DstService, c.DstServiceNamespace = r.dstService, r.dstServiceNS
+	c.DstServiceName, _, _ = strings.Cut(c.DstService, ".")
+	return c
+}
+
+// connMetrics is one open connection's reports.
+type connMetrics struct {
+	m       *metrics
+	c       *telemetry.Conn
+	tracked *telemetry.Tracked
+	start   time.Time
+}
+
+// open counts the connection opened; sample reads its bytes so far for
+// the periodic reports (client to server, server to client).
+func (m *metrics) open(r *connReport, sample func() (recv, sent uint64, ok bool)) *connMetrics {
+	c := r.conn()
+	return &connMetrics{m: m, c: c, tracked: m.live.Track(m.tcp.Open(c), sample), start: time.Now()}
+}
+
+// close counts it closed with its totals, and logs it.
+func (cm *connMetrics) close(received, sent int64, err error) {
+	cm.tracked.Close(uint64(max(received, 0)), uint64(max(sent, 0)))
+	rec := &telemetry.Record{Conn: cm.c, Duration: time.Since(cm.start), BytesRecv: uint64(max(received, 0)), BytesSent: uint64(max(sent, 0))}
+	if err != nil {
+		rec.Err = err.Error()
+	}
+	cm.m.log.Log(rec)
+}
+
+// socketSample reads a socket's tcp_info counters: what it received and
+// what its peer acknowledged. outbound: the socket's peer is the client
+// (the application connecting out), so its received bytes go to the
+// server; otherwise its peer is the server.
+func socketSample(c *net.TCPConn, peerIsClient bool) func() (recv, sent uint64, ok bool) {
+	return func() (uint64, uint64, bool) {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return 0, 0, false
 		}
-		return s
+		var info *unix.TCPInfo
+		var serr error
+		if err := rc.Control(func(fd uintptr) { info, serr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || serr != nil {
+			return 0, 0, false
+		}
+		if peerIsClient {
+			return info.Bytes_received, info.Bytes_acked, true
+		}
+		return info.Bytes_acked, info.Bytes_received, true
 	}
-	return prometheus.Labels{
-		"reporter":                       r.reporter,
-		"source_workload":                or(r.srcWorkload),
-		"source_workload_namespace":      or(r.srcNS),
-		"source_principal":               or(r.srcPrinc),
-		"destination_workload":           or(r.dstWorkload),
-		"destination_workload_namespace": or(r.dstNS),
-		"destination_principal":          or(r.dstPrinc),
-		"destination_service":            or(r.dstService),
-		"connection_security_policy":     policy,
-	}
-}
-
-func (m *metrics) open(r *connReport) prometheus.Labels {
-	l := r.labels()
-	m.opened.With(l).Inc()
-	return l
-}
-
-func (m *metrics) close(l prometheus.Labels, received, sent int64) {
-	m.closed.With(l).Inc()
-	m.received.With(l).Add(float64(received))
-	m.sent.With(l).Add(float64(sent))
 }

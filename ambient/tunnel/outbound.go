@@ -38,13 +38,14 @@ func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
 		return
 	}
 	src := p.cfg.Dir.Workload(pp.pod.WorkloadUID)
-	rep := &connReport{reporter: "source", srcNS: pp.pod.Identity.Namespace, srcPrinc: pp.pod.Identity.String()}
+	rep := &connReport{reporter: "source", srcNS: pp.pod.Identity.Namespace, srcPrinc: pp.pod.Identity.String(),
+		srcAddr: client.String(), dstAddr: orig.Dst.String()}
 	if src != nil {
 		rep.srcWorkload = src.Meta().WorkloadName
 	}
 	fillDst(rep, route.Dst)
 	if route.Service != nil {
-		rep.dstService = route.Service.Hostname
+		rep.dstService, rep.dstServiceNS = route.Service.Hostname, route.Service.Namespace
 	}
 	if route.Plain {
 		p.plainOutbound(pp, c, route, rep)
@@ -90,9 +91,9 @@ func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *co
 		return
 	}
 	defer up.Close()
-	labels := p.m.open(rep)
+	cm := p.m.open(rep, socketSample(c, true))
 	received, sent := splicePipe(c, up)
-	p.m.close(labels, received, sent)
+	cm.close(received, sent, nil)
 }
 
 // hboneOutbound opens a CONNECT stream on a pooled HBONE connection and
@@ -156,8 +157,8 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		p.m.refused.WithLabelValues("outbound", fmt.Sprintf("peer_%d", status)).Inc()
 		return fmt.Errorf("%w: CONNECT %s via %s: HTTP %d", errStreamRefused, route.Target, route.Dial, status)
 	}
-	labels := p.m.open(rep)
-	received, sent, _ := pipe(c, st) // pipe resets the application on failure
-	p.m.close(labels, received, sent)
+	cm := p.m.open(rep, socketSample(c, true))
+	received, sent, err := pipe(c, st) // pipe resets the application on failure
+	cm.close(received, sent, err)
 	return nil
 }

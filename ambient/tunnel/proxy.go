@@ -43,6 +43,7 @@ import (
 
 	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/bpf"
 )
 
@@ -107,6 +108,13 @@ type Config struct {
 
 	Registerer prometheus.Registerer
 	Log        *slog.Logger
+	// Telemetry: Istio's TCP metrics, shared with the kernel path's
+	// reporter (nil: the proxy's own, registered with Registerer).
+	Telemetry *telemetry.Metrics
+	// AccessLog logs each connection as it ends (nil: none).
+	AccessLog *telemetry.AccessLog
+	// ReportInterval: how often open connections report their bytes (5 s).
+	ReportInterval time.Duration
 }
 
 // Pod is an enrolled pod as the proxy sees it.
@@ -259,7 +267,7 @@ func New(cfg Config) (*Proxy, error) {
 	// streams, which is also what the server side advertises. hbone's
 	// limits on what a peer may cost (handlers, resets, control frames,
 	// windows, keepalive, write and idle timeouts) are its defaults.
-	m := newMetrics(cfg.Registerer)
+	m := newMetrics(cfg.Registerer, cfg.Telemetry, cfg.AccessLog, cfg.ReportInterval)
 	in, out := hbone.Config{CountError: m.countHBONE("inbound")}, hbone.Config{CountError: m.countHBONE("outbound")}
 	p := &Proxy{
 		cfg: cfg, log: cfg.Log.With("component", "tunnel"), m: m,
@@ -509,6 +517,7 @@ func (p *Proxy) untrack(c *net.TCPConn) {
 // after ctx ends whatever the peers do: GOAWAYs are queued, not waited
 // for, and what is still open at the deadline is closed under them.
 func (p *Proxy) Close(ctx context.Context, handover time.Duration) {
+	defer p.m.live.Stop()
 	p.mu.Lock()
 	if p.draining {
 		p.mu.Unlock()

@@ -269,7 +269,7 @@ func hungServer(t *testing.T) (addr string, answered <-chan struct{}) {
 // pod's removal (GOAWAY on it) and other callers of the pool do not wait
 // for that peer.
 func TestPoolHungPeerDoesNotBlockOthers(t *testing.T) {
-	pl := newPool(hbone.Config{}, newMetrics(nil), time.Minute)
+	pl := newPool(hbone.Config{}, newMetrics(nil, nil, nil, 0), time.Minute)
 	defer func() { within(t, time.Second, "closeAll", pl.closeAll) }()
 	hung, answered := hungServer(t)
 	dialTo := func(addr string) func(context.Context) (net.Conn, error) {

@@ -186,6 +186,7 @@ type decideUdpAffinity struct {
 const (
 	decideMapKmeshBackend  = "kmesh_backend"
 	decideMapKmeshEndpoint = "kmesh_endpoint"
+	decideMapKmeshEvents   = "kmesh_events"
 	decideMapKmeshFrontend = "kmesh_frontend"
 	decideMapKmeshInproxy  = "kmesh_inproxy"
 	decideMapKmeshManaged  = "kmesh_managed"
@@ -252,6 +253,7 @@ type decideProgramSpecs struct {
 type decideMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
@@ -292,6 +294,7 @@ func (o *decideObjects) Close() error {
 type decideMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
 	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
@@ -307,6 +310,7 @@ func (m *decideMaps) Close() error {
 	return _DecideClose(
 		m.KmeshBackend,
 		m.KmeshEndpoint,
+		m.KmeshEvents,
 		m.KmeshFrontend,
 		m.KmeshInproxy,
 		m.KmeshManaged,

@@ -164,4 +164,35 @@ struct udp_affinity {
 	struct udp_slot slot[KMESH_UDP_SLOTS];
 };
 
+/* kmesh_events record: one TCP connection of an enrolled pod on the kernel
+ * path (not through the node proxy), as sockops sees it when it is
+ * established (CONN_EV_OPEN) and when it reaches TCP_CLOSE (CONN_EV_CLOSE:
+ * after a clean close, a reset, or a connect that never completed). The
+ * daemon turns these into Istio's TCP metrics and access logs. Every record
+ * is self-contained: a daemon that restarted between open and close still
+ * knows the connection from its close record alone. */
+struct conn_event {
+	__u64 sock_cookie;
+	__u64 netns_cookie;
+	__u64 ts_ns;	      /* bpf_ktime_get_ns() when the event happened */
+	__u64 bytes_acked;    /* this socket's bytes sent and acknowledged by the peer */
+	__u64 bytes_received; /* this socket's bytes received */
+	__u32 local_addr[4];  /* IPv4 v4-mapped */
+	__u32 remote_addr[4];
+	__u32 orig_addr[4]; /* what the application dialled (a VIP), when the connect
+			     * program rewrote it; zero otherwise */
+	__u16 local_port;   /* network order */
+	__u16 remote_port;
+	__u16 orig_port;
+	__u8 kind;	/* CONN_EV_* */
+	__u8 direction; /* CONN_DIR_*: this socket connected (outbound) or was accepted */
+	__u8 old_state; /* CONN_EV_CLOSE: the TCP state left (BPF_TCP_*): SYN_SENT is a
+			 * failed connect, ESTABLISHED or CLOSE_WAIT a reset */
+	__u8 pad0;
+	__u16 pad1;
+	__u32 backend_id; /* the pod's own workload (kmesh_managed) in an accepted
+			   * socket's open event; 0 elsewhere (the daemon knows the pod
+			   * by netns_cookie) */
+};
+
 #endif

@@ -64,6 +64,12 @@
  * it through (169.254.7.127, network order on the wire). */
 #define KMESH_PROBE_SNAT_IP4 0xa9fe077f
 
+/* conn_event.kind and .direction */
+#define CONN_EV_OPEN	  1
+#define CONN_EV_CLOSE	  2
+#define CONN_DIR_OUTBOUND 1 /* the pod connected */
+#define CONN_DIR_INBOUND  2 /* the pod accepted */
+
 /* service_value.mode (for dumps; the kernel acts on ranks, not on the mode) */
 #define LB_MODE_STANDARD    0
 #define LB_MODE_STRICT	    1
@@ -90,6 +96,8 @@ enum kmesh_stat {
 	STAT_INBOUND_PROXY = 15,      /* inbound plaintext steered to the proxy's 15006 */
 	STAT_INBOUND_NO_PROXY = 16,   /* ... but the pod's 15006 is not there: dropped */
 	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
+	STAT_CONN_EVENT = 18,	      /* a kernel-path connection event queued for the daemon */
+	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
 	STAT_MAX = 24,
 };
 

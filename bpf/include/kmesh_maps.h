@@ -156,6 +156,16 @@ struct {
 	__type(value, __u32);
 } kmesh_proxy_sk SEC(".maps");
 
+/* Kernel-path connection events (struct conn_event) for the daemon's
+ * telemetry: opened and closed, never per packet. Pinned like every map, so
+ * a restarting daemon reads what closed while it was away; when full, the
+ * event is dropped and counted (STAT_CONN_EVENT_DROP), the connection never
+ * waits. The loader sets the size from configuration. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} kmesh_events SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

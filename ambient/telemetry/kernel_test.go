@@ -1,0 +1,354 @@
+package telemetry_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/telemetry"
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/integration/kerneltest"
+	"kmesh.dev/kmesh/integration/podnet"
+)
+
+func TestMain(m *testing.M) {
+	podnet.RegisterHelper("tel-server", telServer)
+	podnet.RegisterHelper("tel-client", telClient)
+	podnet.MaybeRunHelper()
+	os.Exit(m.Run())
+}
+
+// telServer accepts on args[0]; for each connection reads to EOF, then
+// answers args[1] bytes and closes.
+func telServer(args []string) (any, error) {
+	l, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return nil, err
+	}
+	answer, _ := strconv.Atoi(args[1])
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return nil, err
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(io.Discard, c)
+			_, _ = c.Write(make([]byte, answer))
+		}()
+	}
+}
+
+// telClient connects to args[0], sends args[1] bytes, waits args[2], half-
+// closes and reads the answer: it prints the bytes read, or the error.
+func telClient(args []string) (any, error) {
+	n, _ := strconv.Atoi(args[1])
+	hold, _ := time.ParseDuration(args[2])
+	c, err := net.DialTimeout("tcp", args[0], 3*time.Second)
+	if err != nil {
+		return "error: " + err.Error(), nil
+	}
+	defer c.Close()
+	if _, err := c.Write(make([]byte, n)); err != nil {
+		return nil, err
+	}
+	time.Sleep(hold)
+	_ = c.(*net.TCPConn).CloseWrite()
+	got, err := io.Copy(io.Discard, c)
+	return fmt.Sprint(got), err
+}
+
+type pods map[uint64]struct {
+	uid string
+	ns  *podnet.Netns
+}
+
+func (p pods) PodByNetns(cookie uint64) (string, *os.File, bool) {
+	e, ok := p[cookie]
+	if !ok {
+		return "", nil, false
+	}
+	f, err := e.ns.File()
+	if err != nil {
+		return "", nil, false
+	}
+	return e.uid, f, true
+}
+
+type dir map[string]*state.Workload
+
+func (d dir) Workload(uid string) *state.Workload { return d[uid] }
+func (d dir) WorkloadByAddr(a state.NetworkAddr) *state.Workload {
+	for _, w := range d {
+		for _, x := range w.Addresses {
+			if x == a.Addr {
+				return w
+			}
+		}
+	}
+	return nil
+}
+func (d dir) ServiceByVIP(state.NetworkAddr) *state.Service { return nil }
+
+func workload(name, ns string, addr netip.Addr) *state.Workload {
+	w := &state.Workload{UID: "c1//Pod/" + ns + "/" + name, Name: name, Addresses: []netip.Addr{addr}}
+	w.SetMeta(state.WorkloadMeta{Namespace: ns, WorkloadName: name, ServiceAccount: name, CanonicalName: name, CanonicalRevision: "v1"})
+	return w
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+type telFixture struct {
+	env            *kerneltest.Env
+	client, server *podnet.Pod
+	m              *telemetry.Metrics
+	log            *syncBuf
+	reader         *telemetry.KernelReader
+	events         *bpf.ConnEvents
+}
+
+func newTelFixture(t *testing.T, sizes bpf.MapSizes, interval time.Duration) *telFixture {
+	env := kerneltest.New(t, bpf.Config{Sizes: sizes})
+	node, err := podnet.NewNode("n1", netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close() })
+	f := &telFixture{env: env, log: &syncBuf{}}
+	f.client, err = node.AddPod("client", netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("fd00:10:244:1::2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.server, err = node.AddPod("server", netip.MustParseAddr("10.244.1.11"), netip.MustParseAddr("fd00:10:244:1::11"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := dir{}
+	ps := pods{}
+	dp := dataplane.New(env.DP.Maps, dataplane.Options{Node: dataplane.Topology{Node: "n1", Cluster: "c1"}})
+	for _, p := range []struct {
+		pod  *podnet.Pod
+		name string
+	}{{f.client, "sleep"}, {f.server, "echo"}} {
+		w := workload(p.name, "demo", p.pod.IPv4)
+		d[w.UID] = w
+		cookie, err := p.pod.NS.Cookie()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps[cookie] = struct {
+			uid string
+			ns  *podnet.Netns
+		}{w.UID, p.pod.NS}
+		if err := dp.Enroll(cookie, w.UID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.m = telemetry.NewMetrics(prometheus.NewRegistry())
+	f.events, err = env.DP.Maps.OpenConnEvents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	al := telemetry.NewAccessLog(f.log, telemetry.LogConfig{Enabled: true}, f.m.LogsDropped.Inc)
+	f.reader = telemetry.NewKernelReader(telemetry.KernelConfig{Events: f.events, Pods: ps, Dir: d, Metrics: f.m, Log: al, Interval: interval})
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Env = append(os.Environ(), podnet.HelperEnv("tel-server"))
+	cmd.Args = []string{"/proc/self/exe", ":8080", "300"}
+	if err := f.server.Start(cmd, env.Cgroup); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return f
+}
+
+func (f *telFixture) connect(t *testing.T, addr string, n int, hold time.Duration) string {
+	t.Helper()
+	var out string
+	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), hold.String()); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// waitServer retries until the server pod listens.
+func (f *telFixture) waitServer(t *testing.T) {
+	for i := 0; ; i++ {
+		if out := f.connect(t, "10.244.1.11:8080", 0, 0); !strings.HasPrefix(out, "error") {
+			return
+		}
+		if i > 50 {
+			t.Fatal("server pod never listened")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func labels(reporter string) prometheus.Labels {
+	c := telemetry.Conn{Reporter: reporter,
+		Src: telemetry.Peer{Workload: "sleep", Namespace: "demo", Principal: "spiffe://cluster.local/ns/demo/sa/sleep", CanonicalService: "sleep", CanonicalRev: "v1", App: "sleep", Version: "v1"},
+		Dst: telemetry.Peer{Workload: "echo", Namespace: "demo", Principal: "spiffe://cluster.local/ns/demo/sa/echo", CanonicalService: "echo", CanonicalRev: "v1", App: "echo", Version: "v1"}}
+	return c.Labels()
+}
+
+func counter(cv *prometheus.CounterVec, l prometheus.Labels) float64 {
+	return testutil.ToFloat64(cv.With(l))
+}
+
+// TestPrivilegedKernelPathTelemetry opens real connections between two
+// enrolled pods on the kernel path and checks what both ends report.
+func TestPrivilegedKernelPathTelemetry(t *testing.T) {
+	f := newTelFixture(t, bpf.MapSizes{}, 300*time.Millisecond)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.reader.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	f.waitServer(t)
+	src, dst := labels("source"), labels("destination")
+	// waitServer's connections are reported first.
+	eventually(t, func() error {
+		if o, c := counter(f.m.Opened, src), counter(f.m.Closed, src); o != c || o == 0 {
+			return fmt.Errorf("opened %v, closed %v", o, c)
+		}
+		return nil
+	})
+	base := func(cv *prometheus.CounterVec, l prometheus.Labels) float64 { return counter(cv, l) }
+	opened0, closed0, recv0, sent0 := base(f.m.Opened, src), base(f.m.Closed, src), base(f.m.Received, src), base(f.m.Sent, src)
+	dopened0, drecv0, dsent0 := base(f.m.Opened, dst), base(f.m.Received, dst), base(f.m.Sent, dst)
+
+	if got := f.connect(t, "10.244.1.11:8080", 12345, 0); got != "300" {
+		t.Fatalf("client read %s", got)
+	}
+	eventually(t, func() (err error) {
+		for _, c := range []struct {
+			name      string
+			got, want float64
+		}{
+			{"source opened", counter(f.m.Opened, src) - opened0, 1},
+			{"source closed", counter(f.m.Closed, src) - closed0, 1},
+			{"source received (client to server)", counter(f.m.Received, src) - recv0, 12345},
+			{"source sent (server to client)", counter(f.m.Sent, src) - sent0, 300},
+			{"destination opened", counter(f.m.Opened, dst) - dopened0, 1},
+			{"destination received", counter(f.m.Received, dst) - drecv0, 12345},
+			{"destination sent", counter(f.m.Sent, dst) - dsent0, 300},
+		} {
+			if c.got != c.want {
+				err = errors.Join(err, fmt.Errorf("%s: %v, want %v", c.name, c.got, c.want))
+			}
+		}
+		return err
+	})
+	// The access log: one line per end, ztunnel's fields.
+	eventually(t, func() error {
+		log := f.log.String()
+		for _, want := range []string{"\tinfo\taccess\tconnection complete\tsrc.addr=10.244.1.2:", ` src.workload="sleep" src.namespace="demo" dst.addr=10.244.1.11:8080 dst.workload="echo" dst.namespace="demo" direction="outbound" bytes_sent=300 bytes_recv=12345 duration="`,
+			`direction="inbound" bytes_sent=300 bytes_recv=12345`} {
+			if !strings.Contains(log, want) {
+				return fmt.Errorf("access log lacks %q:\n%s", want, log)
+			}
+		}
+		return nil
+	})
+
+	t.Run("long-lived connection reports before it closes", func(t *testing.T) {
+		r0 := counter(f.m.Received, src)
+		res := make(chan string, 1)
+		go func() {
+			var out string
+			_ = f.client.Helper(f.env.Cgroup, &out, "tel-client", "10.244.1.11:8080", "7000", "3s")
+			res <- out
+		}()
+		eventually(t, func() error {
+			if got := counter(f.m.Received, src) - r0; got != 7000 {
+				return fmt.Errorf("received while open: %v, want 7000", got)
+			}
+			return nil
+		})
+		select {
+		case out := <-res:
+			t.Fatalf("the connection closed (%s) before its bytes were seen: the periodic report did not work", out)
+		default:
+		}
+		if out := <-res; out != "300" {
+			t.Fatalf("client read %s", out)
+		}
+		eventually(t, func() error {
+			if got := counter(f.m.Received, src) - r0; got != 7000 {
+				return fmt.Errorf("received after close: %v, want 7000 (counted once)", got)
+			}
+			return nil
+		})
+	})
+
+	t.Run("failed connect", func(t *testing.T) {
+		l := labels("source")
+		l["destination_workload"], l["destination_workload_namespace"], l["destination_principal"] = "echo", "demo", "spiffe://cluster.local/ns/demo/sa/echo"
+		l["response_flags"] = "CONNECT"
+		f0 := counter(f.m.Failed, l)
+		if out := f.connect(t, "10.244.1.11:9999", 10, 0); !strings.Contains(out, "refused") {
+			t.Fatalf("connect to a closed port: %s", out)
+		}
+		eventually(t, func() error {
+			if got := counter(f.m.Failed, l) - f0; got != 1 {
+				return fmt.Errorf("failed: %v, want 1", got)
+			}
+			if log := f.log.String(); !strings.Contains(log, "\terror\taccess\tconnection failed\t") || !strings.Contains(log, "dst.addr=10.244.1.11:9999") {
+				return fmt.Errorf("no failure in the access log:\n%s", log)
+			}
+			return nil
+		})
+	})
+}
+
+// TestPrivilegedRingBufferOverflowCounted: with the smallest ring buffer
+// and no reader, events beyond its room are dropped and counted, and the
+// connections themselves are not affected.
+func TestPrivilegedRingBufferOverflowCounted(t *testing.T) {
+	f := newTelFixture(t, bpf.MapSizes{Events: 4096}, time.Second)
+	f.waitServer(t)
+	for range 60 { // 60 connections, 4 events each (~100 bytes) > 4 KiB
+		if got := f.connect(t, "10.244.1.11:8080", 1, 0); got != "300" {
+			t.Fatalf("client read %s", got)
+		}
+	}
+	st, err := f.env.DP.Maps.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st["conn_event_drop"] == 0 || st["conn_event"] == 0 {
+		t.Fatalf("queued %d, dropped %d: want both above 0", st["conn_event"], st["conn_event_drop"])
+	}
+}
+
+func eventually(t *testing.T, f func() error) {
+	t.Helper()
+	var err error
+	for range 100 {
+		if err = f(); err == nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal(err)
+}

@@ -1,0 +1,141 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+)
+
+// ConnEventKind says what happened to a kernel-path connection.
+type ConnEventKind uint8
+
+const (
+	ConnOpen  ConnEventKind = 1 // CONN_EV_OPEN: established
+	ConnClose ConnEventKind = 2 // CONN_EV_CLOSE: reached TCP_CLOSE
+)
+
+// ConnDirection says which end of the connection the enrolled pod is.
+type ConnDirection uint8
+
+const (
+	ConnOutbound ConnDirection = 1 // CONN_DIR_OUTBOUND: the pod connected
+	ConnInbound  ConnDirection = 2 // CONN_DIR_INBOUND: the pod accepted
+)
+
+// TCP states a close event can leave (the kernel's BPF_TCP_*).
+const (
+	TCPEstablished uint8 = 1
+	TCPSynSent     uint8 = 2
+	TCPSynRecv     uint8 = 3
+	TCPFinWait1    uint8 = 4
+	TCPFinWait2    uint8 = 5
+	TCPTimeWait    uint8 = 6
+	TCPClose       uint8 = 7
+	TCPCloseWait   uint8 = 8
+	TCPLastAck     uint8 = 9
+	TCPListen      uint8 = 10
+	TCPClosing     uint8 = 11
+)
+
+// ConnEvent is one record of kmesh_events (struct conn_event), decoded.
+type ConnEvent struct {
+	Kind        ConnEventKind
+	Direction   ConnDirection
+	SockCookie  uint64
+	NetnsCookie uint64
+	// Time is the kernel's monotonic clock (CLOCK_MONOTONIC) at the event.
+	Time time.Duration
+	// BytesAcked: bytes this socket sent that the peer acknowledged;
+	// BytesReceived: bytes it received.
+	BytesAcked, BytesReceived uint64
+	Local, Remote             netip.AddrPort
+	// Dialled is the service VIP:port the application connected to, when
+	// the connect program rewrote it to a backend; invalid otherwise.
+	Dialled netip.AddrPort
+	// OldState is the TCP state a close event left (TCP*).
+	OldState uint8
+	// BackendID is the pod's own backend in an accepted socket's open
+	// event, 0 elsewhere.
+	BackendID uint32
+}
+
+// connEventSize is sizeof(struct conn_event); TestABILayout checks it.
+const connEventSize = int(unsafe.Sizeof(sockOpsConnEvent{}))
+
+// DecodeConnEvent decodes one kmesh_events record.
+func DecodeConnEvent(raw []byte) (ConnEvent, error) {
+	var v sockOpsConnEvent
+	if len(raw) < connEventSize {
+		return ConnEvent{}, fmt.Errorf("kmesh_events record of %d bytes, want %d", len(raw), connEventSize)
+	}
+	if _, err := binary.Decode(raw[:connEventSize], binary.NativeEndian, &v); err != nil {
+		return ConnEvent{}, err
+	}
+	e := ConnEvent{Kind: ConnEventKind(v.Kind), Direction: ConnDirection(v.Direction), SockCookie: v.SockCookie,
+		NetnsCookie: v.NetnsCookie, Time: time.Duration(v.TsNs), BytesAcked: v.BytesAcked, BytesReceived: v.BytesReceived,
+		Local:    netip.AddrPortFrom(wordsAddr(v.LocalAddr), ntohs(v.LocalPort)),
+		Remote:   netip.AddrPortFrom(wordsAddr(v.RemoteAddr), ntohs(v.RemotePort)),
+		OldState: v.OldState, BackendID: v.BackendId}
+	if v.OrigPort != 0 {
+		e.Dialled = netip.AddrPortFrom(wordsAddr(v.OrigAddr), ntohs(v.OrigPort))
+	}
+	return e, nil
+}
+
+// ConnEvents reads kmesh_events. One reader per daemon: the ring buffer has
+// one consumer position.
+type ConnEvents struct {
+	r *ringbuf.Reader
+}
+
+// ErrEventsClosed is returned by Read after Close.
+var ErrEventsClosed = errors.New("kmesh_events reader closed")
+
+// OpenConnEvents starts reading kernel-path connection events.
+func (m *Maps) OpenConnEvents() (*ConnEvents, error) {
+	em := m.byName["kmesh_events"]
+	if em == nil {
+		return nil, errors.New("kmesh_events is not open")
+	}
+	r, err := ringbuf.NewReader(em)
+	if err != nil {
+		return nil, fmt.Errorf("reading kmesh_events: %w", err)
+	}
+	return &ConnEvents{r: r}, nil
+}
+
+// Read waits for the next event, at most until the deadline set with
+// SetDeadline (then it returns os.ErrDeadlineExceeded).
+func (c *ConnEvents) Read() (ConnEvent, error) {
+	rec, err := c.r.Read()
+	if errors.Is(err, ringbuf.ErrClosed) {
+		return ConnEvent{}, ErrEventsClosed
+	}
+	if err != nil {
+		return ConnEvent{}, err
+	}
+	return DecodeConnEvent(rec.RawSample)
+}
+
+// SetDeadline bounds the wait of Read.
+func (c *ConnEvents) SetDeadline(t time.Time) { c.r.SetDeadline(t) }
+
+// IsTimeout reports whether Read returned because of the deadline.
+func IsTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
+// Close stops the reader; a blocked Read returns ErrEventsClosed.
+func (c *ConnEvents) Close() error { return c.r.Close() }
+
+func dumpEvents(m *Maps) (Table, error) {
+	if m.byName["kmesh_events"].Type() != ebpf.RingBuf {
+		return Table{}, fmt.Errorf("kmesh_events is not a ring buffer")
+	}
+	return Table{Note: "ring buffer of kernel-path connection events (opened, closed), consumed by the daemon's telemetry: it cannot be listed (drops: kmesh_stats conn_event_drop)"}, nil
+}
