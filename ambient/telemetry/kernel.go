@@ -96,6 +96,10 @@ func NewKernelReader(cfg KernelConfig) *KernelReader {
 	return &KernelReader{cfg: cfg, open: map[uint64]*openConn{}}
 }
 
+// pollEvery is how often the reader drains the ring without a wakeup: the
+// delay of a metric or an access-log line for a quiet node.
+const pollEvery = 100 * time.Millisecond
+
 // Run reads events until ctx ends (or the source is closed), and reports
 // open connections' bytes every Interval.
 func (k *KernelReader) Run(ctx context.Context) {
@@ -105,7 +109,13 @@ func (k *KernelReader) Run(ctx context.Context) {
 	}()
 	next := time.Now().Add(k.cfg.Interval)
 	for {
-		k.cfg.Events.SetDeadline(next)
+		// The kernel does not wake us per event (sockops.c submits with
+		// BPF_RB_NO_WAKEUP below a fill level): drain every pollEvery.
+		deadline := time.Now().Add(pollEvery)
+		if next.Before(deadline) {
+			deadline = next
+		}
+		k.cfg.Events.SetDeadline(deadline)
 		ev, err := k.cfg.Events.Read()
 		switch {
 		case err == nil:

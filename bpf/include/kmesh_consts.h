@@ -101,4 +101,10 @@ enum kmesh_stat {
 	STAT_MAX = 24,
 };
 
+/* The producer of connection events wakes the reader at each further
+ * step of this many bytes queued (otherwise the reader polls every
+ * 100 ms): 64 KiB, ~800 events, a sixteenth of the default ring. A power
+ * of two. */
+#define KMESH_EVENTS_WAKE_BYTES (64 << 10)
+
 #endif
