@@ -5,13 +5,11 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -53,6 +51,13 @@ type Agent struct {
 	// xds follows istiod (set once started; readiness reads it meanwhile).
 	xds atomic.Pointer[xds.Client]
 
+	// enrolled is the enroller once it exists (the admin server, started
+	// before it, reads the pods through it).
+	enrolled atomic.Pointer[enroller]
+	// quit is closed by the admin port's /quitquitquit (see Quit).
+	quit     chan struct{}
+	quitOnce sync.Once
+
 	ready  atomic.Bool
 	synced chan struct{}
 	wg     sync.WaitGroup
@@ -78,7 +83,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	a := &Agent{cfg: cfg, log: log, DP: dp, Store: state.NewStore(), Reg: prometheus.NewRegistry(),
-		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}}
+		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}, quit: make(chan struct{})}
 	node := reconcile.Node{Name: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network}
 	a.Plane = dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster, Network: node.Network}, Logger: log})
 	if dp.Reused {
@@ -121,6 +126,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		return fail(err)
 	}
 	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
+	a.enrolled.Store(a.enr)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)
@@ -277,19 +283,18 @@ func (a *Agent) readinessHandler() http.Handler {
 }
 
 func (a *Agent) adminHandler() http.Handler {
-	mux := http.NewServeMux()
-	// The admin server listens on localhost (ztunnel's 15000): profiles are
-	// safe to offer there and invaluable for memory and CPU questions.
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(a.Store.Snapshot())
-	})
-	return mux
+	def, err := ParseLevel(a.cfg.LogLevel)
+	if err != nil {
+		def = slog.LevelInfo
+	}
+	ad := &admin{dump: a.dumpInput, kmesh: func() any { return a.Store.Snapshot() }, level: a.cfg.Level, def: def, log: a.log,
+		quit: func() { a.quitOnce.Do(func() { close(a.quit) }) }}
+	return ad.handler()
 }
+
+// Quit is closed when the admin port asks the daemon to stop
+// (/quitquitquit): the caller then stops it as it would on SIGTERM.
+func (a *Agent) Quit() <-chan struct{} { return a.quit }
 
 func (a *Agent) statsHandler() http.Handler {
 	mux := http.NewServeMux()

@@ -6,6 +6,7 @@ package config
 
 import (
 	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -61,6 +62,10 @@ type Config struct {
 	DrainDuration time.Duration `mapstructure:"drain_duration"`
 
 	LogLevel string `mapstructure:"log_level"`
+	// Level is the daemon's running log level, which the admin port's
+	// /logging changes. Not a setting: the daemon's main creates it from
+	// LogLevel and its logger reads it. Nil: the level is fixed.
+	Level *slog.LevelVar `mapstructure:"-"`
 	// WorkerThreads bounds the threads running Go code (GOMAXPROCS): the
 	// tunnel's latency and CPU per request depend on it (see README).
 	WorkerThreads uint32 `mapstructure:"worker_threads"`
@@ -89,7 +94,7 @@ var settings = []setting{
 	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(524288)},
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
 	{"maps.udp", "KMESH_MAP_UDP", "unused (UDP affinity is per-socket storage now)", uint32(65536)},
-	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /debug/pprof)", "localhost:15000"},
+	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /logging, /quitquitquit, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
 	{"readiness_addr", "KMESH_READINESS_ADDR", "readiness probe", ":15021"},
 	{"node_name", "NODE_NAME", "name of this node", ""},
@@ -109,7 +114,7 @@ var settings = []setting{
 	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
-	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
+	{"log_level", "KMESH_LOG_LEVEL", "error, warn, info, debug, trace or off (the admin port's /logging changes it at runtime)", "info"},
 	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
 

@@ -312,9 +312,11 @@ var errNoPod = errors.New("no such pod")
 // Pid is the daemon's process id.
 func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
 
-// ConfigDump returns the daemon's /config_dump (its view of the mesh).
+// ConfigDump returns the daemon's view of the mesh in Kmesh's own format
+// (/kmesh/config_dump: the store with the fields the data path uses; the
+// admin port's /config_dump is ztunnel's format, for istioctl).
 func (d *Daemon) ConfigDump() string {
-	resp, err := http.Get("http://" + d.AdminAddr + "/config_dump")
+	resp, err := http.Get("http://" + d.AdminAddr + "/kmesh/config_dump")
 	if err != nil {
 		return err.Error()
 	}
