@@ -309,6 +309,20 @@ func (n *Node) allocIPs() (netip.Addr, netip.Addr) {
 
 var errNoPod = errors.New("no such pod")
 
+// Exited is closed once the daemon process has exited.
+func (d *Daemon) Exited() <-chan struct{} { return d.done }
+
+// ExitCode is the exit status of a daemon that has exited (-1 for a
+// signal), and -1 while it runs.
+func (d *Daemon) ExitCode() int {
+	select {
+	case <-d.done:
+		return d.cmd.ProcessState.ExitCode()
+	default:
+		return -1
+	}
+}
+
 // Pid is the daemon's process id.
 func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
 
