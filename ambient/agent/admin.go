@@ -41,8 +41,23 @@ type admin struct {
 	log  *slog.Logger
 }
 
+// adminPaths are the admin port's pages, listed at "/" (ztunnel's
+// dashboard lists its own).
+var adminPaths = []struct{ path, what string }{
+	{"/config_dump", "the node's view of the mesh, in ztunnel's format (istioctl ztunnel-config)"},
+	{"/kmesh/config_dump", "the same state in Kmesh's own format"},
+	{"/logging", "the log level; POST ?level=error|warn|info|debug|trace|off changes it, POST ?reset restores it"},
+	{"/quitquitquit", "POST: shut down gracefully, as SIGTERM"},
+	{"/debug/pprof/", "Go profiles"},
+}
+
 func (ad *admin) handler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("/{$}", func(w http.ResponseWriter, _ *http.Request) {
+		for _, p := range adminPaths {
+			fmt.Fprintf(w, "%-20s %s\n", p.path, p.what)
+		}
+	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {

@@ -191,3 +191,20 @@ func workloadProto(uid, name, ns string) *workloadapi.Workload {
 	return &workloadapi.Workload{Uid: uid, Name: name, Namespace: ns, Node: "node-1",
 		Addresses: [][]byte{{10, 244, 1, 5}}, TunnelProtocol: workloadapi.TunnelProtocol_HBONE}
 }
+
+func TestAdminIndex(t *testing.T) {
+	ta := newTestAdmin(t, configdump.Input{})
+	code, body := ta.do(t, "GET", "/")
+	for _, p := range []string{"/config_dump", "/kmesh/config_dump", "/logging", "/quitquitquit", "/debug/pprof/"} {
+		if code != 200 || !strings.Contains(body, p+" ") {
+			t.Errorf("GET /: %d, does not list %s:\n%s", code, p, body)
+		}
+		// Each listed page exists (a GET of /quitquitquit is refused, not missing).
+		if c, _ := ta.do(t, "GET", p); c == http.StatusNotFound {
+			t.Errorf("GET %s: 404", p)
+		}
+	}
+	if code, _ := ta.do(t, "GET", "/no-such-page"); code != http.StatusNotFound {
+		t.Errorf("GET /no-such-page: %d, want 404", code)
+	}
+}
