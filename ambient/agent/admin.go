@@ -209,8 +209,8 @@ func LevelName(l slog.Level) string {
 // /config_dump.
 func (a *Agent) dumpInput() configdump.Input {
 	in := configdump.Input{State: a.Store.Snapshot(), Now: time.Now()}
-	if a.IDs != nil {
-		in.Certificates = a.IDs.Held()
+	if ids := a.certs.Load(); ids != nil {
+		in.Certificates = ids.Held()
 	}
 	if e := a.enrolled.Load(); e != nil {
 		in.Pods = e.dumpPods(a.cfg.TrustDomain)

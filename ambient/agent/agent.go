@@ -51,9 +51,10 @@ type Agent struct {
 	// xds follows istiod (set once started; readiness reads it meanwhile).
 	xds atomic.Pointer[xds.Client]
 
-	// enrolled is the enroller once it exists (the admin server, started
-	// before it, reads the pods through it).
+	// enrolled and certs are the enroller and IDs once they exist (the
+	// admin server, started before them, reads them).
 	enrolled atomic.Pointer[enroller]
+	certs    atomic.Pointer[identity.Manager]
 	// quit is closed by the admin port's /quitquitquit (see Quit).
 	quit     chan struct{}
 	quitOnce sync.Once
@@ -156,6 +157,7 @@ func (a *Agent) startTunnel() error {
 			return err
 		}
 		a.caClient = ca
+		a.certs.Store(a.IDs)
 		certs = a.IDs
 	} else {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
