@@ -230,7 +230,7 @@ func (e *enroller) dumpPods(trustDomain string) []configdump.Pod {
 			sa = "default"
 		}
 		out = append(out, configdump.Pod{UID: uid, Name: p.info.GetName(), Namespace: p.info.GetNamespace(),
-			ServiceAccount: sa, TrustDomain: trustDomain, State: "Up"})
+			ServiceAccount: sa, TrustDomain: trustDomain, State: "Up", NetnsCookie: p.cookie})
 	}
 	return out
 }

@@ -8,11 +8,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 
 	"istio.io/istio/pkg/workloadapi"
+	"istio.io/istio/pkg/zdsapi"
 
 	"kmesh.dev/kmesh/ambient/configdump"
 	"kmesh.dev/kmesh/ambient/state"
@@ -206,5 +209,24 @@ func TestAdminIndex(t *testing.T) {
 	}
 	if code, _ := ta.do(t, "GET", "/no-such-page"); code != http.StatusNotFound {
 		t.Errorf("GET /no-such-page: %d, want 404", code)
+	}
+}
+
+// The enroller's pods as /config_dump lists them: enrolled means Up, a pod
+// without a service account is "default"'s (as its certificate is), and
+// the namespace cookie links the pod to kmeshctl dump managed.
+func TestDumpPods(t *testing.T) {
+	e := &enroller{pods: map[string]*enrolledPod{
+		"uid-web":    {info: &zdsapi.WorkloadInfo{Name: "web-0", Namespace: "demo", ServiceAccount: "web"}, cookie: 4097},
+		"uid-client": {info: &zdsapi.WorkloadInfo{Name: "client", Namespace: "demo"}, cookie: 4098},
+	}}
+	got := e.dumpPods("td.example")
+	slices.SortFunc(got, func(a, b configdump.Pod) int { return strings.Compare(a.UID, b.UID) })
+	want := []configdump.Pod{
+		{UID: "uid-client", Name: "client", Namespace: "demo", ServiceAccount: "default", TrustDomain: "td.example", State: "Up", NetnsCookie: 4098},
+		{UID: "uid-web", Name: "web-0", Namespace: "demo", ServiceAccount: "web", TrustDomain: "td.example", State: "Up", NetnsCookie: 4097},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("dumpPods:\n%+v\nwant\n%+v", got, want)
 	}
 }

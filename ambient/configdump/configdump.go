@@ -194,6 +194,10 @@ type PodState struct {
 	State       string      `json:"state"`
 	Connections Connections `json:"connections"`
 	Info        PodInfo     `json:"info"`
+	// NetnsCookie is Kmesh's own: the key of the pod's namespace in the
+	// kernel's kmesh_managed map (`kmeshctl dump managed`), which names
+	// pods by it.
+	NetnsCookie uint64 `json:"netnsCookie,omitempty"`
 }
 
 // Pod is a pod enrolled on this node (the agent's enroller knows them).
@@ -204,6 +208,7 @@ type Pod struct {
 	// State is "Up" for a pod whose enrolment completed.
 	State       string
 	Connections Connections
+	NetnsCookie uint64
 }
 
 // Input is what the dump is built from.
@@ -248,7 +253,7 @@ func Build(in Input) Dump {
 		if c.Outbound == nil {
 			c.Outbound = []Connection{}
 		}
-		d.WorkloadState[p.UID] = PodState{State: p.State, Connections: c,
+		d.WorkloadState[p.UID] = PodState{State: p.State, Connections: c, NetnsCookie: p.NetnsCookie,
 			Info: PodInfo{Name: p.Name, Namespace: p.Namespace, TrustDomain: p.TrustDomain, ServiceAccount: p.ServiceAccount}}
 	}
 	return d

@@ -151,7 +151,7 @@ func input(t *testing.T) Input {
 		Pods: []Pod{
 			{UID: "8d3c-web-0", Name: "web-0", Namespace: "demo", ServiceAccount: "web", TrustDomain: "cluster.local", State: "Up",
 				Connections: Connections{Outbound: []Connection{{Src: "10.244.1.5:41000", OriginalDst: "10.96.0.30:5432", ActualDst: "10.244.2.9:5432", Protocol: "TCP"}}}},
-			{UID: "77aa-waypoint", Name: "waypoint-7f9", Namespace: "demo", ServiceAccount: "waypoint", TrustDomain: "cluster.local", State: "Up"},
+			{UID: "77aa-waypoint", Name: "waypoint-7f9", Namespace: "demo", ServiceAccount: "waypoint", TrustDomain: "cluster.local", State: "Up", NetnsCookie: 4099},
 		},
 		Now: now,
 	}
@@ -368,6 +368,10 @@ func TestIstioctlReadsConnections(t *testing.T) {
 		Info: zc.WorkloadInfo{Name: "waypoint-7f9", Namespace: "demo", TrustDomain: "cluster.local", ServiceAccount: "waypoint"}}
 	if !reflect.DeepEqual(got[0], want) {
 		t.Errorf("istioctl read the waypoint pod as %+v", got[0])
+	}
+	// Kmesh's addition, beside istioctl's fields: the kernel's key.
+	if b, _ := json.Marshal(Build(input(t)).WorkloadState["77aa-waypoint"]); !strings.Contains(string(b), `"netnsCookie":4099`) {
+		t.Errorf("workloadState lacks the namespace cookie: %s", b)
 	}
 }
 
