@@ -5,13 +5,11 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"os"
 	"runtime/debug"
 	"sync"
@@ -59,6 +57,14 @@ type Agent struct {
 	// xds follows istiod (set once started; readiness reads it meanwhile).
 	xds atomic.Pointer[xds.Client]
 
+	// enrolled and certs are the enroller and IDs once they exist (the
+	// admin server, started before them, reads them).
+	enrolled atomic.Pointer[enroller]
+	certs    atomic.Pointer[identity.Manager]
+	// quit is closed by the admin port's /quitquitquit (see Quit).
+	quit     chan struct{}
+	quitOnce sync.Once
+
 	ready  atomic.Bool
 	synced chan struct{}
 	wg     sync.WaitGroup
@@ -84,7 +90,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	a := &Agent{cfg: cfg, log: log, DP: dp, Store: state.NewStore(), Reg: prometheus.NewRegistry(),
-		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}}
+		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}, quit: make(chan struct{})}
 	node := reconcile.Node{Name: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network}
 	a.Plane = dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster, Network: node.Network}, Logger: log})
 	if dp.Reused {
@@ -130,6 +136,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		return fail(err)
 	}
 	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
+	a.enrolled.Store(a.enr)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)
@@ -162,6 +169,7 @@ func (a *Agent) startTunnel() error {
 			return err
 		}
 		a.caClient = ca
+		a.certs.Store(a.IDs)
 		certs = a.IDs
 	} else {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
@@ -307,19 +315,18 @@ func (a *Agent) readinessHandler() http.Handler {
 }
 
 func (a *Agent) adminHandler() http.Handler {
-	mux := http.NewServeMux()
-	// The admin server listens on localhost (ztunnel's 15000): profiles are
-	// safe to offer there and invaluable for memory and CPU questions.
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(a.Store.Snapshot())
-	})
-	return mux
+	def, err := ParseLevel(a.cfg.LogLevel)
+	if err != nil {
+		def = slog.LevelInfo
+	}
+	ad := &admin{dump: a.dumpInput, kmesh: func() any { return a.Store.Snapshot() }, level: a.cfg.Level, def: def, log: a.log,
+		quit: func() { a.quitOnce.Do(func() { close(a.quit) }) }}
+	return ad.handler()
 }
+
+// Quit is closed when the admin port asks the daemon to stop
+// (/quitquitquit): the caller then stops it as it would on SIGTERM.
+func (a *Agent) Quit() <-chan struct{} { return a.quit }
 
 func (a *Agent) statsHandler() http.Handler {
 	mux := http.NewServeMux()

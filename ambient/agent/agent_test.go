@@ -101,3 +101,64 @@ func TestPrivilegedAgentReadinessSaysWhy(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// The admin port of a running daemon: ztunnel's /config_dump, /logging
+// changing the logger the daemon was given, /quitquitquit closing Quit
+// (which cmd/kmesh-daemon treats as SIGTERM).
+func TestPrivilegedAgentAdmin(t *testing.T) {
+	env := kerneltest.New(t, bpf.Config{})
+	env.DP.Close()
+	cfg, err := config.Load(nil, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "", "127.0.0.1:0", ""
+	cfg.XDSAddress, cfg.CAAddress, cfg.ZDSSocket = "", "", ""
+	cfg.Level = new(slog.LevelVar)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, err := agent.Start(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: cfg.Level})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	base := "http://" + a.Addrs["admin"].String()
+
+	resp, err := http.Get(base + "/config_dump")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, key := range []string{`"workloads": []`, `"certificates": []`, `"workloadState": {}`} {
+		if !strings.Contains(string(body), key) {
+			t.Errorf("/config_dump of an empty daemon lacks %s:\n%s", key, body)
+		}
+	}
+
+	resp, err = http.Post(base+"/logging?level=debug", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if cfg.Level.Level() != slog.LevelDebug {
+		t.Errorf("POST /logging?level=debug left the level at %v", cfg.Level.Level())
+	}
+
+	select {
+	case <-a.Quit():
+		t.Fatal("Quit closed before anyone asked")
+	default:
+	}
+	resp, err = http.Post(base+"/quitquitquit", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	select {
+	case <-a.Quit():
+	case <-time.After(5 * time.Second):
+		t.Fatal("POST /quitquitquit did not ask the daemon to stop")
+	}
+}

@@ -6,6 +6,7 @@ package config
 
 import (
 	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -68,6 +69,10 @@ type Config struct {
 	// at runtime); AccessLogRate bounds its lines a second.
 	AccessLog     bool   `mapstructure:"access_log"`
 	AccessLogRate uint32 `mapstructure:"access_log_rate"`
+	// Level is the daemon's running log level, which the admin port's
+	// /logging changes. Not a setting: the daemon's main creates it from
+	// LogLevel and its logger reads it. Nil: the level is fixed.
+	Level *slog.LevelVar `mapstructure:"-"`
 	// WorkerThreads bounds the threads running Go code (GOMAXPROCS): the
 	// tunnel's latency and CPU per request depend on it (see README).
 	WorkerThreads uint32 `mapstructure:"worker_threads"`
@@ -97,7 +102,7 @@ var settings = []setting{
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
 	{"maps.events", "KMESH_MAP_EVENTS", "bytes of the kernel-path connection events' ring buffer (a power of two; ~100 bytes an event)", uint32(1 << 20)},
 	{"maps.udp", "KMESH_MAP_UDP", "unused (UDP affinity is per-socket storage now)", uint32(65536)},
-	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /debug/pprof)", "localhost:15000"},
+	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /logging, /quitquitquit, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},
 	{"readiness_addr", "KMESH_READINESS_ADDR", "readiness probe", ":15021"},
 	{"node_name", "NODE_NAME", "name of this node", ""},
@@ -117,7 +122,7 @@ var settings = []setting{
 	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
-	{"log_level", "KMESH_LOG_LEVEL", "debug, info, warn or error", "info"},
+	{"log_level", "KMESH_LOG_LEVEL", "error, warn, info, debug, trace or off (the admin port's /logging changes it at runtime)", "info"},
 	{"log_format", "LOG_FORMAT", "json for JSON logs (ztunnel's variable), text otherwise", ""},
 	{"access_log", "KMESH_ACCESS_LOG", "log each connection as it ends, ztunnel's access log (switchable at runtime)", true},
 	{"access_log_rate", "KMESH_ACCESS_LOG_RATE", "access log lines a second at most (beyond: dropped and counted)", uint32(100)},

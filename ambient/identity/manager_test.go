@@ -351,3 +351,33 @@ func counter(t *testing.T, c prometheus.Counter) float64 {
 	}
 	return out.GetCounter().GetValue()
 }
+
+func TestManagerHeld(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeCA{t: t, ca: newTestCA(t, "cluster.local", false), ttl: time.Hour}
+		m := newManager(t, f, nil)
+		web := Identity{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "web"}
+		for _, id := range []Identity{web, sleepID, sleepID} {
+			if err := m.Acquire(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		issued := mustCert(t, m, sleepID)
+		mustCert(t, m, web)
+		f.set(unavailable)
+		// Renewal fails at half life: the issued certificate stays, with the error.
+		time.Sleep(time.Until(issued.RefreshAt()) + time.Second)
+		synctest.Wait()
+		held := m.Held()
+		if len(held) != 2 || held[0].Identity != sleepID || held[1].Identity != web {
+			t.Fatalf("held %+v: want sleep then web, sorted", held)
+		}
+		if h := held[0]; h.Cert != issued || !errors.Is(h.Err, ErrCAUnavailable) || h.Refs != 2 {
+			t.Fatalf("sleep: cert same=%v err=%v refs=%d; want the issued certificate, the renewal error, 2 pods", h.Cert == issued, h.Err, h.Refs)
+		}
+		m.Release(web)
+		if held := m.Held(); len(held) != 1 {
+			t.Fatalf("after the last release of web: %d held", len(held))
+		}
+	})
+}

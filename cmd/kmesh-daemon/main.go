@@ -38,7 +38,10 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level(cfg.LogLevel)}))
+	// The level lives in a LevelVar the admin port's /logging changes.
+	cfg.Level = new(slog.LevelVar)
+	cfg.Level.Set(level(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.Level}))
 	slog.SetDefault(log)
 
 	switch cmd := strings.Join(fs.Args(), " "); cmd {
@@ -72,7 +75,11 @@ func run(cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	log.Info("kmesh-daemon running")
-	<-ctx.Done()
+	// The admin port's /quitquitquit stops the daemon the way SIGTERM does.
+	select {
+	case <-ctx.Done():
+	case <-a.Quit():
+	}
 	log.Info("shutting down; the kernel data path stays in place")
 	return a.Close()
 }
@@ -89,9 +96,11 @@ func uninstall(cfg *config.Config) error {
 	return nil
 }
 
+// level reads LOG_LEVEL in ztunnel's words (agent.ParseLevel: trace and
+// off too); an unknown one is info.
 func level(s string) slog.Level {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(s)); err != nil {
+	l, err := agent.ParseLevel(s)
+	if err != nil {
 		return slog.LevelInfo
 	}
 	return l

@@ -14,10 +14,10 @@ import (
 // has no business carrying.
 const simBinary = "kmesh-sim"
 
-// demoCmd replaces kmeshctl with `kmesh-sim demo ARGS...`: the flags
+// runDemo replaces kmeshctl with `kmesh-sim demo ARGS...`: the flags
 // (--requests, --daemon, --keep, --help) are the simulator's, and Ctrl-C,
 // output and exit status are its own.
-func demoCmd(args []string) error {
+func runDemo(args []string) error {
 	dir := ""
 	if exe, err := os.Executable(); err == nil {
 		dir = filepath.Dir(exe)

@@ -2,13 +2,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
-	"slices"
-	"strings"
 	"text/tabwriter"
 
-	"github.com/spf13/pflag"
+	"github.com/spf13/cobra"
 
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/kernel"
@@ -17,54 +17,70 @@ import (
 // version is stamped by the Makefile (-ldflags -X main.version=...).
 var version = "dev"
 
-const usage = `kmeshctl <command> [flags]
-
-Commands:
-  version [--kernel]      print the version; --kernel adds what this kernel supports
-  dump [MAP...]           print the kernel maps of this node, every field decoded:
-                          managed, frontend, service, endpoint, backend, tunnel,
-                          udp, sock_orig, stats (default: all)
-  demo [FLAGS]            run the node simulator demo (see README): executes
-                          kmesh-sim (next to kmeshctl, else PATH) with FLAGS
-`
+// usageError is a mistake on the command line: exit status 2, as before
+// kmeshctl used cobra and as most CLIs do.
+type usageError struct{ error }
 
 func main() {
-	if len(os.Args) < 2 {
-		fmt.Fprint(os.Stderr, usage)
-		os.Exit(2)
-	}
-	var err error
-	switch os.Args[1] {
-	case "version":
-		err = versionCmd(os.Args[2:])
-	case "dump":
-		err = dumpCmd(os.Args[2:])
-	case "demo":
-		err = demoCmd(os.Args[2:])
-	case "-h", "--help", "help":
-		fmt.Print(usage)
-	default:
-		fmt.Fprintf(os.Stderr, "unknown command %q\n\n%s", os.Args[1], usage)
-		os.Exit(2)
-	}
-	if err != nil {
+	root := newRoot()
+	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "kmeshctl:", err)
+		var ue usageError
+		if errors.As(err, &ue) {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }
 
-func versionCmd(args []string) error {
-	fs := pflag.NewFlagSet("version", pflag.ContinueOnError)
-	withKernel := fs.Bool("kernel", false, "probe and print kernel features")
-	if err := fs.Parse(args); err != nil {
-		return err
+// newRoot builds the command tree; tests run it with SetArgs and SetOut.
+func newRoot() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "kmeshctl",
+		Short: "Show what Kmesh and the kernel are doing on this node",
+		// Errors are printed once, by main, with the program's name.
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		Args: func(c *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("unknown command %q for %q", args[0], c.CommandPath())}
+			}
+			return nil
+		},
+		RunE: func(c *cobra.Command, _ []string) error {
+			_ = c.Usage()
+			return usageError{errors.New("a command is required")}
+		},
 	}
-	fmt.Printf("kmeshctl %s (pin layout v%d)\n", version, bpf.PinLayout)
-	if !*withKernel {
-		return nil
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError{fmt.Errorf("%w\n\n%s", err, c.UsageString())}
+	})
+	root.AddCommand(versionCmd(), dumpCmd(), demoCmd(), logCmd())
+	// cobra adds `completion bash|zsh|fish|powershell` by itself.
+	return root
+}
+
+func versionCmd() *cobra.Command {
+	var withKernel bool
+	c := &cobra.Command{
+		Use:   "version [--kernel]",
+		Short: "Print the version; --kernel adds what this kernel supports",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			out := c.OutOrStdout()
+			fmt.Fprintf(out, "kmeshctl %s (pin layout v%d)\n", version, bpf.PinLayout)
+			if !withKernel {
+				return nil
+			}
+			return printKernel(out, kernel.Probe())
+		},
 	}
-	feats := kernel.Probe()
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	c.Flags().BoolVar(&withKernel, "kernel", false, "probe and print kernel features")
+	return c
+}
+
+func printKernel(out io.Writer, feats []kernel.Feature) error {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "\nFEATURE\tREQUIRED\tSTATUS\tUSED FOR")
 	for _, f := range feats {
 		status := "ok"
@@ -81,62 +97,22 @@ func versionCmd(args []string) error {
 	if err := kernel.Check(feats); err != nil {
 		return err
 	}
-	fmt.Println("\nthis kernel runs every required Kmesh program")
+	fmt.Fprintln(out, "\nthis kernel runs every required Kmesh program")
 	return nil
 }
 
-func dumpCmd(args []string) error {
-	fs := pflag.NewFlagSet("dump", pflag.ContinueOnError)
-	root := fs.String("pin-root", bpf.DefaultPinRoot, "where the daemon pins its maps")
-	if err := fs.Parse(args); err != nil {
-		return err
+// demoRun is runDemo; tests replace it (runDemo replaces the process).
+var demoRun = runDemo
+
+func demoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "demo [FLAGS]",
+		Short: "Run the node simulator demo (see README): executes kmesh-sim (next to kmeshctl, else PATH) with FLAGS",
+		// The flags (--requests, --daemon, --keep, --help) are the
+		// simulator's: pass everything through untouched.
+		DisableFlagParsing: true,
+		RunE: func(_ *cobra.Command, args []string) error {
+			return demoRun(args)
+		},
 	}
-	names, err := bpf.MapNames()
-	if err != nil {
-		return err
-	}
-	// Short names (managed, frontend, ...) and the plural forms of earlier
-	// versions (frontends, ...) name maps too.
-	pick := names
-	if fs.NArg() > 0 && fs.Arg(0) != "all" {
-		pick = nil
-		for _, arg := range fs.Args() {
-			want := "kmesh_" + strings.TrimSuffix(strings.TrimPrefix(arg, "kmesh_"), "s")
-			if arg == "stats" || arg == "kmesh_stats" {
-				want = "kmesh_stats"
-			}
-			if !slices.Contains(names, want) {
-				return fmt.Errorf("unknown map %q: one of %v or all", arg, names)
-			}
-			pick = append(pick, want)
-		}
-	}
-	m, closeMaps, err := bpf.OpenPinned(*root)
-	if err != nil {
-		return err
-	}
-	defer closeMaps()
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	defer tw.Flush()
-	for i, name := range pick {
-		t, err := m.Dump(name)
-		if err != nil {
-			return err
-		}
-		if i > 0 || len(pick) > 1 {
-			if i > 0 {
-				fmt.Fprintln(tw)
-			}
-			fmt.Fprintf(tw, "# %s (%d entries)\n", name, len(t.Rows))
-		}
-		if t.Note != "" {
-			fmt.Fprintln(tw, t.Note)
-			continue
-		}
-		fmt.Fprintln(tw, strings.Join(t.Header, "\t"))
-		for _, r := range t.Rows {
-			fmt.Fprintln(tw, strings.Join(r, "\t"))
-		}
-	}
-	return nil
 }

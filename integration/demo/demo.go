@@ -271,7 +271,8 @@ func Run(ctx context.Context, opts Options) error {
 	fmt.Fprintf(out, "\nWhere to look next\n")
 	fmt.Fprintf(out, "  kmeshctl dump --pin-root %s   the kernel maps of node-1\n", filepath.Join(sim.PinParent, c.ID, n1.Name))
 	fmt.Fprintf(out, "  curl http://%s/metrics       node-1's daemon metrics\n", n1.Daemon.StatsAddr)
-	fmt.Fprintf(out, "  curl http://%s/config_dump   node-1's view of the mesh\n", n1.Daemon.AdminAddr)
+	fmt.Fprintf(out, "  curl http://%s/config_dump   node-1's view of the mesh, in ztunnel's format\n", n1.Daemon.AdminAddr)
+	fmt.Fprintf(out, "    (istioctl ztunnel-config all -f FILE reads it; Kmesh's own: /kmesh/config_dump)\n")
 	fmt.Fprintf(out, "  kmeshctl version --kernel · make bench · ARCHITECTURE.md\n")
 	if opts.Keep {
 		fmt.Fprintln(out, "\n--keep: the cluster stays up; press Ctrl-C to tear it down")

@@ -309,12 +309,28 @@ func (n *Node) allocIPs() (netip.Addr, netip.Addr) {
 
 var errNoPod = errors.New("no such pod")
 
+// Exited is closed once the daemon process has exited.
+func (d *Daemon) Exited() <-chan struct{} { return d.done }
+
+// ExitCode is the exit status of a daemon that has exited (-1 for a
+// signal), and -1 while it runs.
+func (d *Daemon) ExitCode() int {
+	select {
+	case <-d.done:
+		return d.cmd.ProcessState.ExitCode()
+	default:
+		return -1
+	}
+}
+
 // Pid is the daemon's process id.
 func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
 
-// ConfigDump returns the daemon's /config_dump (its view of the mesh).
+// ConfigDump returns the daemon's view of the mesh in Kmesh's own format
+// (/kmesh/config_dump: the store with the fields the data path uses; the
+// admin port's /config_dump is ztunnel's format, for istioctl).
 func (d *Daemon) ConfigDump() string {
-	resp, err := http.Get("http://" + d.AdminAddr + "/config_dump")
+	resp, err := http.Get("http://" + d.AdminAddr + "/kmesh/config_dump")
 	if err != nil {
 		return err.Error()
 	}

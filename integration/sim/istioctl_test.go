@@ -1,0 +1,227 @@
+package sim_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"kmesh.dev/kmesh/integration/sim"
+)
+
+// istioctlCacheEnv moves the cached istioctl binary; istioctlEnv names a
+// binary to use instead of building one.
+const (
+	istioctlEnv      = "KMESH_ISTIOCTL"
+	istioctlCacheEnv = "KMESH_ISTIOCTL_CACHE"
+	istioctlCache    = "/var/cache/kmesh-istioctl"
+)
+
+// istioctl returns the real istioctl at the Istio version Kmesh pins,
+// built once per version and cached (a cold build takes minutes).
+//
+// It builds in a module of its own: istioctl needs modules (kubectl,
+// cli-runtime) Kmesh's go.mod does not list, and this test should not
+// make the product's go.mod carry them. When integration/cluster/bins
+// (which builds istioctl from Kmesh's module) is merged, use it instead.
+func istioctl(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv(istioctlEnv); p != "" {
+		return p
+	}
+	// A test binary carries no module versions (debug.ReadBuildInfo has
+	// no Deps): ask the go command, from inside the module.
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "istio.io/istio").Output()
+	version := strings.TrimSpace(string(out))
+	if err != nil || version == "" {
+		t.Fatalf("go list -m istio.io/istio: %v %q: cannot tell which istioctl to build", err, out)
+	}
+	cache := os.Getenv(istioctlCacheEnv)
+	if cache == "" {
+		cache = istioctlCache
+	}
+	bin := filepath.Join(cache, version, "istioctl")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	t.Logf("building istioctl %s into %s (once; set %s to use another binary)", version, bin, istioctlEnv)
+	mod := t.TempDir()
+	if err := os.WriteFile(filepath.Join(mod, "go.mod"), []byte("module kmesh.dev/istioctl-build\n\ngo 1.26.0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
+		t.Fatalf("istioctl cache (%s moves it): %v", istioctlCacheEnv, err)
+	}
+	// Built beside its final name and renamed: a concurrent test run
+	// sees either no binary or a whole one.
+	tmp := fmt.Sprintf("%s.%d.tmp", bin, os.Getpid())
+	for _, args := range [][]string{
+		{"get", "istio.io/istio/istioctl/cmd/istioctl@" + version},
+		{"build", "-o", tmp, "istio.io/istio/istioctl/cmd/istioctl"},
+	} {
+		cmd := exec.Command("go", args...)
+		cmd.Dir = mod
+		cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOWORK=off")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			os.Remove(tmp)
+			t.Fatalf("go %s (in a scratch module %s): %v\n%s", strings.Join(args, " "), mod, err, out)
+		}
+	}
+	if err := os.Rename(tmp, bin); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// runIstioctl runs `istioctl ztunnel-config ARGS --file dump`, with a
+// kubeconfig naming a cluster nobody serves: istioctl builds a client
+// before it looks at --file, and must not find a real one.
+func runIstioctl(t *testing.T, bin, dump string, args ...string) string {
+	t.Helper()
+	dir := filepath.Dir(dump)
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if _, err := os.Stat(kubeconfig); err != nil {
+		const kc = `apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+users: [{name: none, user: {}}]
+current-context: none
+`
+		if err := os.WriteFile(kubeconfig, []byte(kc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	argv := append([]string{"ztunnel-config"}, args...)
+	argv = append(argv, "--file", dump, "--kubeconfig", kubeconfig)
+	cmd := exec.Command(bin, argv...)
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	out, err := cmd.CombinedOutput()
+	t.Logf("istioctl %s:\n%s", strings.Join(args, " "), out)
+	if err != nil {
+		t.Fatalf("istioctl %s: %v\n%s", strings.Join(argv, " "), err, out)
+	}
+	return string(out)
+}
+
+func adminGet(t *testing.T, d *sim.Daemon, path string) []byte {
+	t.Helper()
+	resp, err := http.Get("http://" + d.AdminAddr + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %d %v\n%s", path, resp.StatusCode, err, b)
+	}
+	return b
+}
+
+// tableRow finds the row of an istioctl table whose fields start with
+// the given ones.
+func tableRow(table string, prefix ...string) []string {
+	for _, l := range strings.Split(table, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= len(prefix) && strings.Join(f[:len(prefix)], " ") == strings.Join(prefix, " ") {
+			return f
+		}
+	}
+	return nil
+}
+
+// The real istioctl reads a real daemon's /config_dump: what
+// `istioctl ztunnel-config` shows for a Kmesh node (it port-forwards to
+// 15000 and reads the same document; --file skips the port-forward).
+func TestPrivilegedSimIstioctlZtunnelConfig(t *testing.T) {
+	bin := istioctl(t) // before the cluster: a cold build takes minutes
+	c := startCluster(t)
+	create(t, c,
+		echoPod("demo", "web-0", "node-1", map[string]string{"app": "web"}),
+		echoPod("demo", "web-1", "node-2", map[string]string{"app": "web"}),
+		clientPod("demo", "client", "node-1"),
+		clientPod("legacy", "outsider", "node-1"),
+	)
+	client, _ := c.Pod("demo", "client")
+	// Traffic across nodes: node-1 then holds web's certificate (HBONE).
+	eventually(t, "traffic to both backends", func() (bool, string) {
+		return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 40), "web-0", "web-1")
+	})
+
+	n1 := c.Nodes[0]
+	dump := filepath.Join(t.TempDir(), "config_dump.json")
+	var raw []byte
+	eventually(t, "node-1's certificates available", func() (bool, string) {
+		raw = adminGet(t, n1.Daemon, "/config_dump")
+		return strings.Contains(string(raw), `"state": "Available"`), string(raw)
+	})
+	if err := os.WriteFile(dump, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	out := runIstioctl(t, bin, dump, "workloads")
+	for _, want := range [][]string{
+		{"demo", "web-0", "", "node-1", "None", "HBONE"},
+		{"demo", "web-1", "", "node-2", "None", "HBONE"},
+		{"demo", "client", "", "node-1", "None", "HBONE"},
+		{"legacy", "outsider", "", "node-1", "None", "TCP"},
+	} {
+		row := tableRow(out, want[0], want[1])
+		pod, _ := c.Pod(want[0], want[1])
+		addr := pod.Net.IPv4.String()
+		if pod.Net.IPv6.IsValid() {
+			addr += "," + pod.Net.IPv6.String()
+		}
+		if len(row) != 6 || row[2] != addr || row[3] != want[3] || row[4] != want[4] || row[5] != want[5] {
+			t.Errorf("istioctl ztunnel-config workloads shows %s/%s as %q; want %s %s %s %s\n%s", want[0], want[1], row, addr, want[3], want[4], want[5], out)
+		}
+	}
+
+	out = runIstioctl(t, bin, dump, "services")
+	if row := tableRow(out, "demo", "web"); len(row) != 5 || row[2] != "10.96.0.10" || row[4] != "2/2" {
+		t.Errorf("istioctl ztunnel-config services shows demo/web as %q; want VIP 10.96.0.10 and 2/2 healthy endpoints\n%s", row, out)
+	}
+
+	out = runIstioctl(t, bin, dump, "certificates")
+	leaf := tableRow(out, "spiffe://cluster.local/ns/demo/sa/web", "Leaf")
+	root := tableRow(out, "spiffe://cluster.local/ns/demo/sa/web", "Root")
+	if len(leaf) < 4 || leaf[2] != "Available" || leaf[3] != "true" || len(root) < 4 || root[3] != "true" {
+		t.Errorf("istioctl ztunnel-config certificates: leaf %q, root %q; want both valid, Available\n%s", leaf, root, out)
+	}
+
+	out = runIstioctl(t, bin, dump, "connections")
+	if !strings.HasPrefix(strings.TrimSpace(out), "WORKLOAD") {
+		t.Errorf("istioctl ztunnel-config connections:\n%s", out)
+	}
+
+	// `all -o json`, as Istio's TestZtunnelConfig checks ztunnel: every
+	// section present and, for a node with pods, not empty.
+	var all map[string]json.RawMessage
+	out = runIstioctl(t, bin, dump, "all", "-o", "json")
+	if err := json.Unmarshal([]byte(out), &all); err != nil {
+		t.Fatalf("istioctl ztunnel-config all -o json: %v\n%s", err, out)
+	}
+	for _, k := range []string{"workloads", "services", "certificates", "workloadState"} {
+		if v := strings.TrimSpace(string(all[k])); v == "" || v == "[]" || v == "{}" || v == "null" {
+			t.Errorf("all -o json: %s is %q", k, v)
+		}
+	}
+	// workloadState names node-1's enrolled pods, Up; not node-2's.
+	var ws map[string]struct {
+		State string `json:"state"`
+		Info  struct{ Name, Namespace string }
+	}
+	_ = json.Unmarshal(all["workloadState"], &ws)
+	up := map[string]string{}
+	for _, s := range ws {
+		up[s.Info.Namespace+"/"+s.Info.Name] = s.State
+	}
+	if up["demo/web-0"] != "Up" || up["demo/client"] != "Up" || up["demo/web-1"] != "" || up["legacy/outsider"] != "" {
+		t.Errorf("workloadState of node-1: %v; want web-0 and client Up, nothing else", up)
+	}
+}
