@@ -17,15 +17,23 @@ import (
 	"kmesh.dev/kmesh/integration/kerneltest"
 )
 
-func TestPrivilegedAgentLifecycle(t *testing.T) {
-	env := kerneltest.New(t, bpf.Config{}) // owns the cgroup and pin root, uninstalls at the end
-	env.DP.Close()                         // the agent takes over as a restarted daemon would
-
+// daemonConfig is the defaults, with the cgroup and pin root of a loaded
+// data path the test owns (and uninstalls at the end); the agent takes it
+// over as a restarted daemon would.
+func daemonConfig(t *testing.T) *config.Config {
+	t.Helper()
+	env := kerneltest.New(t, bpf.Config{})
+	env.DP.Close()
 	cfg, err := config.Load(nil, func(string) string { return "" })
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	return cfg
+}
+
+func TestPrivilegedAgentLifecycle(t *testing.T) {
+	cfg := daemonConfig(t)
 	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "127.0.0.1:0", "", ""
 	cfg.XDSAddress = "" // no control plane: ready once the data path is in place
 	ctx, cancel := context.WithCancel(context.Background())
@@ -57,13 +65,7 @@ func TestPrivilegedAgentLifecycle(t *testing.T) {
 // A daemon that cannot reach istiod says so on its readiness endpoint, with
 // what to check, not only "not ready".
 func TestPrivilegedAgentReadinessSaysWhy(t *testing.T) {
-	env := kerneltest.New(t, bpf.Config{})
-	env.DP.Close()
-	cfg, err := config.Load(nil, func(string) string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	cfg := daemonConfig(t)
 	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "127.0.0.1:0", "", ""
 	// A loopback port nothing listens on.
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -106,13 +108,7 @@ func TestPrivilegedAgentReadinessSaysWhy(t *testing.T) {
 // changing the logger the daemon was given, /quitquitquit closing Quit
 // (which cmd/kmesh-daemon treats as SIGTERM).
 func TestPrivilegedAgentAdmin(t *testing.T) {
-	env := kerneltest.New(t, bpf.Config{})
-	env.DP.Close()
-	cfg, err := config.Load(nil, func(string) string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.CgroupPath, cfg.PinRoot = env.Config.CgroupPath, env.Config.PinRoot
+	cfg := daemonConfig(t)
 	cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "", "127.0.0.1:0", ""
 	cfg.XDSAddress, cfg.CAAddress, cfg.ZDSSocket = "", "", ""
 	cfg.Level = new(slog.LevelVar)
