@@ -185,7 +185,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	c.wg.Add(1)
 	go c.watchNamespaces()
 	for _, n := range c.Nodes {
-		if err := n.Daemon.waitReady(ctx, 60*time.Second); err != nil {
+		if err := n.Daemon.WaitReady(ctx, 60*time.Second); err != nil {
 			return nil, fmt.Errorf("node %s: %w", n.Name, err)
 		}
 	}
