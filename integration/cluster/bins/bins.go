@@ -91,6 +91,8 @@ type Builder struct {
 	Cache string // cache directory
 	// Log, if set, is told about each build (they take minutes cold).
 	Log func(format string, args ...any)
+
+	memo map[string]string // go command answers, by directory and question
 }
 
 // New returns a Builder for the repository holding the working directory.
@@ -115,7 +117,7 @@ func (b *Builder) Path(name string) (string, error) {
 	}
 	args := []string{"build"}
 	if s.k8sVersion {
-		v, err := goOutput(dir, "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes")
+		v, err := b.goOutput(dir, "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes")
 		if err != nil {
 			return "", fmt.Errorf("finding the kubernetes version for %s: %w", name, err)
 		}
@@ -184,7 +186,7 @@ func (b *Builder) Paths(names ...string) (map[string]string, error) {
 }
 
 func (b *Builder) key(name, dir string, s spec, args []string) (string, error) {
-	gover, err := goOutput(dir, "env", "GOVERSION")
+	gover, err := b.goOutput(dir, "env", "GOVERSION")
 	if err != nil {
 		return "", fmt.Errorf("go env GOVERSION: %w", err)
 	}
@@ -203,6 +205,23 @@ func (b *Builder) key(name, dir string, s spec, args []string) (string, error) {
 		h.Write(c)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// goOutput runs the go command in dir, once per Builder for each question.
+func (b *Builder) goOutput(dir string, args ...string) (string, error) {
+	k := dir + "\x00" + strings.Join(args, "\x00")
+	if v, ok := b.memo[k]; ok {
+		return v, nil
+	}
+	v, err := goOutput(dir, args...)
+	if err != nil {
+		return "", err
+	}
+	if b.memo == nil {
+		b.memo = map[string]string{}
+	}
+	b.memo[k] = v
+	return v, nil
 }
 
 func goOutput(dir string, args ...string) (string, error) {
