@@ -22,7 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
-	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/cni/zds"
 	"kmesh.dev/kmesh/integration/cluster"
 	"kmesh.dev/kmesh/integration/cluster/bins"
@@ -33,7 +32,6 @@ import (
 )
 
 var (
-	buildDir  string
 	buildOnce sync.Once
 	daemonBin string
 	binPaths  map[string]string
@@ -43,13 +41,17 @@ var (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if shared.cp != nil {
-		if err := stopControlPlane(shared.cp); err != nil {
+		start := time.Now()
+		err := stopControlPlane(shared.cp)
+		fmt.Printf("control plane stopped in %s\n", time.Since(start).Round(time.Millisecond))
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "FAIL: tearing the control plane down:", err)
 			code = 1
 		}
 	}
-	if buildDir != "" {
-		_ = os.RemoveAll(buildDir)
+	// A failed run keeps its files (the logs) until the next run reaps them.
+	if shared.run != nil && code == 0 {
+		_ = shared.run.Close()
 	}
 	os.Exit(code)
 }
@@ -61,18 +63,30 @@ func binaries(t *testing.T) (string, map[string]string) {
 	t.Helper()
 	buildOnce.Do(func() {
 		start := time.Now()
-		if buildDir, buildErr = os.MkdirTemp("", "kmesh-cluster-build-"); buildErr != nil {
+		// In the run's directory: a killed run's is reaped by the next.
+		if shared.run, buildErr = cluster.NewRun(); buildErr != nil {
 			return
 		}
-		if daemonBin, buildErr = daemonproc.Build(buildDir); buildErr != nil {
+		buildDir := filepath.Join(shared.run.Dir, "bin")
+		if buildErr = os.Mkdir(buildDir, 0o700); buildErr != nil {
 			return
 		}
+		// The daemon builds while the cache is checked (or filled).
+		var daemonErr error
+		built := make(chan struct{})
+		go func() {
+			defer close(built)
+			daemonBin, daemonErr = daemonproc.Build(buildDir)
+		}()
 		var b *bins.Builder
-		if b, buildErr = bins.New(); buildErr != nil {
+		if b, buildErr = bins.New(); buildErr == nil {
+			b.Log = t.Logf
+			binPaths, buildErr = b.Paths(bins.All...)
+		}
+		<-built
+		if buildErr = errors.Join(buildErr, daemonErr); buildErr != nil {
 			return
 		}
-		b.Log = t.Logf
-		binPaths, buildErr = b.Paths(bins.All...)
 		t.Logf("binaries ready in %s (cache %s)", time.Since(start).Round(time.Millisecond), b.Cache)
 	})
 	if buildErr != nil {
@@ -86,6 +100,7 @@ func binaries(t *testing.T) (string, map[string]string) {
 // their own namespaces and node.
 var shared struct {
 	once sync.Once
+	run  *cluster.Run
 	cp   *cluster.ControlPlane
 	err  error
 }
@@ -96,15 +111,13 @@ func controlPlane(t *testing.T) *cluster.ControlPlane {
 	_, paths := binaries(t)
 	shared.once.Do(func() {
 		start := time.Now()
-		dir, err := os.MkdirTemp("", "kmesh-cluster-")
-		if err != nil {
-			shared.err = err
+		dir := filepath.Join(shared.run.Dir, "controlplane")
+		if shared.err = os.Mkdir(dir, 0o700); shared.err != nil {
 			return
 		}
 		// Logs only while starting (this test is running then).
 		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: paths, Log: t.Logf})
 		if shared.err != nil {
-			_ = os.RemoveAll(dir)
 			return
 		}
 		t.Logf("control plane up in %s: %v", time.Since(start).Round(time.Millisecond), shared.cp.Pids())
@@ -139,7 +152,6 @@ func stopControlPlane(cp *cluster.ControlPlane) error {
 		}
 	}
 	if len(errs) == 0 {
-		_ = os.RemoveAll(cp.Dir)
 		return nil
 	}
 	return errors.New(strings.Join(errs, "; "))
@@ -374,30 +386,22 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 	if err != nil {
 		t.Fatalf("TokenRequest for %s/%s: %v", cluster.IstioNamespace, proxySA, err)
 	}
-	dir := t.TempDir()
+	// The node: a cgroup the daemon attaches to, a pin root, and a node
+	// agent's ZDS socket.
+	node, err := shared.run.NewNode(nodeName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := node.Close(); err != nil {
+			t.Errorf("removing the node's cgroup, pins and files: %v", err)
+		}
+	})
+	dir := node.Dir
 	token := filepath.Join(dir, "istio-token")
 	if err := os.WriteFile(token, []byte(tr.Status.Token), 0o600); err != nil {
 		t.Fatal(err)
 	}
-
-	// The node: a cgroup the daemon attaches to, a pin root, and a node
-	// agent's ZDS socket (no pod enrolled).
-	id := podnet.RandomSuffix()
-	cg, err := podnet.NewCgroup("", "kmesh-cluster-"+id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pinRoot := filepath.Join(kernel.DefaultBPFFS, "kmesh-cluster", id)
-	t.Cleanup(func() {
-		if err := bpf.RemovePins(pinRoot); err != nil {
-			t.Errorf("removing pins: %v", err)
-		}
-		_ = os.Remove(pinRoot)
-		_ = os.Remove(filepath.Dir(pinRoot)) // only when no other run uses it
-		if err := cg.Remove(); err != nil {
-			t.Errorf("removing cgroup: %v", err)
-		}
-	})
 	zctx, zcancel := context.WithCancel(ctx)
 	zsrv, err := zds.Listen(filepath.Join(dir, "ztunnel.sock"), slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
@@ -414,14 +418,16 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 		"ALT_XDS_HOSTNAME=istiod.istio-system.svc", "KMESH_TOKEN_FILE=" + token,
 		"CLUSTER_ID=" + cluster.ClusterID, "NODE_NAME=" + nodeName, "POD_NAME=" + proxyPod,
 		"POD_NAMESPACE=" + cluster.IstioNamespace, "INSTANCE_IP=10.244.1.2",
-		"KMESH_CGROUP_PATH=" + cg.Path, "KMESH_PIN_ROOT=" + pinRoot,
+		"KMESH_CGROUP_PATH=" + node.Cgroup.Path, "KMESH_PIN_ROOT=" + node.PinRoot,
 		"KMESH_ZDS_SOCKET=" + filepath.Join(dir, "ztunnel.sock"), "KMESH_LOG_LEVEL=info",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		start := time.Now()
 		d.Stop(10 * time.Second)
+		t.Logf("kmesh-daemon stopped in %s", time.Since(start).Round(time.Millisecond))
 		if t.Failed() {
 			t.Logf("kmesh-daemon log:\n%s", d.Tail())
 		}
