@@ -148,10 +148,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	// The shared parents (/run/kmesh-sim, the bpffs kmesh-sim directory)
 	// stay: removing them when empty races with another simulator (another
 	// test binary) creating its own directory beneath them.
-	c.onClose(func() error { return os.RemoveAll(c.RunDir) })
+	c.onClose(func() error { return os.RemoveAll(built.RunDir) })
 	c.pinRoot = filepath.Join(PinParent, c.ID)
 	c.onClose(func() error {
-		_ = os.RemoveAll(c.pinRoot) // daemons unpinned their own; this is the directory
+		_ = os.RemoveAll(built.pinRoot) // daemons unpinned their own; this is the directory
 		return nil
 	})
 	if c.cgroup, err = podnet.NewCgroup("", "kmesh-sim-"+c.ID); err != nil {

@@ -7,9 +7,10 @@
 // Binaries live in a cache that survives between runs on one machine
 // ($KMESH_CLUSTER_CACHE, default /var/cache/kmesh-cluster-bins), one
 // directory per binary and key. The key hashes the Go version, target,
-// package, linker flags and the building module's go.mod and go.sum (and
-// the tools module's own sources), so changing any pinned version or the
-// toolchain builds again; Go's build cache keeps a rebuild short.
+// package, linker flags, every module version of the building module's
+// build list (go list -m all) and the tools module's own source, so
+// changing any pinned version or the toolchain builds again; Go's build
+// cache keeps a rebuild short.
 package bins
 
 import (
@@ -132,6 +133,7 @@ func (b *Builder) Path(name string) (string, error) {
 	}
 	out := filepath.Join(b.Cache, name+"-"+key, name)
 	if isExec(out) {
+		touch(filepath.Dir(out))
 		return out, nil
 	}
 	if err := os.MkdirAll(b.Cache, 0o755); err != nil {
@@ -169,7 +171,34 @@ func (b *Builder) Path(name string) (string, error) {
 	if b.Log != nil {
 		b.Log("built %s in %s: %s", name, time.Since(start).Round(time.Second), out)
 	}
+	b.prune(name, filepath.Dir(out))
 	return out, nil
+}
+
+// Unused is how long a cached binary may go unused before a build of the
+// same binary removes it. Worktrees pinning other versions share the
+// cache, so only long-unused keys go.
+const Unused = 14 * 24 * time.Hour
+
+// touch marks a cached binary used.
+func touch(dir string) {
+	now := time.Now()
+	_ = os.Chtimes(dir, now, now)
+}
+
+// prune removes the other keys of name not used for Unused (called with
+// the cache locked).
+func (b *Builder) prune(name, keep string) {
+	dirs, _ := filepath.Glob(filepath.Join(b.Cache, name+"-*"))
+	for _, d := range dirs {
+		st, err := os.Stat(d)
+		if err != nil || d == keep || !st.IsDir() || time.Since(st.ModTime()) < Unused {
+			continue
+		}
+		if err := os.RemoveAll(d); err == nil && b.Log != nil {
+			b.Log("removed %s, unused since %s", d, st.ModTime().Format(time.DateOnly))
+		}
+	}
 }
 
 // Paths returns every named binary (building what is missing).
@@ -192,7 +221,15 @@ func (b *Builder) key(name, dir string, s spec, args []string) (string, error) {
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\x00%s\x00%s/%s\x00%s\x00%q\x00", name, gover, runtime.GOOS, runtime.GOARCH, s.pkg, args)
-	files := []string{"go.mod", "go.sum"}
+	// Every module version the build can see (replacements included):
+	// what the binary links is among them. go.sum is left out, its
+	// lines change without any version moving.
+	mods, err := b.goOutput(dir, "list", "-m", "all")
+	if err != nil {
+		return "", fmt.Errorf("keying %s: %w", name, err)
+	}
+	fmt.Fprintf(h, "modules\x00%s\x00", mods)
+	var files []string
 	if s.tools {
 		files = append(files, "etcd/main.go")
 	}
