@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -31,7 +32,7 @@ func startProcess(name, bin, dir, logFile string, env, args []string) (*process,
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := startOnSpawner(cmd); err != nil {
 		return nil, fmt.Errorf("starting %s (%s): %w", name, bin, err)
 	}
 	p := &process{Name: name, LogFile: logFile, cmd: cmd, done: make(chan struct{})}
@@ -78,6 +79,27 @@ func (p *process) Tail(n int) string {
 		s = "..." + s[len(s)-n:]
 	}
 	return s
+}
+
+// Pdeathsig fires when the thread that forked the child exits, not the
+// process: Go retires a thread whose goroutine exits while locked to it
+// (namespace code does so on errors). The control plane lives across
+// tests, so it is forked from one locked thread that never exits.
+var spawner = make(chan func())
+
+func init() {
+	go func() {
+		runtime.LockOSThread() // never unlocked: this thread lives as long as the process
+		for f := range spawner {
+			f()
+		}
+	}()
+}
+
+func startOnSpawner(cmd *exec.Cmd) error {
+	errc := make(chan error, 1)
+	spawner <- func() { errc <- cmd.Start() }
+	return <-errc
 }
 
 // freePort picks a free loopback TCP port. Another process may take it
