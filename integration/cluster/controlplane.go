@@ -66,7 +66,7 @@ type ControlPlane struct {
 	// RootCertFile holds istiod's self-signed mesh root, copied from the
 	// istio-ca-root-cert ConfigMap as a node proxy's volume would have it.
 	RootCertFile string
-	// IstiodDebugAddr is istiod's HTTP address (/ready, /debug/*).
+	// IstiodHTTPAddr is istiod's HTTP address (/ready, /debug/*).
 	IstiodHTTPAddr string
 
 	procs []*process // in start order
@@ -319,7 +319,7 @@ func (cp *ControlPlane) applyIstioCRDs(ctx context.Context) (int, error) {
 	if len(names) == 0 {
 		return 0, fmt.Errorf("no CRD in %s", f)
 	}
-	api := cp.procs[len(cp.procs)-1]
+	var api *process // waits end early if it dies
 	for _, p := range cp.procs {
 		if p.Name == bins.KubeAPIServer {
 			api = p
