@@ -3,6 +3,9 @@ package sim_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -40,6 +43,25 @@ func setNamespaceLabel(t *testing.T, c *sim.Cluster, ns, value string) {
 	}
 }
 
+// sourceOpened sums the connections a node's daemon opened for its pods
+// (istio_tcp_connections_opened_total, reporter="source").
+func sourceOpened(t *testing.T, d *sim.Daemon) float64 {
+	t.Helper()
+	text, err := d.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, "istio_tcp_connections_opened_total{") && strings.Contains(line, `reporter="source"`) {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			n += v
+		}
+	}
+	return n
+}
+
 func enrolled(n *sim.Node, uid string) bool {
 	for _, u := range n.ZDS.Enrolled() {
 		if u == uid {
@@ -57,8 +79,15 @@ func TestPrivilegedSimNamespaceLabelToggle(t *testing.T) {
 	client, _ := c.Pod("demo", "client")
 	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
 
+	// The held connection must be open before the label goes: starting
+	// the helper in the pod takes over 300 ms on a loaded machine, and a
+	// connection dialled after unenrolment fails with ENETUNREACH.
+	before := sourceOpened(t, c.Nodes[0].Daemon)
 	held := stream(t, client, "10.96.0.10:90", 3*time.Second)
-	time.Sleep(300 * time.Millisecond)
+	eventually(t, "the held connection open", func() (bool, string) {
+		n := sourceOpened(t, c.Nodes[0].Daemon)
+		return n > before, fmt.Sprintf("%v connections opened, %v before", n, before)
+	})
 	setNamespaceLabel(t, c, "demo", "")
 	eventually(t, "client unenrolled", func() (bool, string) { return !enrolled(c.Nodes[0], "demo/client"), "" })
 	if res := httpFrom(t, client, "http://10.96.0.10/", 3); res.Errors["ENETUNREACH"] != 3 {
