@@ -44,7 +44,7 @@ func TestPrivilegedSimAdminLoggingAndQuit(t *testing.T) {
 		t.Errorf("POST /quitquitquit: %q", got)
 	}
 	select {
-	case <-d.Exited():
+	case <-d.Done():
 	case <-time.After(20 * time.Second):
 		t.Fatalf("the daemon still runs 20 s after /quitquitquit:\n%s", d.Log())
 	}

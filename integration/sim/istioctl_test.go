@@ -2,7 +2,6 @@ package sim_test
 
 import (
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -11,71 +10,32 @@ import (
 	"strings"
 	"testing"
 
+	"kmesh.dev/kmesh/integration/cluster/bins"
 	"kmesh.dev/kmesh/integration/sim"
 )
 
-// istioctlCacheEnv moves the cached istioctl binary; istioctlEnv names a
-// binary to use instead of building one.
-const (
-	istioctlEnv      = "KMESH_ISTIOCTL"
-	istioctlCacheEnv = "KMESH_ISTIOCTL_CACHE"
-	istioctlCache    = "/var/cache/kmesh-istioctl"
-)
+// istioctlEnv names an istioctl binary to use instead of the cached one.
+const istioctlEnv = "KMESH_ISTIOCTL"
 
-// istioctl returns the real istioctl at the Istio version Kmesh pins,
-// built once per version and cached (a cold build takes minutes).
-//
-// It builds in a module of its own: istioctl needs modules (kubectl,
-// cli-runtime) Kmesh's go.mod does not list, and this test should not
-// make the product's go.mod carry them. When integration/cluster/bins
-// (which builds istioctl from Kmesh's module) is merged, use it instead.
+// istioctl returns the real istioctl at the Istio version Kmesh pins, from
+// the cluster tier's build cache (integration/cluster/bins: built from
+// Kmesh's own module, so it shares the compiled Istio packages; make test
+// runs make cluster-bins first, so a cold build never counts against this
+// package's timeout).
 func istioctl(t *testing.T) string {
 	t.Helper()
 	if p := os.Getenv(istioctlEnv); p != "" {
 		return p
 	}
-	// A test binary carries no module versions (debug.ReadBuildInfo has
-	// no Deps): ask the go command, from inside the module.
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "istio.io/istio").Output()
-	version := strings.TrimSpace(string(out))
-	if err != nil || version == "" {
-		t.Fatalf("go list -m istio.io/istio: %v %q: cannot tell which istioctl to build", err, out)
-	}
-	cache := os.Getenv(istioctlCacheEnv)
-	if cache == "" {
-		cache = istioctlCache
-	}
-	bin := filepath.Join(cache, version, "istioctl")
-	if _, err := os.Stat(bin); err == nil {
-		return bin
-	}
-	t.Logf("building istioctl %s into %s (once; set %s to use another binary)", version, bin, istioctlEnv)
-	mod := t.TempDir()
-	if err := os.WriteFile(filepath.Join(mod, "go.mod"), []byte("module kmesh.dev/istioctl-build\n\ngo 1.26.0\n"), 0o644); err != nil {
+	b, err := bins.New()
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
-		t.Fatalf("istioctl cache (%s moves it): %v", istioctlCacheEnv, err)
+	p, err := b.Path(bins.Istioctl)
+	if err != nil {
+		t.Fatalf("istioctl (make cluster-bins builds it; %s names another): %v", istioctlEnv, err)
 	}
-	// Built beside its final name and renamed: a concurrent test run
-	// sees either no binary or a whole one.
-	tmp := fmt.Sprintf("%s.%d.tmp", bin, os.Getpid())
-	for _, args := range [][]string{
-		{"get", "istio.io/istio/istioctl/cmd/istioctl@" + version},
-		{"build", "-o", tmp, "istio.io/istio/istioctl/cmd/istioctl"},
-	} {
-		cmd := exec.Command("go", args...)
-		cmd.Dir = mod
-		cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOWORK=off")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			os.Remove(tmp)
-			t.Fatalf("go %s (in a scratch module %s): %v\n%s", strings.Join(args, " "), mod, err, out)
-		}
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		t.Fatal(err)
-	}
-	return bin
+	return p
 }
 
 // runIstioctl runs `istioctl ztunnel-config ARGS --file dump`, with a

@@ -77,8 +77,9 @@ func TestPrivilegedSimNamespaceLabelToggle(t *testing.T) {
 	client, _ := c.Pod("demo", "client")
 	eventually(t, "the VIP works", func() (bool, string) { return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 5), "web-0") })
 
+	// stream returns once the held connection carried an exchange: a
+	// connection dialled after unenrolment would fail with ENETUNREACH.
 	held := stream(t, client, "10.96.0.10:90", 3*time.Second)
-	time.Sleep(300 * time.Millisecond)
 	setNamespaceLabel(t, c, "demo", "")
 	eventually(t, "client unenrolled", func() (bool, string) { return !enrolled(c.Nodes[0], "demo/client"), "" })
 	if res := httpFrom(t, client, "http://10.96.0.10/", 3); res.Errors["ENETUNREACH"] != 3 {

@@ -4,14 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -20,6 +15,7 @@ import (
 
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/cni/zds"
+	"kmesh.dev/kmesh/integration/daemonproc"
 	"kmesh.dev/kmesh/integration/podnet"
 )
 
@@ -42,15 +38,10 @@ type Node struct {
 	nextIP int
 }
 
-// Daemon is a node's kmesh-daemon process.
+// Daemon is a node's kmesh-daemon process (integration/daemonproc).
 type Daemon struct {
-	node      *Node
-	cmd       *exec.Cmd
-	done      chan struct{}
-	LogFile   string
-	AdminAddr string
-	StatsAddr string
-	ReadyAddr string
+	*daemonproc.Daemon
+	node *Node
 }
 
 func (c *Cluster) addNode(idx int) (*Node, error) {
@@ -92,15 +83,6 @@ func (c *Cluster) addNode(idx int) (*Node, error) {
 	return n, nil
 }
 
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
-
 // StartDaemon starts the node's kmesh-daemon (again, after StopDaemon).
 func (n *Node) StartDaemon() error {
 	c := n.cluster
@@ -122,40 +104,20 @@ func (n *Node) StartDaemon() error {
 			return err
 		}
 	}
-	d := &Daemon{node: n, LogFile: filepath.Join(dir, "kmesh-daemon.log"), done: make(chan struct{})}
-	for _, p := range []*string{&d.AdminAddr, &d.StatsAddr, &d.ReadyAddr} {
-		a, err := freeAddr()
-		if err != nil {
-			return err
-		}
-		*p = a
-	}
-	logf, err := os.OpenFile(d.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	cmd := exec.Command(c.opts.DaemonBin)
-	cmd.Env = append(os.Environ(),
-		"XDS_ADDRESS="+c.cpAddr, "XDS_ROOT_CA="+c.root, "ALT_XDS_HOSTNAME=istiod.istio-system.svc", "KMESH_TOKEN_FILE="+token,
-		"CLUSTER_ID="+ClusterID, "NODE_NAME="+n.Name, "POD_NAME=ztunnel-"+n.Name, "POD_NAMESPACE=istio-system",
-		"INSTANCE_IP="+n.Net.Uplink4().String(),
-		"KMESH_CGROUP_PATH="+n.Cgroup.Path, "KMESH_PIN_ROOT="+c.pinRootOf(n),
-		"KMESH_ZDS_SOCKET="+filepath.Join(dir, "ztunnel.sock"),
-		"KMESH_ADMIN_ADDR="+d.AdminAddr, "KMESH_STATS_ADDR="+d.StatsAddr, "KMESH_READINESS_ADDR="+d.ReadyAddr,
-		"KMESH_LOG_LEVEL=info")
-	cmd.Env = append(cmd.Env, c.opts.DaemonEnv...)
-	cmd.Stdout, cmd.Stderr = logf, logf
+	env := []string{
+		"XDS_ADDRESS=" + c.cpAddr, "XDS_ROOT_CA=" + c.root, "ALT_XDS_HOSTNAME=istiod.istio-system.svc", "KMESH_TOKEN_FILE=" + token,
+		"CLUSTER_ID=" + ClusterID, "NODE_NAME=" + n.Name, "POD_NAME=ztunnel-" + n.Name, "POD_NAMESPACE=istio-system",
+		"INSTANCE_IP=" + n.Net.Uplink4().String(),
+		"KMESH_CGROUP_PATH=" + n.Cgroup.Path, "KMESH_PIN_ROOT=" + c.pinRootOf(n),
+		"KMESH_ZDS_SOCKET=" + filepath.Join(dir, "ztunnel.sock"),
+		"KMESH_LOG_LEVEL=info"}
+	env = append(env, c.opts.DaemonEnv...)
 	// The daemon dies with the simulator, whatever happens to it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("starting kmesh-daemon on %s: %w", n.Name, err)
+	p, err := daemonproc.Start(c.opts.DaemonBin, filepath.Join(dir, "kmesh-daemon.log"), env)
+	if err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
 	}
-	d.cmd = cmd
-	go func() {
-		_ = cmd.Wait()
-		close(d.done)
-	}()
+	d := &Daemon{Daemon: p, node: n}
 	n.mu.Lock()
 	first := n.Daemon == nil
 	n.Daemon = d
@@ -181,13 +143,7 @@ func (n *Node) StopDaemon() {
 	if d == nil {
 		return
 	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(10 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-	}
+	d.Stop(10 * time.Second)
 }
 
 // UpgradeDaemon replaces the node's daemon as a rolling upgrade does: the
@@ -200,7 +156,7 @@ func (n *Node) UpgradeDaemon() error {
 	old := n.Daemon
 	n.mu.Unlock()
 	if old != nil {
-		_ = old.cmd.Process.Signal(syscall.SIGTERM)
+		_ = old.Signal(syscall.SIGTERM)
 	}
 	if err := n.StartDaemon(); err != nil {
 		return err
@@ -210,10 +166,9 @@ func (n *Node) UpgradeDaemon() error {
 	}
 	if old != nil {
 		select {
-		case <-old.done:
+		case <-old.Done():
 		case <-time.After(20 * time.Second):
-			_ = old.cmd.Process.Kill()
-			<-old.done
+			old.Kill()
 			return errors.New("the old daemon did not exit within 20s of SIGTERM")
 		}
 	}
@@ -226,32 +181,8 @@ func (n *Node) KillDaemon() {
 	d := n.Daemon
 	n.mu.Unlock()
 	if d != nil {
-		_ = d.cmd.Process.Kill()
-		<-d.done
+		d.Kill()
 	}
-}
-
-func (d *Daemon) waitReady(ctx context.Context, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		select {
-		case <-d.done:
-			return fmt.Errorf("kmesh-daemon exited: %s", d.tail())
-		case <-ctx.Done():
-			return ctx.Err()
-		default:
-		}
-		resp, err := http.Get("http://" + d.ReadyAddr + "/healthz/ready")
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("kmesh-daemon not ready after %s: %s", timeout, d.tail())
 }
 
 // WaitReady waits for the node's (possibly restarted) daemon to be ready.
@@ -259,34 +190,7 @@ func (n *Node) WaitReady(timeout time.Duration) error {
 	n.mu.Lock()
 	d := n.Daemon
 	n.mu.Unlock()
-	return d.waitReady(context.Background(), timeout)
-}
-
-// tail returns the end of the daemon's log, for errors.
-func (d *Daemon) tail() string {
-	b, _ := os.ReadFile(d.LogFile)
-	s := strings.TrimSpace(string(b))
-	if i := len(s) - 2000; i > 0 {
-		s = s[i:]
-	}
-	return s
-}
-
-// Log returns the daemon's log so far.
-func (d *Daemon) Log() string {
-	b, _ := os.ReadFile(d.LogFile)
-	return string(b)
-}
-
-// Metrics returns the daemon's Prometheus text.
-func (d *Daemon) Metrics() (string, error) {
-	resp, err := http.Get("http://" + d.StatsAddr + "/metrics")
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
+	return d.WaitReady(context.Background(), timeout)
 }
 
 func (n *Node) allocIPs() (netip.Addr, netip.Addr) {
@@ -308,33 +212,3 @@ func (n *Node) allocIPs() (netip.Addr, netip.Addr) {
 }
 
 var errNoPod = errors.New("no such pod")
-
-// Exited is closed once the daemon process has exited.
-func (d *Daemon) Exited() <-chan struct{} { return d.done }
-
-// ExitCode is the exit status of a daemon that has exited (-1 for a
-// signal), and -1 while it runs.
-func (d *Daemon) ExitCode() int {
-	select {
-	case <-d.done:
-		return d.cmd.ProcessState.ExitCode()
-	default:
-		return -1
-	}
-}
-
-// Pid is the daemon's process id.
-func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
-
-// ConfigDump returns the daemon's view of the mesh in Kmesh's own format
-// (/kmesh/config_dump: the store with the fields the data path uses; the
-// admin port's /config_dump is ztunnel's format, for istioctl).
-func (d *Daemon) ConfigDump() string {
-	resp, err := http.Get("http://" + d.AdminAddr + "/kmesh/config_dump")
-	if err != nil {
-		return err.Error()
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
-}

@@ -148,10 +148,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	// The shared parents (/run/kmesh-sim, the bpffs kmesh-sim directory)
 	// stay: removing them when empty races with another simulator (another
 	// test binary) creating its own directory beneath them.
-	c.onClose(func() error { return os.RemoveAll(c.RunDir) })
+	c.onClose(func() error { return os.RemoveAll(built.RunDir) })
 	c.pinRoot = filepath.Join(PinParent, c.ID)
 	c.onClose(func() error {
-		_ = os.RemoveAll(c.pinRoot) // daemons unpinned their own; this is the directory
+		_ = os.RemoveAll(built.pinRoot) // daemons unpinned their own; this is the directory
 		return nil
 	})
 	if c.cgroup, err = podnet.NewCgroup("", "kmesh-sim-"+c.ID); err != nil {
@@ -185,7 +185,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	c.wg.Add(1)
 	go c.watchNamespaces()
 	for _, n := range c.Nodes {
-		if err := n.Daemon.waitReady(ctx, 60*time.Second); err != nil {
+		if err := n.Daemon.WaitReady(ctx, 60*time.Second); err != nil {
 			return nil, fmt.Errorf("node %s: %w", n.Name, err)
 		}
 	}
