@@ -141,6 +141,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		return fail(err)
 	}
 	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
+	a.Reg.MustRegister(a.ztunnelCompatMetrics()...)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)

@@ -32,6 +32,8 @@ const (
 	attrLocalPort     = "network.local.port"
 	attrServerAddr    = "server.address"
 	attrServerPort    = "server.port"
+	attrDestAddr      = "destination.address"
+	attrDestPort      = "destination.port"
 	attrClientAddr    = "client.address"
 	attrClientPort    = "client.port"
 	attrTransport     = "network.transport"
@@ -65,8 +67,14 @@ func (p *Proxy) clientSpan(ctx context.Context, dial, target netip.AddrPort, rep
 	if !s.IsRecording() {
 		return &connSpan{span: s} // not sampled: only its context travels
 	}
-	attrs := addrAttrs(make([]attribute.KeyValue, 0, 20), attrPeerAddr, attrPeerPort, dial)
-	attrs = addrAttrs(attrs, attrServerAddr, attrServerPort, target)
+	// server.* is what the application connected to (a service VIP, say);
+	// destination.* the backend the tunnel asks the peer for (the
+	// convention's address "behind any intermediaries").
+	attrs := addrAttrs(make([]attribute.KeyValue, 0, 22), attrPeerAddr, attrPeerPort, dial)
+	if d, err := netip.ParseAddrPort(rep.dstAddr); err == nil {
+		attrs = addrAttrs(attrs, attrServerAddr, attrServerPort, d)
+	}
+	attrs = addrAttrs(attrs, attrDestAddr, attrDestPort, target)
 	if c, err := netip.ParseAddrPort(rep.srcAddr); err == nil {
 		attrs = addrAttrs(attrs, attrClientAddr, attrClientPort, c)
 	}

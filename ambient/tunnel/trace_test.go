@@ -21,7 +21,7 @@ var (
 	targetAddr = netip.MustParseAddrPort("10.244.2.7:8080")
 	testRep    = &connReport{srcWorkload: "client", srcNS: "demo", srcPrinc: "spiffe://cluster.local/ns/demo/sa/default",
 		dstWorkload: "web", dstNS: "demo", dstPrinc: "spiffe://cluster.local/ns/demo/sa/web", dstService: "web.demo.svc.cluster.local",
-		srcAddr: "10.244.1.5:40000"}
+		srcAddr: "10.244.1.5:40000", dstAddr: "10.96.0.10:80"}
 )
 
 // With tracing off (the default) a connection's span work is a nil check:
@@ -85,7 +85,8 @@ func TestSpansPropagateThroughConnect(t *testing.T) {
 	}
 	want := map[attribute.Key]attribute.Value{
 		"network.peer.address": attribute.StringValue("10.244.2.7"), "network.peer.port": attribute.IntValue(15008),
-		"server.address": attribute.StringValue("10.244.2.7"), "server.port": attribute.IntValue(8080),
+		"server.address": attribute.StringValue("10.96.0.10"), "server.port": attribute.IntValue(80),
+		"destination.address": attribute.StringValue("10.244.2.7"), "destination.port": attribute.IntValue(8080),
 		"network.transport": attribute.StringValue("tcp"), "network.type": attribute.StringValue("ipv4"),
 		"source.workload.name": attribute.StringValue("client"), "destination.workload.name": attribute.StringValue("web"),
 		"source.principal":          attribute.StringValue("spiffe://cluster.local/ns/demo/sa/default"),

@@ -145,6 +145,9 @@ func (n *Node) StartDaemon() error {
 		"KMESH_ADMIN_ADDR="+d.AdminAddr, "KMESH_STATS_ADDR="+d.StatsAddr, "KMESH_READINESS_ADDR="+d.ReadyAddr,
 		"KMESH_LOG_LEVEL=info")
 	cmd.Env = append(cmd.Env, c.opts.DaemonEnv...)
+	if c.opts.NodeEnv != nil {
+		cmd.Env = append(cmd.Env, c.opts.NodeEnv(n.Name)...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The daemon dies with the simulator, whatever happens to it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
