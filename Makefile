@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X main.version=$(VERSION)
+LDFLAGS := -X main.version=$(VERSION) -X kmesh.dev/kmesh/ambient/agent.Version=$(VERSION)
 BIN := bin
 
 .PHONY: help build generate check-generate test cluster-bins fuzz lint bench bench-tools bench-quick bench-program bench-sync demo manifests image clean

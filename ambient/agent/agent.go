@@ -24,6 +24,7 @@ import (
 	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/istiod"
+	"kmesh.dev/kmesh/ambient/otelexport"
 	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/ambient/telemetry"
@@ -52,6 +53,9 @@ type Agent struct {
 	// access log (AccessLog.Enabled switches it at runtime).
 	Telemetry *telemetry.Metrics
 	AccessLog *telemetry.AccessLog
+	// OTel exports Reg and the tunnel's spans over OTLP when the OTEL_*
+	// environment asks for it (otherwise nothing runs).
+	OTel *otelexport.Exporter
 
 	caClient *identity.CAClient
 	// xds follows istiod (set once started; readiness reads it meanwhile).
@@ -112,8 +116,15 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		cancel()
 		a.wg.Wait()
 		a.closeTunnel(context.Background(), 0)
+		_ = a.OTel.Shutdown(context.Background())
 		dp.Close()
 		return nil, err
+	}
+	// Before the tunnel: its connections' spans need the tracer. A wrong
+	// OTEL_* setting stops the daemon, as any other bad setting does.
+	if a.OTel, err = otelexport.Start(ctx, otelexport.Config{Gatherer: a.Reg, Node: cfg.NodeName, Pod: cfg.PodName,
+		Namespace: cfg.PodNamespace, Log: log}); err != nil {
+		return fail(fmt.Errorf("OpenTelemetry export: %w", err))
 	}
 	for _, s := range []struct {
 		name, addr string
@@ -137,6 +148,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	}
 	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
 	a.enrolled.Store(a.enr)
+	a.Reg.MustRegister(a.ztunnelCompatMetrics()...)
 	if cfg.ZDSSocket != "" {
 		zc := &zds.Client{Path: cfg.ZDSSocket, Handler: a.enr, Log: log}
 		a.wg.Add(1)
@@ -176,7 +188,7 @@ func (a *Agent) startTunnel() error {
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
 		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log,
-		Telemetry: a.Telemetry, AccessLog: a.AccessLog})
+		Telemetry: a.Telemetry, AccessLog: a.AccessLog, Tracer: a.OTel.Tracer})
 	if err != nil {
 		return err
 	}
@@ -384,6 +396,29 @@ func (a *Agent) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainDuration)
 	defer cancel()
 	a.closeTunnel(ctx, handoverTime(a.cfg.DrainDuration))
+	a.flushOTel(ctx)
 	a.enr.close()
 	return a.DP.Close()
 }
+
+// flushOTel exports the last metric values and the spans of the
+// connections the drain just ended, within what is left of the drain
+// deadline; at least flushFloor, taken from the margin between the drain
+// and the kubelet's kill (ztunnel's: the grace period less 5 s).
+func (a *Agent) flushOTel(drain context.Context) {
+	if a.OTel == nil {
+		return
+	}
+	ctx := drain
+	if d, ok := drain.Deadline(); !ok || time.Until(d) < flushFloor {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.Background(), flushFloor)
+		defer cancel()
+	}
+	if err := a.OTel.Shutdown(ctx); err != nil {
+		a.log.Warn("OpenTelemetry export: the last export failed", "err", err)
+	}
+}
+
+// flushFloor is the least time the last OpenTelemetry export gets.
+const flushFloor = 2 * time.Second

@@ -209,6 +209,13 @@ func (e *enroller) PodByNetns(cookie uint64) (string, *os.File, bool) {
 
 // close releases every namespace the daemon holds. The kernel keeps the
 // pods enrolled: the next daemon learns them again from the node agent.
+// count is how many pods are enrolled.
+func (e *enroller) count() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.pods)
+}
+
 func (e *enroller) close() {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -1,6 +1,45 @@
 package agent
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"runtime/debug"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Version is the daemon's release, set at link time
+// (-X kmesh.dev/kmesh/ambient/agent.Version=...); empty: the VCS revision
+// the binary was built from.
+var Version string
+
+// ztunnelCompatMetrics are series Istio's ztunnel dashboard reads, with
+// what Kmesh has for them (TestPrivilegedSimTelemetryExport checks every
+// selector of the dashboard against a real daemon's scrape):
+//   - istio_build{component="ztunnel",tag}: the "versions" panel. The
+//     component is the slot Kmesh fills (the dashboard filters on it); the
+//     tag is Kmesh's own version.
+//   - workload_manager_active_proxy_count: pods this node serves.
+func (a *Agent) ztunnelCompatMetrics() []prometheus.Collector {
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build",
+		Help: "Build of the node proxy in ztunnel's slot (component ztunnel; tag is Kmesh's version)."}, []string{"component", "tag"})
+	build.WithLabelValues("ztunnel", version()).Set(1)
+	active := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "workload_manager_active_proxy_count",
+		Help: "Pods enrolled on this node (ztunnel: in-pod proxies running)."}, func() float64 { return float64(a.enr.count()) })
+	return []prometheus.Collector{build, active}
+}
+
+func version() string {
+	if Version != "" {
+		return Version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				return s.Value[:12]
+			}
+		}
+	}
+	return "unknown"
+}
 
 // dataplaneCollector exports the data path's own counters: the kernel's
 // per-CPU event counters and the user-space writer's.

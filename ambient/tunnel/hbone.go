@@ -155,8 +155,9 @@ type source struct {
 
 // connectHeaders are the CONNECT's header fields besides :method and
 // :authority: where the connection comes from, for the peer's telemetry
-// and policies.
-func connectHeaders(src source) [][2]string {
+// and policies, and the trace context (sc: the connection's client span;
+// invalid when tracing is off).
+func connectHeaders(src source, sc trace.SpanContext) [][2]string {
 	var out [][2]string
 	if src.addr.IsValid() {
 		out = append(out, [2]string{"forwarded", forwardedFor(src.addr)})
@@ -165,7 +166,7 @@ func connectHeaders(src source) [][2]string {
 		out = append(out, [2]string{"baggage", b})
 	}
 	h := http.Header{}
-	injectTraceparent(h)
+	injectTraceparent(h, sc)
 	for k, vs := range h {
 		for _, v := range vs {
 			out = append(out, [2]string{strings.ToLower(k), v})
@@ -209,14 +210,17 @@ func baggage(w *state.Workload) string {
 	return strings.Join(parts, ",")
 }
 
-// injectTraceparent starts a W3C trace for the connection (not sampled:
-// the id correlates the two proxies' logs; tracing backends may sample).
-func injectTraceparent(h http.Header) {
-	var tid trace.TraceID
-	var sid trace.SpanID
-	fillRandom(tid[:])
-	fillRandom(sid[:])
-	sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid})
+// injectTraceparent writes the connection's W3C trace context: its client
+// span's, or without tracing a random unsampled one (the id still
+// correlates the two proxies' logs; tracing backends may sample).
+func injectTraceparent(h http.Header, sc trace.SpanContext) {
+	if !sc.IsValid() {
+		var tid trace.TraceID
+		var sid trace.SpanID
+		fillRandom(tid[:])
+		fillRandom(sid[:])
+		sc = trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid})
+	}
 	propagation.TraceContext{}.Inject(trace.ContextWithSpanContext(context.Background(), sc), propagation.HeaderCarrier(h))
 }
 

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"kmesh.dev/kmesh/ambient/identity"
 )
 
@@ -117,7 +119,7 @@ func TestRequestHeaders(t *testing.T) {
 	m.ClusterID, m.CanonicalName, m.CanonicalRevision, m.WorkloadType = "Kubernetes", "sleep", "v1", "deployment"
 	w.SetMeta(m)
 	hdr := map[string]string{}
-	for _, f := range connectHeaders(source{addr: netip.MustParseAddr("10.244.1.9"), w: w}) {
+	for _, f := range connectHeaders(source{addr: netip.MustParseAddr("10.244.1.9"), w: w}, trace.SpanContext{}) {
 		if f[0] != strings.ToLower(f[0]) {
 			t.Errorf("header name %q is not lower case (HTTP/2)", f[0])
 		}

@@ -73,26 +73,33 @@ func (p *Proxy) podAddrs(pp *podProxy) ([]netip.Addr, *state.Workload) {
 
 // inboundStream handles one CONNECT on an HBONE connection.
 func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request, peer *identity.Identity, src, local netip.AddrPort) {
+	// The span continues the peer's trace (nil: tracing is off); each
+	// refusal below ends it with the reason.
+	span := p.serverSpan(p.connCtx, req, src, local)
+	refuse := func(ref *refusal) {
+		p.refuse(st, "inbound", ref, pp, src)
+		span.refused(ref)
+	}
 	// Streams can outlive their connection's serving goroutine by a
 	// moment; the namespace must stay open while one dials in it.
 	if !pp.hold() {
-		p.refuse(st, "inbound", &refusal{http.StatusServiceUnavailable, reasonUpstream, "the pod left the mesh"}, pp, src)
+		refuse(&refusal{http.StatusServiceUnavailable, reasonUpstream, "the pod left the mesh"})
 		return
 	}
 	defer pp.release()
 	addrs, dst := p.podAddrs(pp)
 	target, ref := checkConnect(req.Method, req.Authority, addrs)
 	if ref != nil {
-		p.refuse(st, "inbound", ref, pp, src)
+		refuse(ref)
 		return
 	}
 	if ref := p.authorize(pp, dst, src.Addr(), target, peer); ref != nil {
-		p.refuse(st, "inbound", ref, pp, src)
+		refuse(ref)
 		return
 	}
 	app, err := p.dialApp(p.connCtx, pp, target)
 	if err != nil {
-		p.refuse(st, "inbound", &refusal{http.StatusServiceUnavailable, reasonUpstream, err.Error()}, pp, src)
+		refuse(&refusal{http.StatusServiceUnavailable, reasonUpstream, err.Error()})
 		return
 	}
 	defer app.Close()
@@ -100,12 +107,16 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 	rep := &connReport{reporter: "destination", srcNS: peer.Namespace, srcPrinc: peer.String(),
 		srcWorkload: firstWorkloadName(bag), mtls: true, srcAddr: src.String(), dstAddr: target.String()}
 	fillDst(rep, dst)
+	span.accepted(target, rep)
 	if err := st.Respond(http.StatusOK); err != nil {
+		span.end(0, 0, err)
 		return
 	}
+	span.status(http.StatusOK)
 	cm := p.m.open(rep, socketSample(app, false))
 	toApp, fromApp, err := pipeInbound(app, st)
 	cm.close(toApp, fromApp, err)
+	span.end(toApp, fromApp, err)
 }
 
 // refuse answers a refused CONNECT with its status, and counts it.

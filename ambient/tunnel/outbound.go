@@ -99,8 +99,20 @@ func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *co
 // hboneOutbound opens a CONNECT stream on a pooled HBONE connection and
 // copies both ways: the application's socket is the request body (read
 // straight into DATA frames), the response body is written back to it.
-func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *state.Workload, rep *connReport) error {
+func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *state.Workload, rep *connReport) (err error) {
 	ctx := p.connCtx
+	// The span lasts as long as the connection; a connection that never
+	// got through ends it with the error (nil span: tracing is off).
+	span := p.clientSpan(ctx, route.Dial, route.Target, rep)
+	var received, sent int64
+	var copyErr error
+	defer func() {
+		if err != nil {
+			span.end(0, 0, err)
+		} else {
+			span.end(received, sent, copyErr)
+		}
+	}()
 	cert, err := p.cfg.Certs.Certificate(ctx, pp.pod.Identity)
 	if err != nil {
 		p.m.refused.WithLabelValues("outbound", "no_certificate").Inc()
@@ -126,7 +138,7 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 	if src != nil {
 		srcAddr, _ = sameFamily(src.Addresses, route.Target.Addr())
 	}
-	header := connectHeaders(source{addr: srcAddr, w: src})
+	header := connectHeaders(source{addr: srcAddr, w: src}, span.spanContext())
 	var st *hbone.Stream
 	var status int
 	// A connection that turned out unable to take the stream (GOAWAY
@@ -153,12 +165,13 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		return fmt.Errorf("CONNECT %s via %s: %w", route.Target, route.Dial, err)
 	}
 	defer st.Close()
+	span.status(status)
 	if status != http.StatusOK {
 		p.m.refused.WithLabelValues("outbound", fmt.Sprintf("peer_%d", status)).Inc()
 		return fmt.Errorf("%w: CONNECT %s via %s: HTTP %d", errStreamRefused, route.Target, route.Dial, status)
 	}
 	cm := p.m.open(rep, socketSample(c, true))
-	received, sent, err := pipe(c, st) // pipe resets the application on failure
-	cm.close(received, sent, err)
+	received, sent, copyErr = pipe(c, st) // pipe resets the application on failure
+	cm.close(received, sent, copyErr)
 	return nil
 }

@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sys/unix"
 
 	"kmesh.dev/kmesh/ambient/hbone"
@@ -115,6 +116,10 @@ type Config struct {
 	AccessLog *telemetry.AccessLog
 	// ReportInterval: how often open connections report their bytes (5 s).
 	ReportInterval time.Duration
+	// Tracer makes a span per tunnelled connection (client outbound,
+	// server inbound, continuing the peer's traceparent). nil: tracing is
+	// off and costs nothing per connection.
+	Tracer trace.Tracer
 }
 
 // Pod is an enrolled pod as the proxy sees it.

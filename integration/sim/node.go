@@ -112,6 +112,9 @@ func (n *Node) StartDaemon() error {
 		"KMESH_ZDS_SOCKET=" + filepath.Join(dir, "ztunnel.sock"),
 		"KMESH_LOG_LEVEL=info"}
 	env = append(env, c.opts.DaemonEnv...)
+	if c.opts.NodeEnv != nil {
+		env = append(env, c.opts.NodeEnv(n.Name)...)
+	}
 	// The daemon dies with the simulator, whatever happens to it.
 	p, err := daemonproc.Start(c.opts.DaemonBin, filepath.Join(dir, "kmesh-daemon.log"), env)
 	if err != nil {

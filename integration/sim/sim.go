@@ -57,7 +57,9 @@ type Options struct {
 	AppBin string
 	// DaemonEnv adds environment to every daemon (map sizes, log level).
 	DaemonEnv []string
-	Log       *slog.Logger
+	// NodeEnv adds environment to one node's daemon (after DaemonEnv).
+	NodeEnv func(node string) []string
+	Log     *slog.Logger
 }
 
 // Cluster is a running simulated cluster.
