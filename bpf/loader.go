@@ -61,6 +61,10 @@ type Config struct {
 	// redirected sockets (getpeername), saving a socket-storage allocation
 	// per connect. Applications then see the backend's address as peer.
 	NoPeerVIP bool
+	// NoConnEvents stops reporting kernel-path connections (kmesh_events:
+	// Istio metrics and access logs for connections the proxy never sees),
+	// saving ~2 µs of sockops time per connection of an enrolled pod.
+	NoConnEvents bool
 }
 
 type attachment struct {
@@ -83,6 +87,8 @@ type Datapath struct {
 	// Reused is true when the maps were already pinned (a daemon restart or
 	// upgrade): their contents are live and must be reconciled, not reset.
 	Reused bool
+	// noConnEvents: the sockops object is loaded with reporting off.
+	noConnEvents bool
 }
 
 // PinDir returns the directory of the current layout under root.
@@ -155,7 +161,7 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 
-	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused}
+	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -213,6 +219,11 @@ func (dp *Datapath) loadSockOps() error {
 		spec, err := o.load()
 		if err != nil {
 			return fmt.Errorf("parsing the embedded %s object: %w", o.name, err)
+		}
+		if o.name == "sockops" && dp.noConnEvents {
+			if err := spec.Variables["cfg_conn_events"].Set(uint32(0)); err != nil {
+				return err
+			}
 		}
 		repl := dp.MapReplacements()
 		for name, ms := range spec.Maps {

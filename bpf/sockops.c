@@ -231,6 +231,11 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
 	stat_inc(STAT_CONN_EVENT);
 }
 
+/* Kernel-path connection reporting (set to 0 at load by the daemon's
+ * KMESH_CONN_EVENTS=false): off, no socket gets STATE_CB and nothing goes
+ * into kmesh_events. */
+const volatile __u32 cfg_conn_events = 1;
+
 SEC("sockops")
 int kmesh_sockops(struct bpf_sock_ops *skops)
 {
@@ -240,7 +245,7 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		read_tuple(skops, &t);
-		if (conn_tracked(skops, &t, 0, &backend_id))
+		if (cfg_conn_events && conn_tracked(skops, &t, 0, &backend_id))
 			bpf_sock_ops_cb_flags_set(skops,
 						  skops->bpf_sock_ops_cb_flags | CONN_TRACKED);
 		break;
@@ -253,7 +258,7 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		read_tuple(skops, &t);
-		if (conn_tracked(skops, &t, 1, &backend_id)) {
+		if (cfg_conn_events && conn_tracked(skops, &t, 1, &backend_id)) {
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							     CONN_TRACKED | CONN_INBOUND);
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, backend_id);

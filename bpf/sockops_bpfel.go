@@ -182,6 +182,7 @@ const (
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
+	sockOpsVarCfgConnEvents = "cfg_conn_events"
 	sockOpsVarConnEventBtf  = "conn_event_btf"
 )
 
@@ -252,7 +253,8 @@ type sockOpsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsVariableSpecs struct {
-	ConnEventBtf *ebpf.VariableSpec `ebpf:"conn_event_btf"`
+	CfgConnEvents *ebpf.VariableSpec `ebpf:"cfg_conn_events"`
+	ConnEventBtf  *ebpf.VariableSpec `ebpf:"conn_event_btf"`
 }
 
 // sockOpsObjects contains all objects after they have been loaded into the kernel.
@@ -310,7 +312,8 @@ func (m *sockOpsMaps) Close() error {
 //
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsVariables struct {
-	ConnEventBtf *ebpf.Variable `ebpf:"conn_event_btf"`
+	CfgConnEvents *ebpf.Variable `ebpf:"cfg_conn_events"`
+	ConnEventBtf  *ebpf.Variable `ebpf:"conn_event_btf"`
 }
 
 // sockOpsPrograms contains all programs after they have been loaded into the kernel.

@@ -130,7 +130,11 @@ type telFixture struct {
 }
 
 func newTelFixture(t *testing.T, sizes bpf.MapSizes, interval time.Duration) *telFixture {
-	env := kerneltest.New(t, bpf.Config{Sizes: sizes})
+	return newTelFixtureWith(t, bpf.Config{Sizes: sizes}, interval)
+}
+
+func newTelFixtureWith(t *testing.T, cfg bpf.Config, interval time.Duration) *telFixture {
+	env := kerneltest.New(t, cfg)
 	node, err := podnet.NewNode("n1", netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64"))
 	if err != nil {
 		t.Fatal(err)
@@ -338,6 +342,28 @@ func TestPrivilegedRingBufferOverflowCounted(t *testing.T) {
 	}
 	if st["conn_event_drop"] == 0 || st["conn_event"] == 0 {
 		t.Fatalf("queued %d, dropped %d: want both above 0", st["conn_event"], st["conn_event_drop"])
+	}
+}
+
+// KMESH_CONN_EVENTS=false (bpf.Config.NoConnEvents): enrolled pods'
+// kernel-path connections are not reported at all, so they cost what they
+// did before reporting existed; the same connections with it on are.
+func TestPrivilegedConnEventsOff(t *testing.T) {
+	for _, off := range []bool{true, false} {
+		f := newTelFixtureWith(t, bpf.Config{NoConnEvents: off}, time.Second)
+		f.waitServer(t)
+		for range 5 {
+			if got := f.connect(t, "10.244.1.11:8080", 1, 0); got != "300" {
+				t.Fatalf("client read %s", got)
+			}
+		}
+		st, err := f.env.DP.Maps.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if queued := st["conn_event"] + st["conn_event_drop"]; (queued == 0) != off {
+			t.Errorf("NoConnEvents %v: %d events for 5 connections", off, queued)
+		}
 	}
 }
 
