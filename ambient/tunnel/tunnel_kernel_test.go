@@ -66,6 +66,20 @@ func (l *lockedBuffer) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
+// logsMatching returns the proxy's log lines containing any of subs.
+func (f *tunnelFixture) logsMatching(subs ...string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(f.logs.String(), "\n") {
+		for _, s := range subs {
+			if strings.Contains(line, s) {
+				b.WriteString(line + "\n")
+				break
+			}
+		}
+	}
+	return b.String()
+}
+
 func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -275,7 +289,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 		var many podnet.BlastResult
 		f.run(t, &many, "blast", "-addr", addr, "-conns", "1000", "-bytes", fmt.Sprint(64<<10))
 		if many.OK != 1000 {
-			t.Fatalf("1000 concurrent connections: %+v", many)
+			t.Fatalf("1000 concurrent connections: %+v\nproxy log (warnings and refusals):\n%s", many, f.logsMatching("WARN", "ERROR", "refused", "failed"))
 		}
 		t.Logf("1000 × 64 KiB echoed in %.2fs", many.Seconds)
 	})
