@@ -248,14 +248,18 @@ type Conn struct {
 	ctrlPending atomic.Bool
 	kick        chan struct{}
 
-	mu          sync.Mutex
-	cond        *sync.Cond // send windows grew, a stream or the connection changed state
-	streams     map[uint32]*Stream
-	nextID      uint32 // client: next stream id
-	lastPeerID  uint32 // server: highest stream id the peer opened
-	sendWindow  int64  // connection-level send window
-	recvWindow  int64  // connection-level: what the peer may still send
-	peerWindow  int64  // peer's SETTINGS_INITIAL_WINDOW_SIZE for new streams
+	mu         sync.Mutex
+	cond       *sync.Cond // send windows grew, a stream or the connection changed state
+	streams    map[uint32]*Stream
+	nextID     uint32 // client: next stream id
+	lastPeerID uint32 // server: highest stream id the peer opened
+	// goAwaySent: a connection error's GOAWAY went out; the socket is
+	// half-closed and drained for a moment before it is closed, so the
+	// peer reads the error code instead of losing it to our RST.
+	goAwaySent  atomic.Bool
+	sendWindow  int64 // connection-level send window
+	recvWindow  int64 // connection-level: what the peer may still send
+	peerWindow  int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE for new streams
 	peerMaxFr   uint32
 	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
 	peerMaxHdr  uint32 // peer's SETTINGS_MAX_HEADER_LIST_SIZE (0: unlimited)
@@ -572,8 +576,42 @@ func (c *Conn) fail(err error) {
 	for _, s := range streams {
 		s.abort(serr)
 	}
+	if c.goAwaySent.Load() {
+		c.lingerClose()
+		return
+	}
 	c.closeTransport(errors.Is(err, ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, ErrIdle))
 }
+
+// lingerClose ends a connection whose GOAWAY (a connection error) was just
+// written. Closing at once while the peer still sends makes our kernel
+// answer with RST, and a RST makes the peer's kernel drop what it had not
+// read yet: the GOAWAY, and the error code with it. So the sending side is
+// closed (FIN after the GOAWAY), what the peer still sends is read and
+// discarded for up to goAwayTimeout (at most lingerBytes), then the socket
+// closes, as x/net's server does. A goroutine and a socket for one second
+// at most, per connection a peer got itself cut off on.
+func (c *Conn) lingerClose() {
+	raw := c.nc
+	if tc, ok := c.nc.(interface{ NetConn() net.Conn }); ok {
+		raw = tc.NetConn()
+	}
+	if cw, ok := raw.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	go func() {
+		_ = raw.SetReadDeadline(time.Now().Add(goAwayTimeout))
+		_, _ = io.CopyN(io.Discard, raw, lingerBytes)
+		raw.Close()
+		if raw != c.nc {
+			c.nc.Close() // returns at once: the socket is closed
+		}
+	}()
+}
+
+// lingerBytes bounds what a peer can make us read after a connection
+// error's GOAWAY.
+const lingerBytes = 1 << 20
 
 // closeTransport closes the socket without waiting for the network. TLS
 // says goodbye (close_notify) when the connection ends cleanly; crypto/tls
@@ -610,12 +648,14 @@ func (c *Conn) protocolError(code http2.ErrCode, reason, format string, args ...
 	// Best effort: a writer blocked on a full socket holds wmu, and the
 	// connection is closed either way. The read loop calls this: it waits
 	// for the socket for a moment at most.
-	if c.wmu.TryLock() {
+	if c.tryLockW(goAwayLockWait) {
 		deadline := time.Now().Add(goAwayTimeout)
 		_ = c.nc.SetWriteDeadline(deadline)
 		c.wdRenew = deadline
 		_ = c.fr.WriteGoAway(last, code, []byte(truncate(err.Error())))
-		_ = c.bw.Flush()
+		if c.bw.Flush() == nil {
+			c.goAwaySent.Store(true)
+		}
 		c.wmu.Unlock()
 	}
 	c.fail(err)
@@ -623,6 +663,26 @@ func (c *Conn) protocolError(code http2.ErrCode, reason, format string, args ...
 
 // goAwayTimeout bounds writing the GOAWAY of a connection error.
 const goAwayTimeout = time.Second
+
+// goAwayLockWait bounds the wait for the write lock before a connection
+// error's GOAWAY: another writer usually holds it for a moment (a control
+// frame flush); one blocked on a full socket is given up on.
+const goAwayLockWait = 250 * time.Millisecond
+
+// tryLockW takes wmu if it comes free within d, polling: the read loop,
+// which calls this as the connection ends, never blocks on a stuck writer.
+func (c *Conn) tryLockW(d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if c.wmu.TryLock() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
 
 func truncate(s string) string {
 	if len(s) > 128 {
