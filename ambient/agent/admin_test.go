@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
+	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/bpf/bpftest"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"reflect"
 	"slices"
 	"strings"
@@ -228,5 +232,33 @@ func TestDumpPods(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("dumpPods:\n%+v\nwant\n%+v", got, want)
+	}
+}
+
+// The cookie index follows the pods: a pod is found by its namespace
+// cookie while enrolled, under its new cookie after its sandbox changed,
+// and not at all once it left.
+func TestWorkloadByNetnsFollowsPods(t *testing.T) {
+	ns := func() *os.File {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	e := newEnroller(dataplane.New(bpftest.New(bpf.MapSizes{}), dataplane.Options{}), "c1", nil, nil, slog.New(slog.DiscardHandler))
+	p := &enrolledPod{info: &zdsapi.WorkloadInfo{Name: "web-0", Namespace: "demo"}, workloadUID: "c1//Pod/demo/web-0", netns: ns(), cookie: 7}
+	e.pods["u"], e.byCookie[7] = p, p
+	if uid, ok := e.WorkloadByNetns(7); !ok || uid != p.workloadUID {
+		t.Fatalf("cookie 7: %q %v", uid, ok)
+	}
+	if err := e.Del("u"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := e.WorkloadByNetns(7); ok {
+		t.Fatal("a pod that left is still found by its cookie")
+	}
+	if _, _, ok := e.PodByNetns(7); ok {
+		t.Fatal("PodByNetns finds a pod that left")
 	}
 }

@@ -30,6 +30,9 @@ type enroller struct {
 
 	mu   sync.Mutex
 	pods map[string]*enrolledPod
+	// byCookie indexes pods by network namespace cookie: the kernel-path
+	// telemetry looks a pod up by it for every connection event.
+	byCookie map[uint64]*enrolledPod
 	// seen: pods announced since the current ZDS connection began.
 	seen map[string]bool
 	// blind: a keep named a pod whose namespace this daemon never saw;
@@ -60,7 +63,7 @@ type podHooks interface {
 
 func newEnroller(plane *dataplane.Dataplane, cluster string, hooks podHooks, inbound inboundEnforcer, log *slog.Logger) *enroller {
 	return &enroller{plane: plane, cluster: cluster, hooks: hooks, inbound: inbound, log: log.With("component", "enrol"),
-		pods: map[string]*enrolledPod{}, seen: map[string]bool{}}
+		pods: map[string]*enrolledPod{}, byCookie: map[uint64]*enrolledPod{}, seen: map[string]bool{}}
 }
 
 // workloadUID is istiod's UID for a pod's workload.
@@ -105,6 +108,7 @@ func (e *enroller) Add(uid string, info *zdsapi.WorkloadInfo, netns *os.File) er
 	defer e.mu.Unlock()
 	if old := e.pods[uid]; old != nil {
 		old.netns.Close()
+		delete(e.byCookie, old.cookie)
 		if old.cookie != cookie { // the pod's sandbox was recreated
 			_ = e.plane.Unenroll(old.cookie)
 			if e.inbound != nil {
@@ -112,7 +116,8 @@ func (e *enroller) Add(uid string, info *zdsapi.WorkloadInfo, netns *os.File) er
 			}
 		}
 	}
-	e.pods[uid] = &enrolledPod{info: info, workloadUID: wuid, netns: netns, cookie: cookie}
+	np := &enrolledPod{info: info, workloadUID: wuid, netns: netns, cookie: cookie}
+	e.pods[uid], e.byCookie[cookie] = np, np
 	e.seen[uid] = true
 	e.log.Info("pod enrolled", "pod", info.GetNamespace()+"/"+info.GetName(), "uid", uid, "netns_cookie", cookie)
 	return nil
@@ -132,6 +137,9 @@ func (e *enroller) Del(uid string) error {
 	e.mu.Lock()
 	p := e.pods[uid]
 	delete(e.pods, uid)
+	if p != nil && e.byCookie[p.cookie] == p {
+		delete(e.byCookie, p.cookie)
+	}
 	delete(e.seen, uid)
 	e.mu.Unlock()
 	if p == nil {
@@ -194,17 +202,26 @@ func (e *enroller) SnapshotSent() error {
 func (e *enroller) PodByNetns(cookie uint64) (string, *os.File, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for _, p := range e.pods {
-		if p.cookie != cookie {
-			continue
-		}
-		fd, err := unix.FcntlInt(p.netns.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			return "", nil, false
-		}
-		return p.workloadUID, os.NewFile(uintptr(fd), p.netns.Name()), true
+	p := e.byCookie[cookie]
+	if p == nil {
+		return "", nil, false
 	}
-	return "", nil, false
+	fd, err := unix.FcntlInt(p.netns.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return "", nil, false
+	}
+	return p.workloadUID, os.NewFile(uintptr(fd), p.netns.Name()), true
+}
+
+// WorkloadByNetns is PodByNetns without the namespace handle: what each
+// connection event needs.
+func (e *enroller) WorkloadByNetns(cookie uint64) (string, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.byCookie[cookie]; p != nil {
+		return p.workloadUID, true
+	}
+	return "", false
 }
 
 // close releases every namespace the daemon holds. The kernel keeps the
@@ -223,4 +240,5 @@ func (e *enroller) close() {
 		p.netns.Close()
 	}
 	e.pods = map[string]*enrolledPod{}
+	e.byCookie = map[uint64]*enrolledPod{}
 }

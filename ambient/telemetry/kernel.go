@@ -30,6 +30,9 @@ type Pods interface {
 	// of its namespace handle (the caller closes it); ok false when no
 	// pod is enrolled with that cookie.
 	PodByNetns(cookie uint64) (workloadUID string, netns *os.File, ok bool)
+	// WorkloadByNetns is the workload UID alone (no handle to duplicate
+	// and close): what resolving each connection event needs.
+	WorkloadByNetns(cookie uint64) (workloadUID string, ok bool)
 }
 
 // EventSource is kmesh_events (*bpf.ConnEvents).
@@ -302,8 +305,7 @@ func Directional(outbound bool, acked, received uint64) (recv, sent uint64) {
 // destination workload's first service, as the node proxy does).
 func (k *KernelReader) resolve(ev bpf.ConnEvent) Conn {
 	var self *state.Workload
-	if uid, f, ok := k.cfg.Pods.PodByNetns(ev.NetnsCookie); ok {
-		f.Close()
+	if uid, ok := k.cfg.Pods.WorkloadByNetns(ev.NetnsCookie); ok {
 		self = k.cfg.Dir.Workload(uid)
 	}
 	peer := k.cfg.Dir.WorkloadByAddr(state.NetworkAddr{Network: k.cfg.Network, Addr: ev.Remote.Addr().Unmap()})

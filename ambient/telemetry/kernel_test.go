@@ -79,6 +79,11 @@ type pods map[uint64]struct {
 	ns  *podnet.Netns
 }
 
+func (p pods) WorkloadByNetns(cookie uint64) (string, bool) {
+	e, ok := p[cookie]
+	return e.uid, ok
+}
+
 func (p pods) PodByNetns(cookie uint64) (string, *os.File, bool) {
 	e, ok := p[cookie]
 	if !ok {
