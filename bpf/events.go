@@ -1,7 +1,6 @@
 package bpf
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -75,9 +74,10 @@ func DecodeConnEvent(raw []byte) (ConnEvent, error) {
 	if len(raw) < connEventSize {
 		return ConnEvent{}, fmt.Errorf("kmesh_events record of %d bytes, want %d", len(raw), connEventSize)
 	}
-	if _, err := binary.Decode(raw[:connEventSize], binary.NativeEndian, &v); err != nil {
-		return ConnEvent{}, err
-	}
+	// The record is the C struct in this machine's byte order: a plain
+	// copy (binary.Decode's reflection cost more than the rest of the
+	// event's handling).
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&v)), connEventSize), raw)
 	e := ConnEvent{Kind: ConnEventKind(v.Kind), Direction: ConnDirection(v.Direction), SockCookie: v.SockCookie,
 		NetnsCookie: v.NetnsCookie, Time: time.Duration(v.TsNs), BytesAcked: v.BytesAcked, BytesReceived: v.BytesReceived,
 		Local:    netip.AddrPortFrom(wordsAddr(v.LocalAddr), ntohs(v.LocalPort)),
@@ -93,6 +93,9 @@ func DecodeConnEvent(raw []byte) (ConnEvent, error) {
 // one consumer position.
 type ConnEvents struct {
 	r *ringbuf.Reader
+	// rec is reused by every Read (ReadInto keeps its buffer): one reader
+	// goroutine, and the decoded event copies what it needs.
+	rec ringbuf.Record
 }
 
 // ErrEventsClosed is returned by Read after Close.
@@ -111,17 +114,17 @@ func (m *Maps) OpenConnEvents() (*ConnEvents, error) {
 	return &ConnEvents{r: r}, nil
 }
 
-// Read waits for the next event, at most until the deadline set with
+// Read (not safe for concurrent use) waits for the next event, at most until the deadline set with
 // SetDeadline (then it returns os.ErrDeadlineExceeded).
 func (c *ConnEvents) Read() (ConnEvent, error) {
-	rec, err := c.r.Read()
+	err := c.r.ReadInto(&c.rec)
 	if errors.Is(err, ringbuf.ErrClosed) {
 		return ConnEvent{}, ErrEventsClosed
 	}
 	if err != nil {
 		return ConnEvent{}, err
 	}
-	return DecodeConnEvent(rec.RawSample)
+	return DecodeConnEvent(c.rec.RawSample)
 }
 
 // SetDeadline bounds the wait of Read.

@@ -59,13 +59,14 @@ func (r *Record) fields() []field {
 			fs = append(fs, field{k, v, bare})
 		}
 	}
-	add("src.addr", c.SrcAddr, true)
+	srcAddr, dstAddr := c.Addrs()
+	add("src.addr", srcAddr, true)
 	add("src.workload", c.Src.Workload, false)
 	add("src.namespace", c.Src.Namespace, false)
 	if c.MTLS {
 		add("src.identity", c.Src.Principal, false)
 	}
-	add("dst.addr", c.DstAddr, true)
+	add("dst.addr", dstAddr, true)
 	add("dst.service", c.DstService, false)
 	add("dst.workload", c.Dst.Workload, false)
 	add("dst.namespace", c.Dst.Namespace, false)
@@ -207,20 +208,37 @@ func NewAccessLog(w io.Writer, cfg LogConfig, dropped func()) *AccessLog {
 // Log writes one record if the log is on and the rate allows. A nil
 // AccessLog logs nothing.
 func (l *AccessLog) Log(r *Record) {
-	if l == nil || !l.Enabled.Load() {
-		return
-	}
 	if r.Time.IsZero() {
 		r.Time = time.Now()
 	}
-	line := ""
+	if l.Admit(r.Time) {
+		l.Write(r)
+	}
+}
+
+// Admit says whether a line at now may be written (the log is on and the
+// rate allows; a suppressed line is counted). Callers that would build
+// the record only for the log ask first: most lines of a busy node are
+// suppressed, and building one costs more than deciding.
+func (l *AccessLog) Admit(now time.Time) bool {
+	if l == nil || !l.Enabled.Load() {
+		return false
+	}
 	l.mu.Lock()
-	ok := l.bucket.Take(r.Time)
+	ok := l.bucket.Take(now)
 	l.mu.Unlock()
 	if !ok {
 		l.dropped()
-		return
 	}
+	return ok
+}
+
+// Write writes a record Admit let through.
+func (l *AccessLog) Write(r *Record) {
+	if r.Time.IsZero() {
+		r.Time = time.Now()
+	}
+	var line string
 	if l.json {
 		line = FormatJSON(r)
 	} else {

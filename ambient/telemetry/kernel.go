@@ -63,11 +63,14 @@ type KernelConfig struct {
 
 // openConn is one kernel-path connection between its open and close events.
 type openConn struct {
-	conn     Conn
-	series   *Series
-	netns    uint64
-	outbound bool
-	opened   time.Duration // monotonic
+	// res is shared by every connection with the same ends; local and
+	// remote are this one's addresses, formatted only for a log line.
+	res           *resolvedConn
+	local, remote netip.AddrPort
+	series        *Series
+	netns         uint64
+	outbound      bool
+	opened        time.Duration // monotonic
 	// Bytes already reported, as the socket counts them.
 	acked, received uint64
 	// missed: walks that did not find the socket (its close event was
@@ -80,7 +83,46 @@ type openConn struct {
 type KernelReader struct {
 	cfg  KernelConfig
 	open map[uint64]*openConn
+	// peers caches PeerOf per workload record: the store replaces a
+	// record on every change rather than editing it, so a record's Peer
+	// never goes stale, and the map keeps the records it names alive
+	// (a pointer is never reused for another workload while cached).
+	peers map[*state.Workload]Peer
+	// conns caches what resolve makes of a connection's ends, for the
+	// same reason and with the same bound: the labels, and their series
+	// resolved once.
+	conns map[connKey]*resolvedConn
 }
+
+// connKey is what a kernel-path connection's labels depend on: the
+// records of both ends and of the dialled service, and which end the
+// enrolled pod is.
+type connKey struct {
+	self, peer *state.Workload
+	svc        *state.Service
+	inbound    bool
+}
+
+// resolvedConn is a connection's labels (addresses left out) and their
+// series.
+type resolvedConn struct {
+	conn   Conn
+	series *Series
+}
+
+// conn is the connection with this socket's addresses, for the log.
+func (o *openConn) conn() Conn {
+	c := o.res.conn
+	c.SrcAddrPort, c.DstAddrPort = o.local, o.remote
+	if c.Direction == "inbound" {
+		c.SrcAddrPort, c.DstAddrPort = o.remote, o.local
+	}
+	return c
+}
+
+// maxCachedPeers bounds peers; beyond, the cache starts over (replaced
+// records would otherwise accumulate).
+const maxCachedPeers = 4096
 
 // NewKernelReader prepares a reader; Run starts it.
 func NewKernelReader(cfg KernelConfig) *KernelReader {
@@ -96,7 +138,7 @@ func NewKernelReader(cfg KernelConfig) *KernelReader {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &KernelReader{cfg: cfg, open: map[uint64]*openConn{}}
+	return &KernelReader{cfg: cfg, open: map[uint64]*openConn{}, peers: map[*state.Workload]Peer{}, conns: map[connKey]*resolvedConn{}}
 }
 
 // pollEvery is how often the reader drains the ring without a wakeup: the
@@ -154,15 +196,15 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 			k.cfg.Metrics.EventsDropped.WithLabelValues("table_full").Inc()
 			return
 		}
-		c := k.resolve(ev)
-		k.open[ev.SockCookie] = &openConn{conn: c, series: k.cfg.Metrics.Open(&c), netns: ev.NetnsCookie,
-			outbound: ev.Direction != bpf.ConnInbound, opened: ev.Time}
+		o := k.track(ev)
+		o.netns, o.opened = ev.NetnsCookie, ev.Time
+		k.open[ev.SockCookie] = o
 	case bpf.ConnClose:
 		o := k.open[ev.SockCookie]
 		delete(k.open, ev.SockCookie)
 		outcome := Classify(ev.OldState)
 		if outcome == Failed {
-			c := k.resolve(ev)
+			c := k.resolveSlow(ev)
 			c.ResponseFlags = "CONNECT"
 			k.cfg.Metrics.Fail(&c)
 			k.cfg.Log.Log(&Record{Conn: &c, Duration: -1, Err: "connection refused or timed out", Failed: true})
@@ -172,8 +214,7 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 		if o == nil {
 			// Opened before this daemon read events (a restart), or not
 			// tracked: counted opened and closed now, bytes in full.
-			c := k.resolve(ev)
-			o = &openConn{conn: c, series: k.cfg.Metrics.Open(&c), outbound: ev.Direction != bpf.ConnInbound}
+			o = k.track(ev)
 		} else {
 			duration = ev.Time - o.opened
 		}
@@ -181,11 +222,14 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 		recv, sent := Directional(o.outbound, acked, received)
 		prevRecv, prevSent := Directional(o.outbound, o.acked, o.received)
 		o.series.Close(sub(recv, prevRecv), sub(sent, prevSent))
-		r := &Record{Conn: &o.conn, Duration: duration, BytesSent: sent, BytesRecv: recv}
-		if outcome == Reset {
-			r.Err = "connection reset"
+		if now := time.Now(); k.cfg.Log.Admit(now) {
+			c := o.conn()
+			r := &Record{Time: now, Conn: &c, Duration: duration, BytesSent: sent, BytesRecv: recv}
+			if outcome == Reset {
+				r.Err = "connection reset"
+			}
+			k.cfg.Log.Write(r)
 		}
-		k.cfg.Log.Log(r)
 	}
 }
 
@@ -303,32 +347,74 @@ func Directional(outbound bool, acked, received uint64) (recv, sent uint64) {
 // namespace cookie the kernel attests, the peer by its address in this
 // network, the service by the VIP the application dialled (else the
 // destination workload's first service, as the node proxy does).
-func (k *KernelReader) resolve(ev bpf.ConnEvent) Conn {
-	var self *state.Workload
+func (k *KernelReader) ends(ev bpf.ConnEvent) connKey {
+	key := connKey{inbound: ev.Direction == bpf.ConnInbound}
 	if uid, ok := k.cfg.Pods.WorkloadByNetns(ev.NetnsCookie); ok {
-		self = k.cfg.Dir.Workload(uid)
+		key.self = k.cfg.Dir.Workload(uid)
 	}
-	peer := k.cfg.Dir.WorkloadByAddr(state.NetworkAddr{Network: k.cfg.Network, Addr: ev.Remote.Addr().Unmap()})
-	var svc *state.Service
+	key.peer = k.cfg.Dir.WorkloadByAddr(state.NetworkAddr{Network: k.cfg.Network, Addr: ev.Remote.Addr().Unmap()})
 	if ev.Dialled.IsValid() {
-		svc = k.cfg.Dir.ServiceByVIP(state.NetworkAddr{Network: k.cfg.Network, Addr: ev.Dialled.Addr().Unmap()})
+		key.svc = k.cfg.Dir.ServiceByVIP(state.NetworkAddr{Network: k.cfg.Network, Addr: ev.Dialled.Addr().Unmap()})
 	}
-	return KernelConn(ev, self, peer, svc)
+	return key
+}
+
+// resolveSlow is resolve without the caches (failed connects: rare, and
+// labelled apart).
+func (k *KernelReader) resolveSlow(ev bpf.ConnEvent) Conn {
+	key := k.ends(ev)
+	return kernelConn(ev, key.self, key.peer, key.svc, k.peerOf)
+}
+
+// track starts a connection's record: counted opened under its labels.
+func (k *KernelReader) track(ev bpf.ConnEvent) *openConn {
+	key := k.ends(ev)
+	r := k.conns[key]
+	if r == nil {
+		c := kernelConn(ev, key.self, key.peer, key.svc, k.peerOf)
+		c.SrcAddrPort, c.DstAddrPort = netip.AddrPort{}, netip.AddrPort{}
+		r = &resolvedConn{conn: c, series: k.cfg.Metrics.series(&c)}
+		if len(k.conns) >= maxCachedPeers {
+			clear(k.conns)
+		}
+		k.conns[key] = r
+	}
+	r.series.opened.Inc()
+	return &openConn{res: r, series: r.series, local: ev.Local, remote: ev.Remote, outbound: !key.inbound}
+}
+
+func (k *KernelReader) peerOf(w *state.Workload) Peer {
+	if w == nil {
+		return Peer{}
+	}
+	if p, ok := k.peers[w]; ok {
+		return p
+	}
+	if len(k.peers) >= maxCachedPeers {
+		clear(k.peers)
+	}
+	p := PeerOf(w)
+	k.peers[w] = p
+	return p
 }
 
 // KernelConn builds the connection's labels from what resolve found (pure).
 func KernelConn(ev bpf.ConnEvent, self, peer *state.Workload, svc *state.Service) Conn {
+	return kernelConn(ev, self, peer, svc, PeerOf)
+}
+
+func kernelConn(ev bpf.ConnEvent, self, peer *state.Workload, svc *state.Service, peerOf func(*state.Workload) Peer) Conn {
 	c := Conn{Reporter: "source", Direction: "outbound"}
 	local := netip.AddrPortFrom(ev.Local.Addr().Unmap(), ev.Local.Port())
 	remote := netip.AddrPortFrom(ev.Remote.Addr().Unmap(), ev.Remote.Port())
 	src, dst := self, peer
-	c.SrcAddr, c.DstAddr = local.String(), remote.String()
+	c.SrcAddrPort, c.DstAddrPort = local, remote
 	if ev.Direction == bpf.ConnInbound {
 		c.Reporter, c.Direction = "destination", "inbound"
 		src, dst = peer, self
-		c.SrcAddr, c.DstAddr = remote.String(), local.String()
+		c.SrcAddrPort, c.DstAddrPort = remote, local
 	}
-	c.Src, c.Dst = PeerOf(src), PeerOf(dst)
+	c.Src, c.Dst = peerOf(src), peerOf(dst)
 	if svc != nil {
 		c.DstService, c.DstServiceNamespace, c.DstServiceName = svc.Hostname, svc.Namespace, svc.Name
 	} else if dst != nil && len(dst.Services) > 0 {
