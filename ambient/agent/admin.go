@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,10 +9,12 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
 	"kmesh.dev/kmesh/ambient/configdump"
+	"kmesh.dev/kmesh/ambient/telemetry"
 )
 
 // admin serves the admin port (15000, localhost) as ztunnel's does, so
@@ -213,24 +216,72 @@ func (a *Agent) dumpInput() configdump.Input {
 		in.Certificates = ids.Held()
 	}
 	if e := a.enrolled.Load(); e != nil {
-		in.Pods = e.dumpPods(a.cfg.TrustDomain)
+		var conns []telemetry.ConnInfo
+		if p := a.proxy.Load(); p != nil {
+			conns = p.Connections()
+		}
+		conns = append(conns, a.kernelTel.Load().Connections()...)
+		in.Pods = e.dumpPods(a.cfg.TrustDomain, conns)
 	}
 	return in
 }
 
+// podConnections sorts connections into their pods' lists: the node
+// proxy's by pod UID, the kernel path's by namespace cookie.
+func podConnections(conns []telemetry.ConnInfo, cookieToUID map[uint64]string) map[string]*configdump.Connections {
+	out := map[string]*configdump.Connections{}
+	for _, c := range conns {
+		uid := c.Pod
+		if uid == "" {
+			uid = cookieToUID[c.Netns]
+		}
+		if uid == "" {
+			continue
+		}
+		pc := out[uid]
+		if pc == nil {
+			pc = &configdump.Connections{}
+			out[uid] = pc
+		}
+		dc := configdump.Connection{Src: c.Src, OriginalDst: c.OriginalDst, ActualDst: c.ActualDst, Protocol: c.Protocol}
+		if c.Inbound {
+			pc.Inbound = append(pc.Inbound, dc)
+		} else {
+			pc.Outbound = append(pc.Outbound, dc)
+		}
+	}
+	for _, pc := range out {
+		for _, l := range [][]configdump.Connection{pc.Inbound, pc.Outbound} {
+			slices.SortFunc(l, func(a, b configdump.Connection) int {
+				return cmp.Or(cmp.Compare(a.Src, b.Src), cmp.Compare(a.OriginalDst, b.OriginalDst), cmp.Compare(a.ActualDst, b.ActualDst))
+			})
+		}
+	}
+	return out
+}
+
 // dumpPods lists the enrolled pods. A pod is in the map only once its
 // listeners are open and the kernel redirects it: ztunnel's "Up".
-func (e *enroller) dumpPods(trustDomain string) []configdump.Pod {
+func (e *enroller) dumpPods(trustDomain string, conns []telemetry.ConnInfo) []configdump.Pod {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	cookies := make(map[uint64]string, len(e.pods))
+	for uid, p := range e.pods {
+		cookies[p.cookie] = uid
+	}
+	byPod := podConnections(conns, cookies)
 	out := make([]configdump.Pod, 0, len(e.pods))
 	for uid, p := range e.pods {
 		sa := p.info.GetServiceAccount()
 		if sa == "" {
 			sa = "default"
 		}
-		out = append(out, configdump.Pod{UID: uid, Name: p.info.GetName(), Namespace: p.info.GetNamespace(),
-			ServiceAccount: sa, TrustDomain: trustDomain, State: "Up", NetnsCookie: p.cookie})
+		pod := configdump.Pod{UID: uid, Name: p.info.GetName(), Namespace: p.info.GetNamespace(),
+			ServiceAccount: sa, TrustDomain: trustDomain, State: "Up", NetnsCookie: p.cookie}
+		if c := byPod[uid]; c != nil {
+			pod.Connections = *c
+		}
+		out = append(out, pod)
 	}
 	return out
 }

@@ -22,6 +22,7 @@ import (
 	"istio.io/istio/pkg/zdsapi"
 
 	"kmesh.dev/kmesh/ambient/configdump"
+	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/ambient/state"
 )
 
@@ -217,18 +218,35 @@ func TestAdminIndex(t *testing.T) {
 }
 
 // The enroller's pods as /config_dump lists them: enrolled means Up, a pod
-// without a service account is "default"'s (as its certificate is), and
-// the namespace cookie links the pod to kmeshctl dump managed.
+// without a service account is "default"'s (as its certificate is), the
+// namespace cookie links the pod to kmeshctl dump managed, and each pod
+// lists its open connections of both paths.
 func TestDumpPods(t *testing.T) {
 	e := &enroller{pods: map[string]*enrolledPod{
 		"uid-web":    {info: &zdsapi.WorkloadInfo{Name: "web-0", Namespace: "demo", ServiceAccount: "web"}, cookie: 4097},
 		"uid-client": {info: &zdsapi.WorkloadInfo{Name: "client", Namespace: "demo"}, cookie: 4098},
 	}}
-	got := e.dumpPods("td.example")
+	conns := []telemetry.ConnInfo{
+		// The kernel path's, known by namespace cookie: both ends' sockets.
+		{Netns: 4098, Src: "10.244.1.2:40000", OriginalDst: "10.96.0.10:80", ActualDst: "10.244.1.11:8080", Protocol: "TCP"},
+		{Netns: 4097, Inbound: true, Src: "10.244.1.2:40000", OriginalDst: "10.244.1.11:8080", ActualDst: "10.244.1.11:8080", Protocol: "TCP"},
+		// The node proxy's, known by pod UID.
+		{Pod: "uid-client", Src: "10.244.1.2:40001", OriginalDst: "10.96.0.10:80", ActualDst: "10.244.2.9:15008", Protocol: "HBONE"},
+		{Pod: "uid-web", Inbound: true, Src: "10.244.2.9:39000", OriginalDst: "10.244.1.11:8080", ActualDst: "10.244.1.11:8080", Protocol: "HBONE"},
+		// A pod that left meanwhile: in no list.
+		{Netns: 9999, Src: "10.244.1.7:1", OriginalDst: "10.244.1.11:8080", ActualDst: "10.244.1.11:8080", Protocol: "TCP"},
+	}
+	got := e.dumpPods("td.example", conns)
 	slices.SortFunc(got, func(a, b configdump.Pod) int { return strings.Compare(a.UID, b.UID) })
 	want := []configdump.Pod{
-		{UID: "uid-client", Name: "client", Namespace: "demo", ServiceAccount: "default", TrustDomain: "td.example", State: "Up", NetnsCookie: 4098},
-		{UID: "uid-web", Name: "web-0", Namespace: "demo", ServiceAccount: "web", TrustDomain: "td.example", State: "Up", NetnsCookie: 4097},
+		{UID: "uid-client", Name: "client", Namespace: "demo", ServiceAccount: "default", TrustDomain: "td.example", State: "Up", NetnsCookie: 4098,
+			Connections: configdump.Connections{Outbound: []configdump.Connection{
+				{Src: "10.244.1.2:40000", OriginalDst: "10.96.0.10:80", ActualDst: "10.244.1.11:8080", Protocol: "TCP"},
+				{Src: "10.244.1.2:40001", OriginalDst: "10.96.0.10:80", ActualDst: "10.244.2.9:15008", Protocol: "HBONE"}}}},
+		{UID: "uid-web", Name: "web-0", Namespace: "demo", ServiceAccount: "web", TrustDomain: "td.example", State: "Up", NetnsCookie: 4097,
+			Connections: configdump.Connections{Inbound: []configdump.Connection{
+				{Src: "10.244.1.2:40000", OriginalDst: "10.244.1.11:8080", ActualDst: "10.244.1.11:8080", Protocol: "TCP"},
+				{Src: "10.244.2.9:39000", OriginalDst: "10.244.1.11:8080", ActualDst: "10.244.1.11:8080", Protocol: "HBONE"}}}},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("dumpPods:\n%+v\nwant\n%+v", got, want)

@@ -65,6 +65,9 @@ type Agent struct {
 	// admin server, started before them, reads them).
 	enrolled atomic.Pointer[enroller]
 	certs    atomic.Pointer[identity.Manager]
+	// proxy and kernelTel list open connections for the config dump.
+	proxy     atomic.Pointer[tunnel.Proxy]
+	kernelTel atomic.Pointer[telemetry.KernelReader]
 	// quit is closed by the admin port's /quitquitquit (see Quit).
 	quit     chan struct{}
 	quitOnce sync.Once
@@ -193,6 +196,7 @@ func (a *Agent) startTunnel() error {
 		return err
 	}
 	a.Proxy = p
+	a.proxy.Store(p)
 	return nil
 }
 
@@ -205,6 +209,7 @@ func (a *Agent) startKernelTelemetry(ctx context.Context) error {
 	}
 	r := telemetry.NewKernelReader(telemetry.KernelConfig{Events: ev, Pods: a.enr, Dir: a.Store, Network: a.cfg.Network,
 		Metrics: a.Telemetry, Log: a.AccessLog, Logger: a.log})
+	a.kernelTel.Store(r)
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()

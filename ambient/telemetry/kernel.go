@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"kmesh.dev/kmesh/ambient/identity"
@@ -67,6 +68,7 @@ type openConn struct {
 	// remote are this one's addresses, formatted only for a log line.
 	res           *resolvedConn
 	local, remote netip.AddrPort
+	dialled       netip.AddrPort // the VIP the application dialled, if any
 	series        *Series
 	netns         uint64
 	outbound      bool
@@ -81,7 +83,10 @@ type openConn struct {
 // KernelReader turns kmesh_events into Istio metrics and access logs. One
 // goroutine (Run) owns all its state.
 type KernelReader struct {
-	cfg  KernelConfig
+	cfg KernelConfig
+	// mu guards open for Connections (the admin server's); the reader
+	// goroutine is the only writer.
+	mu   sync.Mutex
 	open map[uint64]*openConn
 	// peers caches PeerOf per workload record: the store replaces a
 	// record on every change rather than editing it, so a record's Peer
@@ -182,10 +187,37 @@ func (k *KernelReader) Run(ctx context.Context) {
 }
 
 // Open is how many connections are tracked now.
-func (k *KernelReader) Open() int { return len(k.open) }
+func (k *KernelReader) Open() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.open)
+}
+
+// Connections lists the open kernel-path connections by the pod's
+// namespace cookie. A nil reader has none.
+func (k *KernelReader) Connections() []ConnInfo {
+	if k == nil {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	out := make([]ConnInfo, 0, len(k.open))
+	for _, o := range k.open {
+		c := o.conn()
+		src, dst := c.Addrs()
+		orig := dst
+		if o.dialled.IsValid() {
+			orig = o.dialled.String()
+		}
+		out = append(out, ConnInfo{Netns: o.netns, Inbound: !o.outbound, Src: src, OriginalDst: orig, ActualDst: dst, Protocol: "TCP"})
+	}
+	return out
+}
 
 // Handle applies one event.
 func (k *KernelReader) Handle(ev bpf.ConnEvent) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	switch ev.Kind {
 	case bpf.ConnOpen:
 		if _, dup := k.open[ev.SockCookie]; dup {
@@ -239,6 +271,8 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 // was lost to a full ring buffer: kmesh_datapath_events_total
 // {event="conn_event_drop"} counts those).
 func (k *KernelReader) Walk() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	byNetns := map[uint64][]uint64{}
 	for cookie, o := range k.open {
 		byNetns[o.netns] = append(byNetns[o.netns], cookie)
@@ -380,7 +414,7 @@ func (k *KernelReader) track(ev bpf.ConnEvent) *openConn {
 		k.conns[key] = r
 	}
 	r.series.opened.Inc()
-	return &openConn{res: r, series: r.series, local: ev.Local, remote: ev.Remote, outbound: !key.inbound}
+	return &openConn{res: r, series: r.series, local: ev.Local, remote: ev.Remote, dialled: ev.Dialled, outbound: !key.inbound}
 }
 
 func (k *KernelReader) peerOf(w *state.Workload) Peer {

@@ -299,6 +299,25 @@ func TestPrivilegedKernelPathTelemetry(t *testing.T) {
 			t.Fatalf("the connection closed (%s) before its bytes were seen: the periodic report did not work", out)
 		default:
 		}
+		// The open connection is listed under both pods (the config dump's
+		// per-pod connections), each end by its namespace cookie.
+		clientNS, _ := f.client.NS.Cookie()
+		serverNS, _ := f.server.NS.Cookie()
+		var out, in int
+		for _, c := range f.reader.Connections() {
+			ok := strings.HasPrefix(c.Src, "10.244.1.2:") && c.ActualDst == "10.244.1.11:8080" && c.OriginalDst == "10.244.1.11:8080" && c.Protocol == "TCP"
+			switch {
+			case ok && !c.Inbound && c.Netns == clientNS:
+				out++
+			case ok && c.Inbound && c.Netns == serverNS:
+				in++
+			default:
+				t.Errorf("unexpected connection listed: %+v", c)
+			}
+		}
+		if out != 1 || in != 1 {
+			t.Errorf("open connections listed: %d outbound at the client, %d inbound at the server; want 1 and 1", out, in)
+		}
 		if out := <-res; out != "300" {
 			t.Fatalf("client read %s", out)
 		}

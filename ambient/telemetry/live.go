@@ -16,9 +16,27 @@ type Live struct {
 	once  sync.Once
 }
 
+// ConnInfo is one open connection as ztunnel's config dump lists it under
+// the pod it belongs to (`istioctl ztunnel-config connections`).
+type ConnInfo struct {
+	// Pod is the enrolled pod's UID (the node proxy's connections);
+	// Netns its namespace cookie (the kernel path's, which know the pod
+	// by the cookie the kernel attests).
+	Pod   string
+	Netns uint64
+	// Inbound: the pod is the destination.
+	Inbound bool
+	// Src is the client's address, OriginalDst what it dialled, ActualDst
+	// where the connection went (a chosen backend, an HBONE peer).
+	Src, OriginalDst, ActualDst string
+	// Protocol is "HBONE" or "TCP".
+	Protocol string
+}
+
 // Tracked is one live connection.
 type Tracked struct {
 	l      *Live
+	info   ConnInfo
 	series *Series
 	sample func() (recv, sent uint64, ok bool)
 	// Reported so far (guarded by l.mu).
@@ -51,8 +69,8 @@ func (l *Live) Stop() { l.once.Do(func() { close(l.stop) }) }
 
 // Track registers an open connection. sample returns its bytes so far
 // (client to server, server to client); ok false: unknown now.
-func (l *Live) Track(s *Series, sample func() (recv, sent uint64, ok bool)) *Tracked {
-	t := &Tracked{l: l, series: s, sample: sample}
+func (l *Live) Track(s *Series, info ConnInfo, sample func() (recv, sent uint64, ok bool)) *Tracked {
+	t := &Tracked{l: l, info: info, series: s, sample: sample}
 	if l == nil {
 		return t
 	}
@@ -60,6 +78,20 @@ func (l *Live) Track(s *Series, sample func() (recv, sent uint64, ok bool)) *Tra
 	l.conns[t] = struct{}{}
 	l.mu.Unlock()
 	return t
+}
+
+// Connections lists the live connections.
+func (l *Live) Connections() []ConnInfo {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]ConnInfo, 0, len(l.conns))
+	for t := range l.conns {
+		out = append(out, t.info)
+	}
+	return out
 }
 
 // Report adds what every live connection moved since its last report.

@@ -105,7 +105,7 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 	defer app.Close()
 	bag := parseBaggage(req.Get("baggage"))
 	rep := &connReport{reporter: "destination", srcNS: peer.Namespace, srcPrinc: peer.String(),
-		srcWorkload: firstWorkloadName(bag), mtls: true, srcAddr: src.String(), dstAddr: target.String()}
+		srcWorkload: firstWorkloadName(bag), mtls: true, srcAddr: src.String(), dstAddr: target.String(), pod: pp.pod.UID}
 	fillDst(rep, dst)
 	span.accepted(target, rep)
 	if err := st.Respond(http.StatusOK); err != nil {
@@ -180,7 +180,7 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 		return
 	}
 	defer app.Close()
-	rep := &connReport{reporter: "destination", srcAddr: src.String(), dstAddr: target.String()}
+	rep := &connReport{reporter: "destination", srcAddr: src.String(), dstAddr: target.String(), pod: pp.pod.UID}
 	fillDst(rep, dst)
 	cm := p.m.open(rep, socketSample(c, true))
 	received, sent := splicePipe(c, app)

@@ -65,6 +65,10 @@ type connReport struct {
 	// dst: the destination workload, for the rest of its labels.
 	dst              *state.Workload
 	srcAddr, dstAddr string
+	// For the config dump's connection list: the pod (UID) it belongs
+	// to, where it went (an HBONE peer's address, else dstAddr) and how.
+	pod       string
+	actualDst string
 }
 
 func (r *connReport) conn() *telemetry.Conn {
@@ -95,7 +99,15 @@ type connMetrics struct {
 // the periodic reports (client to server, server to client).
 func (m *metrics) open(r *connReport, sample func() (recv, sent uint64, ok bool)) *connMetrics {
 	c := r.conn()
-	return &connMetrics{m: m, c: c, tracked: m.live.Track(m.tcp.Open(c), sample), start: time.Now()}
+	info := telemetry.ConnInfo{Pod: r.pod, Inbound: r.reporter == "destination", Src: r.srcAddr, OriginalDst: r.dstAddr,
+		ActualDst: r.actualDst, Protocol: "TCP"}
+	if info.ActualDst == "" {
+		info.ActualDst = r.dstAddr
+	}
+	if r.mtls {
+		info.Protocol = "HBONE"
+	}
+	return &connMetrics{m: m, c: c, tracked: m.live.Track(m.tcp.Open(c), info, sample), start: time.Now()}
 }
 
 // close counts it closed with its totals, and logs it.
@@ -129,3 +141,6 @@ func socketSample(c *net.TCPConn, peerIsClient bool) func() (recv, sent uint64, 
 		return info.Bytes_acked, info.Bytes_received, true
 	}
 }
+
+// Connections lists the connections the proxy carries now, by pod.
+func (p *Proxy) Connections() []telemetry.ConnInfo { return p.m.live.Connections() }

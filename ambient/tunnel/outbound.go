@@ -39,7 +39,7 @@ func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
 	}
 	src := p.cfg.Dir.Workload(pp.pod.WorkloadUID)
 	rep := &connReport{reporter: "source", srcNS: pp.pod.Identity.Namespace, srcPrinc: pp.pod.Identity.String(),
-		srcAddr: client.String(), dstAddr: orig.Dst.String()}
+		srcAddr: client.String(), dstAddr: orig.Dst.String(), pod: pp.pod.UID, actualDst: route.Dial.String()}
 	if src != nil {
 		rep.srcWorkload = src.Meta().WorkloadName
 	}

@@ -4,11 +4,14 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"kmesh.dev/kmesh/integration/cluster/bins"
 	"kmesh.dev/kmesh/integration/sim"
@@ -113,12 +116,22 @@ func TestPrivilegedSimIstioctlZtunnelConfig(t *testing.T) {
 		return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 40), "web-0", "web-1")
 	})
 
+	// Two connections held open while the dump is taken: one on the
+	// kernel path (web-0, same node), one through the tunnel (web-1).
+	web0, _ := c.Pod("demo", "web-0")
+	web1, _ := c.Pod("demo", "web-1")
+	heldKernel := stream(t, client, netip.AddrPortFrom(web0.Net.IPv4, 9090).String(), 20*time.Second)
+	heldTunnel := stream(t, client, netip.AddrPortFrom(web1.Net.IPv4, 9090).String(), 20*time.Second)
+	defer func() { <-heldKernel; <-heldTunnel }()
+
 	n1 := c.Nodes[0]
 	dump := filepath.Join(t.TempDir(), "config_dump.json")
 	var raw []byte
-	eventually(t, "node-1's certificates available", func() (bool, string) {
+	eventually(t, "node-1's certificates available and both held connections listed", func() (bool, string) {
 		raw = adminGet(t, n1.Daemon, "/config_dump")
-		return strings.Contains(string(raw), `"state": "Available"`), string(raw)
+		s := string(raw)
+		return strings.Contains(s, `"state": "Available"`) && strings.Contains(s, `"protocol": "HBONE"`) &&
+			strings.Contains(s, `"protocol": "TCP"`), s
 	})
 	if err := os.WriteFile(dump, raw, 0o644); err != nil {
 		t.Fatal(err)
@@ -154,9 +167,28 @@ func TestPrivilegedSimIstioctlZtunnelConfig(t *testing.T) {
 		t.Errorf("istioctl ztunnel-config certificates: leaf %q, root %q; want both valid, Available\n%s", leaf, root, out)
 	}
 
+	// istioctl names addresses by workload: the client's two outbound
+	// connections (kernel path to web-0, HBONE to web-1) and web-0's
+	// inbound one, which only the kernel saw.
 	out = runIstioctl(t, bin, dump, "connections")
 	if !strings.HasPrefix(strings.TrimSpace(out), "WORKLOAD") {
 		t.Errorf("istioctl ztunnel-config connections:\n%s", out)
+	}
+	for _, want := range [][]string{
+		{"client.demo", "Outbound", "web-0.demo", "TCP"},
+		{"client.demo", "Outbound", "web-1.demo", "HBONE"},
+		{"web-0.demo", "Inbound", "client.demo", "TCP"},
+	} {
+		found := false
+		for _, line := range strings.Split(out, "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 6 && f[0] == want[0] && f[1] == want[1] && slices.ContainsFunc(f[2:], func(v string) bool { return strings.HasPrefix(v, want[2]+":") }) && f[len(f)-1] == want[3] {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("istioctl ztunnel-config connections has no row %q:\n%s", want, out)
+		}
 	}
 
 	// `all -o json`, as Istio's TestZtunnelConfig checks ztunnel: every
