@@ -22,8 +22,8 @@ import (
 	"istio.io/istio/pkg/zdsapi"
 
 	"kmesh.dev/kmesh/ambient/configdump"
-	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/ambient/state"
+	"kmesh.dev/kmesh/ambient/telemetry"
 )
 
 func TestLoggingRequest(t *testing.T) {
