@@ -13,6 +13,7 @@ import (
 
 	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/kernel"
 )
 
 // benchPods resolves one pod's cookie without a namespace handle.
@@ -127,4 +128,39 @@ func sumMatching(t *testing.T, cv *prometheus.CounterVec, l prometheus.Labels) f
 		}
 	}
 	return sum
+}
+
+// TestSocketsOpen follows istio_tcp_sockets_open through opens, closes and
+// a connection whose close event was lost (forgotten by the walk).
+func TestSocketsOpen(t *testing.T) {
+	c := workload("sleep", "demo", netip.MustParseAddr("10.244.1.2"))
+	s := workload("echo", "demo", netip.MustParseAddr("10.244.1.11"))
+	m := telemetry.NewMetrics(prometheus.NewRegistry())
+	r := telemetry.NewKernelReader(telemetry.KernelConfig{Pods: benchPods{1: c.UID, 2: s.UID}, Dir: dir{c.UID: c, s.UID: s}, Metrics: m,
+		SocketBytes: func(int) (map[uint64]kernel.TCPBytes, error) { return nil, nil }})
+	cAddr, sAddr := netip.MustParseAddrPort("10.244.1.2:40000"), netip.MustParseAddrPort("10.244.1.11:8080")
+	gauge := func(reporter string) float64 {
+		var pb dto.Metric
+		if err := m.SocketsOpen.WithLabelValues(reporter).Write(&pb); err != nil {
+			t.Fatal(err)
+		}
+		return pb.GetGauge().GetValue()
+	}
+	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnOutbound, SockCookie: 1, NetnsCookie: 1, Local: cAddr, Remote: sAddr})
+	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnInbound, SockCookie: 2, NetnsCookie: 2, Local: sAddr, Remote: cAddr})
+	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnOutbound, SockCookie: 3, NetnsCookie: 1, Local: cAddr, Remote: sAddr})
+	if src, dst := gauge("source"), gauge("destination"); src != 2 || dst != 1 {
+		t.Fatalf("open: source %v, destination %v; want 2 and 1", src, dst)
+	}
+	r.Handle(bpf.ConnEvent{Kind: bpf.ConnClose, Direction: bpf.ConnOutbound, SockCookie: 1, NetnsCookie: 1, Local: cAddr, Remote: sAddr, OldState: bpf.TCPFinWait2})
+	r.Handle(bpf.ConnEvent{Kind: bpf.ConnClose, Direction: bpf.ConnInbound, SockCookie: 2, NetnsCookie: 2, Local: sAddr, Remote: cAddr, OldState: bpf.TCPLastAck})
+	if src, dst := gauge("source"), gauge("destination"); src != 1 || dst != 0 {
+		t.Fatalf("after two closes: source %v, destination %v; want 1 and 0", src, dst)
+	}
+	// Socket 3's close was lost: two walks that do not find it forget it.
+	r.Walk()
+	r.Walk()
+	if src := gauge("source"); src != 0 {
+		t.Fatalf("after the lost close was forgotten: source %v, want 0", src)
+	}
 }

@@ -413,7 +413,7 @@ func (k *KernelReader) track(ev bpf.ConnEvent) *openConn {
 		}
 		k.conns[key] = r
 	}
-	r.series.opened.Inc()
+	r.series.open()
 	return &openConn{res: r, series: r.series, local: ev.Local, remote: ev.Remote, dialled: ev.Dialled, outbound: !key.inbound}
 }
 

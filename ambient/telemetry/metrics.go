@@ -40,6 +40,9 @@ type Metrics struct {
 	EventsDropped *prometheus.CounterVec
 	// LogsDropped counts access log lines the rate limit suppressed.
 	LogsDropped prometheus.Counter
+	// SocketsOpen is ztunnel's istio_tcp_sockets_open{reporter}: the
+	// connections of both paths open now, by which end reports them.
+	SocketsOpen *prometheus.GaugeVec
 
 	// cache holds each label set's counters once resolved: finding a
 	// series in a CounterVec hashes and validates all 23 label values
@@ -83,8 +86,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		LogsDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "kmesh_access_log_dropped_total",
 			Help: "Access log lines suppressed by the rate limit."}),
 	}
+	m.SocketsOpen = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_tcp_sockets_open",
+		Help: "TCP connections open now (node proxy and kernel path), by reporter."}, []string{"reporter"})
 	if reg != nil {
-		reg.MustRegister(m.Opened, m.Closed, m.Failed, m.Received, m.Sent, m.EventsDropped, m.LogsDropped)
+		reg.MustRegister(m.Opened, m.Closed, m.Failed, m.Received, m.Sent, m.EventsDropped, m.LogsDropped, m.SocketsOpen)
 	}
 	return m
 }
@@ -184,13 +189,20 @@ func (c *Conn) Labels() prometheus.Labels {
 // Add and Close.
 func (m *Metrics) Open(c *Conn) *Series {
 	s := m.series(c)
-	s.opened.Inc()
+	s.open()
 	return s
 }
 
 // Series is one connection's counters, resolved once.
 type Series struct {
 	opened, closed, received, sent prometheus.Counter
+	sockets                        prometheus.Gauge
+}
+
+// open counts a connection opened and open.
+func (s *Series) open() {
+	s.opened.Inc()
+	s.sockets.Inc()
 }
 
 func (m *Metrics) series(c *Conn) *Series {
@@ -203,7 +215,8 @@ func (m *Metrics) series(c *Conn) *Series {
 		return s
 	}
 	l := c.Labels()
-	s = &Series{opened: m.Opened.With(l), closed: m.Closed.With(l), received: m.Received.With(l), sent: m.Sent.With(l)}
+	s = &Series{opened: m.Opened.With(l), closed: m.Closed.With(l), received: m.Received.With(l), sent: m.Sent.With(l),
+		sockets: m.SocketsOpen.WithLabelValues(l["reporter"])}
 	m.mu.Lock()
 	if m.cache == nil || len(m.cache) >= maxCachedSeries {
 		m.cache = make(map[seriesKey]*Series)
@@ -228,6 +241,7 @@ func (s *Series) Add(received, sent uint64) {
 func (s *Series) Close(received, sent uint64) {
 	s.Add(received, sent)
 	s.closed.Inc()
+	s.sockets.Dec()
 }
 
 // Fail counts a connection that never opened.

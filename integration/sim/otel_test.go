@@ -207,7 +207,6 @@ var dashboardKnownDifferences = map[string]string{
 	"container_cpu_usage_seconds_total":    "cAdvisor's (the kubelet's), not the proxy's: as container_memory_working_set_bytes",
 	"istio_dns_requests_total":             "Kmesh has no DNS proxy yet (ROADMAP); the panel stays empty",
 	"workload_manager_pending_proxy_count": "enrolment is done while the ZDS add is acknowledged: there is no pending state to count",
-	"istio_tcp_sockets_open":               "not exported yet; istio_tcp_connections_opened_total - closed (the dashboard's own 'active' panel) gives the same",
 	// Exported, but a labelled counter has no series before its first
 	// event (ztunnel's neither): no xDS stream ended during the test.
 	"istio_xds_connection_terminations_total": "exported from the first xDS stream that ends; none ended in this test",
