@@ -823,17 +823,30 @@ func (c *Conn) newStreamLocked(id uint32) *Stream {
 
 // removeIfDone forgets a stream once both directions are over.
 func (c *Conn) removeIfDone(s *Stream) {
+	if c.forgetIfDone(s) {
+		c.cond.Broadcast()
+		c.closeIfDrained()
+	}
+}
+
+// forgetIfDone takes a stream that is over both ways out of the streams
+// open (and so out of the count the stream limit checks), without closing
+// a drained connection. A stream whose last frame we are about to send is
+// forgotten before the frame is written: the peer counts the stream closed
+// as soon as it reads that frame and may open the next one at once, which
+// must not find the stream still counted here (a refused stream, with
+// MaxStreams streams in use).
+func (c *Conn) forgetIfDone(s *Stream) bool {
 	s.mu.Lock()
 	done := (s.recvEnd || s.err != nil) && (s.sentEnd || s.err != nil)
 	s.mu.Unlock()
 	if !done {
-		return
+		return false
 	}
 	c.mu.Lock()
 	if c.streams[s.id] == s {
 		delete(c.streams, s.id)
 	}
 	c.mu.Unlock()
-	c.cond.Broadcast()
-	c.closeIfDrained()
+	return true
 }

@@ -274,6 +274,7 @@ func (s *Stream) CloseWrite() error {
 	s.cond.Broadcast()
 	c := s.c
 	c.wmu.Lock()
+	c.forgetIfDone(s) // before the peer can read our END_STREAM
 	err := c.fr.WriteData(s.id, true, nil)
 	if err == nil {
 		err = c.bw.Flush()
@@ -355,6 +356,9 @@ func (s *Stream) Respond(status int) error {
 	recvEnd := s.recvEnd
 	s.mu.Unlock()
 	c.wmu.Lock()
+	if end && recvEnd {
+		c.forgetIfDone(s) // before the peer can read our END_STREAM
+	}
 	err := c.writeHeadersLocked(s.id, [][2]string{{":status", strconv.Itoa(status)}}, end)
 	c.unlockW()
 	if err != nil {
