@@ -28,15 +28,22 @@ func NodeID(cfg *config.Config) string {
 	return fmt.Sprintf("ztunnel~%s~%s.%s~%s.svc.cluster.local", ip, cfg.PodName, cfg.PodNamespace, cfg.PodNamespace)
 }
 
+// IstioVersion is the Istio release whose ztunnel this daemon stands in
+// for (the pinned istio.io/istio module's; TestIstioVersionIsThePinnedIstio
+// keeps them equal). It is sent as ztunnel sends its own, so istiod's
+// proxy version checks and `istioctl proxy-status` see a known version.
+const IstioVersion = "1.31"
+
 // xdsNode builds the node sent to istiod: ztunnel's metadata fields plus
 // every ISTIO_META_* variable, as ztunnel sends them.
 func xdsNode(cfg *config.Config, environ []string) (*core.Node, error) {
 	meta := map[string]any{
-		"NAME":         cfg.PodName,
-		"NAMESPACE":    cfg.PodNamespace,
-		"INSTANCE_IPS": cfg.InstanceIP,
-		"NODE_NAME":    cfg.NodeName,
-		"CLUSTER_ID":   cfg.ClusterID,
+		"ISTIO_VERSION": IstioVersion,
+		"NAME":          cfg.PodName,
+		"NAMESPACE":     cfg.PodNamespace,
+		"INSTANCE_IPS":  cfg.InstanceIP,
+		"NODE_NAME":     cfg.NodeName,
+		"CLUSTER_ID":    cfg.ClusterID,
 	}
 	for _, kv := range environ {
 		k, v, ok := strings.Cut(kv, "=")

@@ -6,6 +6,9 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -15,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"istio.io/istio/pkg/workloadapi"
 
+	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/reconcile"
 	"kmesh.dev/kmesh/ambient/state"
@@ -195,5 +199,29 @@ func TestChunkedReconcileMatchesOneBatch(t *testing.T) {
 	})
 	if got := served(t, chunkedMaps); !strings.Contains(fmt.Sprint(got), "10.244.1.45") {
 		t.Fatal("new workload not served")
+	}
+}
+
+// The version sent to istiod is the pinned Istio's (its VERSION file), and
+// ISTIO_META_* variables still reach the metadata.
+func TestIstioVersionIsThePinnedIstio(t *testing.T) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/istio").Output()
+	if err != nil {
+		t.Fatalf("locating the istio module: %v", err)
+	}
+	v, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "VERSION"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(v)); got != IstioVersion {
+		t.Errorf("IstioVersion is %q, the pinned istio.io/istio is %q: update the constant", IstioVersion, got)
+	}
+	n, err := xdsNode(&config.Config{PodName: "ztunnel-a", PodNamespace: "istio-system"}, []string{"ISTIO_META_DNS_CAPTURE=true"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := n.GetMetadata().GetFields()
+	if m["ISTIO_VERSION"].GetStringValue() != IstioVersion || m["DNS_CAPTURE"].GetStringValue() != "true" || m["NAME"].GetStringValue() != "ztunnel-a" {
+		t.Errorf("node metadata: %v", m)
 	}
 }
