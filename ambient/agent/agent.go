@@ -22,6 +22,7 @@ import (
 
 	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/istiod"
 	"kmesh.dev/kmesh/ambient/otelexport"
@@ -56,6 +57,10 @@ type Agent struct {
 	// OTel exports Reg and the tunnel's spans over OTLP when the OTEL_*
 	// environment asks for it (otherwise nothing runs).
 	OTel *otelexport.Exporter
+
+	// holder keeps the pods' listeners beyond this process (nil: no
+	// listener holder configured).
+	holder *holder.Keeper
 
 	caClient *identity.CAClient
 	// xds follows istiod (set once started; readiness reads it meanwhile).
@@ -118,6 +123,8 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	fail := func(err error) (*Agent, error) {
 		cancel()
 		a.wg.Wait()
+		// Keep what the holder has: the next attempt takes it.
+		a.holder.Close(false)
 		a.closeTunnel(context.Background(), 0)
 		_ = a.OTel.Shutdown(context.Background())
 		dp.Close()
@@ -146,10 +153,27 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	} else if err := a.startXDS(ctx); err != nil {
 		return fail(err)
 	}
+	if cfg.ListenerHolder != "" {
+		// Before the tunnel: it takes the listeners a crashed daemon left.
+		a.holder = holder.Open(ctx, cfg.ListenerHolder, log)
+	}
+	a.Reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kmesh_listener_holder_connected",
+		Help: "1 while the listener holder keeps the pods' listeners (they then outlive a crash of the daemon); 0 when it is not configured or not reachable."},
+		func() float64 {
+			if a.holder.Connected() {
+				return 1
+			}
+			return 0
+		}))
 	if err := a.startTunnel(); err != nil {
 		return fail(err)
 	}
 	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
+	if a.holder != nil {
+		// Sockets of pods that left while no daemon ran are known only
+		// after the node agent's first snapshot.
+		a.enr.afterSnapshot = func() { a.holder.ReleaseInherited() }
+	}
 	a.enrolled.Store(a.enr)
 	a.Reg.MustRegister(a.ztunnelCompatMetrics()...)
 	if cfg.ZDSSocket != "" {
@@ -189,7 +213,11 @@ func (a *Agent) startTunnel() error {
 	} else {
 		a.log.Warn("no CA configured: connections that need HBONE (other nodes, waypoints) will be refused")
 	}
-	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs,
+	var held tunnel.ListenerStore
+	if a.holder != nil {
+		held = a.holder
+	}
+	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs, Listeners: held,
 		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log,
 		Telemetry: a.Telemetry, AccessLog: a.AccessLog, Tracer: a.OTel.Tracer})
 	if err != nil {
@@ -400,6 +428,11 @@ func (a *Agent) Close() error {
 	a.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainDuration)
 	defer cancel()
+	// Stopping on purpose: the successor of an upgrade listens beside us
+	// (SO_REUSEPORT) and takes the connections queued on our listeners
+	// when we close them (tcp_migrate_req) — unless the holder still had
+	// them open, queueing connections nobody accepts. Release them first.
+	a.holder.Close(true)
 	a.closeTunnel(ctx, handoverTime(a.cfg.DrainDuration))
 	a.flushOTel(ctx)
 	a.enr.close()

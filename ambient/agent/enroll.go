@@ -27,6 +27,10 @@ type enroller struct {
 	// inbound attaches inbound enforcement to each pod's namespace; nil:
 	// none (kernel-only setups, tests).
 	inbound inboundEnforcer
+	// afterSnapshot runs once, after the node agent's first snapshot
+	// (nil: nothing).
+	afterSnapshot func()
+	snapshots     int
 
 	mu   sync.Mutex
 	pods map[string]*enrolledPod
@@ -180,7 +184,12 @@ func (e *enroller) SnapshotSent() error {
 	}
 	blind := e.blind
 	e.seen, e.blind = map[string]bool{}, false
+	e.snapshots++
+	first := e.snapshots == 1
 	e.mu.Unlock()
+	if first && e.afterSnapshot != nil {
+		e.afterSnapshot()
+	}
 	if !blind {
 		errs = append(errs, e.plane.SweepManaged(keep))
 		if e.inbound != nil {

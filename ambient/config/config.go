@@ -62,7 +62,10 @@ type Config struct {
 	SecretTTL     time.Duration `mapstructure:"secret_ttl"`
 	LocalXDSPath  string        `mapstructure:"local_xds_path"`
 	ZDSSocket     string        `mapstructure:"zds_socket"`
-	DrainDuration time.Duration `mapstructure:"drain_duration"`
+	// ListenerHolder is the listener holder's socket (kmesh-daemon hold):
+	// the pods' listeners outlive a crashing daemon there. Empty: none.
+	ListenerHolder string        `mapstructure:"listener_holder"`
+	DrainDuration  time.Duration `mapstructure:"drain_duration"`
 
 	LogLevel string `mapstructure:"log_level"`
 	// LogFormat is ztunnel's LOG_FORMAT: "json", or text otherwise.
@@ -123,6 +126,7 @@ var settings = []setting{
 	{"token_file", "KMESH_TOKEN_FILE", "service account token presented to istiod", "/var/run/secrets/tokens/istio-token"},
 	{"secret_ttl", "SECRET_TTL", "validity of the workload certificates asked from the CA", 24 * time.Hour},
 	{"zds_socket", "KMESH_ZDS_SOCKET", "node agent socket the pods' network namespaces come from (empty: no enrolment)", "/var/run/ztunnel/ztunnel.sock"},
+	{"listener_holder", "KMESH_LISTENER_HOLDER", "listener holder socket (kmesh-daemon hold): the pods' listeners outlive a crash of the daemon there, new connections wait instead of being refused (empty: none)", ""},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
 	{"log_level", "KMESH_LOG_LEVEL", "error, warn, info, debug, trace or off (the admin port's /logging changes it at runtime)", "info"},

@@ -24,6 +24,9 @@ type metrics struct {
 	// hboneErrors: limits HBONE peers hit and protocol errors they made
 	// (hbone.Reason*), by direction.
 	hboneErrors *prometheus.CounterVec
+	// listeners: in-pod listeners by how they came (reused from the
+	// holder, opened, or a held one refused).
+	listeners *prometheus.CounterVec
 }
 
 // newMetrics uses tcp for Istio's TCP metrics (nil: its own, registered
@@ -42,9 +45,12 @@ func newMetrics(reg prometheus.Registerer, tcp *telemetry.Metrics, log *telemetr
 		hboneErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_hbone_connection_errors_total",
 			Help: "HTTP/2 limits HBONE peers hit and protocol errors they made (streams reset or connections closed for it), by direction and reason."},
 			[]string{"direction", "reason"}),
+		listeners: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_tunnel_listeners_total",
+			Help: "In-pod listeners the node proxy took: reused (held across a daemon restart by the listener holder), opened anew, or refused (a held socket that was not the pod's)."},
+			[]string{"how"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.refused, m.pooled, m.handshakes, m.hboneErrors)
+		reg.MustRegister(m.refused, m.pooled, m.handshakes, m.hboneErrors, m.listeners)
 	}
 	return m
 }

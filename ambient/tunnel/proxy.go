@@ -35,6 +35,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -43,6 +44,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"kmesh.dev/kmesh/ambient/hbone"
+	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/bpf"
@@ -116,6 +118,12 @@ type Config struct {
 	AccessLog *telemetry.AccessLog
 	// ReportInterval: how often open connections report their bytes (5 s).
 	ReportInterval time.Duration
+	// Listeners keeps each pod's listening sockets beyond this daemon
+	// (the listener holder): a crash then queues new connections for the
+	// next daemon instead of refusing them, and a new daemon takes the
+	// sockets a previous one left instead of opening new ones. nil: the
+	// listeners die with the daemon.
+	Listeners ListenerStore
 	// Tracer makes a span per tunnelled connection (client outbound,
 	// server inbound, continuing the peer's traceparent). nil: tracing is
 	// off and costs nothing per connection.
@@ -176,6 +184,8 @@ type podProxy struct {
 	ns        podNetns
 	nsFile    *os.File
 	listeners []net.Listener
+	// keys name the listeners in Config.Listeners.
+	keys      []holder.Key
 	ctx       context.Context
 	cancel    context.CancelFunc
 	closeOnce sync.Once
@@ -318,6 +328,9 @@ func (p *Proxy) AddPod(pod Pod) error {
 	pp := &podProxy{pod: pod, ns: podNetns{fd: fd, own: p.cfg.OwnSockets}, nsFile: os.NewFile(uintptr(fd), "netns:"+pod.UID), refs: 1}
 	pp.ctx, pp.cancel = context.WithCancel(context.Background())
 	fail := func(err error) error {
+		// What was given to the holder goes too: a held socket nobody
+		// accepts from would queue the pod's connections for nothing.
+		p.dropKeys(pp.keys, nil)
 		pp.close()
 		return fmt.Errorf("pod %s: %w", pod.UID, err)
 	}
@@ -332,6 +345,7 @@ func (p *Proxy) AddPod(pod Pod) error {
 		pp.pod.Addrs = addrs
 	}
 	type spec struct {
+		name     string // the listener's name in Config.Listeners
 		addrs    []string
 		required bool
 		serve    func(*podProxy, *net.TCPConn)
@@ -339,25 +353,44 @@ func (p *Proxy) AddPod(pod Pod) error {
 		limits   *connLimits
 	}
 	for _, s := range []spec{
-		{[]string{"127.0.0.1:15001"}, true, p.serveOutbound, false, nil},
-		{[]string{"[::1]:15001"}, false, p.serveOutbound, false, nil}, // pods without IPv6 have no ::1
-		{[]string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE, false, p.inbound},
-		{[]string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain, true, p.plain},
+		{"15001/v4", []string{"127.0.0.1:15001"}, true, p.serveOutbound, false, nil},
+		{"15001/v6", []string{"[::1]:15001"}, false, p.serveOutbound, false, nil}, // pods without IPv6 have no ::1
+		{"15008", []string{"[::]:15008", "0.0.0.0:15008"}, true, p.serveHBONE, false, p.inbound},
+		{"15006", []string{"[::]:15006", "0.0.0.0:15006"}, true, p.servePlain, true, p.plain},
 	} {
+		key := holder.Key{Pod: pod.UID, Netns: pod.Cookie, Name: s.name}
+		store := p.cfg.Listeners != nil && pod.Cookie != 0
 		var l *net.TCPListener
-		var lerr error
-		for _, a := range s.addrs {
-			if l, lerr = pp.ns.listen(a); lerr == nil {
-				break
+		if store {
+			l = p.heldListener(key, s.addrs)
+		}
+		how := "reused"
+		if l == nil {
+			how = "opened"
+			var lerr error
+			for _, a := range s.addrs {
+				if l, lerr = pp.ns.listen(a); lerr == nil {
+					break
+				}
+			}
+			if lerr != nil {
+				if s.required {
+					return fail(fmt.Errorf("listening on %s inside the pod: %w", s.addrs[0], lerr))
+				}
+				continue
 			}
 		}
-		if lerr != nil {
-			if s.required {
-				return fail(fmt.Errorf("listening on %s inside the pod: %w", s.addrs[0], lerr))
-			}
-			continue
-		}
+		p.m.listeners.WithLabelValues(how).Inc()
 		pp.listeners = append(pp.listeners, l)
+		if store {
+			// Also for a reused one: the store's copy of everything this
+			// daemon listens on is what a restarted holder gets again.
+			if err := listenerFD(l, func(fd uintptr) error { return p.cfg.Listeners.Put(key, fd) }); err != nil {
+				p.log.Warn("listener not given to the holder: it will not outlive the daemon", "key", key.String(), "err", err)
+			} else {
+				pp.keys = append(pp.keys, key)
+			}
+		}
 		if s.inbound && p.cfg.Inbound != nil {
 			if err := steerInbound(p.cfg.Inbound, l, pp.pod.Addrs); err != nil {
 				return fail(err)
@@ -376,9 +409,10 @@ func (p *Proxy) AddPod(pod Pod) error {
 	p.pods[pod.UID] = pp
 	p.mu.Unlock()
 	if old != nil {
+		p.dropKeys(old.keys, pp.keys) // a recreated sandbox: the old namespace's
 		old.close()
 	}
-	p.log.Info("pod listeners open", "pod", pod.UID, "identity", pod.Identity.String())
+	p.log.Info("pod listeners open", "pod", pod.UID, "identity", pod.Identity.String(), "held", len(pp.keys))
 	return nil
 }
 
@@ -394,9 +428,25 @@ func (p *Proxy) RemovePod(uid string) {
 	delete(p.pods, uid)
 	p.mu.Unlock()
 	if pp != nil {
+		if p.cfg.Listeners != nil {
+			p.cfg.Listeners.DropPod(uid)
+		}
 		pp.close()
 		p.pool.dropPod(uid)
 		p.authz.forget(pp.pod.WorkloadUID)
+	}
+}
+
+// dropKeys has the store forget keys, except those in keep (the same
+// listener names of a replacing enrolment, already put again).
+func (p *Proxy) dropKeys(keys, keep []holder.Key) {
+	if p.cfg.Listeners == nil {
+		return
+	}
+	for _, k := range keys {
+		if !slices.Contains(keep, k) {
+			p.cfg.Listeners.Drop(k)
+		}
 	}
 }
 

@@ -94,7 +94,8 @@ func podWorkload(p *podnet.Pod, sa, node string) *state.Workload {
 	return w
 }
 
-func newTunnelFixture(t *testing.T) *tunnelFixture {
+// newTunnelFixture builds the fixture; opts adjust the proxy's Config.
+func newTunnelFixture(t *testing.T, opts ...func(*Config)) *tunnelFixture {
 	env := kerneltest.New(t, bpf.Config{})
 	node, err := podnet.NewNode("n1", netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64"))
 	if err != nil {
@@ -148,8 +149,7 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		Ports: []dataplane.Port{{ServicePort: 80, TargetPort: 9090}}, Endpoints: []dataplane.Endpoint{{WorkloadUID: "echo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	f.proxy, err = New(Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: env.DP.Maps, Picker: dp, Inbound: env.DP.Maps, OwnSockets: env.DP.Maps,
-		Log: slog.New(slog.NewJSONHandler(f.logs, nil))})
+	f.proxy, err = New(f.proxyConfig(opts...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,6 +184,39 @@ func newTunnelFixture(t *testing.T) *tunnelFixture {
 		}
 	}
 	return f
+}
+
+// proxyConfig is the fixture's proxy configuration (a new proxy built
+// with it serves the same pods as a restarted daemon would).
+func (f *tunnelFixture) proxyConfig(opts ...func(*Config)) Config {
+	cfg := Config{TrustDomain: "cluster.local", Dir: f.dir, Certs: f.ca, Tunnels: f.env.DP.Maps, Picker: f.dp, Inbound: f.env.DP.Maps,
+		OwnSockets: f.env.DP.Maps, Log: slog.New(slog.NewJSONHandler(f.logs, nil))}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return cfg
+}
+
+// addPods adds the fixture's enrolled pods (sleep, echo, near) to p, as a
+// daemon's enrolment does.
+func (f *tunnelFixture) addPods(t *testing.T, p *Proxy) {
+	t.Helper()
+	for _, pod := range []*podnet.Pod{f.sleep, f.echo, f.near} {
+		cookie, err := pod.NS.Cookie()
+		if err != nil {
+			t.Fatal(err)
+		}
+		nsf, err := pod.NS.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = p.AddPod(Pod{UID: pod.Name, WorkloadUID: pod.Name, Netns: nsf, Cookie: cookie,
+			Identity: identity.Identity{TrustDomain: "cluster.local", Namespace: "app", ServiceAccount: pod.Name}})
+		nsf.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 func serveEcho(l net.Listener) {

@@ -17,6 +17,7 @@ import (
 
 	"kmesh.dev/kmesh/ambient/agent"
 	"kmesh.dev/kmesh/ambient/config"
+	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/bpf"
 )
 
@@ -25,6 +26,9 @@ const usage = `kmesh-daemon [run | proxy ztunnel | uninstall] [flags]
   run            (default) load the data path and follow the control plane
   proxy ztunnel  the same, as invoked in ztunnel's DaemonSet
   uninstall      detach the programs and remove all pinned state from this node
+  hold           run the listener holder on --listener-holder: keep the pods'
+                 listening sockets while the daemon restarts (a container of its
+                 own beside the daemon's, sharing the socket's directory)
 `
 
 func main() {
@@ -49,6 +53,8 @@ func main() {
 		err = run(cfg, log)
 	case "uninstall":
 		err = uninstall(cfg)
+	case "hold":
+		err = hold(cfg, log)
 	default:
 		fmt.Fprintf(os.Stderr, "unknown command %q\n\n", cmd)
 		fs.Usage()
@@ -82,6 +88,27 @@ func run(cfg *config.Config, log *slog.Logger) error {
 	}
 	log.Info("shutting down; the kernel data path stays in place")
 	return a.Close()
+}
+
+// hold runs the listener holder until SIGTERM or SIGINT. It has no mesh
+// logic: it keeps the sockets the daemon gives it, gives them back to the
+// next daemon, and drops them when told (holder.Server). Exiting closes
+// its copies; the daemon's own stay open.
+func hold(cfg *config.Config, log *slog.Logger) error {
+	if cfg.ListenerHolder == "" {
+		return fmt.Errorf("hold needs the socket path: --listener-holder or KMESH_LISTENER_HOLDER")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	runtime.GOMAXPROCS(1)
+	l, err := holder.Listen(cfg.ListenerHolder)
+	if err != nil {
+		return fmt.Errorf("listener holder: %w", err)
+	}
+	s := &holder.Server{Log: log.With("component", "holder")}
+	defer s.Close()
+	log.Info("listener holder running", "socket", cfg.ListenerHolder)
+	return s.Serve(ctx, l)
 }
 
 func uninstall(cfg *config.Config) error {
