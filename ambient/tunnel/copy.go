@@ -42,6 +42,19 @@ func copyBuf(dst io.Writer, src io.Reader) (int64, error) {
 	}
 }
 
+// armReset makes closing c reset the connection, until disarmReset: also
+// the close the kernel does when the daemon dies (a crash, SIGKILL). An
+// application whose connection the tunnel carried then reads ECONNRESET
+// at once — not a clean end of stream it could take for a complete
+// answer, and not a hang. Every accepted connection and every socket
+// dialled to an application is armed while it relays; a graceful end
+// disarms it before the close, so the peer gets its FIN.
+func armReset(c *net.TCPConn) { _ = c.SetLinger(0) }
+
+// disarmReset restores the ordinary close (FIN). On a connection already
+// closed (a relay that failed resets and closes it) it does nothing.
+func disarmReset(c *net.TCPConn) { _ = c.SetLinger(-1) }
+
 // spliceCopy copies between two TCP connections: net.TCPConn.ReadFrom
 // splices in the kernel (no bytes through user space) for the plaintext
 // legs, then half-closes dst.

@@ -3,7 +3,9 @@ package tunnel
 import (
 	"context"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -69,11 +71,48 @@ func TestPrivilegedHeldListenersOutliveProxy(t *testing.T) {
 		t.Fatalf("plaintext through 15006 before the crash: %+v %v", res, err)
 	}
 
-	// The crash: the daemon's descriptors close, the holder's stay.
+	// A connection through the tunnel, open when the daemon dies.
+	ready := filepath.Join(t.TempDir(), "ready")
+	held := make(chan podnet.StreamResult, 1)
+	go func() {
+		var r podnet.StreamResult
+		if err := f.sleep.Helper(f.env.Cgroup, &r, "stream", "-addr", netip.AddrPortFrom(f.echo.IPv4, 7000).String(),
+			"-duration", "30s", "-interval", "20ms", "-ready", ready); err != nil {
+			r.Error = err.Error()
+		}
+		held <- r
+	}()
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(ready); err == nil {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatal("the held connection made no exchange")
+		}
+	}
+
+	// The crash: the daemon's descriptors close as the kernel closes a
+	// dead process's (no graceful code runs first); the holder's stay.
+	crashed := time.Now()
+	f.proxy.mu.Lock()
+	for c := range f.proxy.active {
+		c.Close()
+	}
+	f.proxy.mu.Unlock()
 	k1.Close(false)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	f.proxy.Close(ctx, 0)
 	cancel()
+
+	select {
+	case r := <-held:
+		if !strings.Contains(r.Error, "ECONNRESET") {
+			t.Errorf("the connection the tunnel carried at the crash ended with %q, want a reset", r.Error)
+		}
+		t.Logf("held connection ended %v after the crash: %s", time.Since(crashed).Round(time.Millisecond), r.Error)
+	case <-time.After(2 * time.Second):
+		t.Error("the connection the tunnel carried at the crash hangs")
+	}
 
 	type outcome struct {
 		what string

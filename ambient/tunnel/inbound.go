@@ -31,6 +31,9 @@ const (
 // serveHBONE terminates one inbound HBONE connection: mutual TLS, then an
 // HTTP/2 server whose every stream is one tunnelled connection.
 func (p *Proxy) serveHBONE(pp *podProxy, raw *net.TCPConn) {
+	// The HBONE connection itself closes as TCP does: a peer proxy sees
+	// it end either way and resets the streams it carried (armReset).
+	disarmReset(raw)
 	var peer identity.Identity
 	var why string
 	tc := tls.Server(raw, p.serverTLS(pp, &peer, &why))
@@ -102,6 +105,7 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 		refuse(&refusal{http.StatusServiceUnavailable, reasonUpstream, err.Error()})
 		return
 	}
+	armReset(app)
 	defer app.Close()
 	bag := parseBaggage(req.Get("baggage"))
 	rep := &connReport{reporter: "destination", srcNS: peer.Namespace, srcPrinc: peer.String(),
@@ -115,6 +119,9 @@ func (p *Proxy) inboundStream(pp *podProxy, st *hbone.Stream, req *hbone.Request
 	span.status(http.StatusOK)
 	cm := p.m.open(rep, socketSample(app, false))
 	toApp, fromApp, err := pipeInbound(app, st)
+	if err == nil {
+		disarmReset(app)
+	}
 	cm.close(toApp, fromApp, err)
 	span.end(toApp, fromApp, err)
 }
@@ -179,11 +186,14 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 		_ = c.SetLinger(0)
 		return
 	}
+	armReset(app)
 	defer app.Close()
 	rep := &connReport{reporter: "destination", srcAddr: src.String(), dstAddr: target.String(), pod: pp.pod.UID}
 	fillDst(rep, dst)
 	cm := p.m.open(rep, socketSample(c, true))
 	received, sent := splicePipe(c, app)
+	disarmReset(c)
+	disarmReset(app)
 	cm.close(received, sent, nil)
 }
 

@@ -55,7 +55,9 @@ func (p *Proxy) serveOutbound(pp *podProxy, c *net.TCPConn) {
 	if err := p.hboneOutbound(pp, c, route, src, rep); err != nil {
 		p.log.Info("outbound HBONE failed: reset", "pod", pp.pod.UID, "dst", orig.Dst.String(), "via", route.Dial.String(), "err", err)
 		_ = c.SetLinger(0)
+		return
 	}
+	disarmReset(c) // carried to its end (a failed relay reset and closed it)
 }
 
 // origin is where the application meant to go: the kernel's record (with
@@ -90,9 +92,12 @@ func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *co
 		_ = c.SetLinger(0)
 		return
 	}
+	armReset(up)
 	defer up.Close()
 	cm := p.m.open(rep, socketSample(c, true))
 	received, sent := splicePipe(c, up)
+	disarmReset(c)
+	disarmReset(up)
 	cm.close(received, sent, nil)
 }
 

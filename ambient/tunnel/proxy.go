@@ -490,6 +490,7 @@ func (p *Proxy) acceptLoop(pp *podProxy, l *net.TCPListener, serve func(*podProx
 			}
 			release = func() { limits.release(peer) }
 		}
+		armReset(c)
 		if !p.track(c) {
 			release()
 			c.Close()

@@ -164,6 +164,7 @@ func TestDefaults(t *testing.T) {
 		"KMESH_ZDS_SOCKET":                 {value: "/var/run/ztunnel/ztunnel.sock"},
 		"KMESH_PIN_ROOT":                   {value: "/run/kmesh/bpffs/kmesh"},
 		"KMESH_CGROUP_PATH":                {value: "/run/kmesh/cgroup"},
+		"KMESH_LISTENER_HOLDER":            {value: "/var/run/kmesh-holder/holder.sock"},
 		"POD_NAME":                         {field: "metadata.name"},
 		"POD_NAMESPACE":                    {field: "metadata.namespace"},
 		"NODE_NAME":                        {field: "spec.nodeName"},
@@ -184,8 +185,8 @@ func TestDefaults(t *testing.T) {
 
 	// Mounts, each consistent with the setting that points into it.
 	cfg := daemonConfig(t, env)
-	if got := len(c.VolumeMounts); got != 6 || len(pod.Volumes) != 6 {
-		t.Errorf("%d mounts and %d volumes, want 6 each (bpffs, cgroup, ZDS, token, root cert, tmp)", got, len(pod.Volumes))
+	if got := len(c.VolumeMounts); got != 7 || len(pod.Volumes) != 7 {
+		t.Errorf("%d mounts and %d volumes, want 7 each (bpffs, cgroup, ZDS, token, root cert, tmp, listener holder)", got, len(pod.Volumes))
 	}
 	m, v := mountOf(t, o, "bpffs")
 	if v.HostPath == nil || v.HostPath.Path != "/sys/fs/bpf" || v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectory {
@@ -543,4 +544,55 @@ func ptrValue[T any](p *T) any {
 		return "unset"
 	}
 	return *p
+}
+
+// TestListenerHolder: the holder is a second container after the daemon's,
+// with no capabilities, the daemon's image and user, and the daemon's
+// KMESH_LISTENER_HOLDER pointing into an emptyDir both mount; disabled, it
+// and the variable are gone.
+func TestListenerHolder(t *testing.T) {
+	o := mustRender(t, "")
+	c, h := o.proxy(t), o.holder(t)
+	if c.Name != "istio-proxy" || h == nil {
+		t.Fatalf("containers %v: want istio-proxy first, then listener-holder", o.ds.Spec.Template.Spec.Containers)
+	}
+	if h.Image != c.Image || !slices.Equal(h.Args, []string{"hold"}) || len(h.Command) != 0 {
+		t.Errorf("holder image %q args %q, want the daemon's image with args [hold]", h.Image, h.Args)
+	}
+	sock := envOf(t, c)["KMESH_LISTENER_HOLDER"].value
+	if got := envOf(t, h)["KMESH_LISTENER_HOLDER"].value; got == "" || got != sock {
+		t.Errorf("holder listens on %q, daemon connects to %q", got, sock)
+	}
+	dm, v := mountOf(t, o, "listener-holder")
+	if v.EmptyDir == nil || path.Dir(sock) != dm.MountPath {
+		t.Errorf("holder volume %+v at %s, socket %s: want an emptyDir holding the socket", v.VolumeSource, dm.MountPath, sock)
+	}
+	if len(h.VolumeMounts) != 1 || h.VolumeMounts[0].Name != "listener-holder" || h.VolumeMounts[0].MountPath != dm.MountPath {
+		t.Errorf("holder mounts %+v, want only the shared emptyDir at %s", h.VolumeMounts, dm.MountPath)
+	}
+	sc := h.SecurityContext
+	if sc == nil || sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) != 0 ||
+		sc.RunAsUser == nil || c.SecurityContext.RunAsUser == nil || *sc.RunAsUser != *c.SecurityContext.RunAsUser ||
+		sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+		t.Errorf("holder security context %+v: want no capabilities, the daemon's user, no escalation, read-only root", sc)
+	}
+	if h.ReadinessProbe != nil || len(h.Ports) != 0 {
+		t.Error("the holder serves nothing over the network")
+	}
+
+	o = mustRender(t, "listenerHolder: {enabled: false}")
+	if o.holder(t) != nil || len(o.ds.Spec.Template.Spec.Containers) != 1 {
+		t.Error("listenerHolder.enabled=false still renders the holder")
+	}
+	if _, ok := envOf(t, o.proxy(t))["KMESH_LISTENER_HOLDER"]; ok {
+		t.Error("listenerHolder.enabled=false still points the daemon at a holder")
+	}
+	for _, v := range o.ds.Spec.Template.Spec.Volumes {
+		if v.Name == "listener-holder" {
+			t.Error("listenerHolder.enabled=false still mounts its emptyDir")
+		}
+	}
+	if _, err := render(t, "listenerHolder: {enable: true}"); err == nil {
+		t.Error("a mistyped listenerHolder key was accepted")
+	}
 }

@@ -138,12 +138,28 @@ func stripComments(doc string) string {
 	return b.String()
 }
 
-// proxy is the daemon's container.
+// proxy is the daemon's container: the first, as in ztunnel's chart
+// (kubectl and Istio's tooling take the first container by default).
 func (o objects) proxy(t testing.TB) *corev1.Container {
 	t.Helper()
 	cs := o.ds.Spec.Template.Spec.Containers
-	if len(cs) != 1 {
-		t.Fatalf("want one container, got %d", len(cs))
+	if len(cs) == 0 || len(cs) > 2 {
+		t.Fatalf("want the daemon's container and at most the listener holder's, got %d containers", len(cs))
 	}
 	return &cs[0]
+}
+
+// holder is the listener holder's container, nil when there is none.
+func (o objects) holder(t testing.TB) *corev1.Container {
+	t.Helper()
+	cs := o.ds.Spec.Template.Spec.Containers
+	for i := range cs[1:] {
+		if cs[1+i].Name == "listener-holder" {
+			return &cs[1+i]
+		}
+	}
+	if len(cs) > 1 {
+		t.Fatalf("second container %q is not the listener holder", cs[1].Name)
+	}
+	return nil
 }

@@ -53,8 +53,9 @@ func FreeAddr() (string, error) {
 // Start runs bin with this process's environment, admin, stats and
 // readiness servers on free loopback ports, then env (which wins over
 // both). Its output is appended to logFile. The daemon dies with the
-// caller (Pdeathsig) and runs in its own process group.
-func Start(bin, logFile string, env []string) (*Daemon, error) {
+// caller (Pdeathsig) and runs in its own process group. args are its
+// command line (none: the daemon; "hold": the listener holder).
+func Start(bin, logFile string, env []string, args ...string) (*Daemon, error) {
 	d := &Daemon{LogFile: logFile, done: make(chan struct{})}
 	for _, p := range []*string{&d.AdminAddr, &d.StatsAddr, &d.ReadyAddr} {
 		a, err := FreeAddr()
@@ -68,7 +69,7 @@ func Start(bin, logFile string, env []string) (*Daemon, error) {
 		return nil, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin)
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(),
 		"KMESH_ADMIN_ADDR="+d.AdminAddr, "KMESH_STATS_ADDR="+d.StatsAddr, "KMESH_READINESS_ADDR="+d.ReadyAddr)
 	cmd.Env = append(cmd.Env, env...)

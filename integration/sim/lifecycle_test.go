@@ -3,7 +3,10 @@ package sim_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"net/netip"
 	"os"
+	"strings"
 	"path/filepath"
 	"testing"
 	"time"
@@ -192,5 +195,101 @@ func TestPrivilegedSimDaemonUpgrade(t *testing.T) {
 		if res := <-held; res.Error != "" || res.Exchanges < 20 {
 			t.Fatalf("%s: the connection held across the upgrade broke: %+v", n.Name, res)
 		}
+	}
+}
+
+// loadGen runs n new-connection HTTP requests through url from p, each
+// waiting up to timeout.
+func loadGen(p *sim.Pod, url string, n int, timeout time.Duration) <-chan podnet.ClientResult {
+	ch := make(chan podnet.ClientResult, 1)
+	go func() {
+		var res podnet.ClientResult
+		if err := p.Helper(&res, "http", "-url", url, "-n", fmt.Sprint(n), "-timeout", timeout.String()); err != nil {
+			res.Errors = podnet.Tally{err.Error(): 1}
+		}
+		ch <- res
+	}()
+	return ch
+}
+
+// The client node's daemon is killed (SIGKILL) under a steady load of new
+// connections through a VIP whose backends sit on both nodes (same node:
+// the kernel path; the other node: the tunnel through the client pod's
+// 15001), then restarted at once, or after 2 s. The listener holder keeps
+// the pod's listeners open meanwhile, so new connections wait in the
+// accept queue and the next daemon serves them: none is refused. A
+// connection the tunnel carried when the daemon died ends with a reset
+// (not a hang, not a clean EOF).
+//
+// KMESH_SIM_NO_HOLDER=1 runs it without the holder and only reports the
+// failures (the behaviour before the holder existed).
+func TestPrivilegedSimDaemonCrashUnderLoad(t *testing.T) {
+	noHolder := os.Getenv("KMESH_SIM_NO_HOLDER") != ""
+	c := startClusterWith(t, sim.Options{Nodes: 2, Objects: objects, NoListenerHolder: noHolder})
+	create(t, c, echoPod("demo", "web-0", "node-1", map[string]string{"app": "web"}), echoPod("demo", "web-1", "node-2", map[string]string{"app": "web"}),
+		clientPod("demo", "client", "node-1"))
+	client, _ := c.Pod("demo", "client")
+	web1, _ := c.Pod("demo", "web-1")
+	eventually(t, "the VIP reaches both nodes", func() (bool, string) {
+		return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 20), "web-0", "web-1")
+	})
+	n := c.Nodes[0]
+	for _, gap := range []time.Duration{0, 2 * time.Second} {
+		t.Run(fmt.Sprintf("restart after %v", gap), func(t *testing.T) {
+			// A connection through the tunnel (web-1 is on the other node).
+			held := stream(t, client, netip.AddrPortFrom(web1.Net.IPv4, 9090).String(), time.Minute)
+			const gens, each = 4, 400
+			var loads []<-chan podnet.ClientResult
+			for range gens {
+				loads = append(loads, loadGen(client, "http://10.96.0.10/", each, 15*time.Second))
+			}
+			time.Sleep(300 * time.Millisecond)
+			n.KillDaemon()
+			killed := time.Now()
+			var heldRes podnet.StreamResult
+			select {
+			case heldRes = <-held:
+			case <-time.After(2 * time.Second):
+			}
+			heldAfter := time.Since(killed)
+			time.Sleep(gap)
+			if err := n.StartDaemon(); err != nil {
+				t.Fatal(err)
+			}
+			if err := n.WaitReady(30 * time.Second); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("daemon down for %v", time.Since(killed).Round(time.Millisecond))
+			total := podnet.ClientResult{Names: podnet.Tally{}, Errors: podnet.Tally{}}
+			for _, l := range loads {
+				res := <-l
+				for k, v := range res.Names {
+					total.Names[k] += v
+				}
+				for k, v := range res.Errors {
+					total.Errors[k] += v
+				}
+			}
+			t.Logf("holder=%v: %d requests: served %v, failed %d %v; held tunnel connection ended after %v: %q",
+				!noHolder, gens*each, total.Names, total.Errors.Total(), total.Errors, heldAfter.Round(time.Millisecond), heldRes.Error)
+			if noHolder {
+				return // a measurement of the old behaviour
+			}
+			// A request in flight through the tunnel when the daemon died
+			// (at most one per generator: each sends one at a time) is an
+			// established connection, not a new one: it is reset.
+			for k, v := range total.Errors {
+				if k != "ECONNRESET" || v > gens {
+					t.Errorf("failed requests: %v (refused or timed out new connections, want none)", total.Errors)
+					break
+				}
+			}
+			if total.Names["web-0"] == 0 || total.Names["web-1"] == 0 {
+				t.Errorf("want both paths under load: %v", total.Names)
+			}
+			if !strings.Contains(heldRes.Error, "ECONNRESET") || heldAfter > time.Second {
+				t.Errorf("the tunnelled connection held across the crash: want a prompt reset, got %q after %v", heldRes.Error, heldAfter)
+			}
+		})
 	}
 }

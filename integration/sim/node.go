@@ -29,6 +29,13 @@ type Node struct {
 	Cgroup *podnet.Cgroup
 	ZDS    *zds.Server
 	Daemon *Daemon
+	// Holder is the listener holder beside the daemon (kmesh-daemon hold),
+	// as the DaemonSet pod's second container: it survives a crash of the
+	// daemon; an upgrade (a new pod) brings a new one. nil with
+	// Options.NoListenerHolder.
+	Holder     *daemonproc.Daemon
+	holderSock string
+	holderGen  int
 
 	cluster *Cluster
 	v4, v6  netip.Prefix
@@ -111,6 +118,13 @@ func (n *Node) StartDaemon() error {
 		"KMESH_CGROUP_PATH=" + n.Cgroup.Path, "KMESH_PIN_ROOT=" + c.pinRootOf(n),
 		"KMESH_ZDS_SOCKET=" + filepath.Join(dir, "ztunnel.sock"),
 		"KMESH_LOG_LEVEL=info"}
+	if !c.opts.NoListenerHolder {
+		sock, err := n.ensureHolder()
+		if err != nil {
+			return err
+		}
+		env = append(env, "KMESH_LISTENER_HOLDER="+sock)
+	}
 	env = append(env, c.opts.DaemonEnv...)
 	if c.opts.NodeEnv != nil {
 		env = append(env, c.opts.NodeEnv(n.Name)...)
@@ -128,12 +142,103 @@ func (n *Node) StartDaemon() error {
 	if first {
 		c.onClose(func() error {
 			n.StopDaemon()
+			n.stopHolder(n.takeHolder())
 			// What an uninstall does: the simulator owns this data path.
 			err := bpf.RemovePins(c.pinRootOf(n))
 			_ = os.Remove(c.pinRootOf(n))
 			return err
 		})
 	}
+	return nil
+}
+
+// ensureHolder starts the node's listener holder unless one runs, as the
+// kubelet runs the DaemonSet pod's holder container, and returns its
+// socket. Each generation (pod) has its own socket: in Kubernetes it
+// lives in the pod's emptyDir.
+func (n *Node) ensureHolder() (string, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.Holder != nil {
+		select {
+		case <-n.Holder.Done(): // it died: the kubelet restarts it
+		default:
+			return n.holderSock, nil
+		}
+	}
+	n.holderGen++
+	dir := filepath.Join(n.cluster.RunDir, n.Name)
+	sock := filepath.Join(dir, fmt.Sprintf("holder-%d.sock", n.holderGen))
+	h, err := daemonproc.Start(n.cluster.opts.DaemonBin, filepath.Join(dir, fmt.Sprintf("holder-%d.log", n.holderGen)),
+		[]string{"KMESH_LISTENER_HOLDER=" + sock, "KMESH_LOG_LEVEL=info"}, "hold")
+	if err != nil {
+		return "", fmt.Errorf("node %s: listener holder: %w", n.Name, err)
+	}
+	// The daemon connects at start: wait for the socket.
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		select {
+		case <-h.Done():
+			return "", fmt.Errorf("node %s: listener holder exited: %s", n.Name, h.Tail())
+		default:
+		}
+		if time.Now().After(end) {
+			h.Kill()
+			return "", fmt.Errorf("node %s: listener holder did not listen within 10s: %s", n.Name, h.Tail())
+		}
+	}
+	n.Holder, n.holderSock = h, sock
+	return sock, nil
+}
+
+// takeHolder detaches the node's holder (the pod it belongs to goes).
+func (n *Node) takeHolder() *daemonproc.Daemon {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	h := n.Holder
+	n.Holder, n.holderSock = nil, ""
+	return h
+}
+
+func (n *Node) stopHolder(h *daemonproc.Daemon) {
+	if h != nil {
+		h.Stop(5 * time.Second)
+	}
+}
+
+// KillHolder kills the node's listener holder without warning; the next
+// StartDaemon (or RestartHolder) starts a new one.
+func (n *Node) KillHolder() {
+	n.mu.Lock()
+	h := n.Holder
+	n.mu.Unlock()
+	if h != nil {
+		h.Kill()
+	}
+}
+
+// RestartHolder starts the node's listener holder again after it died,
+// at the same socket (the kubelet restarting the container in the same
+// pod), so the running daemon reconnects to it.
+func (n *Node) RestartHolder() error {
+	n.mu.Lock()
+	h, sock := n.Holder, n.holderSock
+	n.mu.Unlock()
+	if h == nil {
+		return errors.New("no listener holder")
+	}
+	<-h.Done()
+	dir := filepath.Join(n.cluster.RunDir, n.Name)
+	nh, err := daemonproc.Start(n.cluster.opts.DaemonBin, filepath.Join(dir, fmt.Sprintf("holder-%d.log", n.holderGen)),
+		[]string{"KMESH_LISTENER_HOLDER=" + sock, "KMESH_LOG_LEVEL=info"}, "hold")
+	if err != nil {
+		return err
+	}
+	n.mu.Lock()
+	n.Holder = nh
+	n.mu.Unlock()
 	return nil
 }
 
@@ -158,6 +263,9 @@ func (n *Node) UpgradeDaemon() error {
 	n.mu.Lock()
 	old := n.Daemon
 	n.mu.Unlock()
+	// The old pod's holder goes with the old pod: the new pod has its own.
+	oldHolder := n.takeHolder()
+	defer n.stopHolder(oldHolder)
 	if old != nil {
 		_ = old.Signal(syscall.SIGTERM)
 	}

@@ -59,7 +59,10 @@ type Options struct {
 	DaemonEnv []string
 	// NodeEnv adds environment to one node's daemon (after DaemonEnv).
 	NodeEnv func(node string) []string
-	Log     *slog.Logger
+	// NoListenerHolder runs the daemons without a listener holder (their
+	// pods' listeners then die with them, as before the holder existed).
+	NoListenerHolder bool
+	Log              *slog.Logger
 }
 
 // Cluster is a running simulated cluster.
