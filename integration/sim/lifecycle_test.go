@@ -234,8 +234,36 @@ func TestPrivilegedSimDaemonCrashUnderLoad(t *testing.T) {
 		return sameKeys(httpFrom(t, client, "http://10.96.0.10/", 20), "web-0", "web-1")
 	})
 	n := c.Nodes[0]
-	for _, gap := range []time.Duration{0, 2 * time.Second} {
-		t.Run(fmt.Sprintf("restart after %v", gap), func(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		gap  time.Duration
+		// holderRestart: the holder dies and comes back first; the daemon
+		// must notice, reconnect and put every listener again.
+		holderRestart bool
+	}{
+		{"restart at once", 0, false},
+		{"restart after 2s", 2 * time.Second, false},
+		{"the holder restarted before the crash", 0, true},
+	} {
+		gap := tc.gap
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.holderRestart {
+				if noHolder {
+					t.Log("no holder to restart (KMESH_SIM_NO_HOLDER)")
+					return
+				}
+				n.KillHolder()
+				if err := n.RestartHolder(); err != nil {
+					t.Fatal(err)
+				}
+				eventually(t, "the daemon put its listeners to the new holder", func() (bool, string) {
+					if !strings.Contains(n.Daemon.Log(), "every listener is held again") {
+						return false, "no reconnection in the daemon's log"
+					}
+					m, err := n.Daemon.Metrics()
+					return err == nil && strings.Contains(m, "kmesh_listener_holder_connected 1"), "kmesh_listener_holder_connected is not 1"
+				})
+			}
 			// A connection through the tunnel (web-1 is on the other node).
 			held := stream(t, client, netip.AddrPortFrom(web1.Net.IPv4, 9090).String(), time.Minute)
 			const gens, each = 4, 400
