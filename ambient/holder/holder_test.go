@@ -120,7 +120,8 @@ func TestKeeperListenerOutlivesDaemon(t *testing.T) {
 func TestKeeperDrop(t *testing.T) {
 	s := &Server{}
 	path := startHolder(t, s)
-	k := Open(context.Background(), path, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	k := Open(ctx, path, nil)
 	defer k.Close(false)
 	for _, key := range []Key{{"p1", 1, "15001/v4"}, {"p1", 1, "15008"}, {"p2", 2, "15008"}, {"p2", 2, "15053/udp"}} {
 		var fd uintptr
@@ -147,7 +148,10 @@ func TestKeeperDrop(t *testing.T) {
 	if k.Held() != 1 {
 		t.Fatalf("keeper holds %d, want 1", k.Held())
 	}
-	// A graceful stop releases everything: an upgrade's successor has its own.
+	// A graceful stop releases everything: an upgrade's successor has its
+	// own. The daemon cancels its context before it closes the keeper.
+	cancel()
+	time.Sleep(50 * time.Millisecond)
 	k.Close(true)
 	waitFor(t, "all released", func() bool { return s.Len() == 0 })
 }

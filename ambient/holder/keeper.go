@@ -73,7 +73,10 @@ func Open(ctx context.Context, path string, log *slog.Logger) *Keeper {
 	if err != nil {
 		k.log.Warn("listener holder not reachable: listeners will not outlive this daemon until it is", "err", err)
 	}
-	ctx, k.cancel = context.WithCancel(ctx)
+	// The keeper lives until Close, not until ctx ends: a daemon stopping
+	// on purpose cancels its context first and releases the holder's
+	// copies after (Close(true)), which needs the connection.
+	ctx, k.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	go k.run(ctx)
 	return k
 }
