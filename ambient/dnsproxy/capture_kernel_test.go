@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -170,7 +171,10 @@ func TestPrivilegedDNSCapture(t *testing.T) {
 	client, outsider, resolver := addPod("client", 2), addPod("outsider", 3), addPod("resolver", 53)
 
 	// The cluster's resolver: a pod answering everything with resolverAnswer.
+	var sources sync.Map // who asked the resolver what
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		from, _ := netip.ParseAddrPort(w.RemoteAddr().String())
+		sources.Store(q.Question[0].Name, from.Addr().Unmap().String())
 		m := new(dns.Msg)
 		m.SetReply(q)
 		qq := q.Question[0]
@@ -194,14 +198,14 @@ func TestPrivilegedDNSCapture(t *testing.T) {
 		t.Cleanup(func() { us.Shutdown(); ts.Shutdown() })
 	}
 
-	// The proxy: mesh names from the state, the rest to an upstream on the
-	// host's loopback (its sockets live in the daemon's namespace).
-	up := startUpstream(t)
-	upstream, err := NewUpstream(UpstreamConfig{Servers: []string{up.addr}})
+	// The proxy: mesh names from the state, the rest to the cluster's
+	// resolver, asked from inside the pod as ztunnel does (its sockets
+	// recorded as the proxy's own, or they would be captured back to it).
+	upstream, err := NewUpstream(UpstreamConfig{Servers: []string{netip.AddrPortFrom(resolver.IPv4, 53).String()}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Config{View: mesh(t), Upstream: upstream})
+	srv := New(Config{View: mesh(t), Upstream: upstream, UpstreamFromPod: true, OwnSockets: env.DP.Maps})
 	t.Cleanup(srv.Close)
 	nsFile, err := client.NS.File()
 	if err != nil {
@@ -249,8 +253,12 @@ func TestPrivilegedDNSCapture(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			expect(t, ask(t, client, mode, r4, "cart.shop.svc.cluster.local.", false), "10.96.0.10", r4)
 			expect(t, ask(t, client, mode, r6, "cart.", true), "fd00::10", r6)
-			// Forwarded by the proxy, to its upstream.
-			expect(t, ask(t, client, mode, r4, "www.example.org.", false), "192.0.2.7", r4)
+			// Forwarded by the proxy to the resolver, from the pod.
+			name := mode + ".example.org."
+			expect(t, ask(t, client, mode, r4, name, false), resolverAnswer, r4)
+			if from, _ := sources.Load(name); from != client.IPv4.String() {
+				t.Fatalf("the resolver was asked %s from %v, want the pod's %s", name, from, client.IPv4)
+			}
 			// A pod that is not enrolled reaches the resolver itself.
 			expect(t, ask(t, outsider, mode, r4, "cart.shop.svc.cluster.local.", false), resolverAnswer, r4)
 		})

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -13,15 +14,24 @@ import (
 )
 
 // Upstream forwards the questions the mesh does not answer to the node's
-// resolvers, with a cache that honours the answers' TTLs. Its sockets are
-// the daemon's own, created in the daemon's network namespace, which is
-// never enrolled: the kernel's DNS capture cannot send them back to us.
+// resolvers, with a cache that honours the answers' TTLs. Where its sockets
+// live is the caller's Dial: from the asking pod (as ztunnel does: the
+// resolver sees the pod's address; sockets recorded as the proxy's own so
+// the kernel's capture leaves them alone), or from the daemon's network
+// namespace, which is never enrolled.
 type Upstream struct {
 	servers []string // host:port
 	timeout time.Duration
 	cache   *cache
-	udp     *dns.Client
-	tcp     *dns.Client
+}
+
+// Dial opens a connection for one upstream exchange ("udp" or "tcp").
+type Dial func(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error)
+
+// hostDial dials from the daemon's own network namespace.
+func hostDial(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, network, dst.String())
 }
 
 // UpstreamConfig configures an Upstream.
@@ -65,9 +75,12 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 	if cfg.CacheEntries == 0 {
 		cfg.CacheEntries = 4096
 	}
-	u := &Upstream{servers: servers, timeout: cfg.Timeout,
-		udp: &dns.Client{Net: "udp", UDPSize: dns.MaxMsgSize, Timeout: cfg.Timeout},
-		tcp: &dns.Client{Net: "tcp", Timeout: cfg.Timeout}}
+	for _, sv := range servers {
+		if _, err := netip.ParseAddrPort(sv); err != nil {
+			return nil, fmt.Errorf("upstream resolver %q: want ip:port", sv)
+		}
+	}
+	u := &Upstream{servers: servers, timeout: cfg.Timeout}
 	if cfg.CacheEntries > 0 {
 		u.cache = newCache(cfg.CacheEntries)
 	}
@@ -81,9 +94,10 @@ func (u *Upstream) Servers() []string { return u.servers }
 var errNoAnswer = errors.New("no upstream resolver answered")
 
 // Exchange answers q (one question) from the cache or the upstream
-// resolvers: UDP first, TCP when the answer was truncated. The answer's ID
-// is q's. cached reports an answer from the cache.
-func (u *Upstream) Exchange(ctx context.Context, q *dns.Msg) (r *dns.Msg, cached bool, err error) {
+// resolvers, through dial (nil: from the daemon's namespace): UDP first,
+// TCP when the answer was truncated. The answer's ID is q's. cached
+// reports an answer from the cache.
+func (u *Upstream) Exchange(ctx context.Context, q *dns.Msg, dial Dial) (r *dns.Msg, cached bool, err error) {
 	key := cacheKey(q)
 	if u.cache != nil {
 		if r := u.cache.get(key, time.Now()); r != nil {
@@ -97,10 +111,17 @@ func (u *Upstream) Exchange(ctx context.Context, q *dns.Msg) (r *dns.Msg, cached
 	out.Id = dns.Id() // our own ID towards the upstream: clients' IDs may collide
 	err = errNoAnswer
 	for _, s := range u.servers {
+		dst := netip.MustParseAddrPort(s)
+		d := dial
+		if d == nil || dst.Addr().IsLoopback() {
+			// A resolver on loopback is the daemon's neighbour, not
+			// reachable from a pod's own loopback.
+			d = hostDial
+		}
 		var rerr error
-		r, _, rerr = u.udp.ExchangeContext(ctx, out, s)
+		r, rerr = exchange(ctx, d, "udp", dst, out)
 		if rerr == nil && r.Truncated {
-			r, _, rerr = u.tcp.ExchangeContext(ctx, out, s)
+			r, rerr = exchange(ctx, d, "tcp", dst, out)
 		}
 		if rerr == nil {
 			err = nil
@@ -119,6 +140,35 @@ func (u *Upstream) Exchange(ctx context.Context, q *dns.Msg) (r *dns.Msg, cached
 	}
 	r.Id = q.Id
 	return r, false, nil
+}
+
+// exchange sends q to dst over a new connection and reads the answer with
+// q's ID and question (others are ignored: spoofed or late).
+func exchange(ctx context.Context, dial Dial, network string, dst netip.AddrPort, q *dns.Msg) (*dns.Msg, error) {
+	c, err := dial(ctx, network, dst)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	if d, ok := ctx.Deadline(); ok {
+		c.SetDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	co := &dns.Conn{Conn: c, UDPSize: dns.MaxMsgSize}
+	if err := co.WriteMsg(q); err != nil {
+		return nil, err
+	}
+	for {
+		r, err := co.ReadMsg()
+		if err != nil {
+			return nil, err
+		}
+		if r.Id == q.Id && len(r.Question) == 1 && strings.EqualFold(r.Question[0].Name, q.Question[0].Name) &&
+			r.Question[0].Qtype == q.Question[0].Qtype {
+			return r, nil
+		}
+	}
 }
 
 // --- cache ---

@@ -15,6 +15,9 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/kernel"
 )
 
 // Config configures the DNS server.
@@ -33,6 +36,13 @@ type Config struct {
 	// Source names the querying pod's workload for metrics (canonical
 	// service and revision); nil: unknown.
 	Source func(workloadUID string) (canonicalService, canonicalRevision string)
+
+	// UpstreamFromPod forwards from inside the asking pod (ztunnel's
+	// in-pod sockets: the resolver sees the pod's address), with its
+	// sockets recorded in OwnSockets; otherwise, or for a resolver on
+	// loopback, from the daemon's namespace.
+	UpstreamFromPod bool
+	OwnSockets      OwnSockets
 
 	// Bounds against a pod that floods us (defaults in brackets).
 	// InFlight: UDP questions being forwarded per pod at once [64];
@@ -73,8 +83,12 @@ type podServer struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
+	mu           sync.Mutex
+	conns        map[net.Conn]struct{}
+	drainStarted bool
+	closeOnce    sync.Once
+	nsMu         sync.RWMutex
+	nsClosed     bool
 }
 
 // New returns a server; pods are added with AddPod.
@@ -111,9 +125,37 @@ func (s *Server) AddPod(p Pod) error {
 	return nil
 }
 
+// dialFor is how the pod's forwarded questions reach the upstream.
+func (s *Server) dialFor(ps *podServer) Dial {
+	if !s.cfg.UpstreamFromPod || s.cfg.OwnSockets == nil || ps == nil || ps.pod.Netns == nil {
+		return nil
+	}
+	return podDial(ps.inNetns, s.cfg.OwnSockets)
+}
+
+// inNetns runs fn on a thread in the pod's namespace. The namespace handle
+// is closed only when no fn runs (a closed descriptor's number may be
+// reused by another file: entering it would be entering who knows what).
+func (ps *podServer) inNetns(fn func() error) error {
+	ps.nsMu.RLock()
+	defer ps.nsMu.RUnlock()
+	if ps.nsClosed {
+		return errors.New("pod left the mesh")
+	}
+	return kernel.InNetns(int(ps.pod.Netns.Fd()), fn)
+}
+
 // Serve answers the questions arriving on socks, opened for p elsewhere
 // (a listener holder).
 func (s *Server) Serve(p Pod, socks *Sockets) {
+	if p.Netns != nil {
+		// The caller's handle may close; keep our own for upstream sockets.
+		if fd, err := unix.FcntlInt(p.Netns.Fd(), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			p.Netns = os.NewFile(uintptr(fd), "netns:"+p.UID)
+		} else {
+			p.Netns = nil
+		}
+	}
 	ps := &podServer{pod: p, socks: socks, inflight: make(chan struct{}, s.cfg.InFlight),
 		tcpConns: make(chan struct{}, s.cfg.TCPConns), conns: map[net.Conn]struct{}{}}
 	ps.ctx, ps.cancel = context.WithCancel(context.Background())
@@ -145,20 +187,93 @@ func (s *Server) RemovePod(uid string) {
 	}
 }
 
-// Close closes every pod's listeners and waits for the server's goroutines.
-func (s *Server) Close() {
+// Close closes every pod's listeners at once and waits for the server's
+// goroutines.
+func (s *Server) Close() { s.Shutdown(0) }
+
+// Shutdown hands the pods' DNS over to a successor daemon listening beside
+// this one (SO_REUSEPORT) and stops. For handover it keeps answering; then
+// each UDP socket is connected to an address that never sends, which takes
+// it out of its reuseport group's choice for new queries (the kernel skips
+// connected sockets when it spreads datagrams), and the queries already
+// queued on it are answered before it closes: none is lost to the close.
+// TCP listeners close (tcp_migrate_req, set in each pod by the tunnel,
+// moves connections still queued to the successor); open TCP connections
+// get up to a second to finish the question they are on.
+func (s *Server) Shutdown(handover time.Duration) {
+	if handover > 0 {
+		time.Sleep(handover)
+	}
 	s.mu.Lock()
 	pods := s.pods
 	s.pods = map[string]*podServer{}
 	s.mu.Unlock()
+	var wg sync.WaitGroup
 	for _, ps := range pods {
-		ps.close()
+		if handover <= 0 {
+			ps.close()
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ps.drain()
+		}()
 	}
+	wg.Wait()
 	s.wg.Wait()
 }
 
+// drain stops new work reaching the pod's sockets, lets the queued work
+// finish, then closes.
+func (ps *podServer) drain() {
+	ps.mu.Lock()
+	ps.drainStarted = true
+	ps.mu.Unlock()
+	for _, l := range ps.socks.TCP {
+		l.Close()
+	}
+	for _, u := range ps.socks.UDP {
+		rc, err := u.SyscallConn()
+		if err != nil {
+			continue
+		}
+		_ = rc.Control(func(fd uintptr) {
+			// Port 1 on loopback: nothing sends from there, so nothing
+			// new is delivered to this socket; nothing is sent by connect.
+			sa, _ := unix.Getsockname(int(fd))
+			var to unix.Sockaddr = &unix.SockaddrInet4{Port: 1, Addr: [4]byte{127, 0, 0, 1}}
+			if _, v6 := sa.(*unix.SockaddrInet6); v6 {
+				to = &unix.SockaddrInet6{Port: 1, Addr: [16]byte{15: 1}}
+			}
+			_ = unix.Connect(int(fd), to)
+		})
+		// The read loop answers what is queued; it ends when a read
+		// finds nothing for a while.
+		u.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	}
+	time.Sleep(time.Second) // questions in progress, TCP and forwarded
+	ps.close()
+}
+
+func (ps *podServer) draining() bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return ps.drainStarted
+}
+
 func (ps *podServer) close() {
+	ps.closeOnce.Do(ps.closeNow)
+}
+
+func (ps *podServer) closeNow() {
 	ps.cancel()
+	if ps.pod.Netns != nil {
+		ps.nsMu.Lock()
+		ps.nsClosed = true
+		ps.pod.Netns.Close()
+		ps.nsMu.Unlock()
+	}
 	ps.socks.Close()
 	ps.mu.Lock()
 	for c := range ps.conns {
@@ -173,10 +288,13 @@ func (s *Server) serveUDP(ps *podServer, u *net.UDPConn) {
 	for {
 		n, from, err := u.ReadFromUDPAddrPort(buf)
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) || ps.ctx.Err() != nil {
-				return
+			if errors.Is(err, net.ErrClosed) || ps.ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				return // closed, or drained (Shutdown)
 			}
 			continue
+		}
+		if ps.draining() {
+			u.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 		}
 		// Names the mesh knows (and bad input) are answered here, on the
 		// read loop: no goroutine, no queue, and an upstream that is slow
@@ -199,7 +317,7 @@ func (s *Server) serveUDP(ps *podServer, u *net.UDPConn) {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-ps.inflight }()
-			s.send(u, s.forward(ps.ctx, ps.pod, fwd, "udp"), req, from)
+			s.send(u, s.forward(ps.ctx, ps, ps.pod, fwd, "udp"), req, from)
 		}()
 	}
 }
@@ -269,7 +387,7 @@ func (s *Server) serveConn(ps *podServer, c *net.TCPConn) {
 		if _, err := io.ReadFull(c, req); err != nil {
 			return
 		}
-		r := s.Handle(ps.ctx, ps.pod, req, "tcp")
+		r := s.handle(ps.ctx, ps, ps.pod, req, "tcp")
 		if r == nil {
 			return // not DNS: close
 		}
@@ -310,11 +428,15 @@ func udpSize(req []byte) int {
 // message that is not a well-formed question, or nil for what should get
 // no answer at all (shorter than a header, or itself an answer).
 func (s *Server) Handle(ctx context.Context, pod Pod, req []byte, proto string) *dns.Msg {
+	return s.handle(ctx, nil, pod, req, proto)
+}
+
+func (s *Server) handle(ctx context.Context, ps *podServer, pod Pod, req []byte, proto string) *dns.Msg {
 	reply, fwd := s.local(pod, req, proto)
 	if fwd == nil {
 		return reply
 	}
-	return s.forward(ctx, pod, fwd, proto)
+	return s.forward(ctx, ps, pod, fwd, proto)
 }
 
 // local answers what needs no upstream: the mesh's names and bad input.
@@ -355,7 +477,7 @@ func (s *Server) local(pod Pod, req []byte, proto string) (reply, fwd *dns.Msg) 
 }
 
 // forward asks the upstream resolvers; SERVFAIL when none answers.
-func (s *Server) forward(ctx context.Context, pod Pod, q *dns.Msg, proto string) *dns.Msg {
+func (s *Server) forward(ctx context.Context, ps *podServer, pod Pod, q *dns.Msg, proto string) *dns.Msg {
 	qq := q.Question[0]
 	labels := s.labels(pod, qq.Qtype, proto)
 	s.cfg.Metrics.request(labels)
@@ -367,7 +489,7 @@ func (s *Server) forward(ctx context.Context, pod Pod, q *dns.Msg, proto string)
 	start := time.Now()
 	// Counted whether the cache answered or not, as ztunnel counts every
 	// question it hands its forwarder (whose resolver caches).
-	r, _, err := s.cfg.Upstream.Exchange(ctx, q)
+	r, _, err := s.cfg.Upstream.Exchange(ctx, q, s.dialFor(ps))
 	s.cfg.Metrics.upstream(labels, time.Since(start), err != nil)
 	if err != nil {
 		s.log.Debug("forwarding failed", "pod", pod.UID, "name", qq.Name, "err", err)

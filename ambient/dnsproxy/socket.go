@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 
@@ -91,4 +92,61 @@ func reuseMark(_, _ string, rc syscall.RawConn) error {
 		return err
 	}
 	return serr
+}
+
+// OwnSockets records sockets as the node proxy's own in the kernel
+// (bpf.Maps): the kernel's DNS capture and load balancing leave them alone.
+type OwnSockets interface {
+	MarkProxySocket(fd uintptr) error
+}
+
+// podDial dials from inside the pod whose namespace is nsFd: the socket is
+// created there on a locked thread (kernel.InNetns), carries the proxy mark
+// and is recorded in own before it connects, so the pod's own DNS capture
+// does not send it back to us. The connect itself (non-blocking) and the
+// wait for it happen on the caller's goroutine, in the runtime's poller.
+func podDial(inNetns func(func() error) error, own OwnSockets) Dial {
+	return func(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
+		dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+		family, typ := unix.AF_INET, unix.SOCK_DGRAM
+		if dst.Addr().Is6() {
+			family = unix.AF_INET6
+		}
+		if network == "tcp" {
+			typ = unix.SOCK_STREAM
+		}
+		fd := -1
+		err := inNetns(func() error {
+			s, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return os.NewSyscallError("socket", err)
+			}
+			fd = s
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		f := os.NewFile(uintptr(fd), network)
+		defer f.Close() // net.FileConn keeps a duplicate
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark); err != nil {
+			return nil, fmt.Errorf("SO_MARK: %w", err)
+		}
+		// Not recorded, the socket would be captured back to us: refuse.
+		if err := own.MarkProxySocket(uintptr(fd)); err != nil {
+			return nil, fmt.Errorf("recording the upstream socket as the proxy's own: %w", err)
+		}
+		var sa unix.Sockaddr
+		if dst.Addr().Is4() {
+			sa = &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}
+		} else {
+			sa = &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()}
+		}
+		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: net.UDPAddrFromAddrPort(dst), Err: os.NewSyscallError("connect", err)}
+		}
+		// A TCP connect still in progress completes (or fails) before the
+		// first write does: the runtime's poller waits for writability.
+		return net.FileConn(f)
+	}
 }
