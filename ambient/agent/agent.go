@@ -225,7 +225,7 @@ func (a *Agent) startDNS() error {
 		}
 		a.DNS = dnsproxy.New(dnsproxy.Config{View: a.Store, Upstream: up, Domain: a.cfg.ClusterDomain, Network: a.cfg.Network,
 			Port: int(port), Metrics: dnsproxy.NewMetrics(a.Reg), Log: a.log, Source: a.canonicalOf,
-			UpstreamFromPod: true, OwnSockets: a.DP.Maps})
+			UpstreamFromPod: true, OwnSockets: a.DP.Maps, Ready: a.synced})
 		var servers []string
 		if up != nil {
 			servers = up.Servers()

@@ -37,6 +37,14 @@ type Config struct {
 	// service and revision); nil: unknown.
 	Source func(workloadUID string) (canonicalService, canonicalRevision string)
 
+	// Ready is closed once the first full control-plane state is in View.
+	// Until then (at most ReadyWait, default 10 s) the pods' sockets are
+	// not read: questions wait in the socket buffers rather than being
+	// answered from an empty state (a restarted daemon would forward mesh
+	// names upstream and get NXDOMAIN). nil: ready at once.
+	Ready     <-chan struct{}
+	ReadyWait time.Duration
+
 	// UpstreamFromPod forwards from inside the asking pod (ztunnel's
 	// in-pod sockets: the resolver sees the pod's address), with its
 	// sockets recorded in OwnSockets; otherwise, or for a resolver on
@@ -110,6 +118,9 @@ func New(cfg Config) *Server {
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.ReadyWait <= 0 {
+		cfg.ReadyWait = 10 * time.Second
 	}
 	return &Server{cfg: cfg, log: cfg.Log.With("component", "dns"), pods: map[string]*podServer{}}
 }
@@ -282,8 +293,29 @@ func (ps *podServer) closeNow() {
 	ps.mu.Unlock()
 }
 
+// waitReady waits for the first state (Config.Ready), at most ReadyWait;
+// false when the pod went away meanwhile.
+func (s *Server) waitReady(ps *podServer) bool {
+	if s.cfg.Ready == nil {
+		return true
+	}
+	t := time.NewTimer(s.cfg.ReadyWait)
+	defer t.Stop()
+	select {
+	case <-s.cfg.Ready:
+	case <-t.C:
+		s.log.Warn("answering DNS before the first control-plane state: mesh names may be forwarded upstream", "pod", ps.pod.UID)
+	case <-ps.ctx.Done():
+		return false
+	}
+	return true
+}
+
 func (s *Server) serveUDP(ps *podServer, u *net.UDPConn) {
 	defer s.wg.Done()
+	if !s.waitReady(ps) {
+		return
+	}
 	buf := make([]byte, dns.MaxMsgSize)
 	for {
 		n, from, err := u.ReadFromUDPAddrPort(buf)
@@ -340,6 +372,9 @@ func (s *Server) send(u *net.UDPConn, r *dns.Msg, req []byte, to netip.AddrPort)
 
 func (s *Server) serveTCP(ps *podServer, l *net.TCPListener) {
 	defer s.wg.Done()
+	if !s.waitReady(ps) {
+		return
+	}
 	for {
 		c, err := l.AcceptTCP()
 		if err != nil {

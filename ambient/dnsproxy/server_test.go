@@ -363,3 +363,28 @@ func TestCacheBoundedAndTTL(t *testing.T) {
 		t.Fatalf("negative TTL %v, want 5s", got)
 	}
 }
+
+// A server whose state is not there yet leaves questions queued in the
+// socket and answers them once it is (a restarted daemon must not forward
+// mesh names upstream from an empty state).
+func TestServerWaitsForState(t *testing.T) {
+	ready := make(chan struct{})
+	_, udp, _, _ := testServer(t, nil, Config{Ready: ready})
+	c := &dns.Client{Net: "udp", Timeout: 3 * time.Second}
+	q := new(dns.Msg)
+	q.SetQuestion("cart.", dns.TypeA)
+	done := make(chan *dns.Msg, 1)
+	go func() {
+		r, _, _ := c.Exchange(q, udp)
+		done <- r
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("answered before the state was there: %v", r)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(ready)
+	if r := <-done; r == nil || len(r.Answer) != 1 {
+		t.Fatalf("queued question: %v", r)
+	}
+}
