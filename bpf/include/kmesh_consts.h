@@ -99,9 +99,8 @@ enum kmesh_stat {
 	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
 	STAT_CONN_EVENT = 18,	      /* a kernel-path connection event queued for the daemon */
 	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
-	STAT_DNS_CAPTURED = 20, /* a pod's DNS (port 53) sent to the proxy's in-pod DNS server */
-	STAT_DNS_NO_STORAGE =
-	    21, /* ... not captured: no socket storage to restore the reply source */
+	STAT_DNS_CAPTURED = 20,	      /* a pod's DNS (port 53) sent to its proxy's DNS server */
+	STAT_DNS_NO_STORAGE = 21,     /* ... not captured: no storage to restore the reply source */
 	STAT_MAX = 24,
 };
 
