@@ -2,9 +2,11 @@ package dnsproxy
 
 import (
 	"flag"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strconv"
 	"sync"
 	"testing"
@@ -315,6 +317,37 @@ func TestPrivilegedDNSCapture(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+	t.Run("istio-cni's iptables DNS capture", func(t *testing.T) {
+		// istio-cni's in-pod rules redirect port 53 to 15053 unless the
+		// packet carries the proxy's mark (its upstream sockets do). With
+		// the kernel's capture off, they alone bring the pod's DNS here;
+		// with it on, the kernel redirects first and the rules see 15053.
+		for _, rule := range [][]string{
+			{"-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15053"},
+			{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "53", "!", "-d", "127.0.0.1/32", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15053"},
+		} {
+			iptables(t, client, rule...)
+		}
+		defer iptables(t, client, "-t", "nat", "-F", "OUTPUT")
+		for _, kernelCapture := range []bool{false, true} {
+			if err := env.DP.Maps.SetDNSCapture(kernelCapture, Port); err != nil {
+				t.Fatal(err)
+			}
+			before, _ := env.DP.Maps.Stats()
+			for _, mode := range []string{"udp", "connected", "tcp"} {
+				expect(t, ask(t, client, mode, r4, "cart.shop.svc.cluster.local.", false), "10.96.0.10", r4)
+				name := fmt.Sprintf("iptables-%v-%s.example.org.", kernelCapture, mode)
+				expect(t, ask(t, client, mode, r4, name, false), resolverAnswer, r4)
+				if from, _ := sources.Load(name); from != client.IPv4.String() {
+					t.Fatalf("the resolver was asked %s from %v, want the pod's %s", name, from, client.IPv4)
+				}
+			}
+			after, _ := env.DP.Maps.Stats()
+			if captured := after["dns_captured"] - before["dns_captured"]; (captured > 0) != kernelCapture {
+				t.Fatalf("kernel capture %v: %d queries captured by the kernel", kernelCapture, captured)
+			}
+		}
+	})
 	t.Run("a resolver on the pod's loopback is left alone", func(t *testing.T) {
 		// Nothing listens on 127.0.0.1:53 in the pod: left alone, the
 		// query is refused rather than answered by the proxy.
@@ -342,3 +375,15 @@ func (p *packetConnTo) Read(b []byte) (int, error) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func iptables(t *testing.T, pod *podnet.Pod, args ...string) {
+	t.Helper()
+	var out []byte
+	err := pod.NS.Do(func() (err error) {
+		out, err = exec.Command("iptables", args...).CombinedOutput()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("iptables %v in %s: %v: %s", args, pod.Name, err, out)
+	}
+}
