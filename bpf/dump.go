@@ -35,6 +35,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_inproxy":   dumpInboundListeners,
 	"kmesh_proxy_sk":  dumpProxySockets,
 	"kmesh_events":    dumpEvents,
+	"kmesh_dns":       dumpDNS,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -192,4 +193,13 @@ func dumpProxySockets(*Maps) (Table, error) {
 
 func sortRows(rows [][]string) {
 	slices.SortFunc(rows, func(a, b []string) int { return slices.Compare(a, b) })
+}
+
+func dumpDNS(m *Maps) (Table, error) {
+	on, port, err := m.DNSCapture()
+	t := Table{Header: []string{"CAPTURE", "PORT"}}
+	if err == nil {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(on), fmt.Sprint(port)})
+	}
+	return t, err
 }

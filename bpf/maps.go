@@ -282,6 +282,8 @@ var statNames = []string{
 	"record_reused",
 	"conn_event",
 	"conn_event_drop",
+	"dns_captured",
+	"dns_no_storage",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -385,6 +387,28 @@ func (m *Maps) InboundListeners() (map[netip.Addr]uint64, error) {
 // before connecting from inside a pod.
 func (m *Maps) MarkProxySocket(fd uintptr) error {
 	return wrapErr(m.proxySk, "update", m.proxySk.Update(int32(fd), uint32(1), ebpf.UpdateAny))
+}
+
+// SetDNSCapture turns the kernel's DNS capture on or off: enrolled pods'
+// queries to port 53 go to port on their own loopback (the node proxy's
+// DNS server) while it is on.
+func (m *Maps) SetDNSCapture(on bool, port uint16) error {
+	v := sockAddrDnsConfig{Port: port}
+	if on {
+		v.Enabled = 1
+	}
+	mp := m.byName["kmesh_dns"]
+	return wrapErr(mp, "update", mp.Update(uint32(0), v, ebpf.UpdateAny))
+}
+
+// DNSCapture reads the capture switch and port.
+func (m *Maps) DNSCapture() (on bool, port uint16, err error) {
+	var v sockAddrDnsConfig
+	mp := m.byName["kmesh_dns"]
+	if err := mp.Lookup(uint32(0), &v); err != nil {
+		return false, 0, wrapErr(mp, "lookup", err)
+	}
+	return v.Enabled != 0, v.Port, nil
 }
 
 // MarkProxySocketPinned is MarkProxySocket on the maps a daemon pinned

@@ -27,6 +27,13 @@ type skLookupBackendValue struct {
 	Flags    uint32
 }
 
+type skLookupDnsConfig struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Port    uint16
+	Pad     uint16
+}
+
 type skLookupEndpointKey struct {
 	_         structs.HostLayout
 	ServiceId uint32
@@ -149,6 +156,7 @@ type skLookupUdpAffinity struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	skLookupMapKmeshBackend  = "kmesh_backend"
+	skLookupMapKmeshDns      = "kmesh_dns"
 	skLookupMapKmeshEndpoint = "kmesh_endpoint"
 	skLookupMapKmeshEvents   = "kmesh_events"
 	skLookupMapKmeshFrontend = "kmesh_frontend"
@@ -213,6 +221,7 @@ type skLookupProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type skLookupMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
@@ -253,6 +262,7 @@ func (o *skLookupObjects) Close() error {
 // It can be passed to loadSkLookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skLookupMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
@@ -269,6 +279,7 @@ type skLookupMaps struct {
 func (m *skLookupMaps) Close() error {
 	return _SkLookupClose(
 		m.KmeshBackend,
+		m.KmeshDns,
 		m.KmeshEndpoint,
 		m.KmeshEvents,
 		m.KmeshFrontend,

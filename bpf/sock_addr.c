@@ -9,6 +9,13 @@
  * recvmsg4/6   unconnected UDP replies are reported as coming from the VIP.
  * getpeername4/6  the application sees the VIP it dialled as its peer.
  *
+ * DNS: when the daemon turned capture on (kmesh_dns), an enrolled pod's
+ * queries to any resolver on port 53 (connect4/6 for TCP and connected UDP,
+ * sendmsg4/6 for unconnected UDP) go to the node proxy's DNS server on the
+ * pod's own loopback; recvmsg and getpeername show the resolver the
+ * application asked. The proxy's own sockets and loopback resolvers are
+ * left alone.
+ *
  * How each destination is reached (kernel path, plaintext, the node proxy's
  * HBONE tunnel, a waypoint, or refused) is a verdict user space wrote into
  * its records; kmesh_decide.h follows it. A TCP connect whose verdict is
@@ -123,6 +130,52 @@ static __always_inline void outbound_listener(const __u32 dst[4], __u32 out[4])
 	}
 }
 
+/* DNS capture. Returns 1 when the socket's query to key (a resolver on
+ * port 53) goes to the proxy's DNS server instead: peer and peer_port are
+ * filled and the resolver is kept in the socket's storage, so that replies
+ * (recvmsg) and getpeername show the resolver the application asked.
+ * Without storage the query is left alone: a reply from an address the
+ * application did not ask would be thrown away by its resolver. */
+static __always_inline int dns_capture(struct bpf_sock_addr *ctx, const struct frontend_key *key,
+				       __u32 peer[4], __u16 *peer_port)
+{
+	__u32 zero = 0;
+	struct dns_config *cfg;
+	struct sock_orig *so;
+
+	if (key->port != bpf_htons(KMESH_DNS_UPSTREAM_PORT))
+		return 0;
+	if (key->proto != IPPROTO_UDP && key->proto != IPPROTO_TCP)
+		return 0;
+	cfg = bpf_map_lookup_elem(&kmesh_dns, &zero);
+	if (!cfg || !cfg->enabled || !cfg->port)
+		return 0;
+	if (addr_is_loopback(key->addr)) /* a resolver in the pod itself */
+		return 0;
+	if (!is_managed(ctx))
+		return 0;
+	/* The proxy's own sockets (its upstream queries, when made from the
+	 * pod) go where they asked; known by what only the daemon can write. */
+	if (bpf_sk_storage_get(&kmesh_proxy_sk, ctx->sk, NULL, 0))
+		return 0;
+	so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!so) {
+		stat_inc(STAT_DNS_NO_STORAGE);
+		return 0;
+	}
+	outbound_listener(key->addr, peer);
+	*peer_port = bpf_htons(cfg->port);
+	__builtin_memcpy(so->addr, key->addr, sizeof(so->addr));
+	so->port = key->port;
+	so->path = PATH_PLAIN;
+	__builtin_memcpy(so->peer_addr, peer, sizeof(so->peer_addr));
+	so->peer_port = *peer_port;
+	__builtin_memset(so->backend_addr, 0, sizeof(so->backend_addr));
+	so->backend_port = 0;
+	stat_inc(STAT_DNS_CAPTURED);
+	return 1;
+}
+
 /* connect_common's answers. */
 enum connect_action {
 	CONNECT_PASS,	 /* leave the destination alone */
@@ -136,6 +189,8 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, struct fron
 {
 	struct decision d;
 
+	if (dns_capture(ctx, key, peer, peer_port))
+		return CONNECT_REWRITE;
 	int err = connect_decide(ctx, key, &d);
 	if (err)
 		return err;
@@ -376,6 +431,11 @@ int kmesh_sendmsg4(struct bpf_sock_addr *ctx)
 	struct lb_result res = {};
 
 	addr_set_v4(key.addr, ctx->user_ip4);
+	if (dns_capture(ctx, &key, res.addr, &res.port)) {
+		ctx->user_ip4 = res.addr[3];
+		ctx->user_port = (__u32)res.port;
+		return SYS_PROCEED;
+	}
 	int ret = sendmsg_decide(ctx, &key, &res);
 	if (ret < 0)
 		return reject(ret);
@@ -399,6 +459,14 @@ int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
 	key.addr[1] = ctx->user_ip6[1];
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
+	if (dns_capture(ctx, &key, res.addr, &res.port)) {
+		ctx->user_ip6[0] = res.addr[0];
+		ctx->user_ip6[1] = res.addr[1];
+		ctx->user_ip6[2] = res.addr[2];
+		ctx->user_ip6[3] = res.addr[3];
+		ctx->user_port = (__u32)res.port;
+		return SYS_PROCEED;
+	}
 	int ret = sendmsg_decide(ctx, &key, &res);
 	if (ret < 0)
 		return reject(ret);

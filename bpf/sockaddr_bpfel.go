@@ -27,6 +27,13 @@ type sockAddrBackendValue struct {
 	Flags    uint32
 }
 
+type sockAddrDnsConfig struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Port    uint16
+	Pad     uint16
+}
+
 type sockAddrEndpointKey struct {
 	_         structs.HostLayout
 	ServiceId uint32
@@ -151,6 +158,7 @@ type sockAddrUdpSlot struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockAddrMapKmeshBackend   = "kmesh_backend"
+	sockAddrMapKmeshDns       = "kmesh_dns"
 	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
 	sockAddrMapKmeshEvents    = "kmesh_events"
 	sockAddrMapKmeshFrontend  = "kmesh_frontend"
@@ -230,6 +238,7 @@ type sockAddrProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockAddrMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
@@ -271,6 +280,7 @@ func (o *sockAddrObjects) Close() error {
 // It can be passed to loadSockAddrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockAddrMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
@@ -287,6 +297,7 @@ type sockAddrMaps struct {
 func (m *sockAddrMaps) Close() error {
 	return _SockAddrClose(
 		m.KmeshBackend,
+		m.KmeshDns,
 		m.KmeshEndpoint,
 		m.KmeshEvents,
 		m.KmeshFrontend,

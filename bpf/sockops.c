@@ -131,13 +131,6 @@ static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct conn_t
 	}
 }
 
-static __always_inline int addr_is_loopback(const __u32 a[4])
-{
-	if (addr_is_v4mapped(a))
-		return (bpf_ntohl(a[3]) >> 24) == 127;
-	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
-}
-
 /* The node proxy's ports in a pod: connections to them are the tunnel
  * path's, which the proxy reports itself. */
 static __always_inline int is_proxy_port(__u16 port)

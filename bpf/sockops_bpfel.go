@@ -48,6 +48,13 @@ type sockOpsConnEvent struct {
 	BackendId     uint32
 }
 
+type sockOpsDnsConfig struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Port    uint16
+	Pad     uint16
+}
+
 type sockOpsEndpointKey struct {
 	_         structs.HostLayout
 	ServiceId uint32
@@ -170,6 +177,7 @@ type sockOpsUdpAffinity struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockOpsMapKmeshBackend  = "kmesh_backend"
+	sockOpsMapKmeshDns      = "kmesh_dns"
 	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
 	sockOpsMapKmeshEvents   = "kmesh_events"
 	sockOpsMapKmeshFrontend = "kmesh_frontend"
@@ -236,6 +244,7 @@ type sockOpsProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
@@ -278,6 +287,7 @@ func (o *sockOpsObjects) Close() error {
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
@@ -294,6 +304,7 @@ type sockOpsMaps struct {
 func (m *sockOpsMaps) Close() error {
 	return _SockOpsClose(
 		m.KmeshBackend,
+		m.KmeshDns,
 		m.KmeshEndpoint,
 		m.KmeshEvents,
 		m.KmeshFrontend,

@@ -22,6 +22,7 @@ import (
 
 	"kmesh.dev/kmesh/ambient/config"
 	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/dnsproxy"
 	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/istiod"
@@ -49,7 +50,9 @@ type Agent struct {
 	// Proxy is the tunnel (HBONE) side of the data path; IDs the workload
 	// certificates (nil without a CA).
 	Proxy *tunnel.Proxy
-	IDs   *identity.Manager
+	// DNS is the DNS proxy on 15053 in every pod; nil when it is off.
+	DNS *dnsproxy.Server
+	IDs *identity.Manager
 	// Telemetry: Istio's TCP metrics of both paths; AccessLog their
 	// access log (AccessLog.Enabled switches it at runtime).
 	Telemetry *telemetry.Metrics
@@ -126,6 +129,9 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 		// Keep what the holder has: the next attempt takes it.
 		a.holder.Close(false)
 		a.closeTunnel(context.Background(), 0)
+		if a.DNS != nil {
+			a.DNS.Close()
+		}
 		_ = a.OTel.Shutdown(context.Background())
 		dp.Close()
 		return nil, err
@@ -168,7 +174,10 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := a.startTunnel(); err != nil {
 		return fail(err)
 	}
-	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
+	if err := a.startDNS(); err != nil {
+		return fail(err)
+	}
+	a.enr = newEnroller(a.Plane, cfg.ClusterID, &meshPods{proxy: a.Proxy, dns: a.DNS, ids: a.IDs, trustDomain: cfg.TrustDomain, pods: map[string]identity.Identity{}}, a.DP, log)
 	if a.holder != nil {
 		// Sockets of pods that left while no daemon ran are known only
 		// after the node agent's first snapshot.
@@ -226,6 +235,49 @@ func (a *Agent) startTunnel() error {
 	a.Proxy = p
 	a.proxy.Store(p)
 	return nil
+}
+
+// startDNS starts the DNS proxy (ztunnel's, on unless
+// ISTIO_META_DNS_CAPTURE says otherwise) and sets the kernel's DNS capture:
+// on with the proxy unless KMESH_DNS_KERNEL_CAPTURE is false, and off
+// whenever the proxy is (the switch is pinned: a previous daemon's setting
+// must not send queries to listeners that no longer exist).
+func (a *Agent) startDNS() error {
+	port, err := a.cfg.DNSPort()
+	if err != nil {
+		return err
+	}
+	if a.cfg.DNSEnabled() {
+		up, err := dnsproxy.NewUpstream(dnsproxy.UpstreamConfig{ResolvConf: a.cfg.DNSResolvConf})
+		if err != nil {
+			// Mesh names still resolve; what would be forwarded gets
+			// SERVFAIL (and is counted as an upstream failure).
+			a.log.Error("DNS proxy without upstream: names the mesh does not know will fail", "err", err)
+			up = nil
+		}
+		a.DNS = dnsproxy.New(dnsproxy.Config{View: a.Store, Upstream: up, Domain: a.cfg.ClusterDomain, Network: a.cfg.Network,
+			Port: int(port), Metrics: dnsproxy.NewMetrics(a.Reg), Log: a.log, Source: a.canonicalOf,
+			UpstreamFromPod: true, OwnSockets: a.DP.Maps, Ready: a.synced})
+		var servers []string
+		if up != nil {
+			servers = up.Servers()
+		}
+		a.log.Info("DNS proxy on", "port", port, "upstream", servers, "kernel_capture", a.cfg.DNSKernelCapture)
+	}
+	capture := a.cfg.DNSEnabled() && a.cfg.DNSKernelCapture
+	if err := a.DP.Maps.SetDNSCapture(capture, port); err != nil {
+		return fmt.Errorf("DNS capture switch: %w", err)
+	}
+	return nil
+}
+
+// canonicalOf names a pod's workload for the DNS metrics.
+func (a *Agent) canonicalOf(workloadUID string) (string, string) {
+	if w := a.Store.Workload(workloadUID); w != nil {
+		m := w.Meta()
+		return m.CanonicalName, m.CanonicalRevision
+	}
+	return "", ""
 }
 
 // startKernelTelemetry reads the kernel path's connection events into
@@ -433,7 +485,16 @@ func (a *Agent) Close() error {
 	// when we close them (tcp_migrate_req) — unless the holder still had
 	// them open, queueing connections nobody accepts. Release them first.
 	a.holder.Close(true)
+	var dnsDone sync.WaitGroup
+	if a.DNS != nil {
+		dnsDone.Add(1)
+		go func() {
+			defer dnsDone.Done()
+			a.DNS.Shutdown(handoverTime(a.cfg.DrainDuration))
+		}()
+	}
 	a.closeTunnel(ctx, handoverTime(a.cfg.DrainDuration))
+	dnsDone.Wait()
 	a.flushOTel(ctx)
 	a.enr.close()
 	return a.DP.Close()

@@ -10,6 +10,7 @@ import (
 
 	"istio.io/istio/pkg/zdsapi"
 
+	"kmesh.dev/kmesh/ambient/dnsproxy"
 	"kmesh.dev/kmesh/ambient/identity"
 	"kmesh.dev/kmesh/ambient/tunnel"
 )
@@ -20,6 +21,7 @@ import (
 // tunnel listeners inside its namespace.
 type meshPods struct {
 	proxy       *tunnel.Proxy
+	dns         *dnsproxy.Server  // nil: the DNS proxy is off
 	ids         *identity.Manager // nil without a CA
 	trustDomain string
 
@@ -38,7 +40,20 @@ func (m *meshPods) podAdded(uid, workloadUID string, info *zdsapi.WorkloadInfo, 
 			return fmt.Errorf("certificate for %s: %w", id, err)
 		}
 	}
+	// DNS listeners first: once the tunnel's are open the pod is about to
+	// be enrolled, and the kernel sends its DNS to 15053 from then on.
+	if m.dns != nil {
+		if err := m.dns.AddPod(dnsproxy.Pod{UID: uid, WorkloadUID: workloadUID, Namespace: info.GetNamespace(), Netns: netns}); err != nil {
+			if m.ids != nil {
+				m.ids.Release(id)
+			}
+			return fmt.Errorf("pod %s: %w", uid, err)
+		}
+	}
 	if err := m.proxy.AddPod(tunnel.Pod{UID: uid, WorkloadUID: workloadUID, Identity: id, Netns: netns, Cookie: cookie}); err != nil {
+		if m.dns != nil {
+			m.dns.RemovePod(uid)
+		}
 		if m.ids != nil {
 			m.ids.Release(id)
 		}
@@ -56,6 +71,9 @@ func (m *meshPods) podAdded(uid, workloadUID string, info *zdsapi.WorkloadInfo, 
 
 func (m *meshPods) podRemoved(uid string, _ *zdsapi.WorkloadInfo) {
 	m.proxy.RemovePod(uid)
+	if m.dns != nil {
+		m.dns.RemovePod(uid)
+	}
 	m.mu.Lock()
 	id, had := m.pods[uid]
 	delete(m.pods, uid)

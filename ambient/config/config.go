@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -78,9 +79,40 @@ type Config struct {
 	// /logging changes. Not a setting: the daemon's main creates it from
 	// LogLevel and its logger reads it. Nil: the level is fixed.
 	Level *slog.LevelVar `mapstructure:"-"`
+	// DNS proxy (ztunnel's): DNSCapture is ztunnel's DNS_CAPTURE proxy
+	// metadata (ISTIO_META_DNS_CAPTURE): unset or "true" (any case) runs
+	// the server in every pod, anything else turns it off (DNSEnabled).
+	// DNSProxyAddr is ztunnel's DNS_PROXY_ADDR; its port is the in-pod
+	// port. DNSKernelCapture sends enrolled pods' port-53 queries to it
+	// from the kernel (istio-cni's DNS capture does the same with
+	// iptables). DNSResolvConf names the upstream resolvers; ClusterDomain
+	// is ztunnel's CLUSTER_DOMAIN.
+	DNSCapture       string `mapstructure:"dns_capture"`
+	DNSProxyAddr     string `mapstructure:"dns_proxy_addr"`
+	DNSKernelCapture bool   `mapstructure:"dns_kernel_capture"`
+	DNSResolvConf    string `mapstructure:"dns_resolv_conf"`
+	ClusterDomain    string `mapstructure:"cluster_domain"`
 	// WorkerThreads bounds the threads running Go code (GOMAXPROCS): the
 	// tunnel's latency and CPU per request depend on it (see README).
 	WorkerThreads uint32 `mapstructure:"worker_threads"`
+}
+
+// DNSEnabled says whether the DNS proxy runs, as ztunnel reads its
+// DNS_CAPTURE metadata: absent or "true" in any case.
+func (c *Config) DNSEnabled() bool {
+	return c.DNSCapture == "" || strings.EqualFold(c.DNSCapture, "true")
+}
+
+// DNSPort is the in-pod DNS port, from DNSProxyAddr (15053 when it has none).
+func (c *Config) DNSPort() (uint16, error) {
+	if c.DNSProxyAddr == "" {
+		return 15053, nil
+	}
+	ap, err := netip.ParseAddrPort(c.DNSProxyAddr)
+	if err != nil || ap.Port() == 0 {
+		return 0, fmt.Errorf("ISTIO_META_DNS_PROXY_ADDR=%q: want an address and a port", c.DNSProxyAddr)
+	}
+	return ap.Port(), nil
 }
 
 // MapSizes converts the configured sizes for the loader.
@@ -133,6 +165,11 @@ var settings = []setting{
 	{"log_format", "LOG_FORMAT", "json for JSON logs (ztunnel's variable), text otherwise", ""},
 	{"access_log", "KMESH_ACCESS_LOG", "log each connection as it ends, ztunnel's access log (switchable at runtime)", true},
 	{"access_log_rate", "KMESH_ACCESS_LOG_RATE", "access log lines a second at most (beyond: dropped and counted)", uint32(100)},
+	{"dns_capture", "ISTIO_META_DNS_CAPTURE", "ztunnel's DNS proxy in every enrolled pod on the DNS port: unset or true runs it, anything else turns it off", ""},
+	{"dns_proxy_addr", "ISTIO_META_DNS_PROXY_ADDR", "address of the DNS proxy in each pod (ztunnel's DNS_PROXY_ADDR; it listens on the pod's loopback at this port)", "127.0.0.1:15053"},
+	{"dns_kernel_capture", "KMESH_DNS_KERNEL_CAPTURE", "with the DNS proxy on, send enrolled pods' DNS (port 53, UDP and TCP) to it from the kernel (no iptables)", true},
+	{"dns_resolv_conf", "KMESH_DNS_RESOLV_CONF", "resolver configuration whose nameservers the DNS proxy forwards to", "/etc/resolv.conf"},
+	{"cluster_domain", "CLUSTER_DOMAIN", "the cluster's DNS domain", "cluster.local"},
 	{"worker_threads", "ZTUNNEL_WORKER_THREADS", "threads running the proxy's Go code (GOMAXPROCS; 0: one per CPU)", uint32(2)},
 }
 

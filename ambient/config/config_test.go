@@ -106,3 +106,45 @@ func TestBadGracePeriod(t *testing.T) {
 		t.Fatalf("err %v, want one naming TERMINATION_GRACE_PERIOD_SECONDS", err)
 	}
 }
+
+// The DNS proxy is switched as ztunnel reads its DNS_CAPTURE metadata
+// (ISTIO_META_DNS_CAPTURE): on when unset or "true" in any case; the port
+// comes from DNS_PROXY_ADDR; a flag beats the environment.
+func TestDNSSettings(t *testing.T) {
+	for _, tc := range []struct {
+		env   map[string]string
+		flags []string
+		on    bool
+		port  uint16
+	}{
+		{map[string]string{}, nil, true, 15053},
+		{map[string]string{"ISTIO_META_DNS_CAPTURE": "true"}, nil, true, 15053},
+		{map[string]string{"ISTIO_META_DNS_CAPTURE": "TRUE"}, nil, true, 15053},
+		{map[string]string{"ISTIO_META_DNS_CAPTURE": "false"}, nil, false, 15053},
+		{map[string]string{"ISTIO_META_DNS_CAPTURE": "1"}, nil, false, 15053}, // ztunnel: only "true"
+		{map[string]string{"ISTIO_META_DNS_CAPTURE": "false"}, []string{"--dns-capture", "true"}, true, 15053},
+		{map[string]string{"ISTIO_META_DNS_PROXY_ADDR": "127.0.0.1:15054"}, nil, true, 15054},
+		{map[string]string{"ISTIO_META_DNS_PROXY_ADDR": "[::]:15055"}, nil, true, 15055},
+	} {
+		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+		Flags(fs)
+		if err := fs.Parse(tc.flags); err != nil {
+			t.Fatal(err)
+		}
+		c, err := Load(fs, func(k string) string { return tc.env[k] })
+		if err != nil {
+			t.Fatal(err)
+		}
+		port, err := c.DNSPort()
+		if c.DNSEnabled() != tc.on || err != nil || port != tc.port {
+			t.Errorf("env %v flags %v: on %v port %d (%v), want %v %d", tc.env, tc.flags, c.DNSEnabled(), port, err, tc.on, tc.port)
+		}
+		if !c.DNSKernelCapture || c.DNSResolvConf != "/etc/resolv.conf" || c.ClusterDomain != "cluster.local" {
+			t.Errorf("defaults: %v %q %q", c.DNSKernelCapture, c.DNSResolvConf, c.ClusterDomain)
+		}
+	}
+	c, _ := Load(nil, func(k string) string { return map[string]string{"ISTIO_META_DNS_PROXY_ADDR": "nonsense"}[k] })
+	if _, err := c.DNSPort(); err == nil || !strings.Contains(err.Error(), "ISTIO_META_DNS_PROXY_ADDR") {
+		t.Fatalf("bad DNS_PROXY_ADDR: %v", err)
+	}
+}

@@ -46,6 +46,13 @@ type decideDecideArgs struct {
 	Ret int32
 }
 
+type decideDnsConfig struct {
+	_       structs.HostLayout
+	Enabled uint32
+	Port    uint16
+	Pad     uint16
+}
+
 type decideEndpointKey struct {
 	_         structs.HostLayout
 	ServiceId uint32
@@ -185,6 +192,7 @@ type decideUdpAffinity struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	decideMapKmeshBackend  = "kmesh_backend"
+	decideMapKmeshDns      = "kmesh_dns"
 	decideMapKmeshEndpoint = "kmesh_endpoint"
 	decideMapKmeshEvents   = "kmesh_events"
 	decideMapKmeshFrontend = "kmesh_frontend"
@@ -252,6 +260,7 @@ type decideProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideMapSpecs struct {
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
@@ -293,6 +302,7 @@ func (o *decideObjects) Close() error {
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideMaps struct {
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
 	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
@@ -309,6 +319,7 @@ type decideMaps struct {
 func (m *decideMaps) Close() error {
 	return _DecideClose(
 		m.KmeshBackend,
+		m.KmeshDns,
 		m.KmeshEndpoint,
 		m.KmeshEvents,
 		m.KmeshFrontend,

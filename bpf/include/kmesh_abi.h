@@ -117,6 +117,16 @@ struct sock_orig {
 	__u16 pad2;
 };
 
+/* kmesh_dns (one element): whether enrolled pods' DNS (any destination,
+ * port 53, UDP and TCP) goes to the node proxy's DNS server on the pod's own
+ * loopback, and on which port. Written by the daemon; zero (the initial
+ * value) leaves DNS alone. */
+struct dns_config {
+	__u32 enabled;
+	__u16 port; /* the proxy's in-pod DNS port (15053), host order */
+	__u16 pad;
+};
+
 /* kmesh_tunnel key: a tunnelled connection as the node proxy sees it when it
  * accepts on the pod's loopback: the client's address and port inside the
  * pod's network namespace. */

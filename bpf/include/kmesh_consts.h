@@ -53,11 +53,12 @@
  * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
  * them alone. Connections that need HBONE are sent to its outbound listener
  * on the pod's own loopback. */
-#define KMESH_PROXY_MARK    0x539
-#define KMESH_OUTBOUND_PORT 15001
-#define KMESH_INBOUND_PORT  15006
-#define KMESH_HBONE_PORT    15008
-#define KMESH_DNS_PORT	    15053
+#define KMESH_PROXY_MARK	0x539
+#define KMESH_OUTBOUND_PORT	15001
+#define KMESH_INBOUND_PORT	15006
+#define KMESH_HBONE_PORT	15008
+#define KMESH_DNS_PORT		15053
+#define KMESH_DNS_UPSTREAM_PORT 53 /* what the DNS capture takes */
 
 /* Kubelet probes reach pods from this address once istio-cni's host rules
  * have SNATed them; like istio-cni's in-pod rules, inbound enforcement lets
@@ -98,6 +99,8 @@ enum kmesh_stat {
 	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
 	STAT_CONN_EVENT = 18,	      /* a kernel-path connection event queued for the daemon */
 	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
+	STAT_DNS_CAPTURED = 20,	      /* a pod's DNS (port 53) sent to its proxy's DNS server */
+	STAT_DNS_NO_STORAGE = 21,     /* ... not captured: no storage to restore the reply source */
 	STAT_MAX = 24,
 };
 

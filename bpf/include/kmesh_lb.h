@@ -45,6 +45,14 @@ static __always_inline int addr_eq(const __u32 a[4], const __u32 b[4])
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
+/* 127.0.0.0/8 (v4-mapped) or ::1. */
+static __always_inline int addr_is_loopback(const __u32 a[4])
+{
+	if (addr_is_v4mapped(a))
+		return (bpf_ntohl(a[3]) >> 24) == 127;
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
+}
+
 /* Reading records safely against element reuse (kmesh_maps.h). A field is
  * loaded exactly once, where the code says (volatile); the barrier keeps the
  * identity loads after the field loads. */

@@ -156,6 +156,14 @@ struct {
 	__type(value, __u32);
 } kmesh_proxy_sk SEC(".maps");
 
+/* DNS capture switch and port (struct dns_config, one element). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dns_config);
+} kmesh_dns SEC(".maps");
+
 /* Kernel-path connection events (struct conn_event) for the daemon's
  * telemetry: opened and closed, never per packet. Pinned like every map, so
  * a restarting daemon reads what closed while it was away; when full, the

@@ -111,7 +111,12 @@ func (n *Node) StartDaemon() error {
 			return err
 		}
 	}
+	resolv, err := c.writeResolvConf()
+	if err != nil {
+		return err
+	}
 	env := []string{
+		"KMESH_DNS_RESOLV_CONF=" + resolv,
 		"XDS_ADDRESS=" + c.cpAddr, "XDS_ROOT_CA=" + c.root, "ALT_XDS_HOSTNAME=istiod.istio-system.svc", "KMESH_TOKEN_FILE=" + token,
 		"CLUSTER_ID=" + ClusterID, "NODE_NAME=" + n.Name, "POD_NAME=ztunnel-" + n.Name, "POD_NAMESPACE=istio-system",
 		"INSTANCE_IP=" + n.Net.Uplink4().String(),

@@ -62,7 +62,14 @@ type Options struct {
 	// NoListenerHolder runs the daemons without a listener holder (their
 	// pods' listeners then die with them, as before the holder existed).
 	NoListenerHolder bool
-	Log              *slog.Logger
+	// DNSUpstreamHost, when set, makes the daemons' upstream resolver (the
+	// node's resolv.conf, KMESH_DNS_RESOLV_CONF) the address of that host
+	// number in the first node's pod prefix (DNSUpstream): a pod the test
+	// runs there (create it with that address in its status). Unset, the
+	// daemons have no upstream resolver at all: nothing they forward can
+	// leave the simulator.
+	DNSUpstreamHost int
+	Log             *slog.Logger
 }
 
 // Cluster is a running simulated cluster.
@@ -278,6 +285,31 @@ func (c *Cluster) nodeObject(n *Node) *corev1.Node {
 }
 
 // pinRootOf is where a node's daemon pins its maps.
+// DNSUpstream is the daemons' upstream resolver (Options.DNSUpstreamHost),
+// invalid when there is none.
+func (c *Cluster) DNSUpstream() netip.Addr {
+	if c.opts.DNSUpstreamHost <= 0 {
+		return netip.Addr{}
+	}
+	p4, _ := c.fabric.NodePrefixes(1)
+	a := p4.Masked().Addr()
+	for range c.opts.DNSUpstreamHost {
+		a = a.Next()
+	}
+	return a
+}
+
+// writeResolvConf writes the daemons' resolver configuration: the
+// simulator's upstream, or no nameserver at all, never the machine's.
+func (c *Cluster) writeResolvConf() (string, error) {
+	path := filepath.Join(c.RunDir, "resolv.conf")
+	text := "# kmesh simulator: no upstream resolver\n"
+	if a := c.DNSUpstream(); a.IsValid() {
+		text = "nameserver " + a.String() + "\noptions ndots:5\n"
+	}
+	return path, os.WriteFile(path, []byte(text), 0o644)
+}
+
 func (c *Cluster) pinRootOf(n *Node) string { return filepath.Join(c.pinRoot, n.Name) }
 
 // Maps opens a node's pinned maps for inspection (read-only).

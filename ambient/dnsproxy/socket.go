@@ -1,0 +1,152 @@
+package dnsproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/kernel"
+)
+
+// Port is where the DNS server listens in each pod (ztunnel's 15053; the
+// kernel's capture and istio-cni's rules send port 53 there).
+const Port = 15053
+
+// Sockets are one pod's DNS listeners, opened inside its network namespace.
+type Sockets struct {
+	UDP []*net.UDPConn
+	TCP []*net.TCPListener
+}
+
+// Close closes every socket.
+func (s *Sockets) Close() {
+	for _, c := range s.UDP {
+		c.Close()
+	}
+	for _, l := range s.TCP {
+		l.Close()
+	}
+}
+
+// OpenSockets opens the DNS listeners of the pod whose network namespace
+// is netns: UDP and TCP on 127.0.0.1:port (required) and [::1]:port (when
+// the pod has IPv6 loopback). They carry the proxy mark and SO_REUSEPORT,
+// so a new daemon binds beside an old one during an upgrade (the kernel
+// spreads queries over both until the old one closes). This is the only
+// place the pod's DNS sockets are created: a holder that keeps listeners
+// across a daemon crash opens them through it.
+func OpenSockets(netns *os.File, port int) (*Sockets, error) {
+	s := &Sockets{}
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		addr := net.JoinHostPort(host, fmt.Sprint(port))
+		var u net.PacketConn
+		var l net.Listener
+		err := kernel.InNetns(int(netns.Fd()), func() error {
+			lc := net.ListenConfig{Control: reuseMark}
+			var err error
+			if u, err = lc.ListenPacket(context.Background(), "udp", addr); err != nil {
+				return err
+			}
+			lc.SetMultipathTCP(false)
+			if l, err = lc.Listen(context.Background(), "tcp", addr); err != nil {
+				u.Close()
+				return err
+			}
+			return nil
+		})
+		if err != nil {
+			if host == "::1" && isNoV6(err) {
+				continue // a pod without IPv6 has no ::1
+			}
+			s.Close()
+			return nil, fmt.Errorf("DNS listeners on %s inside the pod: %w", addr, err)
+		}
+		s.UDP = append(s.UDP, u.(*net.UDPConn))
+		s.TCP = append(s.TCP, l.(*net.TCPListener))
+	}
+	return s, nil
+}
+
+func isNoV6(err error) bool {
+	return errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.EAFNOSUPPORT)
+}
+
+// reuseMark sets SO_REUSEPORT (an upgraded daemon listens beside us) and
+// the proxy mark (istio-cni's rules leave the proxy's packets alone).
+func reuseMark(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+			return
+		}
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// OwnSockets records sockets as the node proxy's own in the kernel
+// (bpf.Maps): the kernel's DNS capture and load balancing leave them alone.
+type OwnSockets interface {
+	MarkProxySocket(fd uintptr) error
+}
+
+// podDial dials from inside the pod whose namespace is nsFd: the socket is
+// created there on a locked thread (kernel.InNetns), carries the proxy mark
+// and is recorded in own before it connects, so the pod's own DNS capture
+// does not send it back to us. The connect itself (non-blocking) and the
+// wait for it happen on the caller's goroutine, in the runtime's poller.
+func podDial(inNetns func(func() error) error, own OwnSockets) Dial {
+	return func(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
+		dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+		family, typ := unix.AF_INET, unix.SOCK_DGRAM
+		if dst.Addr().Is6() {
+			family = unix.AF_INET6
+		}
+		if network == "tcp" {
+			typ = unix.SOCK_STREAM
+		}
+		fd := -1
+		err := inNetns(func() error {
+			s, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return os.NewSyscallError("socket", err)
+			}
+			fd = s
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		f := os.NewFile(uintptr(fd), network)
+		defer f.Close() // net.FileConn keeps a duplicate
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark); err != nil {
+			return nil, fmt.Errorf("SO_MARK: %w", err)
+		}
+		// Not recorded, the socket would be captured back to us: refuse.
+		if err := own.MarkProxySocket(uintptr(fd)); err != nil {
+			return nil, fmt.Errorf("recording the upstream socket as the proxy's own: %w", err)
+		}
+		var sa unix.Sockaddr
+		if dst.Addr().Is4() {
+			sa = &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}
+		} else {
+			sa = &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()}
+		}
+		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: net.UDPAddrFromAddrPort(dst), Err: os.NewSyscallError("connect", err)}
+		}
+		// A TCP connect still in progress completes (or fails) before the
+		// first write does: the runtime's poller waits for writability.
+		return net.FileConn(f)
+	}
+}
