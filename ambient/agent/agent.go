@@ -258,6 +258,9 @@ func (a *Agent) startDNS() error {
 		a.DNS = dnsproxy.New(dnsproxy.Config{View: a.Store, Upstream: up, Domain: a.cfg.ClusterDomain, Network: a.cfg.Network,
 			Port: int(port), Metrics: dnsproxy.NewMetrics(a.Reg), Log: a.log, Source: a.canonicalOf,
 			UpstreamFromPod: true, OwnSockets: a.DP.Maps, Ready: a.synced})
+		if a.holder != nil {
+			a.DNS.SetListeners(a.holder)
+		}
 		var servers []string
 		if up != nil {
 			servers = up.Servers()

@@ -43,7 +43,7 @@ func (m *meshPods) podAdded(uid, workloadUID string, info *zdsapi.WorkloadInfo, 
 	// DNS listeners first: once the tunnel's are open the pod is about to
 	// be enrolled, and the kernel sends its DNS to 15053 from then on.
 	if m.dns != nil {
-		if err := m.dns.AddPod(dnsproxy.Pod{UID: uid, WorkloadUID: workloadUID, Namespace: info.GetNamespace(), Netns: netns}); err != nil {
+		if err := m.dns.AddPod(dnsproxy.Pod{UID: uid, WorkloadUID: workloadUID, Namespace: info.GetNamespace(), Netns: netns, Cookie: cookie}); err != nil {
 			if m.ids != nil {
 				m.ids.Release(id)
 			}

@@ -17,6 +17,8 @@ type Metrics struct {
 	UpstreamFailures *prometheus.CounterVec
 	UpstreamDuration *prometheus.HistogramVec
 	Refused          *prometheus.CounterVec
+	// Listeners counts pods' DNS socket pairs at enrolment by how they came.
+	Listeners *prometheus.CounterVec
 }
 
 var dnsLabels = []string{"request_query_type", "request_protocol", "source_canonical_service", "source_canonical_revision"}
@@ -35,11 +37,19 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: []float64{0.001, 0.005, 0.01, 0.1, 1, 5}}, dnsLabels),
 		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_dns_refused_total",
 			Help: "DNS messages not answered normally, by reason: formerr (malformed), overload (per-pod bound hit)."}, []string{"reason"}),
+		Listeners: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kmesh_dns_listeners_total",
+			Help: "Pods' DNS socket pairs (UDP and TCP of one address) at enrolment, by how: reused (kept by the listener holder across a restart), opened, refused (a held socket that was not the pod's)."}, []string{"how"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Requests, m.UpstreamRequests, m.UpstreamFailures, m.UpstreamDuration, m.Refused)
+		reg.MustRegister(m.Requests, m.UpstreamRequests, m.UpstreamFailures, m.UpstreamDuration, m.Refused, m.Listeners)
 	}
 	return m
+}
+
+func (m *Metrics) listener(how string) {
+	if m != nil {
+		m.Listeners.WithLabelValues(how).Inc()
+	}
 }
 
 func (m *Metrics) request(l [4]string) {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
 
+	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/kernel"
 )
 
@@ -63,6 +65,11 @@ type Config struct {
 	InFlight int
 	TCPConns int
 	TCPIdle  time.Duration
+
+	// Listeners, when set, keeps every pod's DNS sockets beyond this
+	// daemon (the listener holder): a restarted daemon takes them back,
+	// with the questions that arrived meanwhile still queued.
+	Listeners ListenerStore
 }
 
 // Pod is one enrolled pod the server answers.
@@ -71,6 +78,9 @@ type Pod struct {
 	WorkloadUID string
 	Namespace   string
 	Netns       *os.File
+	// Cookie is the namespace's cookie: with UID, the key of the pod's
+	// sockets in Config.Listeners (0: not kept there).
+	Cookie uint64
 }
 
 // Server answers the DNS questions of every enrolled pod on the node.
@@ -86,6 +96,7 @@ type Server struct {
 type podServer struct {
 	pod      Pod
 	socks    *Sockets
+	keys     []holder.Key // the sockets' keys in Config.Listeners
 	inflight chan struct{}
 	tcpConns chan struct{}
 	ctx      context.Context
@@ -128,11 +139,20 @@ func New(cfg Config) *Server {
 // AddPod opens the pod's DNS listeners (OpenSockets) and serves them.
 // Adding a pod again replaces its listeners.
 func (s *Server) AddPod(p Pod) error {
-	socks, err := OpenSockets(p.Netns, s.cfg.Port)
+	socks, keys, err := s.claimSockets(p)
 	if err != nil {
 		return err
 	}
-	s.Serve(p, socks)
+	old := s.serve(p, socks, keys)
+	if old != nil && s.cfg.Listeners != nil {
+		// A recreated sandbox: the old namespace's sockets go from the
+		// store (the same keys were just put again).
+		for _, k := range old.keys {
+			if !slices.Contains(keys, k) {
+				s.cfg.Listeners.Drop(k)
+			}
+		}
+	}
 	return nil
 }
 
@@ -158,7 +178,10 @@ func (ps *podServer) inNetns(fn func() error) error {
 
 // Serve answers the questions arriving on socks, opened for p elsewhere
 // (a listener holder).
-func (s *Server) Serve(p Pod, socks *Sockets) {
+func (s *Server) Serve(p Pod, socks *Sockets) { s.serve(p, socks, nil) }
+
+// serve serves socks for p and returns the enrolment it replaced, closed.
+func (s *Server) serve(p Pod, socks *Sockets, keys []holder.Key) *podServer {
 	if p.Netns != nil {
 		// The caller's handle may close; keep our own for upstream sockets.
 		if fd, err := unix.FcntlInt(p.Netns.Fd(), unix.F_DUPFD_CLOEXEC, 0); err == nil {
@@ -167,7 +190,7 @@ func (s *Server) Serve(p Pod, socks *Sockets) {
 			p.Netns = nil
 		}
 	}
-	ps := &podServer{pod: p, socks: socks, inflight: make(chan struct{}, s.cfg.InFlight),
+	ps := &podServer{pod: p, socks: socks, keys: keys, inflight: make(chan struct{}, s.cfg.InFlight),
 		tcpConns: make(chan struct{}, s.cfg.TCPConns), conns: map[net.Conn]struct{}{}}
 	ps.ctx, ps.cancel = context.WithCancel(context.Background())
 	for _, u := range socks.UDP {
@@ -185,6 +208,7 @@ func (s *Server) Serve(p Pod, socks *Sockets) {
 	if old != nil {
 		old.close()
 	}
+	return old
 }
 
 // RemovePod closes the pod's listeners.
@@ -194,6 +218,11 @@ func (s *Server) RemovePod(uid string) {
 	delete(s.pods, uid)
 	s.mu.Unlock()
 	if ps != nil {
+		if s.cfg.Listeners != nil {
+			for _, k := range ps.keys {
+				s.cfg.Listeners.Drop(k)
+			}
+		}
 		ps.close()
 	}
 }

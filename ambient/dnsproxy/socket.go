@@ -12,7 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"kmesh.dev/kmesh/bpf"
-	"kmesh.dev/kmesh/kernel"
 )
 
 // Port is where the DNS server listens in each pod (ztunnel's 15053; the
@@ -46,21 +45,7 @@ func OpenSockets(netns *os.File, port int) (*Sockets, error) {
 	s := &Sockets{}
 	for _, host := range []string{"127.0.0.1", "::1"} {
 		addr := net.JoinHostPort(host, fmt.Sprint(port))
-		var u net.PacketConn
-		var l net.Listener
-		err := kernel.InNetns(int(netns.Fd()), func() error {
-			lc := net.ListenConfig{Control: reuseMark}
-			var err error
-			if u, err = lc.ListenPacket(context.Background(), "udp", addr); err != nil {
-				return err
-			}
-			lc.SetMultipathTCP(false)
-			if l, err = lc.Listen(context.Background(), "tcp", addr); err != nil {
-				u.Close()
-				return err
-			}
-			return nil
-		})
+		u, l, err := openAt(netns, addr)
 		if err != nil {
 			if host == "::1" && isNoV6(err) {
 				continue // a pod without IPv6 has no ::1
@@ -68,10 +53,27 @@ func OpenSockets(netns *os.File, port int) (*Sockets, error) {
 			s.Close()
 			return nil, fmt.Errorf("DNS listeners on %s inside the pod: %w", addr, err)
 		}
-		s.UDP = append(s.UDP, u.(*net.UDPConn))
-		s.TCP = append(s.TCP, l.(*net.TCPListener))
+		s.UDP = append(s.UDP, u)
+		s.TCP = append(s.TCP, l)
 	}
 	return s, nil
+}
+
+// listenBoth opens addr's UDP socket and TCP listener (in the calling
+// thread's namespace), marked and with SO_REUSEPORT.
+func listenBoth(addr string) (*net.UDPConn, *net.TCPListener, error) {
+	lc := net.ListenConfig{Control: reuseMark}
+	u, err := lc.ListenPacket(context.Background(), "udp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	lc.SetMultipathTCP(false)
+	l, err := lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		u.Close()
+		return nil, nil, err
+	}
+	return u.(*net.UDPConn), l.(*net.TCPListener), nil
 }
 
 func isNoV6(err error) bool {

@@ -333,4 +333,37 @@ func TestPrivilegedSimDNS(t *testing.T) {
 			t.Fatalf("%d of %d questions not answered: %v", res.Asked-res.Answered, res.Asked, res.Errors)
 		}
 	})
+	// The listener holder keeps the pods' DNS sockets while no daemon
+	// runs: a question asked meanwhile waits in the socket's buffer and is
+	// answered by the next daemon (within glibc's 5 s timeout, no retry).
+	t.Run("SIGKILL and restart loses no query", func(t *testing.T) {
+		var wg sync.WaitGroup
+		var res loopResult
+		var herr error
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			herr = shopClient.Helper(&res, "dnsloop", "-server", server, "-name", "cart.shop.svc.cluster.local.", "-want", "10.96.1.10",
+				"-for", "10s", "-every", "10ms", "-timeout", "5s")
+		}()
+		time.Sleep(2 * time.Second)
+		n := c.Nodes[0]
+		n.KillDaemon()
+		time.Sleep(500 * time.Millisecond)
+		if err := n.StartDaemon(); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.WaitReady(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		if herr != nil {
+			t.Fatal(herr)
+		}
+		t.Logf("%d questions across the crash, %d answered", res.Asked, res.Answered)
+		if res.Answered != res.Asked || res.Asked < 100 {
+			t.Fatalf("%d of %d questions not answered: %v", res.Asked-res.Answered, res.Asked, res.Errors)
+		}
+		requireMetric(t, n.Daemon, "kmesh_dns_listeners_total", `how="reused"`)
+	})
 }
