@@ -38,6 +38,7 @@ type Maps struct {
 	tunnel   *ebpf.Map
 	inproxy  *ebpf.Map
 	proxySk  *ebpf.Map
+	authz    *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -45,7 +46,8 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"]}
+		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
+		authz: byName["kmesh_authz"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -260,6 +262,36 @@ func (m *Maps) Backends() ([]Backend, error) {
 	return out, err
 }
 
+// PutAuthz writes kmesh_authz entries, replacing existing ones.
+func (m *Maps) PutAuthz(as []Authz) error {
+	keys := make([]sockAddrAuthzKey, len(as))
+	vals := make([]sockAddrAuthzValue, len(as))
+	for i, a := range as {
+		k, v, err := encodeAuthz(a)
+		if err != nil {
+			return err
+		}
+		keys[i], vals[i] = k, v
+	}
+	return batchUpdate(m.authz, keys, vals)
+}
+
+// DeleteAuthz removes kmesh_authz entries; absent keys are ignored.
+func (m *Maps) DeleteAuthz(ks []AuthzKey) error {
+	keys := make([]sockAddrAuthzKey, len(ks))
+	for i, k := range ks {
+		keys[i] = encodeAuthzKey(k)
+	}
+	return batchDelete(m.authz, keys)
+}
+
+// Authz dumps kmesh_authz.
+func (m *Maps) Authz() ([]Authz, error) {
+	var out []Authz
+	err := dump(m.authz, func(_ sockAddrAuthzKey, v sockAddrAuthzValue) { out = append(out, decodeAuthz(v)) })
+	return out, err
+}
+
 // Stat names, in the order of enum kmesh_stat.
 var statNames = []string{
 	"lb_service",
@@ -282,6 +314,10 @@ var statNames = []string{
 	"record_reused",
 	"conn_event",
 	"conn_event_drop",
+	"authz_allow",
+	"authz_deny",
+	"authz_no_entry",
+	"inbound_authed",
 }
 
 // Stats sums the per-CPU data path counters.

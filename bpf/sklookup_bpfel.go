@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type skLookupAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type skLookupAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type skLookupAuthzValue struct {
+	_      structs.HostLayout
+	Key    skLookupAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type skLookupBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -148,6 +174,8 @@ type skLookupUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	skLookupMapKmeshAuthed   = "kmesh_authed"
+	skLookupMapKmeshAuthz    = "kmesh_authz"
 	skLookupMapKmeshBackend  = "kmesh_backend"
 	skLookupMapKmeshEndpoint = "kmesh_endpoint"
 	skLookupMapKmeshEvents   = "kmesh_events"
@@ -212,6 +240,8 @@ type skLookupProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skLookupMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
@@ -252,6 +282,8 @@ func (o *skLookupObjects) Close() error {
 //
 // It can be passed to loadSkLookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skLookupMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
@@ -268,6 +300,8 @@ type skLookupMaps struct {
 
 func (m *skLookupMaps) Close() error {
 	return _SkLookupClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshEvents,

@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockAddrAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type sockAddrAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type sockAddrAuthzValue struct {
+	_      structs.HostLayout
+	Key    sockAddrAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type sockAddrBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -150,6 +176,8 @@ type sockAddrUdpSlot struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockAddrMapKmeshAuthed    = "kmesh_authed"
+	sockAddrMapKmeshAuthz     = "kmesh_authz"
 	sockAddrMapKmeshBackend   = "kmesh_backend"
 	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
 	sockAddrMapKmeshEvents    = "kmesh_events"
@@ -229,6 +257,8 @@ type sockAddrProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockAddrMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
@@ -270,6 +300,8 @@ func (o *sockAddrObjects) Close() error {
 //
 // It can be passed to loadSockAddrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockAddrMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
@@ -286,6 +318,8 @@ type sockAddrMaps struct {
 
 func (m *sockAddrMaps) Close() error {
 	return _SockAddrClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshEvents,

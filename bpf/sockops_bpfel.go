@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockOpsAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type sockOpsAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type sockOpsAuthzValue struct {
+	_      structs.HostLayout
+	Key    sockOpsAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type sockOpsBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -169,6 +195,8 @@ type sockOpsUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockOpsMapKmeshAuthed   = "kmesh_authed"
+	sockOpsMapKmeshAuthz    = "kmesh_authz"
 	sockOpsMapKmeshBackend  = "kmesh_backend"
 	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
 	sockOpsMapKmeshEvents   = "kmesh_events"
@@ -235,6 +263,8 @@ type sockOpsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
@@ -277,6 +307,8 @@ func (o *sockOpsObjects) Close() error {
 //
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
@@ -293,6 +325,8 @@ type sockOpsMaps struct {
 
 func (m *sockOpsMaps) Close() error {
 	return _SockOpsClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshEvents,

@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type decideAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type decideAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type decideAuthzValue struct {
+	_      structs.HostLayout
+	Key    decideAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type decideBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -43,7 +69,8 @@ type decideDecideArgs struct {
 		Rewritten uint8
 		BackendId uint32
 	}
-	Ret int32
+	Ret   int32
+	SrcId uint32
 }
 
 type decideEndpointKey struct {
@@ -184,6 +211,8 @@ type decideUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	decideMapKmeshAuthed   = "kmesh_authed"
+	decideMapKmeshAuthz    = "kmesh_authz"
 	decideMapKmeshBackend  = "kmesh_backend"
 	decideMapKmeshEndpoint = "kmesh_endpoint"
 	decideMapKmeshEvents   = "kmesh_events"
@@ -251,6 +280,8 @@ type decideProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
@@ -292,6 +323,8 @@ func (o *decideObjects) Close() error {
 //
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
 	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
@@ -308,6 +341,8 @@ type decideMaps struct {
 
 func (m *decideMaps) Close() error {
 	return _DecideClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshEndpoint,
 		m.KmeshEvents,

@@ -40,14 +40,24 @@
 #define PATH_WAYPOINT	 4 /* the node proxy carries it over HBONE to the waypoint */
 #define PATH_BALANCE	 5 /* a service port: choose a backend, follow its verdict */
 #define PATH_PASSTHROUGH 6 /* a PASSTHROUGH service: leave the destination alone */
-#define PATH_MAX	 7
+#define PATH_AUTHZ                                                                                 \
+	7 /* a mesh workload on this node with policies the kernel                                 \
+	   * evaluates (kmesh_authz): DIRECT when they allow the                                   \
+	   * connecting pod, REFUSE when they deny it, TUNNEL when                                 \
+	   * the kernel has no verdict for the pair */
+#define PATH_MAX 8
 
 /* backend_value.flags: what the verdicts were decided from, for dumps and
  * logs only; no program reads them. */
-#define BACKEND_F_HBONE	   0x1 /* the workload accepts HBONE on 15008 */
-#define BACKEND_F_LOCAL	   0x2 /* the workload runs on this node */
-#define BACKEND_F_WAYPOINT 0x4 /* the workload has a waypoint of its own */
-#define BACKEND_F_POLICY   0x8 /* authorization policies apply to the workload */
+#define BACKEND_F_HBONE	   0x1	/* the workload accepts HBONE on 15008 */
+#define BACKEND_F_LOCAL	   0x2	/* the workload runs on this node */
+#define BACKEND_F_WAYPOINT 0x4	/* the workload has a waypoint of its own */
+#define BACKEND_F_POLICY   0x8	/* authorization policies apply to the workload */
+#define BACKEND_F_KAUTHZ   0x10 /* ... and the kernel evaluates them (PATH_AUTHZ) */
+
+/* Ports one kmesh_authz entry can single out (authz_value.ports): a
+ * destination whose policies name more ports than this takes the tunnel. */
+#define KMESH_AUTHZ_PORTS 16
 
 /* The node proxy (kmesh-daemon's tunnel): its sockets carry this mark, as
  * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
@@ -67,6 +77,7 @@
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1
 #define CONN_EV_CLOSE	  2
+#define CONN_EV_DENY	  3 /* a connect the destination's policies refused (PATH_AUTHZ) */
 #define CONN_DIR_OUTBOUND 1 /* the pod connected */
 #define CONN_DIR_INBOUND  2 /* the pod accepted */
 
@@ -98,6 +109,11 @@ enum kmesh_stat {
 	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
 	STAT_CONN_EVENT = 18,	      /* a kernel-path connection event queued for the daemon */
 	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
+	STAT_AUTHZ_ALLOW = 20,	      /* same-node connect allowed by the kernel's policy verdict */
+	STAT_AUTHZ_DENY = 21,	      /* ... denied by it: refused (ECONNREFUSED) */
+	STAT_AUTHZ_NO_ENTRY = 22,     /* ... no verdict for the pair: sent to the tunnel */
+	STAT_INBOUND_AUTHED =
+	    23, /* inbound plaintext the connect program authorized: not steered */
 	STAT_MAX = 24,
 };
 
