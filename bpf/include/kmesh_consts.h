@@ -40,12 +40,11 @@
 #define PATH_WAYPOINT	 4 /* the node proxy carries it over HBONE to the waypoint */
 #define PATH_BALANCE	 5 /* a service port: choose a backend, follow its verdict */
 #define PATH_PASSTHROUGH 6 /* a PASSTHROUGH service: leave the destination alone */
-#define PATH_AUTHZ                                                                                 \
-	7 /* a mesh workload on this node with policies the kernel                                 \
-	   * evaluates (kmesh_authz): DIRECT when they allow the                                   \
-	   * connecting pod, REFUSE when they deny it, TUNNEL when                                 \
-	   * the kernel has no verdict for the pair */
-#define PATH_MAX 8
+/* PATH_AUTHZ: a mesh workload on this node whose policies the kernel
+ * evaluates (kmesh_authz): DIRECT when they allow the connecting pod, REFUSE
+ * when they deny it, TUNNEL when the kernel has no verdict for the pair. */
+#define PATH_AUTHZ 7
+#define PATH_MAX   8
 
 /* backend_value.flags: what the verdicts were decided from, for dumps and
  * logs only; no program reads them. */
@@ -112,8 +111,7 @@ enum kmesh_stat {
 	STAT_AUTHZ_ALLOW = 20,	      /* same-node connect allowed by the kernel's policy verdict */
 	STAT_AUTHZ_DENY = 21,	      /* ... denied by it: refused (ECONNREFUSED) */
 	STAT_AUTHZ_NO_ENTRY = 22,     /* ... no verdict for the pair: sent to the tunnel */
-	STAT_INBOUND_AUTHED =
-	    23, /* inbound plaintext the connect program authorized: not steered */
+	STAT_INBOUND_AUTHED = 23,     /* inbound plaintext authorized at connect: not steered */
 	STAT_MAX = 24,
 };
 
