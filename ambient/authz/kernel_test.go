@@ -20,12 +20,11 @@ var (
 	kPorts      = []uint32{80, 443, 8080, 9090}
 )
 
-
 func kpeers(r *rand.Rand) []authz.Peer {
 	var out []authz.Peer
 	for i := range 5 {
 		p := authz.Peer{ID: uint32(i + 1),
-			Addrs: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, 1, byte(10 + i)}), netip.AddrFrom16([16]byte{0xfd, 0, 15: byte(10 + i)})},
+			Addrs:    []netip.Addr{netip.AddrFrom4([4]byte{10, 244, 1, byte(10 + i)}), netip.AddrFrom16([16]byte{0xfd, 0, 15: byte(10 + i)})},
 			Identity: &spiffe.Identity{TrustDomain: "cluster.local", Namespace: kNamespaces[r.IntN(3)], ServiceAccount: kSAs[r.IntN(3)]}}
 		if i == 4 {
 			p.Identity = nil // unknown: no verdict, its connections take the tunnel
