@@ -83,6 +83,9 @@ type Dataplane struct {
 	orphans *orphans
 	// authzLive mirrors kmesh_authz (kauthz.go); nil until first read.
 	authzLive map[bpf.AuthzKey]bpf.Authz
+	// authzWhy: local workloads whose policies the kernel does not hold,
+	// with the reason last logged.
+	authzWhy map[string]string
 	Stats     Stats
 }
 

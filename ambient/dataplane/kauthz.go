@@ -94,6 +94,14 @@ func (d *Dataplane) syncAuthz() error {
 // (tunnel).
 func (d *Dataplane) authzWant() (want map[bpf.AuthzKey]bpf.Authz, kernel, tunnel int) {
 	want = map[bpf.AuthzKey]bpf.Authz{}
+	if d.authzWhy == nil {
+		d.authzWhy = map[string]string{}
+	}
+	for uid := range d.authzWhy {
+		if d.workloads[uid] == nil {
+			delete(d.authzWhy, uid)
+		}
+	}
 	src := d.source()
 	var srcs []authz.Peer
 	var dsts []*resolvedWorkload
@@ -110,8 +118,14 @@ func (d *Dataplane) authzWant() (want map[bpf.AuthzKey]bpf.Authz, kernel, tunnel
 		if b := d.backendOf(w); b.KernelAuthz {
 			dsts = append(dsts, w)
 			kernel++
+			delete(d.authzWhy, uid)
 		} else {
 			tunnel++
+			if d.authzWhy[uid] != w.kreason {
+				d.authzWhy[uid] = w.kreason
+				d.log.Info("same-node connections to this workload are authorized by the tunnel, not the kernel",
+					"workload", uid, "reason", w.kreason)
+			}
 		}
 	}
 	for _, w := range dsts {
