@@ -86,7 +86,7 @@ type Dataplane struct {
 	// authzWhy: local workloads whose policies the kernel does not hold,
 	// with the reason last logged.
 	authzWhy map[string]string
-	Stats     Stats
+	Stats    Stats
 }
 
 type feEntry struct {
