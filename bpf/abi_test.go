@@ -102,6 +102,10 @@ func TestABIConstants(t *testing.T) {
 		"BACKEND_F_LOCAL":     backendFlagLocal,
 		"BACKEND_F_WAYPOINT":  backendFlagWaypoint,
 		"BACKEND_F_POLICY":    backendFlagPolicy,
+		"BACKEND_F_KAUTHZ":    backendFlagKAuthz,
+		"KMESH_AUTHZ_PORTS":   AuthzPorts,
+		"PATH_AUTHZ":          int(PathAuthz),
+		"CONN_EV_DENY":        int(ConnDeny),
 		"PATH_REFUSE":         int(PathRefuse),
 		"PATH_DIRECT":         int(PathDirect),
 		"PATH_PLAIN":          int(PathPlain),
@@ -122,7 +126,14 @@ func TestABIConstants(t *testing.T) {
 			t.Errorf("%s: header %d (found %v), Go %d", name, c, ok, goVal)
 		}
 	}
-	// Stat names follow enum kmesh_stat order.
+	// Stat names follow enum kmesh_stat order; kmesh_stats' frozen size
+	// and the extension's room are the header's.
+	if consts["STAT_MAX"] != statMax {
+		t.Errorf("STAT_MAX: header %d, Go %d (kmesh_stats' size is frozen: counters beyond go to kmesh_stats_ext)", consts["STAT_MAX"], statMax)
+	}
+	if n := len(statNames) - statMax; n > consts["STAT_EXT_MAX"] {
+		t.Errorf("%d counters beyond STAT_MAX, kmesh_stats_ext has room for %d", n, consts["STAT_EXT_MAX"])
+	}
 	for i, name := range statNames {
 		cName := "STAT_" + strings.ToUpper(name)
 		if c, ok := consts[cName]; !ok || c != i {

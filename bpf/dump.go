@@ -36,6 +36,9 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_proxy_sk":  dumpProxySockets,
 	"kmesh_events":    dumpEvents,
 	"kmesh_dns":       dumpDNS,
+	"kmesh_stats_ext": dumpStatsExt,
+	"kmesh_authz":     dumpAuthz,
+	"kmesh_authed":    dumpAuthed,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -117,7 +120,7 @@ func BackendInputs(b Backend) string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{b.HBONE, "hbone"}, {b.Local, "local"}, {b.Waypoint, "waypoint"}, {b.Policy, "policy"}} {
+	}{{b.HBONE, "hbone"}, {b.Local, "local"}, {b.Waypoint, "waypoint"}, {b.Policy, "policy"}, {b.KernelAuthz, "kernel-authz"}} {
 		if f.on {
 			from = append(from, f.name)
 		}
@@ -136,6 +139,36 @@ func dumpBackends(m *Maps) (Table, error) {
 		t.Rows = append(t.Rows, []string{fmt.Sprint(b.ID), addrOrDash(b.Addr4), addrOrDash(b.Addr6), fmt.Sprint(b.Capacity), fmt.Sprint(b.Identity),
 			b.PathSvc.String(), b.PathAddr.String(), b.PathUDP.String(), b.PathIn.String(), BackendInputs(b)})
 	}
+	return t, err
+}
+
+func dumpAuthz(m *Maps) (Table, error) {
+	as, err := m.Authz()
+	t := Table{Header: []string{"DESTINATION", "SOURCE", "FAMILY", "VERDICT", "EXCEPT PORTS (OTHER VERDICT)"}}
+	for _, a := range as {
+		verdict, fam, except := "deny", "ipv4", "-"
+		if a.Allow {
+			verdict = "allow"
+		}
+		if a.Key.Family == FamilyV6 {
+			fam = "ipv6"
+		}
+		if len(a.Except) > 0 {
+			except = strings.Trim(fmt.Sprint(a.Except), "[]")
+		}
+		t.Rows = append(t.Rows, []string{fmt.Sprint(a.Key.Dst), fmt.Sprint(a.Key.Src), fam, verdict, except})
+	}
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpAuthed(m *Maps) (Table, error) {
+	t := Table{Header: []string{"CLIENT", "SERVER", "SOURCE BACKEND"}}
+	err := dump(m.byName["kmesh_authed"], func(k sockAddrAuthedKey, v uint32) {
+		t.Rows = append(t.Rows, []string{netip.AddrPortFrom(wordsAddr(k.Src).Unmap(), ntohs(k.SrcPort)).String(),
+			netip.AddrPortFrom(wordsAddr(k.Dst).Unmap(), ntohs(k.DstPort)).String(), fmt.Sprint(v)})
+	})
+	sortRows(t.Rows)
 	return t, err
 }
 
@@ -168,6 +201,10 @@ func dumpStats(m *Maps) (Table, error) {
 		t.Rows = append(t.Rows, []string{n, fmt.Sprint(st[n])})
 	}
 	return t, err
+}
+
+func dumpStatsExt(*Maps) (Table, error) {
+	return Table{Note: "counters beyond kmesh_stats' frozen size: listed with kmesh_stats"}, nil
 }
 
 func dumpSockOrig(m *Maps) (Table, error) {

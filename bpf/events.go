@@ -18,6 +18,11 @@ type ConnEventKind uint8
 const (
 	ConnOpen  ConnEventKind = 1 // CONN_EV_OPEN: established
 	ConnClose ConnEventKind = 2 // CONN_EV_CLOSE: reached TCP_CLOSE
+	// ConnDeny (CONN_EV_DENY): a connect the destination's policies refused
+	// in the kernel (PathAuthz). No local address or port (the socket never
+	// got one); Remote is the destination workload, Orig what was dialled
+	// when a service was balanced, BackendID the destination's backend.
+	ConnDeny ConnEventKind = 3
 )
 
 // ConnDirection says which end of the connection the enrolled pod is.

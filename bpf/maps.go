@@ -35,17 +35,20 @@ type Maps struct {
 	endpoint *ebpf.Map
 	backend  *ebpf.Map
 	stats    *ebpf.Map
+	statsExt *ebpf.Map // kmesh_stats_ext: counters from statMax on
 	tunnel   *ebpf.Map
 	inproxy  *ebpf.Map
 	proxySk  *ebpf.Map
+	authz    *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
 func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
-		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"]}
+		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"], statsExt: byName["kmesh_stats_ext"],
+		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
+		authz: byName["kmesh_authz"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -260,6 +263,40 @@ func (m *Maps) Backends() ([]Backend, error) {
 	return out, err
 }
 
+// PutAuthz writes kmesh_authz entries, replacing existing ones.
+func (m *Maps) PutAuthz(as []Authz) error {
+	keys := make([]sockAddrAuthzKey, len(as))
+	vals := make([]sockAddrAuthzValue, len(as))
+	for i, a := range as {
+		k, v, err := encodeAuthz(a)
+		if err != nil {
+			return err
+		}
+		keys[i], vals[i] = k, v
+	}
+	return batchUpdate(m.authz, keys, vals)
+}
+
+// DeleteAuthz removes kmesh_authz entries; absent keys are ignored.
+func (m *Maps) DeleteAuthz(ks []AuthzKey) error {
+	keys := make([]sockAddrAuthzKey, len(ks))
+	for i, k := range ks {
+		keys[i] = encodeAuthzKey(k)
+	}
+	return batchDelete(m.authz, keys)
+}
+
+// Authz dumps kmesh_authz.
+func (m *Maps) Authz() ([]Authz, error) {
+	var out []Authz
+	err := dump(m.authz, func(_ sockAddrAuthzKey, v sockAddrAuthzValue) { out = append(out, decodeAuthz(v)) })
+	return out, err
+}
+
+// statMax is STAT_MAX: kmesh_stats' size (frozen), where kmesh_stats_ext
+// takes over (TestStatNames checks both against the object).
+const statMax = 24
+
 // Stat names, in the order of enum kmesh_stat.
 var statNames = []string{
 	"lb_service",
@@ -284,6 +321,10 @@ var statNames = []string{
 	"conn_event_drop",
 	"dns_captured",
 	"dns_no_storage",
+	"authz_allow",
+	"authz_deny",
+	"authz_no_entry",
+	"inbound_authed",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -291,7 +332,11 @@ func (m *Maps) Stats() (map[string]uint64, error) {
 	out := make(map[string]uint64, len(statNames))
 	for i, name := range statNames {
 		var perCPU []uint64
-		if err := m.stats.Lookup(uint32(i), &perCPU); err != nil {
+		sm, idx := m.stats, uint32(i)
+		if i >= statMax {
+			sm, idx = m.statsExt, uint32(i-statMax)
+		}
+		if err := sm.Lookup(idx, &perCPU); err != nil {
 			return nil, fmt.Errorf("reading kmesh_stats[%s]: %w", name, err)
 		}
 		var sum uint64

@@ -88,6 +88,7 @@ int kmesh_inbound(struct bpf_sk_lookup *ctx)
 	/* Read every context field once: the verifier refuses a context
 	 * pointer the compiler offsets to share a load between branches. */
 	__u32 rip4 = ctx->remote_ip4, lip4 = ctx->local_ip4;
+	__u16 rport = ctx->remote_port;
 	__u32 rip6[4] = {ctx->remote_ip6[0], ctx->remote_ip6[1], ctx->remote_ip6[2],
 			 ctx->remote_ip6[3]};
 	__u32 lip6[4] = {ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2],
@@ -108,6 +109,29 @@ int kmesh_inbound(struct bpf_sk_lookup *ctx)
 	__u8 path = inbound_path(key.addr);
 	if (path == PATH_DIRECT)
 		return SK_PASS;
+	/* A same-node connection the connect program authorized against this
+	 * destination's policies (with the identity the kernel attests) is
+	 * not authorized again without one at 15006. The tuple was written by
+	 * sockops from the client socket's own record; a pod outside the mesh
+	 * cannot write it, and a forged SYN with another pod's tuple gets its
+	 * SYN-ACK routed to that pod, which resets it. */
+	if (path == PATH_TUNNEL) {
+		struct authed_key ak = {
+		    .src_port = rport, /* already network order in this context */
+		    .dst_port = bpf_htons((__u16)port),
+		};
+		if (family == AF_INET) {
+			addr_set_v4(ak.src, rip4);
+			addr_set_v4(ak.dst, lip4);
+		} else {
+			__builtin_memcpy(ak.src, rip6, sizeof(ak.src));
+			__builtin_memcpy(ak.dst, lip6, sizeof(ak.dst));
+		}
+		if (bpf_map_lookup_elem(&kmesh_authed, &ak)) {
+			stat_inc(STAT_INBOUND_AUTHED);
+			return SK_PASS;
+		}
+	}
 	if (path != PATH_TUNNEL) {
 		stat_inc(STAT_PATH_REFUSED);
 		return SK_DROP;

@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type skLookupAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type skLookupAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type skLookupAuthzValue struct {
+	_      structs.HostLayout
+	Key    skLookupAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type skLookupBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -155,6 +181,8 @@ type skLookupUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	skLookupMapKmeshAuthed   = "kmesh_authed"
+	skLookupMapKmeshAuthz    = "kmesh_authz"
 	skLookupMapKmeshBackend  = "kmesh_backend"
 	skLookupMapKmeshDns      = "kmesh_dns"
 	skLookupMapKmeshEndpoint = "kmesh_endpoint"
@@ -166,6 +194,7 @@ const (
 	skLookupMapKmeshService  = "kmesh_service"
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
 	skLookupMapKmeshStats    = "kmesh_stats"
+	skLookupMapKmeshStatsExt = "kmesh_stats_ext"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
 	skLookupMapKmeshUdp      = "kmesh_udp"
 	skLookupProgKmeshInbound = "kmesh_inbound"
@@ -220,6 +249,8 @@ type skLookupProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skLookupMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
@@ -231,6 +262,7 @@ type skLookupMapSpecs struct {
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
@@ -261,6 +293,8 @@ func (o *skLookupObjects) Close() error {
 //
 // It can be passed to loadSkLookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skLookupMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
@@ -272,12 +306,15 @@ type skLookupMaps struct {
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *skLookupMaps) Close() error {
 	return _SkLookupClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshDns,
 		m.KmeshEndpoint,
@@ -289,6 +326,7 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,
+		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
 	)

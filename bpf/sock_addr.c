@@ -47,10 +47,60 @@ char _license[] SEC("license") = "Dual BSD/GPL";
  * look at their peer can turn it off. Set at load time. */
 const volatile __u32 cfg_peer_vip = 1;
 
+/* The connecting pod's workload (backend id) from its enrolment, 0 while
+ * unknown. Read twice through two lookups: an element reused for another
+ * namespace between the lookup and the read (kmesh_maps.h) would name
+ * another pod's workload, and the second lookup of our cookie does not find
+ * that element any more. */
+static __always_inline __u32 source_workload(__u64 cookie)
+{
+	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+
+	if (!mv)
+		return 0;
+	__u32 id = KMESH_READ(mv->backend_id);
+	kmesh_barrier();
+	mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+	if (!mv || KMESH_READ(mv->backend_id) != id)
+		return 0; /* changing under us: no identity, the tunnel decides */
+	return id;
+}
+
+/* A connect the destination's policies refused in the kernel: counted
+ * (STAT_AUTHZ_DENY, in authz_decide) and reported to the daemon's telemetry
+ * as a CONN_EV_DENY record (an access-log line), never waited for. */
+static __always_inline void deny_event(struct bpf_sock_addr *ctx, const struct frontend_key *key,
+				       const struct decision *d, __u64 cookie)
+{
+	struct conn_event *e = bpf_ringbuf_reserve(&kmesh_events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(STAT_CONN_EVENT_DROP);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->sock_cookie = bpf_get_socket_cookie(ctx);
+	e->netns_cookie = cookie;
+	e->ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(e->remote_addr, d->addr, sizeof(e->remote_addr));
+	e->remote_port = d->port;
+	if (d->rewritten) {
+		__builtin_memcpy(e->orig_addr, key->addr, sizeof(e->orig_addr));
+		e->orig_port = key->port;
+	}
+	e->kind = CONN_EV_DENY;
+	e->direction = CONN_DIR_OUTBOUND;
+	e->backend_id = d->backend_id;
+	bpf_ringbuf_submit(e, 0);
+	stat_inc(STAT_CONN_EVENT);
+}
+
 /* Decides where an enrolled pod's connect() goes (kmesh_decide.h). Returns
- * 0 with *d filled, or a negative errno to refuse. */
+ * 0 with *d filled, or a negative errno to refuse. *authed is set when the
+ * destination's policies allowed the connection in the kernel (PATH_AUTHZ
+ * became PATH_DIRECT). */
 static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct frontend_key *key,
-					  struct decision *d)
+					  struct decision *d, int *authed)
 {
 	struct lb_rand rnd;
 
@@ -58,6 +108,7 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
 	d->port = key->port;
 	d->path = PATH_PLAIN;
 	d->rewritten = 0;
+	*authed = 0;
 	if (!is_managed(ctx))
 		return 0;
 	/* The node proxy's own sockets (HBONE to a peer, the app behind an
@@ -68,7 +119,15 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
 		return 0;
 	rnd.slot = bpf_get_prandom_u32();
 	rnd.coin = bpf_get_prandom_u32();
-	return decide(key, &rnd, d);
+	int err = decide(key, &rnd, d);
+	if (err || d->path != PATH_AUTHZ)
+		return err;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	err = authz_decide(d, source_workload(cookie));
+	if (err)
+		deny_event(ctx, key, d, cookie);
+	*authed = d->path == PATH_DIRECT;
+	return err;
 }
 
 /* Remembers, in the socket's storage, what the application dialled, where
@@ -79,12 +138,14 @@ static __always_inline int connect_decide(struct bpf_sock_addr *ctx, struct fron
  * where to go). */
 static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct frontend_key *key,
 					 const struct decision *d, const __u32 peer[4],
-					 __u16 peer_port)
+					 __u16 peer_port, int authed)
 {
 	struct sock_orig *so;
 	int proxied = path_via_proxy(d->path);
 
-	if (!cfg_peer_vip && !proxied)
+	/* An authorized connection is always remembered: sockops tells the
+	 * destination's inbound program about it from this record. */
+	if (!cfg_peer_vip && !proxied && !authed)
 		return 0;
 	so = bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!so) {
@@ -97,7 +158,7 @@ static __always_inline int remember_orig(struct bpf_sock_addr *ctx, const struct
 	}
 	__builtin_memcpy(so->addr, key->addr, sizeof(so->addr));
 	so->port = key->port;
-	so->path = d->path;
+	so->path = authed ? PATH_AUTHZ : d->path;
 	__builtin_memcpy(so->peer_addr, peer, sizeof(so->peer_addr));
 	so->peer_port = peer_port;
 	if (d->path == PATH_WAYPOINT) {
@@ -188,23 +249,25 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, struct fron
 					  __u32 peer[4], __u16 *peer_port)
 {
 	struct decision d;
+	int authed;
 
 	if (dns_capture(ctx, key, peer, peer_port))
 		return CONNECT_REWRITE;
-	int err = connect_decide(ctx, key, &d);
+	int err = connect_decide(ctx, key, &d, &authed);
 	if (err)
 		return err;
 	if (path_via_proxy(d.path)) {
 		outbound_listener(key->addr, peer);
 		*peer_port = bpf_htons(KMESH_OUTBOUND_PORT);
 		stat_inc(STAT_TUNNEL);
-	} else if (d.rewritten) {
+	} else if (d.rewritten || authed) {
+		/* A workload dialled by its own address is its own peer. */
 		__builtin_memcpy(peer, d.addr, sizeof(d.addr));
 		*peer_port = d.port;
 	} else {
 		return CONNECT_PASS;
 	}
-	err = remember_orig(ctx, key, &d, peer, *peer_port);
+	err = remember_orig(ctx, key, &d, peer, *peer_port, authed);
 	if (err)
 		return err;
 	return CONNECT_REWRITE;

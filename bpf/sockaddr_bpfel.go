@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockAddrAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type sockAddrAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type sockAddrAuthzValue struct {
+	_      structs.HostLayout
+	Key    sockAddrAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type sockAddrBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -157,6 +183,8 @@ type sockAddrUdpSlot struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockAddrMapKmeshAuthed    = "kmesh_authed"
+	sockAddrMapKmeshAuthz     = "kmesh_authz"
 	sockAddrMapKmeshBackend   = "kmesh_backend"
 	sockAddrMapKmeshDns       = "kmesh_dns"
 	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
@@ -168,6 +196,7 @@ const (
 	sockAddrMapKmeshService   = "kmesh_service"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshStats     = "kmesh_stats"
+	sockAddrMapKmeshStatsExt  = "kmesh_stats_ext"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
 	sockAddrMapKmeshUdp       = "kmesh_udp"
 	sockAddrProgKmeshConnect4 = "kmesh_connect4"
@@ -237,6 +266,8 @@ type sockAddrProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockAddrMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
@@ -248,6 +279,7 @@ type sockAddrMapSpecs struct {
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
@@ -279,6 +311,8 @@ func (o *sockAddrObjects) Close() error {
 //
 // It can be passed to loadSockAddrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockAddrMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
@@ -290,12 +324,15 @@ type sockAddrMaps struct {
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockAddrMaps) Close() error {
 	return _SockAddrClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshDns,
 		m.KmeshEndpoint,
@@ -307,6 +344,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,
+		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
 	)

@@ -100,6 +100,37 @@ struct conn_tuple {
 	__u16 remote_port;
 };
 
+/* Same-node authorization at connect (PATH_AUTHZ allowed, sock_addr.c): as
+ * the SYN is about to leave, the connection's 4-tuple goes into
+ * kmesh_authed, where the destination pod's inbound program (sk_lookup.c)
+ * finds it and lets it reach the application rather than the proxy's 15006.
+ * Only these programs write the map, from a record only the connect program
+ * writes (socket storage). At TCP_CLOSE the entry goes (when the state
+ * callback is on; otherwise it ages out of the LRU). */
+static __always_inline void record_authed(struct bpf_sock_ops *skops, const struct conn_tuple *t,
+					  int add)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return;
+	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, sk, NULL, 0);
+	if (!so || so->path != PATH_AUTHZ)
+		return;
+	struct authed_key k = {
+	    .src_port = t->local_port,
+	    .dst_port = t->remote_port,
+	};
+	__builtin_memcpy(k.src, t->local, sizeof(k.src));
+	__builtin_memcpy(k.dst, t->remote, sizeof(k.dst));
+	if (add) {
+		__u32 one = 1;
+		bpf_map_update_elem(&kmesh_authed, &k, &one, BPF_ANY);
+	} else {
+		bpf_map_delete_elem(&kmesh_authed, &k);
+	}
+}
+
 /* Context fields are loaded through volatile pointers, each exactly once
  * and up front: otherwise the compiler sinks them into the branches below
  * and offsets the context pointer to share one load, which the verifier
@@ -238,6 +269,7 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		read_tuple(skops, &t);
+		record_authed(skops, &t, 1);
 		if (cfg_conn_events && conn_tracked(skops, &t, 0, &backend_id))
 			bpf_sock_ops_cb_flags_set(skops,
 						  skops->bpf_sock_ops_cb_flags | CONN_TRACKED);
@@ -260,6 +292,7 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			read_tuple(skops, &t);
+			record_authed(skops, &t, 0);
 			conn_emit(skops, &t, CONN_EV_CLOSE, (__u8)skops->args[0], 0);
 		}
 		break;

@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockOpsAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type sockOpsAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type sockOpsAuthzValue struct {
+	_      structs.HostLayout
+	Key    sockOpsAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type sockOpsBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -176,6 +202,8 @@ type sockOpsUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockOpsMapKmeshAuthed   = "kmesh_authed"
+	sockOpsMapKmeshAuthz    = "kmesh_authz"
 	sockOpsMapKmeshBackend  = "kmesh_backend"
 	sockOpsMapKmeshDns      = "kmesh_dns"
 	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
@@ -187,6 +215,7 @@ const (
 	sockOpsMapKmeshService  = "kmesh_service"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshStats    = "kmesh_stats"
+	sockOpsMapKmeshStatsExt = "kmesh_stats_ext"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
@@ -243,6 +272,8 @@ type sockOpsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
@@ -254,6 +285,7 @@ type sockOpsMapSpecs struct {
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
@@ -286,6 +318,8 @@ func (o *sockOpsObjects) Close() error {
 //
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
@@ -297,12 +331,15 @@ type sockOpsMaps struct {
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *sockOpsMaps) Close() error {
 	return _SockOpsClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshDns,
 		m.KmeshEndpoint,
@@ -314,6 +351,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,
+		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
 	)

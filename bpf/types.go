@@ -77,10 +77,15 @@ const (
 	PathWaypoint    Path = 4 // the node proxy carries it over HBONE to the waypoint
 	PathBalance     Path = 5 // a service port: choose a backend, follow its verdict
 	PathPassthrough Path = 6 // a PASSTHROUGH service: leave the destination alone
-	pathMax         Path = 7
+	// PathAuthz: a mesh workload on this node whose policies the kernel
+	// evaluates (kmesh_authz) with the connecting pod's identity: direct
+	// when they allow it, refused when they deny it, the tunnel when the
+	// kernel has no verdict for the pair.
+	PathAuthz Path = 7
+	pathMax   Path = 8
 )
 
-var pathNames = [...]string{"refuse", "direct", "plain", "tunnel", "waypoint", "balance", "passthrough"}
+var pathNames = [...]string{"refuse", "direct", "plain", "tunnel", "waypoint", "balance", "passthrough", "authz"}
 
 func (p Path) String() string {
 	if p < pathMax {
@@ -121,7 +126,12 @@ const (
 	backendFlagLocal    = 0x2
 	backendFlagWaypoint = 0x4
 	backendFlagPolicy   = 0x8
+	backendFlagKAuthz   = 0x10
 )
+
+// AuthzPorts is how many ports one kmesh_authz entry can single out
+// (KMESH_AUTHZ_PORTS).
+const AuthzPorts = 16
 
 // ProxyMark is the socket mark of the node proxy's own sockets (ztunnel's
 // 0x539, which istio-cni's rules know too); the kernel path ignores them.
@@ -216,6 +226,24 @@ type Backend struct {
 	// runs on this node. Waypoint: it has a waypoint of its own. Policy:
 	// authorization policies apply to it.
 	HBONE, Local, Waypoint, Policy bool
+	// KernelAuthz: its policies are evaluated by the kernel (PathAuthz).
+	KernelAuthz bool
+}
+
+// AuthzKey is a (destination workload, source workload, address family)
+// pair of this node, by backend id.
+type AuthzKey struct {
+	Dst, Src uint32
+	Family   Family
+}
+
+// Authz is one entry of kmesh_authz: the destination's policies' verdict for
+// connections from the source: Allow for every destination port but Except,
+// which get the other verdict. At most AuthzPorts exceptions.
+type Authz struct {
+	Key    AuthzKey
+	Allow  bool
+	Except []uint16 // host order
 }
 
 // TunnelOrig is what the kernel recorded for a connection it sent to the
@@ -341,7 +369,7 @@ func encodeBackend(b Backend) sockAddrBackendValue {
 	for _, f := range []struct {
 		on  bool
 		bit uint32
-	}{{b.HBONE, backendFlagHBONE}, {b.Local, backendFlagLocal}, {b.Waypoint, backendFlagWaypoint}, {b.Policy, backendFlagPolicy}} {
+	}{{b.HBONE, backendFlagHBONE}, {b.Local, backendFlagLocal}, {b.Waypoint, backendFlagWaypoint}, {b.Policy, backendFlagPolicy}, {b.KernelAuthz, backendFlagKAuthz}} {
 		if f.on {
 			v.Flags |= f.bit
 		}
@@ -353,7 +381,8 @@ func decodeBackend(id uint32, v sockAddrBackendValue) Backend {
 	b := Backend{ID: id, Addr4: wordAddr4(v.Addr4), Identity: v.Identity, Capacity: v.Capacity,
 		PathSvc: Path(v.PathSvc), PathAddr: Path(v.PathAddr), PathUDP: Path(v.PathUdp), PathIn: Path(v.PathIn),
 		HBONE: v.Flags&backendFlagHBONE != 0, Local: v.Flags&backendFlagLocal != 0,
-		Waypoint: v.Flags&backendFlagWaypoint != 0, Policy: v.Flags&backendFlagPolicy != 0}
+		Waypoint: v.Flags&backendFlagWaypoint != 0, Policy: v.Flags&backendFlagPolicy != 0,
+		KernelAuthz: v.Flags&backendFlagKAuthz != 0}
 	if v.Addr6 != [4]uint32{} {
 		b.Addr6 = wordsAddr(v.Addr6)
 	}
@@ -370,4 +399,31 @@ func decodeTunnel(v sockAddrTunnelValue) TunnelOrig {
 		t.Backend = netip.AddrPortFrom(wordsAddr(v.BackendAddr), ntohs(v.BackendPort))
 	}
 	return t
+}
+
+func encodeAuthzKey(k AuthzKey) sockAddrAuthzKey {
+	return sockAddrAuthzKey{DstId: k.Dst, SrcId: k.Src, Family: uint8(k.Family)}
+}
+
+func encodeAuthz(a Authz) (sockAddrAuthzKey, sockAddrAuthzValue, error) {
+	if len(a.Except) > AuthzPorts {
+		return sockAddrAuthzKey{}, sockAddrAuthzValue{}, fmt.Errorf("authz entry %v: %d port exceptions, at most %d fit", a.Key, len(a.Except), AuthzPorts)
+	}
+	k := encodeAuthzKey(a.Key)
+	v := sockAddrAuthzValue{Key: k, Nports: uint8(len(a.Except))}
+	if a.Allow {
+		v.Allow = 1
+	}
+	for i, p := range a.Except {
+		v.Ports[i] = htons(p)
+	}
+	return k, v, nil
+}
+
+func decodeAuthz(v sockAddrAuthzValue) Authz {
+	a := Authz{Key: AuthzKey{Dst: v.Key.DstId, Src: v.Key.SrcId, Family: Family(v.Key.Family)}, Allow: v.Allow != 0}
+	for i := 0; i < int(v.Nports) && i < AuthzPorts; i++ {
+		a.Except = append(a.Except, ntohs(v.Ports[i]))
+	}
+	return a
 }

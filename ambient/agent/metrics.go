@@ -49,12 +49,18 @@ func (a *Agent) dataplaneCollector() prometheus.Collector {
 		writes: prometheus.NewDesc("kmesh_dataplane_writes_total", "Objects written to the kernel maps, by kind.", []string{"kind"}, nil),
 		errs:   prometheus.NewDesc("kmesh_dataplane_errors_total", "Objects the kernel refused (previous state kept), by cause.", []string{"cause"}, nil),
 		fill:   prometheus.NewDesc("kmesh_map_capacity", "max_entries of each sized kernel map.", []string{"map"}, nil),
+		authz: prometheus.NewDesc("kmesh_authz_workloads", "Local workloads with authorization policies, by where same-node "+
+			"connections to them are authorized: kernel (at connect) or tunnel (the kernel cannot hold their policies; "+
+			"the daemon logs why, once per workload and reason).", []string{"where"}, nil),
+		unfit: prometheus.NewDesc("kmesh_authz_entries_unfit_total", "Same-node authorization entries the kernel did not take "+
+			"(those source/destination pairs take the tunnel).", nil, nil),
 	}
 }
 
 type dpCollector struct {
 	a                          *Agent
 	kernel, writes, errs, fill *prometheus.Desc
+	authz, unfit               *prometheus.Desc
 }
 
 func (c *dpCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -62,6 +68,8 @@ func (c *dpCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.writes
 	ch <- c.errs
 	ch <- c.fill
+	ch <- c.authz
+	ch <- c.unfit
 }
 
 func (c *dpCollector) Collect(ch chan<- prometheus.Metric) {
@@ -76,6 +84,9 @@ func (c *dpCollector) Collect(ch chan<- prometheus.Metric) {
 	full := s.MapFull.Load()
 	ch <- prometheus.MustNewConstMetric(c.errs, prometheus.CounterValue, float64(full), "map_full")
 	ch <- prometheus.MustNewConstMetric(c.errs, prometheus.CounterValue, float64(s.Errors.Load()-full), "other")
+	ch <- prometheus.MustNewConstMetric(c.authz, prometheus.GaugeValue, float64(s.AuthzKernel.Load()), "kernel")
+	ch <- prometheus.MustNewConstMetric(c.authz, prometheus.GaugeValue, float64(s.AuthzTunnel.Load()), "tunnel")
+	ch <- prometheus.MustNewConstMetric(c.unfit, prometheus.CounterValue, float64(s.AuthzUnfit.Load()))
 	for name, n := range c.a.DP.Maps.MaxEntries() {
 		ch <- prometheus.MustNewConstMetric(c.fill, prometheus.GaugeValue, float64(n), name)
 	}

@@ -29,6 +29,12 @@ type Stats struct {
 	WorkloadWrites atomic.Uint64
 	Errors         atomic.Uint64 // failed applies (each also returned and logged)
 	MapFull        atomic.Uint64 // of which: a map had no room
+	// Same-node authorization in the kernel: local workloads with policies
+	// the kernel evaluates (AUTHZ) and those left to the tunnel (see
+	// AuthzReasons), now; pair entries the kernel did not take (their
+	// connections take the tunnel), ever.
+	AuthzKernel, AuthzTunnel atomic.Uint64
+	AuthzUnfit               atomic.Uint64
 }
 
 // Dataplane owns the contents of the load-balancing maps. Every method is
@@ -75,7 +81,12 @@ type Dataplane struct {
 	removeLater map[uint32]*resolvedWorkload
 	// orphans is the previous daemon's kernel state not yet adopted (see adopt.go).
 	orphans *orphans
-	Stats   Stats
+	// authzLive mirrors kmesh_authz (kauthz.go); nil until first read.
+	authzLive map[bpf.AuthzKey]bpf.Authz
+	// authzWhy: local workloads whose policies the kernel does not hold,
+	// with the reason last logged.
+	authzWhy map[string]string
+	Stats    Stats
 }
 
 type feEntry struct {
@@ -211,6 +222,14 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 			failed("workload", rec.uid, d.removeWorkload(rec.uid, rec))
 		}
 	}
+	if len(b.Workloads)+len(b.DeleteWorkloads) > 0 {
+		if err := d.syncAuthz(); err != nil {
+			// Not an object's failure: the pairs concerned take the
+			// tunnel, and the next batch tries again.
+			d.Stats.Errors.Add(1)
+			d.log.Warn("same-node authorization entries not all written; those connections take the tunnel", "err", err)
+		}
+	}
 	return errs
 }
 
@@ -263,6 +282,9 @@ func (d *Dataplane) SetNode(t Topology) []*ObjectError {
 		}
 		if err := d.maps.PutBackends(bs); err != nil {
 			errs = append(errs, &ObjectError{Kind: "node", Name: t.Node, Err: d.fail("backends of node "+t.Node, err)})
+		}
+		if err := d.syncAuthz(); err != nil {
+			d.log.Warn("same-node authorization entries not all written; those connections take the tunnel", "err", err)
 		}
 	}
 	for _, key := range slices.Sorted(maps.Keys(d.services)) {

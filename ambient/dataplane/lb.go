@@ -2,6 +2,8 @@ package dataplane
 
 import (
 	"fmt"
+	"kmesh.dev/kmesh/ambient/authz"
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -194,11 +196,26 @@ type resolvedWorkload struct {
 	policies bool
 	topo     unique.Handle[Topology]
 	backend  uint32
+	// authz, ident: see Workload. kauthz: the kernel can hold authz's
+	// policies (kreason says why not, when it cannot).
+	authz   *authz.Set
+	ident   *spiffe.Identity
+	kauthz  bool
+	kreason string
 }
 
 func resolve(w *Workload, backend uint32) resolvedWorkload {
-	return resolvedWorkload{uid: w.UID, addrs: w.Addrs, capacity: w.Capacity, healthy: w.Healthy, hbone: w.HBONE,
-		waypoint: w.Waypoint, policies: w.Policies, topo: unique.Make(w.Topology), backend: backend}
+	r := resolvedWorkload{uid: w.UID, addrs: w.Addrs, capacity: w.Capacity, healthy: w.Healthy, hbone: w.HBONE,
+		waypoint: w.Waypoint, policies: w.Policies, topo: unique.Make(w.Topology), backend: backend,
+		authz: w.Authz, ident: w.Identity}
+	if w.Policies {
+		r.kreason = authz.KernelNotCompiled
+		if w.Authz != nil {
+			r.kreason = w.Authz.KernelReason(w.Addrs)
+		}
+		r.kauthz = r.kreason == ""
+	}
+	return r
 }
 
 // lbEqual reports whether two versions of a workload weigh the same in

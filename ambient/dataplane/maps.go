@@ -27,6 +27,10 @@ type Maps interface {
 	PutBackends([]bpf.Backend) error
 	DeleteBackends([]uint32) error
 	Backends() ([]bpf.Backend, error)
+
+	PutAuthz([]bpf.Authz) error
+	DeleteAuthz([]bpf.AuthzKey) error
+	Authz() ([]bpf.Authz, error)
 }
 
 var _ Maps = (*bpf.Maps)(nil)

@@ -9,6 +9,8 @@ package dataplane
 import (
 	"net/netip"
 
+	"kmesh.dev/kmesh/ambient/authz"
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 	"kmesh.dev/kmesh/bpf"
 )
 
@@ -63,6 +65,13 @@ type Workload struct {
 	// Policies: authorization policies apply to this workload (known for
 	// workloads on this node; see ambient/path for what it changes).
 	Policies bool
+	// Authz is those policies compiled (nil: none, or not asked). A local
+	// mesh workload whose set the kernel can hold (authz KernelReason "")
+	// gets the AUTHZ verdict and kmesh_authz entries for every local source.
+	Authz *authz.Set
+	// Identity is the workload's identity (its certificate's); nil when
+	// unknown. Only local workloads' are used: as sources of kmesh_authz.
+	Identity *spiffe.Identity
 	Topology Topology
 }
 

@@ -114,6 +114,9 @@ func (d *Dataplane) Pick(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32)
 // final applies the kernel's last check: only final verdicts proceed, and
 // UDP never goes to the node proxy.
 func (d *Dataplane) final(out Decision, tcp bool) Decision {
+	if tcp && out.Path == bpf.PathAuthz {
+		return out // as decide(): the connect program finishes it (authz_decide)
+	}
 	if out.Path < bpf.PathDirect || out.Path > bpf.PathWaypoint || (!tcp && out.Path.ViaProxy()) {
 		out.Err, out.Path = syscall.ECONNREFUSED, bpf.PathRefuse
 	}

@@ -250,10 +250,11 @@ func (d *Dataplane) source() path.Node {
 // path verdicts (ambient/path) the kernel follows to reach it.
 func (d *Dataplane) backendOf(w *resolvedWorkload) bpf.Backend {
 	topo := w.topo.Value()
-	dst := path.Workload{HBONE: w.hbone, Node: topo.Node, Network: topo.Network, Waypoint: w.waypoint, Policies: w.policies}
+	dst := path.Workload{HBONE: w.hbone, Node: topo.Node, Network: topo.Network, Waypoint: w.waypoint, Policies: w.policies, KernelAuthz: w.kauthz}
 	v := path.ForWorkload(d.source(), dst)
 	b := bpf.Backend{ID: w.backend, Capacity: w.capacity, PathSvc: v.Service, PathAddr: v.Addr, PathUDP: v.UDP, PathIn: v.Inbound,
-		HBONE: w.hbone, Local: path.Local(d.source(), dst), Waypoint: w.waypoint, Policy: w.policies}
+		HBONE: w.hbone, Local: path.Local(d.source(), dst), Waypoint: w.waypoint, Policy: w.policies,
+		KernelAuthz: v.Service == bpf.PathAuthz || v.Addr == bpf.PathAuthz}
 	setBackendAddrs(&b, w.addrs)
 	return b
 }

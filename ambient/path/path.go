@@ -17,15 +17,23 @@
 //	has a waypoint of its own                      | (below)    | waypoint
 //	outside the mesh (no HBONE)                    | plain      | plain
 //	in the mesh, on this node, no policies         | direct     | direct
-//	in the mesh, on this node, with policies       | tunnel     | tunnel
+//	in the mesh, on this node, policies the kernel | authz      | authz
+//	  evaluates (KernelAuthz)                      |            |
+//	in the mesh, on this node, other policies      | tunnel     | tunnel
 //	in the mesh, on another node (or node unknown) | tunnel     | tunnel
 //
 // A workload's own waypoint applies to traffic addressed to the workload
 // only; traffic addressed to a service follows the service's waypoint (see
 // Service), as ztunnel does. Same-node workloads with authorization policies
-// (STRICT PeerAuthentication arrives as one) take the tunnel so that its
-// inbound side enforces them: the kernel path does not evaluate policies
-// yet. Another network is refused, never sent in plaintext: reaching it
+// (STRICT PeerAuthentication arrives as one) get AUTHZ when the daemon
+// compiled their policies into the kernel (ambient/authz KernelVerdicts): the
+// connect program evaluates them with the connecting pod's identity, which
+// the kernel attests (its enrolment), and goes direct or refuses; a pair it
+// has no verdict for takes the tunnel. Policies the kernel cannot hold take
+// the tunnel, whose inbound side enforces them. Either way the inbound
+// verdict is TUNNEL: plaintext from outside the mesh still goes to 15006
+// (the inbound program lets through connections the connect program
+// authorized). Another network is refused, never sent in plaintext: reaching it
 // needs its network gateway (double HBONE), which Kmesh does not do yet.
 //
 // UDP never goes through the node proxy (neither ztunnel nor waypoints carry
@@ -63,6 +71,9 @@ type Workload struct {
 	// Policies: authorization policies apply to the workload. Only asked of
 	// workloads on this node (for the others it changes nothing).
 	Policies bool
+	// KernelAuthz: those policies are compiled into the kernel for
+	// same-node sources (only meaningful with Policies).
+	KernelAuthz bool
 }
 
 // Verdicts are a workload's verdicts, as bpf.Backend carries them.
@@ -98,6 +109,8 @@ func ForWorkload(src Node, dst Workload) Verdicts {
 		tcp, udp = bpf.PathPlain, bpf.PathPlain
 	case Local(src, dst) && !dst.Policies:
 		tcp, udp = bpf.PathDirect, bpf.PathDirect
+	case Local(src, dst) && dst.KernelAuthz:
+		tcp, udp = bpf.PathAuthz, bpf.PathDirect
 	case Local(src, dst):
 		tcp, udp = bpf.PathTunnel, bpf.PathDirect
 	default:

@@ -13,6 +13,7 @@ func TestForWorkload(t *testing.T) {
 		plain    = bpf.PathPlain
 		tunnel   = bpf.PathTunnel
 		waypoint = bpf.PathWaypoint
+		authz    = bpf.PathAuthz
 	)
 	here := Node{Name: "n1", Network: "net1"}
 	for _, tc := range []struct {
@@ -23,6 +24,12 @@ func TestForWorkload(t *testing.T) {
 	}{
 		{"mesh workload on this node", here, Workload{HBONE: true, Node: "n1"}, Verdicts{direct, direct, direct, direct}},
 		{"mesh workload on this node with policies: inbound plaintext to the proxy", here, Workload{HBONE: true, Node: "n1", Policies: true}, Verdicts{tunnel, tunnel, direct, tunnel}},
+		{"policies the kernel evaluates: authz in the kernel, inbound plaintext still to the proxy", here,
+			Workload{HBONE: true, Node: "n1", Policies: true, KernelAuthz: true}, Verdicts{authz, authz, direct, tunnel}},
+		{"kernel authz on another node changes nothing", here, Workload{HBONE: true, Node: "n2", Policies: true, KernelAuthz: true}, Verdicts{tunnel, tunnel, plain, direct}},
+		{"kernel authz without policies: direct", here, Workload{HBONE: true, Node: "n1", KernelAuthz: true}, Verdicts{direct, direct, direct, direct}},
+		{"kernel authz, own waypoint: addressed traffic to the waypoint", here,
+			Workload{HBONE: true, Node: "n1", Policies: true, KernelAuthz: true, Waypoint: true}, Verdicts{authz, waypoint, direct, tunnel}},
 		{"mesh workload on another node", here, Workload{HBONE: true, Node: "n2"}, Verdicts{tunnel, tunnel, plain, direct}},
 		{"policies on another node change nothing", here, Workload{HBONE: true, Node: "n2", Policies: true}, Verdicts{tunnel, tunnel, plain, direct}},
 		{"this node's name unknown: no workload is local", Node{}, Workload{HBONE: true, Node: ""}, Verdicts{tunnel, tunnel, plain, direct}},

@@ -13,7 +13,9 @@ import (
 
 	"istio.io/istio/pkg/workloadapi"
 
+	"kmesh.dev/kmesh/ambient/authz"
 	"kmesh.dev/kmesh/ambient/dataplane"
+	"kmesh.dev/kmesh/ambient/identity/spiffe"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
 )
@@ -173,22 +175,44 @@ func (r *Reconciler) sameNetwork(n string) bool {
 func (r *Reconciler) workload(w *state.Workload) dataplane.Workload {
 	m := w.Meta()
 	out := dataplane.Workload{UID: w.UID, Capacity: w.Capacity, Healthy: w.Healthy, HBONE: w.HBONE,
-		Waypoint: w.Waypoint != nil, Policies: r.hasPolicies(w), Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+		Waypoint: w.Waypoint != nil, Topology: dataplane.Topology{Node: m.Node, Cluster: m.ClusterID, Network: m.Network, Locality: dataplane.Locality(m.Locality)}}
+	if r.local(w) {
+		// The same compiled policies the tunnel's inbound side evaluates,
+		// for the kernel's same-node verdicts (ambient/authz KernelVerdicts),
+		// and the identity the pod's certificate carries (as the tunnel
+		// derives it), for this workload as a source.
+		if ps := r.store.PoliciesFor(w); len(ps) > 0 {
+			out.Policies, out.Authz = true, authz.Compile(ps)
+		}
+		id := workloadIdentity(m)
+		out.Identity = &id
+	}
 	if r.sameNetwork(m.Network) {
 		out.Addrs = w.Addresses // immutable once converted: shared, not copied
 	}
 	return out
 }
 
-// hasPolicies tells the path verdicts (ambient/path) whether authorization
-// policies apply to a workload. Only local mesh workloads are asked: for
-// the others it changes no verdict, and asking for every workload of the
-// mesh on every policy change would cost more than it tells.
-func (r *Reconciler) hasPolicies(w *state.Workload) bool {
-	if !w.HBONE || w.Meta().Node != r.node.Name || r.node.Name == "" {
-		return false
+// local: whether authorization policies apply to a workload is asked of
+// local mesh workloads only (ambient/path): for the others it changes no
+// verdict, and asking for every workload of the mesh on every policy change
+// would cost more than it tells.
+func (r *Reconciler) local(w *state.Workload) bool {
+	return w.HBONE && r.node.Name != "" && w.Meta().Node == r.node.Name
+}
+
+// workloadIdentity is the identity istiod's CA gives the workload's pods
+// (tunnel.WorkloadIdentity: Istio's defaults for an empty trust domain or
+// service account).
+func workloadIdentity(m state.WorkloadMeta) spiffe.Identity {
+	id := spiffe.Identity{TrustDomain: m.TrustDomain, Namespace: m.Namespace, ServiceAccount: m.ServiceAccount}
+	if id.TrustDomain == "" {
+		id.TrustDomain = "cluster.local"
 	}
-	return len(r.store.PoliciesFor(w)) > 0
+	if id.ServiceAccount == "" {
+		id.ServiceAccount = "default"
+	}
+	return id
 }
 
 func (r *Reconciler) vips(s *state.Service) []netip.Addr {

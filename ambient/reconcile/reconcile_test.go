@@ -9,6 +9,7 @@ import (
 	"istio.io/istio/pkg/workloadapi"
 	"istio.io/istio/pkg/workloadapi/security"
 
+	"kmesh.dev/kmesh/ambient/authz"
 	"kmesh.dev/kmesh/ambient/dataplane"
 	"kmesh.dev/kmesh/ambient/state"
 	"kmesh.dev/kmesh/bpf"
@@ -139,9 +140,11 @@ func TestNetworks(t *testing.T) {
 	}
 }
 
-// Policies on a local mesh workload send same-node traffic through the
-// tunnel (its inbound side enforces them); removing them restores the
-// kernel path. Policies elsewhere change nothing.
+// Policies on a local mesh workload send same-node traffic to the kernel's
+// authorization (AUTHZ, with entries for every local source) when the
+// kernel can hold them, through the tunnel (its inbound side enforces them)
+// when not; removing them restores the kernel path. Policies elsewhere
+// change nothing.
 func TestPoliciesDecidePaths(t *testing.T) {
 	e := newEnv(t, Node{Name: "n1", Cluster: "c1"})
 	e.apply(t, state.Update{Workloads: []*state.Workload{wl("local", "10.0.1.1", onNode("n1")), wl("remote", "10.0.2.1", onNode("n2")),
@@ -159,8 +162,27 @@ func TestPoliciesDecidePaths(t *testing.T) {
 
 	deny := state.Policy{Authorization: &security.Authorization{Name: "deny", Namespace: "shop", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY}}
 	e.apply(t, state.Update{Policies: []state.Policy{deny}})
-	want("10.0.1.1:80", bpf.PathTunnel)
+	want("10.0.1.1:80", bpf.PathAuthz)
 	want("10.0.2.1:80", bpf.PathTunnel)
+	entries := func() map[bpf.AuthzKey]bpf.Authz {
+		as, _ := e.maps.Authz()
+		out := map[bpf.AuthzKey]bpf.Authz{}
+		for _, a := range as {
+			out[a.Key] = a
+		}
+		return out
+	}
+	// "local" and "guarded" are this node's mesh workloads: each is a
+	// source for each destination with policies (both, in namespace shop).
+	if got := entries(); len(got) != 4 {
+		t.Errorf("authz entries %v, want 4 (2 destinations x 2 sources, IPv4)", got)
+	} else {
+		for _, a := range got {
+			if !a.Allow || len(a.Except) != 0 {
+				t.Errorf("%+v: a DENY policy without rules denies nothing", a)
+			}
+		}
+	}
 	want("10.0.1.2:80", bpf.PathPlain) // not in the mesh: nothing to enforce with
 	bes, _ := e.maps.Backends()
 	for _, b := range bes {
@@ -170,6 +192,18 @@ func TestPoliciesDecidePaths(t *testing.T) {
 	}
 	e.apply(t, state.Update{RemovedPolicies: []string{"shop/deny"}})
 	want("10.0.1.1:80", bpf.PathDirect)
+	if got := entries(); len(got) != 0 {
+		t.Errorf("authz entries left after the policy went: %v", got)
+	}
+	// Dry-run policies are reported by the proxy only: the tunnel, counted.
+	dry := state.Policy{Authorization: &security.Authorization{Name: "dry", Namespace: "shop", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY, DryRun: true}}
+	e.apply(t, state.Update{Policies: []state.Policy{dry}})
+	want("10.0.1.1:80", bpf.PathTunnel)
+	if r := e.dp.AuthzReasons(); r["local"] != authz.KernelDryRun || e.dp.Stats.AuthzTunnel.Load() != 2 {
+		t.Errorf("reasons %v, %d tunnelled: want local dry_run, 2", r, e.dp.Stats.AuthzTunnel.Load())
+	}
+	e.apply(t, state.Update{RemovedPolicies: []string{"shop/dry"}})
+	want("10.0.1.1:80", bpf.PathDirect)
 
 	// A policy in another namespace does not apply.
 	other := state.Policy{Authorization: &security.Authorization{Name: "x", Namespace: "other", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY}}
@@ -177,7 +211,12 @@ func TestPoliciesDecidePaths(t *testing.T) {
 	want("10.0.1.1:80", bpf.PathDirect)
 	global := state.Policy{Authorization: &security.Authorization{Name: "g", Namespace: "istio-system", Scope: security.Scope_GLOBAL, Action: security.Action_ALLOW}}
 	e.apply(t, state.Update{Policies: []state.Policy{global}})
-	want("10.0.1.1:80", bpf.PathTunnel)
+	want("10.0.1.1:80", bpf.PathAuthz)
+	for _, a := range entries() {
+		if a.Allow {
+			t.Errorf("%+v: an ALLOW policy without rules allows nothing", a)
+		}
+	}
 }
 
 // Services without a VIP on this network are not intercepted; a service

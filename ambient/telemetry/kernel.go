@@ -231,6 +231,27 @@ func (k *KernelReader) Handle(ev bpf.ConnEvent) {
 		o := k.track(ev)
 		o.netns, o.opened = ev.NetnsCookie, ev.Time
 		k.open[ev.SockCookie] = o
+	case bpf.ConnDeny:
+		// Refused in the kernel by the destination's policies (same node,
+		// kmesh_authz): ztunnel's DENY, as its inbound side would log it,
+		// reported by the source since the destination never saw it.
+		c := k.resolveSlow(ev)
+		c.ResponseFlags = "DENY"
+		// The socket never got a local address: the pod's own, of the
+		// connection's family, is what it would have been.
+		c.SrcAddrPort, c.SrcAddr = netip.AddrPort{}, "unknown"
+		if uid, ok := k.cfg.Pods.WorkloadByNetns(ev.NetnsCookie); ok {
+			if w := k.cfg.Dir.Workload(uid); w != nil {
+				for _, a := range w.Addresses {
+					if a.Is4() == ev.Remote.Addr().Unmap().Is4() {
+						c.SrcAddr = a.String()
+						break
+					}
+				}
+			}
+		}
+		k.cfg.Metrics.Fail(&c)
+		k.cfg.Log.Log(&Record{Conn: &c, Duration: -1, Err: "denied at connect by the destination's authorization policies", Failed: true})
 	case bpf.ConnClose:
 		o := k.open[ev.SockCookie]
 		delete(k.open, ev.SockCookie)

@@ -141,7 +141,11 @@ func ResolveCaptured(dir Directory, lb Picker, network string, dst netip.AddrPor
 		return Route{}, fmt.Errorf("%w: %s refused (%v)", ErrNoRoute, dst, d.Err)
 	}
 	switch d.Path {
-	case bpf.PathTunnel:
+	case bpf.PathTunnel, bpf.PathAuthz:
+		// AUTHZ: the kernel would have authorized it with the source's
+		// identity; a connection the kernel did not see is already at the
+		// proxy, which carries it over HBONE and the destination's 15008
+		// authorizes it.
 		return Resolve(dir, network, bpf.TunnelOrig{Dst: dst, Backend: d.To, Path: bpf.PathTunnel}, rnd)
 	case bpf.PathWaypoint:
 		return Resolve(dir, network, bpf.TunnelOrig{Dst: dst, Path: bpf.PathWaypoint}, rnd)

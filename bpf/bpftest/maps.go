@@ -21,6 +21,7 @@ const (
 	Service  = "kmesh_service"
 	Endpoint = "kmesh_endpoint"
 	Backend  = "kmesh_backend"
+	Authz    = "kmesh_authz"
 )
 
 // Maps holds the load-balancing maps in memory. Safe for concurrent use.
@@ -31,6 +32,7 @@ type Maps struct {
 	services  table[uint32, bpf.Service]
 	endpoints table[bpf.EndpointKey, bpf.EndpointSlot]
 	backends  table[uint32, bpf.Backend]
+	authz     table[bpf.AuthzKey, bpf.Authz]
 
 	// Fault, when set, is asked before every element written or deleted:
 	// a non-nil error stops that batch there (earlier elements stay
@@ -68,6 +70,7 @@ func New(sizes bpf.MapSizes) *Maps {
 		services:  table[uint32, bpf.Service]{Service, def(sizes.Service, 65536), map[uint32]bpf.Service{}},
 		endpoints: table[bpf.EndpointKey, bpf.EndpointSlot]{Endpoint, def(sizes.Endpoint, 524288), map[bpf.EndpointKey]bpf.EndpointSlot{}},
 		backends:  table[uint32, bpf.Backend]{Backend, def(sizes.Backend, 131072), map[uint32]bpf.Backend{}},
+		authz:     table[bpf.AuthzKey, bpf.Authz]{Authz, 65536, map[bpf.AuthzKey]bpf.Authz{}},
 		ops:       map[string]int{},
 	}
 }
@@ -143,6 +146,8 @@ func (m *Maps) Len(mapName string) int {
 		return len(m.endpoints.m)
 	case Backend:
 		return len(m.backends.m)
+	case Authz:
+		return len(m.authz.m)
 	}
 	panic(fmt.Sprintf("bpftest: no map %q", mapName))
 }
@@ -223,3 +228,19 @@ func (m *Maps) PutBackends(bs []bpf.Backend) error {
 func (m *Maps) DeleteBackends(ids []uint32) error { return del(m, &m.backends, ids) }
 
 func (m *Maps) Backends() ([]bpf.Backend, error) { return values(m, &m.backends), nil }
+
+func (m *Maps) PutAuthz(as []bpf.Authz) error {
+	keys := make([]bpf.AuthzKey, len(as))
+	for i, a := range as {
+		if len(a.Except) > bpf.AuthzPorts {
+			return fmt.Errorf("authz entry %v: %d port exceptions, at most %d fit", a.Key, len(a.Except), bpf.AuthzPorts)
+		}
+		keys[i] = a.Key
+		as[i].Except = slices.Clone(a.Except)
+	}
+	return put(m, &m.authz, keys, as)
+}
+
+func (m *Maps) DeleteAuthz(ks []bpf.AuthzKey) error { return del(m, &m.authz, ks) }
+
+func (m *Maps) Authz() ([]bpf.Authz, error) { return values(m, &m.authz), nil }

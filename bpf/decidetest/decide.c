@@ -35,6 +35,8 @@ struct decide_args {
 	struct lb_rand rnd;
 	struct decision out;
 	__s32 ret;
+	__u32 src_id; /* nonzero: finish a PATH_AUTHZ verdict as the connect
+		       * program does for a pod whose workload is src_id */
 };
 
 SEC("syscall")
@@ -45,7 +47,12 @@ int kmesh_tdecide(struct decide_args *args)
 	struct lb_rand rnd = args->rnd;
 	struct decision d = {};
 
-	args->ret = decide(&key, &rnd, &d);
+	__u32 src_id = args->src_id;
+
+	int ret = decide(&key, &rnd, &d);
+	if (!ret && src_id)
+		ret = authz_decide(&d, src_id);
+	args->ret = ret;
 	args->out = d;
 	return 0;
 }

@@ -55,7 +55,15 @@ type Decision struct {
 // Decide runs the decision for a connection to dst over proto with the
 // load balancer's random numbers slot and coin.
 func (d *Decider) Decide(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32) (Decision, error) {
+	return d.DecideFrom(0, dst, proto, slot, coin)
+}
+
+// DecideFrom is Decide for a connection from a pod whose workload has
+// backend id src: a PATH_AUTHZ verdict is then finished by authz_decide, as
+// the connect programs do (src 0: left as decide() answered).
+func (d *Decider) DecideFrom(src uint32, dst netip.AddrPort, proto bpf.Proto, slot, coin uint32) (Decision, error) {
 	var args decideDecideArgs
+	args.SrcId = src
 	args.Key.Addr = words(dst.Addr())
 	args.Key.Port = netOrder(dst.Port())
 	args.Key.Proto = uint8(proto)

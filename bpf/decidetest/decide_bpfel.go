@@ -13,6 +13,32 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type decideAuthedKey struct {
+	_       structs.HostLayout
+	Src     [4]uint32
+	Dst     [4]uint32
+	SrcPort uint16
+	DstPort uint16
+	Pad     uint32
+}
+
+type decideAuthzKey struct {
+	_      structs.HostLayout
+	DstId  uint32
+	SrcId  uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type decideAuthzValue struct {
+	_      structs.HostLayout
+	Key    decideAuthzKey
+	Allow  uint8
+	Nports uint8
+	Pad    uint16
+	Ports  [16]uint16
+}
+
 type decideBackendValue struct {
 	_        structs.HostLayout
 	Id       uint32
@@ -43,7 +69,8 @@ type decideDecideArgs struct {
 		Rewritten uint8
 		BackendId uint32
 	}
-	Ret int32
+	Ret   int32
+	SrcId uint32
 }
 
 type decideDnsConfig struct {
@@ -191,6 +218,8 @@ type decideUdpAffinity struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	decideMapKmeshAuthed   = "kmesh_authed"
+	decideMapKmeshAuthz    = "kmesh_authz"
 	decideMapKmeshBackend  = "kmesh_backend"
 	decideMapKmeshDns      = "kmesh_dns"
 	decideMapKmeshEndpoint = "kmesh_endpoint"
@@ -202,6 +231,7 @@ const (
 	decideMapKmeshService  = "kmesh_service"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshStats    = "kmesh_stats"
+	decideMapKmeshStatsExt = "kmesh_stats_ext"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
 	decideMapKmeshUdp      = "kmesh_udp"
 	decideProgKmeshTdecide = "kmesh_tdecide"
@@ -259,6 +289,8 @@ type decideProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideMapSpecs struct {
+	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
@@ -270,6 +302,7 @@ type decideMapSpecs struct {
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
 }
@@ -301,6 +334,8 @@ func (o *decideObjects) Close() error {
 //
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideMaps struct {
+	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
 	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
 	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
 	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
@@ -312,12 +347,15 @@ type decideMaps struct {
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
 }
 
 func (m *decideMaps) Close() error {
 	return _DecideClose(
+		m.KmeshAuthed,
+		m.KmeshAuthz,
 		m.KmeshBackend,
 		m.KmeshDns,
 		m.KmeshEndpoint,
@@ -329,6 +367,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSockOrig,
 		m.KmeshStats,
+		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
 	)

@@ -205,4 +205,39 @@ struct conn_event {
 			   * by netns_cookie) */
 };
 
+/* kmesh_authz key: a (destination workload, source workload) pair of this
+ * node, per address family. The source is the connecting pod's workload as
+ * its enrolment recorded it (kmesh_managed), which the pod cannot change. */
+struct authz_key {
+	__u32 dst_id; /* backend id of the destination */
+	__u32 src_id; /* backend id of the connecting pod's workload */
+	__u8 family;  /* KMESH_FAMILY_* of the connection */
+	__u8 pad[3];
+};
+
+/* The destination's policies evaluated for the pair (user space runs the
+ * very evaluator the node proxy runs, ambient/authz, over every port the
+ * policies name): allow for every destination port except those in ports,
+ * which get the other verdict. */
+struct authz_value {
+	struct authz_key key; /* the key this value is stored under (element reuse) */
+	__u8 allow;	      /* 1 allow, 0 deny: the verdict for ports not listed */
+	__u8 nports;	      /* ports[0..nports) are the exceptions */
+	__u16 pad;
+	__u16 ports[KMESH_AUTHZ_PORTS]; /* network order */
+};
+
+/* kmesh_authed key: a connection the connect program authorized, as its SYN
+ * reaches the destination pod: the client's address and port (remote at the
+ * destination), the server's (local). sockops writes it when the client
+ * sends the SYN; kmesh_inbound lets such a connection reach the application
+ * instead of steering it to the proxy's 15006. */
+struct authed_key {
+	__u32 src[4]; /* IPv4 v4-mapped */
+	__u32 dst[4];
+	__u16 src_port; /* network order */
+	__u16 dst_port;
+	__u32 pad;
+};
+
 #endif

@@ -40,14 +40,23 @@
 #define PATH_WAYPOINT	 4 /* the node proxy carries it over HBONE to the waypoint */
 #define PATH_BALANCE	 5 /* a service port: choose a backend, follow its verdict */
 #define PATH_PASSTHROUGH 6 /* a PASSTHROUGH service: leave the destination alone */
-#define PATH_MAX	 7
+/* PATH_AUTHZ: a mesh workload on this node whose policies the kernel
+ * evaluates (kmesh_authz): DIRECT when they allow the connecting pod, REFUSE
+ * when they deny it, TUNNEL when the kernel has no verdict for the pair. */
+#define PATH_AUTHZ 7
+#define PATH_MAX   8
 
 /* backend_value.flags: what the verdicts were decided from, for dumps and
  * logs only; no program reads them. */
-#define BACKEND_F_HBONE	   0x1 /* the workload accepts HBONE on 15008 */
-#define BACKEND_F_LOCAL	   0x2 /* the workload runs on this node */
-#define BACKEND_F_WAYPOINT 0x4 /* the workload has a waypoint of its own */
-#define BACKEND_F_POLICY   0x8 /* authorization policies apply to the workload */
+#define BACKEND_F_HBONE	   0x1	/* the workload accepts HBONE on 15008 */
+#define BACKEND_F_LOCAL	   0x2	/* the workload runs on this node */
+#define BACKEND_F_WAYPOINT 0x4	/* the workload has a waypoint of its own */
+#define BACKEND_F_POLICY   0x8	/* authorization policies apply to the workload */
+#define BACKEND_F_KAUTHZ   0x10 /* ... and the kernel evaluates them (PATH_AUTHZ) */
+
+/* Ports one kmesh_authz entry can single out (authz_value.ports): a
+ * destination whose policies name more ports than this takes the tunnel. */
+#define KMESH_AUTHZ_PORTS 16
 
 /* The node proxy (kmesh-daemon's tunnel): its sockets carry this mark, as
  * ztunnel's do (istio-cni's rules know it too), and the kernel path leaves
@@ -68,6 +77,7 @@
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1
 #define CONN_EV_CLOSE	  2
+#define CONN_EV_DENY	  3 /* a connect the destination's policies refused (PATH_AUTHZ) */
 #define CONN_DIR_OUTBOUND 1 /* the pod connected */
 #define CONN_DIR_INBOUND  2 /* the pod accepted */
 
@@ -101,7 +111,16 @@ enum kmesh_stat {
 	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
 	STAT_DNS_CAPTURED = 20,	      /* a pod's DNS (port 53) sent to its proxy's DNS server */
 	STAT_DNS_NO_STORAGE = 21,     /* ... not captured: no storage to restore the reply source */
+	STAT_AUTHZ_ALLOW = 22,	      /* same-node connect allowed by the kernel's policy verdict */
+	STAT_AUTHZ_DENY = 23,	      /* ... denied by it: refused (ECONNREFUSED) */
+	/* kmesh_stats holds indexes below STAT_MAX. Its size is frozen: a
+	 * pinned map of another size cannot be taken over by a new daemon, so
+	 * growing it would break upgrades. Counters from STAT_MAX on live in
+	 * kmesh_stats_ext (index - STAT_MAX), which has room to grow into. */
 	STAT_MAX = 24,
+	STAT_AUTHZ_NO_ENTRY = 24,     /* ... no verdict for the pair: sent to the tunnel */
+	STAT_INBOUND_AUTHED = 25,     /* inbound plaintext authorized at connect: not steered */
+	STAT_EXT_MAX = 64,	      /* size of kmesh_stats_ext */
 };
 
 /* The producer of connection events wakes the reader at each further

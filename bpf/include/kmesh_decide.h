@@ -161,6 +161,8 @@ static __always_inline int decide(struct frontend_key *key, const struct lb_rand
 	default:
 		return 0;
 	}
+	if (tcp && d->path == PATH_AUTHZ)
+		return 0; /* authz_decide() finishes it, with the source's identity */
 	if (d->path < PATH_DIRECT || d->path > PATH_WAYPOINT || (!tcp && path_via_proxy(d->path))) {
 		/* REFUSE, and anything that is not a final verdict here
 		 * (BALANCE in a backend, a verdict a newer daemon wrote than
@@ -170,6 +172,76 @@ static __always_inline int decide(struct frontend_key *key, const struct lb_rand
 		return -ECONNREFUSED;
 	}
 	return 0;
+}
+
+/* authz_read evaluates kmesh_authz[key] for a destination port (network
+ * order) in place: 1 allow, 0 deny, -ENOENT without an entry, -EAGAIN when
+ * the element holds another pair's value (element reuse, kmesh_maps.h). */
+static __always_inline int authz_read(const struct authz_key *key, __u16 port)
+{
+	struct authz_value *v = bpf_map_lookup_elem(&kmesh_authz, key);
+
+	if (!v)
+		return -ENOENT;
+	KMESH_AFTER_LOOKUP();
+	int allow = KMESH_READ(v->allow) ? 1 : 0;
+	__u8 n = KMESH_READ(v->nports);
+	int hit = 0;
+#pragma unroll
+	for (int i = 0; i < KMESH_AUTHZ_PORTS; i++)
+		if (i < n && KMESH_READ(v->ports[i]) == port)
+			hit = 1;
+	kmesh_barrier();
+	/* The key is three words: destination, source, family and zero pad. */
+	if (KMESH_WORD(&v->key, 0) != KMESH_WORD(key, 0) ||
+	    KMESH_WORD(&v->key, 1) != KMESH_WORD(key, 1) ||
+	    KMESH_WORD(&v->key, 2) != KMESH_WORD(key, 2))
+		return record_changed();
+	return hit ? !allow : allow;
+}
+
+/* authz_decide finishes a PATH_AUTHZ decision: the destination (a mesh
+ * workload on this node) has authorization policies that user space compiled
+ * into kmesh_authz for every enrolled source workload of this node. src_id is
+ * the connecting pod's workload, from its enrolment (kmesh_managed[its netns
+ * cookie]): the kernel, not the pod, says who connects, which is why a
+ * same-node connection is held to the policies as mTLS would be (STRICT's
+ * "a peer identity is present" holds). Allowed: PATH_DIRECT, to the chosen
+ * backend. Denied: PATH_REFUSE and -ECONNREFUSED. No entry (a source whose
+ * workload is not known yet, a pair user space could not fit): PATH_TUNNEL,
+ * so the node proxy evaluates the same policies over HBONE. Anything but
+ * PATH_AUTHZ is left as it is. Context-free, for BPF_PROG_RUN. */
+static __always_inline int authz_decide(struct decision *d, __u32 src_id)
+{
+	if (d->path != PATH_AUTHZ)
+		return 0;
+	struct authz_key k = {
+	    .dst_id = d->backend_id,
+	    .src_id = src_id,
+	    .family = (__u8)family_of(d->addr),
+	};
+	int v = -ENOENT;
+	if (src_id && d->backend_id) {
+		v = authz_read(&k, d->port);
+		if (v == -EAGAIN)
+			v = authz_read(&k, d->port);
+	}
+	switch (v) {
+	case 1:
+		stat_inc(STAT_AUTHZ_ALLOW);
+		d->path = PATH_DIRECT;
+		return 0;
+	case 0:
+		stat_inc(STAT_AUTHZ_DENY);
+		d->path = PATH_REFUSE;
+		return -ECONNREFUSED;
+	case -EAGAIN:
+		/* Changed under us twice: the tunnel decides rather than us. */
+	default:
+		stat_inc(STAT_AUTHZ_NO_ENTRY);
+		d->path = PATH_TUNNEL;
+		return 0;
+	}
 }
 
 #endif

@@ -14,8 +14,14 @@
 
 static __always_inline void stat_inc(__u32 idx)
 {
-	__u64 *v = bpf_map_lookup_elem(&kmesh_stats, &idx);
+	__u64 *v;
 
+	if (idx < STAT_MAX) {
+		v = bpf_map_lookup_elem(&kmesh_stats, &idx);
+	} else {
+		idx -= STAT_MAX;
+		v = bpf_map_lookup_elem(&kmesh_stats_ext, &idx);
+	}
 	if (v)
 		*v += 1;
 }

@@ -174,6 +174,30 @@ struct {
 	__uint(max_entries, 1 << 20);
 } kmesh_events SEC(".maps");
 
+/* Same-node authorization in the kernel: (destination, source, family) ->
+ * the destination's policies' verdict for that source (struct authz_value).
+ * Read by the connect programs for destinations whose verdict is PATH_AUTHZ;
+ * a pair without an entry takes the tunnel, which evaluates the policies. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct authz_key);
+	__type(value, struct authz_value);
+} kmesh_authz SEC(".maps");
+
+/* Connections the connect program authorized (PATH_AUTHZ allowed), by their
+ * 4-tuple, written by sockops before the SYN leaves, read by kmesh_inbound
+ * at the destination so that they are not steered to 15006 (which has no
+ * identity to authorize them with). Only programs write it; LRU: entries age
+ * out. The value is the source's backend id (for dumps). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct authed_key);
+	__type(value, __u32);
+} kmesh_authed SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -181,5 +205,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } kmesh_stats SEC(".maps");
+
+/* Counters STAT_MAX and above, at index - STAT_MAX (kmesh_stats' size is
+ * frozen by the pins of running nodes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_EXT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} kmesh_stats_ext SEC(".maps");
 
 #endif

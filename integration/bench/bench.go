@@ -50,7 +50,8 @@ const (
 	vipDNAT     = "10.96.2.1" // iptables DNAT in the client pod
 	vipProxy    = "10.96.3.1" // iptables REDIRECT to a haproxy pair, plain TCP
 	vipProxyTLS = "10.96.4.1" // iptables REDIRECT to a haproxy pair, mutual TLS
-	vipHBONE    = "10.96.5.1" // a Service whose workload has an authorization policy: Kmesh's HBONE tunnel
+	vipHBONE    = "10.96.5.1" // a Service whose workload has an authorization policy the kernel cannot hold: Kmesh's HBONE tunnel
+	vipAuthz    = "10.96.6.1" // a Service whose workload has an ALLOW policy the kernel evaluates at connect
 )
 
 // Arm is one way for the client to reach the server.
@@ -125,6 +126,18 @@ spec:
   - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
   - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
   - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-authz, namespace: bench}
+spec:
+  clusterIP: 10.96.6.1
+  selector: {app: server-authz}
+  ports:
+  - {name: http, port: 8080, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
+  - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
+  - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
 `
 
 func pinned(cpu int, argv ...string) []string {
@@ -189,11 +202,15 @@ func (e *Env) setup(ctx context.Context) error {
 	// inbound side enforces the policy). Everything else is as for the
 	// other arms: same node, same CPUs.
 	serverHBONE := mk("bench", "server-hbone", tools()...)
+	// The kernel-authorization arm's server: an ALLOW policy the kernel
+	// holds, so a same-node client is authorized at connect() and goes
+	// straight to it.
+	serverAuthz := mk("bench", "server-authz", tools()...)
 	if err := e.allowPolicy(ctx); err != nil {
 		return err
 	}
-	pods := []*corev1.Pod{server, serverHBONE, mk("bench", "client"), mk("bench", "hbone-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"),
-		mk("plain", "inbound")}
+	pods := []*corev1.Pod{server, serverHBONE, serverAuthz, mk("bench", "client"), mk("bench", "hbone-client"), mk("bench", "authz-client"),
+		mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound")}
 	for _, p := range pods {
 		if _, err := k.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return err
@@ -214,6 +231,7 @@ func (e *Env) setup(ctx context.Context) error {
 	}
 	e.server = got["bench/server"]
 	e.serverPids = append(e.server.Pids(), got["bench/server-hbone"].Pids()...)
+	e.serverPids = append(e.serverPids, got["bench/server-authz"].Pids()...)
 	serverIP := e.server.IPs()[0].String()
 	proxied := got["plain/proxied"]
 
@@ -230,7 +248,11 @@ func (e *Env) setup(ctx context.Context) error {
 	// "direct" (the same, to the server without policies, where sk_lookup
 	// runs and leaves the connection alone) it is the cost of enforcing.
 	inboundAuthz := &Arm{Name: "kmesh-inbound-authz", Available: true, addr: got["bench/server-hbone"].IPs()[0].String(), client: got["plain/inbound"]}
-	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz}
+	// Same node, a destination with an ALLOW policy: authorized in the
+	// client's connect() with the identity the kernel attests, then the
+	// kernel path. Against "direct" it is the cost of authorizing.
+	kauthz := &Arm{Name: "kmesh-authz", Available: true, addr: vipAuthz, client: got["bench/authz-client"]}
+	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz, kauthz}
 	if len(e.opts.Arms) > 0 {
 		for _, a := range e.Arms {
 			if a.Available && a != direct && !slices.Contains(e.opts.Arms, a.Name) {
@@ -265,6 +287,11 @@ func (e *Env) setup(ctx context.Context) error {
 			return err
 		}
 	}
+	if kauthz.Available {
+		if err := e.checkCounted(kauthz, "authz_allow", "authorized at connect"); err != nil {
+			return err
+		}
+	}
 	if inboundAuthz.Available {
 		return e.checkCounted(inboundAuthz, "inbound_proxy", "steered to the proxy's 15006")
 	}
@@ -286,7 +313,28 @@ func (e *Env) allowPolicy(ctx context.Context) error {
 			},
 		},
 	}
-	_, err := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench").Create(ctx, ap, metav1.CreateOptions{})
+	// More ports than a kernel entry singles out (16): the kernel leaves
+	// this server's policy to the tunnel, so this arm keeps measuring HBONE
+	// (and the fallback is exercised). The rule adds nothing the first two
+	// do not allow already for the arms' clients.
+	var many []string
+	for p := 20000; p < 20017; p++ {
+		many = append(many, fmt.Sprint(p))
+	}
+	ap.Spec.Rules = append(ap.Spec.Rules, &securityapi.Rule{To: []*securityapi.Rule_To{{Operation: &securityapi.Operation{Ports: many}}}})
+	pols := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench")
+	if _, err := pols.Create(ctx, ap, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	kp := &securityclient.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "server-authz", Namespace: "bench"},
+		Spec: securityapi.AuthorizationPolicy{
+			Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": "server-authz"}},
+			Action:   securityapi.AuthorizationPolicy_ALLOW,
+			Rules:    []*securityapi.Rule{{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"bench"}}}}}},
+		},
+	}
+	_, err := pols.Create(ctx, kp, metav1.CreateOptions{})
 	return err
 }
 
