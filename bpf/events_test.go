@@ -13,7 +13,7 @@ import (
 // decoder copies the bytes onto the struct, so a layout slip shows here.
 func TestDecodeConnEvent(t *testing.T) {
 	v := sockOpsConnEvent{SockCookie: 0x1122334455667788, NetnsCookie: 42, TsNs: 5e9, BytesAcked: 1000, BytesReceived: 2000,
-		LocalPort: 0x901f /* 8080 network order */, RemotePort: 0x409c /* 40000 */, OrigPort: 0x5000 /* 80 */,
+		LocalPort: 0x901f /* 8080 network order */, RemotePort: 0x409c /* 40000 */, OrigPort: 0x5000, /* 80 */
 		Kind: uint8(ConnClose), Direction: uint8(ConnInbound), OldState: TCPFinWait2, BackendId: 7}
 	v.LocalAddr = [4]uint32{0, 0, 0xffff0000, 0x0b01f40a}  // ::ffff:10.244.1.11
 	v.RemoteAddr = [4]uint32{0, 0, 0xffff0000, 0x0201f40a} // ::ffff:10.244.1.2
