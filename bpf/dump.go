@@ -35,6 +35,9 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_inproxy":   dumpInboundListeners,
 	"kmesh_proxy_sk":  dumpProxySockets,
 	"kmesh_events":    dumpEvents,
+	"kmesh_splice":    dumpSplice,
+	"kmesh_splice_sk": dumpSpliceSockets,
+	"kmesh_sidecar":   dumpSidecar,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -192,4 +195,27 @@ func dumpProxySockets(*Maps) (Table, error) {
 
 func sortRows(rows [][]string) {
 	slices.SortFunc(rows, func(a, b []string) int { return slices.Compare(a, b) })
+}
+
+func dumpSplice(m *Maps) (Table, error) {
+	es, err := m.SpliceEnds()
+	t := Table{Header: []string{"LOCAL", "REMOTE", "NETNS COOKIE", "SOCKET COOKIE"}}
+	for _, e := range es {
+		t.Rows = append(t.Rows, []string{e.Local.String(), e.Remote.String(), fmt.Sprint(e.NetnsCookie), fmt.Sprint(e.SocketCookie)})
+	}
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpSpliceSockets(*Maps) (Table, error) {
+	return Table{Note: "per-socket storage (whether each spliced socket's sends are redirected): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func dumpSidecar(m *Maps) (Table, error) {
+	cs, err := m.SidecarSplice()
+	t := Table{Header: []string{"NETNS COOKIE (SIDECAR SPLICING)"}}
+	for _, c := range slices.Sorted(slices.Values(cs)) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c)})
+	}
+	return t, err
 }

@@ -38,6 +38,7 @@ type Maps struct {
 	tunnel   *ebpf.Map
 	inproxy  *ebpf.Map
 	proxySk  *ebpf.Map
+	sidecar  *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -45,7 +46,8 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 	return &Maps{byName: byName,
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
-		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"]}
+		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
+		sidecar: byName["kmesh_sidecar"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -282,6 +284,10 @@ var statNames = []string{
 	"record_reused",
 	"conn_event",
 	"conn_event_drop",
+	"splice_insert",
+	"splice_full",
+	"splice_bytes",
+	"splice_no_peer",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -396,4 +402,48 @@ func MarkProxySocketPinned(root string, fd uintptr) error {
 	}
 	defer m.Close()
 	return (&Maps{proxySk: m}).MarkProxySocket(fd)
+}
+
+// SetSidecarSplice opts the network namespace with the given cookie, a pod
+// that is not enrolled (it keeps an Istio sidecar), into splicing of the
+// connections inside it: the application's legs to and from its sidecar.
+func (m *Maps) SetSidecarSplice(netnsCookie uint64) error {
+	return wrapErr(m.sidecar, "update", m.sidecar.Update(netnsCookie, uint32(sidecarSplice), ebpf.UpdateAny))
+}
+
+// DeleteSidecarSplice withdraws the opt-in; connections spliced so far stay
+// spliced until they close. Absent is fine.
+func (m *Maps) DeleteSidecarSplice(netnsCookie uint64) error {
+	if err := m.sidecar.Delete(netnsCookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return wrapErr(m.sidecar, "delete", err)
+	}
+	return nil
+}
+
+// SidecarSplice lists the namespaces opted into sidecar splicing.
+func (m *Maps) SidecarSplice() ([]uint64, error) {
+	var out []uint64
+	err := dump(m.sidecar, func(k uint64, _ uint32) { out = append(out, k) })
+	return out, err
+}
+
+// SpliceEnd is one spliced connection end as kmesh_splice holds it.
+type SpliceEnd struct {
+	Local, Remote netip.AddrPort
+	// NetnsCookie is set when both ends share a namespace (in-pod legs).
+	NetnsCookie  uint64
+	SocketCookie uint64
+}
+
+// SpliceEnds lists the connection ends in kmesh_splice.
+func (m *Maps) SpliceEnds() ([]SpliceEnd, error) {
+	var out []SpliceEnd
+	err := dump(m.byName["kmesh_splice"], func(k sockAddrSpliceKey, cookie uint64) {
+		out = append(out, SpliceEnd{
+			Local:       netip.AddrPortFrom(wordsAddr(k.Local), ntohs(k.LocalPort)),
+			Remote:      netip.AddrPortFrom(wordsAddr(k.Remote), ntohs(k.RemotePort)),
+			NetnsCookie: k.NetnsCookie, SocketCookie: cookie,
+		})
+	})
+	return out, err
 }

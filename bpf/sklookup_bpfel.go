@@ -100,6 +100,16 @@ type skLookupSockOrig struct {
 	Pad2        uint16
 }
 
+type skLookupSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type skLookupTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -156,7 +166,10 @@ const (
 	skLookupMapKmeshManaged  = "kmesh_managed"
 	skLookupMapKmeshProxySk  = "kmesh_proxy_sk"
 	skLookupMapKmeshService  = "kmesh_service"
+	skLookupMapKmeshSidecar  = "kmesh_sidecar"
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
+	skLookupMapKmeshSplice   = "kmesh_splice"
+	skLookupMapKmeshSpliceSk = "kmesh_splice_sk"
 	skLookupMapKmeshStats    = "kmesh_stats"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
 	skLookupMapKmeshUdp      = "kmesh_udp"
@@ -220,7 +233,10 @@ type skLookupMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
@@ -260,7 +276,10 @@ type skLookupMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
@@ -276,7 +295,10 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,
 		m.KmeshUdp,

@@ -100,6 +100,16 @@ type sockAddrSockOrig struct {
 	Pad2        uint16
 }
 
+type sockAddrSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type sockAddrTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -158,7 +168,10 @@ const (
 	sockAddrMapKmeshManaged   = "kmesh_managed"
 	sockAddrMapKmeshProxySk   = "kmesh_proxy_sk"
 	sockAddrMapKmeshService   = "kmesh_service"
+	sockAddrMapKmeshSidecar   = "kmesh_sidecar"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
+	sockAddrMapKmeshSplice    = "kmesh_splice"
+	sockAddrMapKmeshSpliceSk  = "kmesh_splice_sk"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
 	sockAddrMapKmeshUdp       = "kmesh_udp"
@@ -237,7 +250,10 @@ type sockAddrMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
@@ -278,7 +294,10 @@ type sockAddrMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
@@ -294,7 +313,10 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,
 		m.KmeshUdp,

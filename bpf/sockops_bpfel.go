@@ -121,6 +121,16 @@ type sockOpsSockOrig struct {
 	Pad2        uint16
 }
 
+type sockOpsSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type sockOpsTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -177,7 +187,10 @@ const (
 	sockOpsMapKmeshManaged  = "kmesh_managed"
 	sockOpsMapKmeshProxySk  = "kmesh_proxy_sk"
 	sockOpsMapKmeshService  = "kmesh_service"
+	sockOpsMapKmeshSidecar  = "kmesh_sidecar"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
+	sockOpsMapKmeshSplice   = "kmesh_splice"
+	sockOpsMapKmeshSpliceSk = "kmesh_splice_sk"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
@@ -243,7 +256,10 @@ type sockOpsMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
@@ -285,7 +301,10 @@ type sockOpsMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
@@ -301,7 +320,10 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,
 		m.KmeshUdp,

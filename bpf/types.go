@@ -371,3 +371,12 @@ func decodeTunnel(v sockAddrTunnelValue) TunnelOrig {
 	}
 	return t
 }
+
+// Splicing (kmesh_consts.h): the opt-in flag of kmesh_sidecar, and what a
+// spliced socket's sends do (kmesh_splice_sk).
+const (
+	sidecarSplice   = 0x1
+	spliceUndecided = 0
+	spliceRedirect  = 1
+	spliceTCP       = 2
+)

@@ -136,6 +136,16 @@ type decideSockOrig struct {
 	Pad2        uint16
 }
 
+type decideSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type decideTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -192,7 +202,10 @@ const (
 	decideMapKmeshManaged  = "kmesh_managed"
 	decideMapKmeshProxySk  = "kmesh_proxy_sk"
 	decideMapKmeshService  = "kmesh_service"
+	decideMapKmeshSidecar  = "kmesh_sidecar"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
+	decideMapKmeshSplice   = "kmesh_splice"
+	decideMapKmeshSpliceSk = "kmesh_splice_sk"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
 	decideMapKmeshUdp      = "kmesh_udp"
@@ -259,7 +272,10 @@ type decideMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
@@ -300,7 +316,10 @@ type decideMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
@@ -316,7 +335,10 @@ func (m *decideMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,
 		m.KmeshUdp,

@@ -64,6 +64,16 @@
  * it through (169.254.7.127, network order on the wire). */
 #define KMESH_PROBE_SNAT_IP4 0xa9fe077f
 
+/* kmesh_splice_sk: what a spliced socket's sends do, decided at its first
+ * send and kept for life, so the peer never reads redirected bytes ahead of
+ * bytes that went through TCP. */
+#define SPLICE_UNDECIDED 0
+#define SPLICE_REDIRECT	 1 /* every send goes into the peer's receive queue */
+#define SPLICE_TCP	 2 /* the peer was not there at the first send: TCP for life */
+
+/* kmesh_sidecar value flags: opt-in of a namespace that is not enrolled. */
+#define SIDECAR_SPLICE 0x1 /* splice connections inside the namespace (app <-> sidecar) */
+
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1
 #define CONN_EV_CLOSE	  2
@@ -98,6 +108,10 @@ enum kmesh_stat {
 	STAT_RECORD_REUSED = 17,      /* a record changed key under us (reuse): retried */
 	STAT_CONN_EVENT = 18,	      /* a kernel-path connection event queued for the daemon */
 	STAT_CONN_EVENT_DROP = 19,    /* ... but kmesh_events was full: dropped, never waited for */
+	STAT_SPLICE_INSERT = 20,      /* a connection end entered kmesh_splice */
+	STAT_SPLICE_FULL = 21,	      /* ... but the map was full (or the key taken): plain TCP */
+	STAT_SPLICE_BYTES = 22,	      /* bytes sk_msg moved straight into the peer socket */
+	STAT_SPLICE_NO_PEER = 23,     /* first send found no peer: that direction stays TCP */
 	STAT_MAX = 24,
 };
 
