@@ -68,6 +68,12 @@ type Config struct {
 	// Istio metrics and access logs for connections the proxy never sees),
 	// saving ~2 µs of sockops time per connection of an enrolled pod.
 	NoConnEvents bool
+	// Splice splices enrolled pods' connections whose both ends are on this
+	// node (the kernel path between pods, and the in-pod legs of the
+	// tunnel) with sockmap. Off by default: an application reading such a
+	// socket with splice(2) sees the FIN without the bytes (Linux 6.18).
+	// Namespaces opted in through SetSidecarSplice are spliced either way.
+	Splice bool
 }
 
 type attachment struct {
@@ -93,6 +99,8 @@ type Datapath struct {
 	Reused bool
 	// noConnEvents: the sockops object is loaded with reporting off.
 	noConnEvents bool
+	// splice: the sockops object splices enrolled pods' connections.
+	splice bool
 }
 
 // PinDir returns the directory of the current layout under root.
@@ -166,7 +174,7 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 
-	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents}
+	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents, splice: cfg.Splice}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -236,6 +244,11 @@ func (dp *Datapath) loadSockOps() error {
 		}
 		if o.name == "sockops" && dp.noConnEvents {
 			if err := spec.Variables["cfg_conn_events"].Set(uint32(0)); err != nil {
+				return err
+			}
+		}
+		if o.name == "sockops" && dp.splice {
+			if err := spec.Variables["cfg_splice"].Set(uint32(1)); err != nil {
 				return err
 			}
 		}

@@ -246,12 +246,19 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
 	stat_inc(STAT_CONN_EVENT);
 }
 
+/* Splicing of enrolled pods' connections (set to 1 at load by the daemon's
+ * KMESH_SPLICE=true). Off by default: an application that reads a spliced
+ * socket with splice(2) gets the FIN without the bytes on Linux 6.18
+ * (tcp_splice_read reads only the TCP receive queue, not the psock's), so
+ * the operator opts in. Namespaces in kmesh_sidecar opted in one by one. */
+const volatile __u32 cfg_splice = 0;
+
 /* Whether the connection with tuple t is spliced from this end: see the
  * file comment. */
 static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struct conn_tuple *t,
 					 __u64 cookie)
 {
-	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+	struct managed_value *mv = cfg_splice ? bpf_map_lookup_elem(&kmesh_managed, &cookie) : NULL;
 
 	if (splice_same_netns(t->local, t->remote))
 		return mv || bpf_map_lookup_elem(&kmesh_sidecar, &cookie);
@@ -288,8 +295,9 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops)
 	__u64 cookie = bpf_get_netns_cookie(skops);
 
 	/* Bytes already through TCP (Fast Open data in the SYN) would be
-	 * overtaken by redirected ones. */
-	if (skops->bytes_received || skops->bytes_acked)
+	 * overtaken by redirected ones. bytes_acked counts the SYN itself
+	 * (snd_una moved past it). */
+	if (skops->bytes_received || skops->bytes_acked > 1)
 		return;
 	read_tuple(skops, &t);
 	if (!splice_wanted(skops, &t, cookie) || !skops->sk)

@@ -196,6 +196,7 @@ const (
 	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
 	sockOpsVarCfgConnEvents = "cfg_conn_events"
+	sockOpsVarCfgSplice     = "cfg_splice"
 	sockOpsVarConnEventBtf  = "conn_event_btf"
 )
 
@@ -270,6 +271,7 @@ type sockOpsMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsVariableSpecs struct {
 	CfgConnEvents *ebpf.VariableSpec `ebpf:"cfg_conn_events"`
+	CfgSplice     *ebpf.VariableSpec `ebpf:"cfg_splice"`
 	ConnEventBtf  *ebpf.VariableSpec `ebpf:"conn_event_btf"`
 }
 
@@ -335,6 +337,7 @@ func (m *sockOpsMaps) Close() error {
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsVariables struct {
 	CfgConnEvents *ebpf.Variable `ebpf:"cfg_conn_events"`
+	CfgSplice     *ebpf.Variable `ebpf:"cfg_splice"`
 	ConnEventBtf  *ebpf.Variable `ebpf:"conn_event_btf"`
 }
 

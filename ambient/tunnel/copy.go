@@ -42,25 +42,28 @@ func copyBuf(dst io.Writer, src io.Reader) (int64, error) {
 	}
 }
 
-// spliceCopy copies between two TCP connections: net.TCPConn.ReadFrom
-// splices in the kernel (no bytes through user space) for the plaintext
-// legs, then half-closes dst.
-func spliceCopy(dst, src *net.TCPConn) (int64, error) {
-	n, err := dst.ReadFrom(src)
+// plainCopy copies between two TCP connections, then half-closes dst. It
+// reads with read(2), never splice(2) (net.TCPConn.ReadFrom): the in-pod
+// legs are spliced by the kernel (sk_msg, bpf/sk_msg.c), which queues the
+// bytes where read(2) finds them and splice(2) does not -- on Linux 6.18 a
+// splice(2) read of such a socket sees the FIN and none of the bytes
+// (TestPrivilegedSplice, "splice-read").
+func plainCopy(dst, src *net.TCPConn) (int64, error) {
+	n, err := copyBuf(dst, src)
 	_ = dst.CloseWrite()
 	return n, err
 }
 
 // splicePipe carries a plaintext connection between client and server,
-// spliced both ways, each direction half-closed on its own. It returns
+// both ways, each direction half-closed on its own. It returns
 // the bytes client→server and server→client.
 func splicePipe(client, server *net.TCPConn) (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		down, _ = spliceCopy(client, server)
+		down, _ = plainCopy(client, server)
 	}()
-	up, _ = spliceCopy(server, client)
+	up, _ = plainCopy(server, client)
 	<-done
 	return up, down
 }
