@@ -37,7 +37,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_events":    dumpEvents,
 	"kmesh_splice":    dumpSplice,
 	"kmesh_splice_sk": dumpSpliceSockets,
-	"kmesh_sidecar":   dumpSidecar,
+	"kmesh_splice_ns": dumpSpliceNS,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -211,11 +211,11 @@ func dumpSpliceSockets(*Maps) (Table, error) {
 	return Table{Note: "per-socket storage (whether each spliced socket's sends are redirected): it lives in the sockets and cannot be listed from user space"}, nil
 }
 
-func dumpSidecar(m *Maps) (Table, error) {
-	cs, err := m.SidecarSplice()
-	t := Table{Header: []string{"NETNS COOKIE (SIDECAR SPLICING)"}}
-	for _, c := range slices.Sorted(slices.Values(cs)) {
-		t.Rows = append(t.Rows, []string{fmt.Sprint(c)})
+func dumpSpliceNS(m *Maps) (Table, error) {
+	ns, err := m.SpliceNamespaces()
+	t := Table{Header: []string{"NETNS COOKIE", "IN-POD", "PEERS"}}
+	for _, c := range slices.Sorted(maps.Keys(ns)) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ns[c]&SpliceInPod != 0), fmt.Sprint(ns[c]&SplicePeers != 0)})
 	}
 	return t, err
 }

@@ -72,7 +72,7 @@ type Config struct {
 	// node (the kernel path between pods, and the in-pod legs of the
 	// tunnel) with sockmap. Off by default: an application reading such a
 	// socket with splice(2) sees the FIN without the bytes (Linux 6.18).
-	// Namespaces opted in through SetSidecarSplice are spliced either way.
+	// Namespaces opted in through Maps.SetSpliceNS are spliced either way.
 	Splice bool
 }
 

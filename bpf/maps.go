@@ -38,7 +38,7 @@ type Maps struct {
 	tunnel   *ebpf.Map
 	inproxy  *ebpf.Map
 	proxySk  *ebpf.Map
-	sidecar  *ebpf.Map
+	spliceNS *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -47,7 +47,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"],
 		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
-		sidecar: byName["kmesh_sidecar"]}
+		spliceNS: byName["kmesh_splice_ns"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -404,26 +404,25 @@ func MarkProxySocketPinned(root string, fd uintptr) error {
 	return (&Maps{proxySk: m}).MarkProxySocket(fd)
 }
 
-// SetSidecarSplice opts the network namespace with the given cookie, a pod
-// that is not enrolled (it keeps an Istio sidecar), into splicing of the
-// connections inside it: the application's legs to and from its sidecar.
-func (m *Maps) SetSidecarSplice(netnsCookie uint64) error {
-	return wrapErr(m.sidecar, "update", m.sidecar.Update(netnsCookie, uint32(sidecarSplice), ebpf.UpdateAny))
-}
-
-// DeleteSidecarSplice withdraws the opt-in; connections spliced so far stay
-// spliced until they close. Absent is fine.
-func (m *Maps) DeleteSidecarSplice(netnsCookie uint64) error {
-	if err := m.sidecar.Delete(netnsCookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return wrapErr(m.sidecar, "delete", err)
+// SetSpliceNS opts the network namespace with the given cookie into
+// splicing (flags: SpliceInPod for a pod that keeps an Istio sidecar,
+// SplicePeers for an enrolled pod while Config.Splice is off). Zero flags
+// withdraw the opt-in; connections spliced so far stay spliced until they
+// close.
+func (m *Maps) SetSpliceNS(netnsCookie uint64, flags SpliceNS) error {
+	if flags == 0 {
+		if err := m.spliceNS.Delete(netnsCookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return wrapErr(m.spliceNS, "delete", err)
+		}
+		return nil
 	}
-	return nil
+	return wrapErr(m.spliceNS, "update", m.spliceNS.Update(netnsCookie, uint32(flags), ebpf.UpdateAny))
 }
 
-// SidecarSplice lists the namespaces opted into sidecar splicing.
-func (m *Maps) SidecarSplice() ([]uint64, error) {
-	var out []uint64
-	err := dump(m.sidecar, func(k uint64, _ uint32) { out = append(out, k) })
+// SpliceNamespaces lists the namespaces opted into splicing.
+func (m *Maps) SpliceNamespaces() (map[uint64]SpliceNS, error) {
+	out := map[uint64]SpliceNS{}
+	err := dump(m.spliceNS, func(k uint64, v uint32) { out[k] = SpliceNS(v) })
 	return out, err
 }
 
@@ -446,4 +445,15 @@ func (m *Maps) SpliceEnds() ([]SpliceEnd, error) {
 		})
 	})
 	return out, err
+}
+
+// SetSpliceNSPinned is SetSpliceNS on the maps a daemon pinned under root
+// (the benchmark opts its arms' pods in from outside the daemon).
+func SetSpliceNSPinned(root string, netnsCookie uint64, flags SpliceNS) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(PinDir(root), "kmesh_splice_ns"), nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return (&Maps{spliceNS: m}).SetSpliceNS(netnsCookie, flags)
 }

@@ -166,9 +166,9 @@ const (
 	skLookupMapKmeshManaged  = "kmesh_managed"
 	skLookupMapKmeshProxySk  = "kmesh_proxy_sk"
 	skLookupMapKmeshService  = "kmesh_service"
-	skLookupMapKmeshSidecar  = "kmesh_sidecar"
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
 	skLookupMapKmeshSplice   = "kmesh_splice"
+	skLookupMapKmeshSpliceNs = "kmesh_splice_ns"
 	skLookupMapKmeshSpliceSk = "kmesh_splice_sk"
 	skLookupMapKmeshStats    = "kmesh_stats"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
@@ -233,9 +233,9 @@ type skLookupMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -276,9 +276,9 @@ type skLookupMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -295,9 +295,9 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
-		m.KmeshSidecar,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
+		m.KmeshSpliceNs,
 		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,

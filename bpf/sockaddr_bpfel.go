@@ -168,9 +168,9 @@ const (
 	sockAddrMapKmeshManaged   = "kmesh_managed"
 	sockAddrMapKmeshProxySk   = "kmesh_proxy_sk"
 	sockAddrMapKmeshService   = "kmesh_service"
-	sockAddrMapKmeshSidecar   = "kmesh_sidecar"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshSplice    = "kmesh_splice"
+	sockAddrMapKmeshSpliceNs  = "kmesh_splice_ns"
 	sockAddrMapKmeshSpliceSk  = "kmesh_splice_sk"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
@@ -250,9 +250,9 @@ type sockAddrMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -294,9 +294,9 @@ type sockAddrMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -313,9 +313,9 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
-		m.KmeshSidecar,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
+		m.KmeshSpliceNs,
 		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,

@@ -31,7 +31,7 @@
  * put into kmesh_splice as it becomes established (the connecting end at
  * ACTIVE_ESTABLISHED, the accepted one at PASSIVE_ESTABLISHED), and sk_msg.c
  * moves every send straight into the peer (see there). Which ends: in an
- * enrolled pod's namespace, or one opted in through kmesh_sidecar,
+ * enrolled pod's namespace, or one opted in through kmesh_splice_ns,
  * connections inside the namespace (loopback: the application and the node
  * proxy's 15001; the proxy's dial to the application behind 15006; the
  * application and its sidecar); and, from an enrolled pod, connections to
@@ -250,7 +250,7 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
  * KMESH_SPLICE=true). Off by default: an application that reads a spliced
  * socket with splice(2) gets the FIN without the bytes on Linux 6.18
  * (tcp_splice_read reads only the TCP receive queue, not the psock's), so
- * the operator opts in. Namespaces in kmesh_sidecar opted in one by one. */
+ * the operator opts in; or namespaces opt in one by one (kmesh_splice_ns). */
 const volatile __u32 cfg_splice = 0;
 
 /* Whether the connection with tuple t is spliced from this end: see the
@@ -258,11 +258,13 @@ const volatile __u32 cfg_splice = 0;
 static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struct conn_tuple *t,
 					 __u64 cookie)
 {
-	struct managed_value *mv = cfg_splice ? bpf_map_lookup_elem(&kmesh_managed, &cookie) : NULL;
+	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+	__u32 *nsp = bpf_map_lookup_elem(&kmesh_splice_ns, &cookie);
+	__u32 ns = nsp ? *nsp : 0;
 
 	if (splice_same_netns(t->local, t->remote))
-		return mv || bpf_map_lookup_elem(&kmesh_sidecar, &cookie);
-	if (!mv)
+		return (cfg_splice && mv) || (ns & SPLICE_NS_INPOD);
+	if (!mv || !(cfg_splice || (ns & SPLICE_NS_PEERS)))
 		return 0;
 	int family = addr_is_v4mapped(t->local) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
 	struct backend_copy own;

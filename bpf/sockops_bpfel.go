@@ -187,9 +187,9 @@ const (
 	sockOpsMapKmeshManaged  = "kmesh_managed"
 	sockOpsMapKmeshProxySk  = "kmesh_proxy_sk"
 	sockOpsMapKmeshService  = "kmesh_service"
-	sockOpsMapKmeshSidecar  = "kmesh_sidecar"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshSplice   = "kmesh_splice"
+	sockOpsMapKmeshSpliceNs = "kmesh_splice_ns"
 	sockOpsMapKmeshSpliceSk = "kmesh_splice_sk"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
@@ -257,9 +257,9 @@ type sockOpsMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -303,9 +303,9 @@ type sockOpsMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -322,9 +322,9 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
-		m.KmeshSidecar,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
+		m.KmeshSpliceNs,
 		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,

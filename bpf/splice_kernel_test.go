@@ -32,6 +32,25 @@ import (
 
 func init() {
 	podnet.RegisterHelper("splice-pair", splicePair)
+	podnet.RegisterHelper("echo-server", echoServer)
+}
+
+// echoServer echoes every connection on args[0] with read/write calls.
+func echoServer(args []string) (any, error) {
+	l, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return nil, err
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return nil, err
+		}
+		go func() {
+			defer c.Close()
+			_ = echo(c.(*net.TCPConn))
+		}()
+	}
 }
 
 // pair is one connection with both ends in this process.
@@ -209,6 +228,35 @@ func splicePair(args []string) (any, error) {
 			return nil, fmt.Errorf("echo: read %d bytes (%v), hash equal %v", r.n, r.err, bytes.Equal(r.sum, want))
 		}
 		return "ok", <-errc
+	case "client-echo": // 64 MiB through a remote echo server at args[1]
+		var c net.Conn
+		var err error
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if c, err = net.DialTimeout("tcp", laddr, 3*time.Second); err == nil || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		type res struct {
+			sum []byte
+			n   int64
+			err error
+		}
+		got := make(chan res, 1)
+		go func() { s, n, err := readAll(c, 60*time.Second); got <- res{s, n, err} }()
+		want, err := writeRandom(c, 9, 64<<20, 256<<10)
+		if err != nil {
+			return nil, err
+		}
+		_ = c.(*net.TCPConn).CloseWrite()
+		r := <-got
+		if r.err != nil || r.n != 64<<20 || !bytes.Equal(r.sum, want) {
+			return nil, fmt.Errorf("client-echo: read %d bytes (%v)", r.n, r.err)
+		}
+		return "ok", nil
 	case "small": // 20,000 writes of 1..64 bytes with TCP_NODELAY
 		p, err := mk()
 		if err != nil {
@@ -711,5 +759,123 @@ func TestPrivilegedSpliceOff(t *testing.T) {
 	}
 	if st := f.stats(t); st["splice_insert"] != 0 || st["splice_bytes"] != 0 {
 		t.Errorf("splicing off, yet counters moved: insert %d bytes %d", st["splice_insert"], st["splice_bytes"])
+	}
+}
+
+// iptablesIn runs iptables inside a pod's namespace.
+func iptablesIn(t *testing.T, p *podnet.Pod, args ...string) {
+	t.Helper()
+	err := p.NS.Do(func() error {
+		out, err := exec.Command("iptables", append([]string{"-w"}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("iptables %v: %w: %s", args, err, out)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sidecarCapture installs the nat rules Istio's sidecar init installs
+// (istio-iptables), reduced to TCP: outbound to 15001 except the proxy's
+// own (uid 1337) and loopback; inbound to 15006.
+func sidecarCapture(t *testing.T, p *podnet.Pod) {
+	t.Helper()
+	for _, r := range [][]string{
+		{"-t", "nat", "-N", "ISTIO_OUTPUT"},
+		{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT"},
+		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-m", "owner", "--uid-owner", "1337", "-j", "RETURN"},
+		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN"},
+		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"},
+		{"-t", "nat", "-N", "ISTIO_INBOUND"},
+		{"-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "ISTIO_INBOUND"},
+		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15008", "-j", "RETURN"},
+		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"},
+	} {
+		iptablesIn(t, p, r...)
+	}
+}
+
+// startIn starts a long-running process in a pod and the test's cgroup.
+func startIn(t *testing.T, p *podnet.Pod, cg *podnet.Cgroup, cmd *exec.Cmd) {
+	t.Helper()
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := p.Start(cmd, cg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("%s in %s: %s", cmd.Path, p.Name, out.String())
+		}
+	})
+}
+
+// TestPrivilegedSidecarSplice: two pods that keep a sidecar (haproxy in
+// Envoy's place, uid 1337, captured by Istio's sidecar rules). Opted in,
+// their in-pod legs (the server-side sidecar's dial to the application
+// over loopback) go through sk_msg; bytes arrive intact either way. The
+// client-side leg, rewritten by NAT (the application's socket names the
+// original destination, the sidecar's the loopback listener), is not
+// spliced: its two ends' 4-tuples do not match, and guessing the pairing
+// could hand bytes to the wrong socket.
+func TestPrivilegedSidecarSplice(t *testing.T) {
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		t.Fatalf("haproxy is needed (apt-get install haproxy): %v", err)
+	}
+	f := newSpliceFixture(t, bpf.Config{})
+	dir := t.TempDir()
+	cfg := func(name, bind, server string) string {
+		path := filepath.Join(dir, name+".cfg")
+		c := fmt.Sprintf("global\n    nbthread 1\n    uid 1337\n    gid 1337\ndefaults\n    mode tcp\n    timeout connect 5s\n"+
+			"    timeout client 60s\n    timeout server 60s\nfrontend f\n    bind %s\n    default_backend b\nbackend b\n    server s %s\n", bind, server)
+		if err := os.WriteFile(path, []byte(c), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	_ = os.Chmod(dir, 0o755)
+	for _, p := range []*podnet.Pod{f.client, f.server} {
+		sidecarCapture(t, p)
+	}
+	// Outbound sidecar: everything the application dials goes to the
+	// server (one upstream stands in for Envoy's routing).
+	startIn(t, f.client, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("client", "127.0.0.1:15001", "10.244.1.11:8080")))
+	startIn(t, f.server, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("server", ":15006", "127.0.0.1:8080")))
+	app := exec.Command("/proc/self/exe", "127.0.0.1:8080")
+	app.Env = append(os.Environ(), podnet.HelperEnv("echo-server"))
+	startIn(t, f.server, f.env.Cgroup, app)
+
+	serverCookie, err := f.server.NS.Cookie()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, opted := range []bool{false, true} {
+		flags := bpf.SpliceNS(0)
+		if opted {
+			flags = bpf.SpliceInPod
+		}
+		for _, c := range []uint64{f.clientCookie, serverCookie} {
+			if err := f.env.DP.Maps.SetSpliceNS(c, flags); err != nil {
+				t.Fatal(err)
+			}
+		}
+		before := f.stats(t)
+		// The application dials the server's address; its sidecars carry it.
+		if err := f.run(t, "client-echo", "10.244.1.11:8080"); err != nil {
+			t.Fatalf("opted in %v: %v", opted, err)
+		}
+		after := f.stats(t)
+		moved := after["splice_bytes"] - before["splice_bytes"]
+		t.Logf("opted in %v: %d bytes through sk_msg, %d ends inserted", opted, moved, after["splice_insert"]-before["splice_insert"])
+		if opted && moved < 128<<20 {
+			t.Errorf("opted in: only %d bytes through sk_msg, want the server leg's 128 MiB", moved)
+		}
+		if !opted && moved != 0 {
+			t.Errorf("not opted in: %d bytes through sk_msg", moved)
+		}
 	}
 }

@@ -202,9 +202,9 @@ const (
 	decideMapKmeshManaged  = "kmesh_managed"
 	decideMapKmeshProxySk  = "kmesh_proxy_sk"
 	decideMapKmeshService  = "kmesh_service"
-	decideMapKmeshSidecar  = "kmesh_sidecar"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshSplice   = "kmesh_splice"
+	decideMapKmeshSpliceNs = "kmesh_splice_ns"
 	decideMapKmeshSpliceSk = "kmesh_splice_sk"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
@@ -272,9 +272,9 @@ type decideMapSpecs struct {
 	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -316,9 +316,9 @@ type decideMaps struct {
 	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSidecar  *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -335,9 +335,9 @@ func (m *decideMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
-		m.KmeshSidecar,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
+		m.KmeshSpliceNs,
 		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshTunnel,

@@ -71,8 +71,10 @@
 #define SPLICE_REDIRECT	 1 /* every send goes into the peer's receive queue */
 #define SPLICE_TCP	 2 /* the peer was not there at the first send: TCP for life */
 
-/* kmesh_sidecar value flags: opt-in of a namespace that is not enrolled. */
-#define SIDECAR_SPLICE 0x1 /* splice connections inside the namespace (app <-> sidecar) */
+/* kmesh_splice_ns value flags: a network namespace's opt-in to splicing,
+ * beyond what cfg_splice turns on for every enrolled pod. */
+#define SPLICE_NS_INPOD 0x1 /* connections inside the namespace (app <-> sidecar); any pod */
+#define SPLICE_NS_PEERS 0x2 /* an enrolled pod's connections with local mesh workloads */
 
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1

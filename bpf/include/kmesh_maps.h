@@ -184,16 +184,16 @@ struct {
 	__type(value, __u32);
 } kmesh_splice_sk SEC(".maps");
 
-/* Network namespaces that are not enrolled (pods that keep an Istio
- * sidecar) but opted into splicing their in-pod connections: netns cookie
- * -> SIDECAR_* flags. */
+/* Network namespaces opted into splicing one by one (pods that keep an
+ * Istio sidecar: their in-pod legs; or enrolled pods while cfg_splice is
+ * off): netns cookie -> SPLICE_NS_* flags. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, __u32);
-} kmesh_sidecar SEC(".maps");
+} kmesh_splice_ns SEC(".maps");
 
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
