@@ -304,8 +304,8 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops)
 	read_tuple(skops, &t);
 	if (!splice_wanted(skops, &t, cookie) || !skops->sk)
 		return;
-	__u32 *st = bpf_sk_storage_get(&kmesh_splice_sk, skops->sk, NULL,
-				       BPF_SK_STORAGE_GET_F_CREATE);
+	__u32 *st =
+	    bpf_sk_storage_get(&kmesh_splice_sk, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
 		stat_inc(STAT_SPLICE_FULL);
 		return;

@@ -107,8 +107,8 @@ struct inbound_key {
  * across pods (pod addresses are unique on the node, and each end is
  * inserted only under its own pod's address). */
 struct splice_key {
-	__u32 local[4];	 /* IPv4 v4-mapped */
-	__u32 remote[4]; /* IPv4 v4-mapped */
+	__u32 local[4];	  /* IPv4 v4-mapped */
+	__u32 remote[4];  /* IPv4 v4-mapped */
 	__u16 local_port; /* network order */
 	__u16 remote_port;
 	__u32 pad;
