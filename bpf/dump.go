@@ -39,6 +39,9 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_stats_ext": dumpStatsExt,
 	"kmesh_authz":     dumpAuthz,
 	"kmesh_authed":    dumpAuthed,
+	"kmesh_splice":    dumpSplice,
+	"kmesh_splice_sk": dumpSpliceSockets,
+	"kmesh_splice_ns": dumpSpliceNS,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -237,6 +240,29 @@ func dumpDNS(m *Maps) (Table, error) {
 	t := Table{Header: []string{"CAPTURE", "PORT"}}
 	if err == nil {
 		t.Rows = append(t.Rows, []string{fmt.Sprint(on), fmt.Sprint(port)})
+	}
+	return t, err
+}
+
+func dumpSplice(m *Maps) (Table, error) {
+	es, err := m.SpliceEnds()
+	t := Table{Header: []string{"LOCAL", "REMOTE", "NETNS COOKIE", "SOCKET COOKIE"}}
+	for _, e := range es {
+		t.Rows = append(t.Rows, []string{e.Local.String(), e.Remote.String(), fmt.Sprint(e.NetnsCookie), fmt.Sprint(e.SocketCookie)})
+	}
+	sortRows(t.Rows)
+	return t, err
+}
+
+func dumpSpliceSockets(*Maps) (Table, error) {
+	return Table{Note: "per-socket storage (whether each spliced socket's sends are redirected): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func dumpSpliceNS(m *Maps) (Table, error) {
+	ns, err := m.SpliceNamespaces()
+	t := Table{Header: []string{"NETNS COOKIE", "IN-POD", "PEERS"}}
+	for _, c := range slices.Sorted(maps.Keys(ns)) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ns[c]&SpliceInPod != 0), fmt.Sprint(ns[c]&SplicePeers != 0)})
 	}
 	return t, err
 }

@@ -25,8 +25,8 @@ func TestPrivilegedLoadAttachPin(t *testing.T) {
 	// The programs are reachable from the pins alone (kmesh-bench and
 	// kmeshctl read them that way).
 	ps, err := bpf.PinnedProgramStats(env.Config.PinRoot)
-	if err != nil || len(ps) != 9 {
-		t.Fatalf("PinnedProgramStats = %d programs, %v; want 9 (8 sock_addr + sockops)", len(ps), err)
+	if err != nil || len(ps) != 10 {
+		t.Fatalf("PinnedProgramStats = %d programs, %v; want 10 (8 sock_addr + sockops + sk_msg)", len(ps), err)
 	}
 }
 

@@ -46,6 +46,9 @@ type MapSizes struct {
 	// Events is the size in bytes of kmesh_events, the kernel-path
 	// connection events' ring buffer: a power of two, at least a page.
 	Events uint32
+	// Splice is the number of connection ends kmesh_splice holds (two per
+	// spliced connection); beyond it connections stay on plain TCP.
+	Splice uint32
 }
 
 // Config says where the data path lives.
@@ -65,6 +68,12 @@ type Config struct {
 	// Istio metrics and access logs for connections the proxy never sees),
 	// saving ~2 µs of sockops time per connection of an enrolled pod.
 	NoConnEvents bool
+	// Splice splices enrolled pods' connections whose both ends are on this
+	// node (the kernel path between pods, and the in-pod legs of the
+	// tunnel) with sockmap. Off by default: an application reading such a
+	// socket with splice(2) sees the FIN without the bytes (Linux 6.18).
+	// Namespaces opted in through Maps.SetSpliceNS are spliced either way.
+	Splice bool
 }
 
 type attachment struct {
@@ -80,6 +89,7 @@ type Datapath struct {
 	objs   sockAddrObjects
 	ops    sockOpsPrograms
 	lookup skLookupPrograms
+	msg    skMsgPrograms
 	links  []link.Link
 	dir    string
 	cgroup string
@@ -89,6 +99,8 @@ type Datapath struct {
 	Reused bool
 	// noConnEvents: the sockops object is loaded with reporting off.
 	noConnEvents bool
+	// splice: the sockops object splices enrolled pods' connections.
+	splice bool
 }
 
 // PinDir returns the directory of the current layout under root.
@@ -112,6 +124,7 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
 	set("kmesh_endpoint", s.Endpoint)
 	set("kmesh_backend", s.Backend)
 	set("kmesh_events", s.Events)
+	set("kmesh_splice", s.Splice)
 	if len(missing) > 0 {
 		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
 	}
@@ -161,7 +174,7 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 
-	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents}
+	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents, splice: cfg.Splice}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -188,6 +201,15 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := dp.loadSockOps(); err != nil {
 		return failed(err)
 	}
+	// Splicing first: a socket sockops puts into kmesh_splice takes the
+	// map's sk_msg program at that moment, so the program must be on the
+	// map before sockops runs.
+	l, err := attachMapPinned(filepath.Join(dir, "links", "sk_msg"), dp.msg.KmeshSkMsg,
+		dp.objs.KmeshSplice, ebpf.AttachSkMsgVerdict)
+	if err != nil {
+		return failed(err)
+	}
+	dp.links = append(dp.links, l)
 
 	for _, a := range dp.attachments() {
 		l, err := attachPinned(cfg.CgroupPath, filepath.Join(dir, "links", a.name), a)
@@ -215,13 +237,18 @@ func (dp *Datapath) loadSockOps() error {
 		name string
 		load func() (*ebpf.CollectionSpec, error)
 		objs any
-	}{{"sockops", loadSockOps, &dp.ops}, {"sk_lookup", loadSkLookup, &dp.lookup}} {
+	}{{"sockops", loadSockOps, &dp.ops}, {"sk_lookup", loadSkLookup, &dp.lookup}, {"sk_msg", loadSkMsg, &dp.msg}} {
 		spec, err := o.load()
 		if err != nil {
 			return fmt.Errorf("parsing the embedded %s object: %w", o.name, err)
 		}
 		if o.name == "sockops" && dp.noConnEvents {
 			if err := spec.Variables["cfg_conn_events"].Set(uint32(0)); err != nil {
+				return err
+			}
+		}
+		if o.name == "sockops" && dp.splice {
+			if err := spec.Variables["cfg_splice"].Set(uint32(1)); err != nil {
 				return err
 			}
 		}
@@ -352,6 +379,32 @@ func (dp *Datapath) attachments() []attachment {
 	}
 }
 
+// attachMapPinned attaches prog to a sockmap or sockhash through a link
+// pinned at pin. A link pinned by a previous daemon is taken over and its
+// program replaced atomically (BPF_LINK_UPDATE): the map never goes without
+// a program, and sockets already in it keep the program they were inserted
+// with until they close.
+func attachMapPinned(pin string, prog *ebpf.Program, m *ebpf.Map, typ ebpf.AttachType) (link.Link, error) {
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		if err := old.Update(prog); err == nil {
+			return old, nil
+		}
+		// Its map is gone (pins removed by hand): attach anew.
+		_ = old.Unpin()
+		old.Close()
+	}
+	l, err := link.AttachRawLink(link.RawLinkOptions{Target: m.FD(), Program: prog, Attach: typ})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to map %s (needs bpf_link for sockmap programs, Linux 6.10): %w",
+			prog, m, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pinning link %s: %w", pin, err)
+	}
+	return l, nil
+}
+
 // cgroupID is the id the kernel reports for a cgroup v2 directory: its inode.
 func cgroupID(path string) (uint64, error) {
 	var st unix.Stat_t
@@ -410,11 +463,17 @@ func (dp *Datapath) Programs() ([]ProgramStats, error) {
 		}
 		out = append(out, ProgramStats{Name: a.name, RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())})
 	}
-	st, err := dp.lookup.KmeshInbound.Stats()
-	if err != nil {
-		return nil, fmt.Errorf("program inbound: %w", err)
+	for _, p := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"inbound", dp.lookup.KmeshInbound}, {"sk_msg", dp.msg.KmeshSkMsg}} {
+		st, err := p.prog.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("program %s: %w", p.name, err)
+		}
+		out = append(out, ProgramStats{Name: p.name, RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())})
 	}
-	return append(out, ProgramStats{Name: "inbound", RunCount: st.RunCount, RunTimeNs: uint64(st.Runtime.Nanoseconds())}), nil
+	return out, nil
 }
 
 // Close releases this process's handles. Pinned maps and links stay: the
@@ -428,7 +487,7 @@ func (dp *Datapath) Close() error {
 		return nil
 	}
 	dp.closed = true
-	return errors.Join(dp.ops.Close(), dp.lookup.Close(), dp.objs.Close())
+	return errors.Join(dp.ops.Close(), dp.lookup.Close(), dp.msg.Close(), dp.objs.Close())
 }
 
 // Uninstall detaches the programs and removes every pin of this layout,

@@ -40,6 +40,7 @@ type Maps struct {
 	inproxy  *ebpf.Map
 	proxySk  *ebpf.Map
 	authz    *ebpf.Map
+	spliceNS *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -48,7 +49,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"], statsExt: byName["kmesh_stats_ext"],
 		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
-		authz: byName["kmesh_authz"]}
+		authz: byName["kmesh_authz"], spliceNS: byName["kmesh_splice_ns"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -325,6 +326,10 @@ var statNames = []string{
 	"authz_deny",
 	"authz_no_entry",
 	"inbound_authed",
+	"splice_insert",
+	"splice_full",
+	"splice_bytes",
+	"splice_no_peer",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -465,4 +470,58 @@ func MarkProxySocketPinned(root string, fd uintptr) error {
 	}
 	defer m.Close()
 	return (&Maps{proxySk: m}).MarkProxySocket(fd)
+}
+
+// SetSpliceNS opts the network namespace with the given cookie into
+// splicing (flags: SpliceInPod for a pod that keeps an Istio sidecar,
+// SplicePeers for an enrolled pod while Config.Splice is off). Zero flags
+// withdraw the opt-in; connections spliced so far stay spliced until they
+// close.
+func (m *Maps) SetSpliceNS(netnsCookie uint64, flags SpliceNS) error {
+	if flags == 0 {
+		if err := m.spliceNS.Delete(netnsCookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return wrapErr(m.spliceNS, "delete", err)
+		}
+		return nil
+	}
+	return wrapErr(m.spliceNS, "update", m.spliceNS.Update(netnsCookie, uint32(flags), ebpf.UpdateAny))
+}
+
+// SpliceNamespaces lists the namespaces opted into splicing.
+func (m *Maps) SpliceNamespaces() (map[uint64]SpliceNS, error) {
+	out := map[uint64]SpliceNS{}
+	err := dump(m.spliceNS, func(k uint64, v uint32) { out[k] = SpliceNS(v) })
+	return out, err
+}
+
+// SpliceEnd is one spliced connection end as kmesh_splice holds it.
+type SpliceEnd struct {
+	Local, Remote netip.AddrPort
+	// NetnsCookie is set when both ends share a namespace (in-pod legs).
+	NetnsCookie  uint64
+	SocketCookie uint64
+}
+
+// SpliceEnds lists the connection ends in kmesh_splice.
+func (m *Maps) SpliceEnds() ([]SpliceEnd, error) {
+	var out []SpliceEnd
+	err := dump(m.byName["kmesh_splice"], func(k sockAddrSpliceKey, cookie uint64) {
+		out = append(out, SpliceEnd{
+			Local:       netip.AddrPortFrom(wordsAddr(k.Local), ntohs(k.LocalPort)),
+			Remote:      netip.AddrPortFrom(wordsAddr(k.Remote), ntohs(k.RemotePort)),
+			NetnsCookie: k.NetnsCookie, SocketCookie: cookie,
+		})
+	})
+	return out, err
+}
+
+// SetSpliceNSPinned is SetSpliceNS on the maps a daemon pinned under root
+// (the benchmark opts its arms' pods in from outside the daemon).
+func SetSpliceNSPinned(root string, netnsCookie uint64, flags SpliceNS) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(PinDir(root), "kmesh_splice_ns"), nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return (&Maps{spliceNS: m}).SetSpliceNS(netnsCookie, flags)
 }

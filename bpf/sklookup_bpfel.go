@@ -133,6 +133,16 @@ type skLookupSockOrig struct {
 	Pad2        uint16
 }
 
+type skLookupSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type skLookupTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -193,6 +203,9 @@ const (
 	skLookupMapKmeshProxySk  = "kmesh_proxy_sk"
 	skLookupMapKmeshService  = "kmesh_service"
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
+	skLookupMapKmeshSplice   = "kmesh_splice"
+	skLookupMapKmeshSpliceNs = "kmesh_splice_ns"
+	skLookupMapKmeshSpliceSk = "kmesh_splice_sk"
 	skLookupMapKmeshStats    = "kmesh_stats"
 	skLookupMapKmeshStatsExt = "kmesh_stats_ext"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
@@ -261,6 +274,9 @@ type skLookupMapSpecs struct {
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -305,6 +321,9 @@ type skLookupMaps struct {
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -325,6 +344,9 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceNs,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

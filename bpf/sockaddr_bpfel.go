@@ -133,6 +133,16 @@ type sockAddrSockOrig struct {
 	Pad2        uint16
 }
 
+type sockAddrSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type sockAddrTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -195,6 +205,9 @@ const (
 	sockAddrMapKmeshProxySk   = "kmesh_proxy_sk"
 	sockAddrMapKmeshService   = "kmesh_service"
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
+	sockAddrMapKmeshSplice    = "kmesh_splice"
+	sockAddrMapKmeshSpliceNs  = "kmesh_splice_ns"
+	sockAddrMapKmeshSpliceSk  = "kmesh_splice_sk"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshStatsExt  = "kmesh_stats_ext"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
@@ -278,6 +291,9 @@ type sockAddrMapSpecs struct {
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -323,6 +339,9 @@ type sockAddrMaps struct {
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -343,6 +362,9 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceNs,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

@@ -27,6 +27,20 @@
  * callback (RTT_CB) is needed. A full ring buffer drops the event and counts
  * it; the connection never waits.
  *
+ * Splicing. When both ends of a connection are on this node, each end is
+ * put into kmesh_splice as it becomes established (the connecting end at
+ * ACTIVE_ESTABLISHED, the accepted one at PASSIVE_ESTABLISHED), and sk_msg.c
+ * moves every send straight into the peer (see there). Which ends: in an
+ * enrolled pod's namespace, or one opted in through kmesh_splice_ns,
+ * connections inside the namespace (loopback: the application and the node
+ * proxy's 15001; the proxy's dial to the application behind 15006; the
+ * application and its sidecar); and, from an enrolled pod, connections to
+ * and from another mesh workload on this node (the kernel path), inserted
+ * only under the pod's own address, so a socket can only be found as the
+ * peer of a connection its own pod is an end of. An end that carried bytes
+ * before it was established (TCP Fast Open) is not spliced. A full map (or
+ * a key taken) leaves the connection on TCP, counted.
+ *
  * The maps are the ones sock_addr.c defines and the loader creates: this
  * object is loaded with those very maps substituted (MapReplacements). */
 #include <linux/bpf.h>
@@ -39,6 +53,7 @@
 #include "kmesh_abi.h"
 #include "kmesh_maps.h"
 #include "kmesh_lb.h"
+#include "kmesh_splice.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -255,6 +270,80 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
 	stat_inc(STAT_CONN_EVENT);
 }
 
+/* Splicing of enrolled pods' connections (set to 1 at load by the daemon's
+ * KMESH_SPLICE=true). Off by default: an application that reads a spliced
+ * socket with splice(2) gets the FIN without the bytes on Linux 6.18
+ * (tcp_splice_read reads only the TCP receive queue, not the psock's), so
+ * the operator opts in; or namespaces opt in one by one (kmesh_splice_ns). */
+const volatile __u32 cfg_splice = 0;
+
+/* Whether the connection with tuple t is spliced from this end: see the
+ * file comment. */
+static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struct conn_tuple *t,
+					 __u64 cookie)
+{
+	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
+	__u32 *nsp = bpf_map_lookup_elem(&kmesh_splice_ns, &cookie);
+	__u32 ns = nsp ? *nsp : 0;
+
+	if (splice_same_netns(t->local, t->remote))
+		return (cfg_splice && mv) || (ns & SPLICE_NS_INPOD);
+	if (!mv || !(cfg_splice || (ns & SPLICE_NS_PEERS)))
+		return 0;
+	int family = addr_is_v4mapped(t->local) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
+	struct backend_copy own;
+	if (backend_read(mv->backend_id, family, &own) || !addr_eq(own.addr, t->local))
+		return 0;
+	/* The remote end must be a mesh workload on this node, else the
+	 * socket would only pay for a redirect that never finds its peer. */
+	struct frontend_key fk = {};
+	__builtin_memcpy(fk.addr, t->remote, sizeof(fk.addr));
+	struct frontend_value *fe = bpf_map_lookup_elem(&kmesh_frontend, &fk);
+	if (!fe)
+		return 0;
+	__u32 id = KMESH_READ(fe->id);
+	__u8 kind = KMESH_READ(fe->kind);
+	if (kind != FRONTEND_WORKLOAD)
+		return 0;
+	struct backend_value *be = bpf_map_lookup_elem(&kmesh_backend, &id);
+	if (!be)
+		return 0;
+	__u32 flags = KMESH_READ(be->flags);
+	kmesh_barrier();
+	if (KMESH_READ(be->id) != id)
+		return 0;
+	return (flags & (BACKEND_F_LOCAL | BACKEND_F_HBONE)) == (BACKEND_F_LOCAL | BACKEND_F_HBONE);
+}
+
+static __always_inline void splice_insert(struct bpf_sock_ops *skops)
+{
+	struct conn_tuple t;
+	__u64 cookie = bpf_get_netns_cookie(skops);
+
+	/* Bytes already through TCP (Fast Open data in the SYN) would be
+	 * overtaken by redirected ones. bytes_acked counts the SYN itself
+	 * (snd_una moved past it). */
+	if (skops->bytes_received || skops->bytes_acked > 1)
+		return;
+	read_tuple(skops, &t);
+	if (!splice_wanted(skops, &t, cookie) || !skops->sk)
+		return;
+	__u32 *st =
+	    bpf_sk_storage_get(&kmesh_splice_sk, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		stat_inc(STAT_SPLICE_FULL);
+		return;
+	}
+	struct splice_key k;
+	splice_key_set(&k, t.local, t.remote, t.local_port, t.remote_port, cookie);
+	if (bpf_sock_hash_update(skops, &kmesh_splice, &k, BPF_NOEXIST)) {
+		*st = SPLICE_TCP;
+		stat_inc(STAT_SPLICE_FULL);
+		return;
+	}
+	stat_inc(STAT_SPLICE_INSERT);
+}
+
 /* Kernel-path connection reporting (set to 0 at load by the daemon's
  * KMESH_CONN_EVENTS=false): off, no socket gets STATE_CB and nothing goes
  * into kmesh_events. */
@@ -276,12 +365,14 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		record_tunnel(skops);
+		splice_insert(skops);
 		if (skops->bpf_sock_ops_cb_flags & CONN_TRACKED) {
 			read_tuple(skops, &t);
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, 0);
 		}
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		splice_insert(skops);
 		read_tuple(skops, &t);
 		if (cfg_conn_events && conn_tracked(skops, &t, 1, &backend_id)) {
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |

@@ -154,6 +154,16 @@ type sockOpsSockOrig struct {
 	Pad2        uint16
 }
 
+type sockOpsSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type sockOpsTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -214,12 +224,16 @@ const (
 	sockOpsMapKmeshProxySk  = "kmesh_proxy_sk"
 	sockOpsMapKmeshService  = "kmesh_service"
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
+	sockOpsMapKmeshSplice   = "kmesh_splice"
+	sockOpsMapKmeshSpliceNs = "kmesh_splice_ns"
+	sockOpsMapKmeshSpliceSk = "kmesh_splice_sk"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshStatsExt = "kmesh_stats_ext"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
 	sockOpsVarCfgConnEvents = "cfg_conn_events"
+	sockOpsVarCfgSplice     = "cfg_splice"
 	sockOpsVarConnEventBtf  = "conn_event_btf"
 )
 
@@ -284,6 +298,9 @@ type sockOpsMapSpecs struct {
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -295,6 +312,7 @@ type sockOpsMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsVariableSpecs struct {
 	CfgConnEvents *ebpf.VariableSpec `ebpf:"cfg_conn_events"`
+	CfgSplice     *ebpf.VariableSpec `ebpf:"cfg_splice"`
 	ConnEventBtf  *ebpf.VariableSpec `ebpf:"conn_event_btf"`
 }
 
@@ -330,6 +348,9 @@ type sockOpsMaps struct {
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -350,6 +371,9 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceNs,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
@@ -362,6 +386,7 @@ func (m *sockOpsMaps) Close() error {
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsVariables struct {
 	CfgConnEvents *ebpf.Variable `ebpf:"cfg_conn_events"`
+	CfgSplice     *ebpf.Variable `ebpf:"cfg_splice"`
 	ConnEventBtf  *ebpf.Variable `ebpf:"conn_event_btf"`
 }
 

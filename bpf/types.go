@@ -427,3 +427,23 @@ func decodeAuthz(v sockAddrAuthzValue) Authz {
 	}
 	return a
 }
+
+// Splicing (kmesh_consts.h): what a spliced socket's sends do
+// (kmesh_splice_sk).
+const (
+	spliceUndecided = 0
+	spliceRedirect  = 1
+	spliceTCP       = 2
+)
+
+// SpliceNS is a network namespace's opt-in to splicing (kmesh_splice_ns).
+type SpliceNS uint32
+
+const (
+	// SpliceInPod splices connections inside the namespace: the
+	// application and its sidecar (any pod, enrolled or not).
+	SpliceInPod SpliceNS = 0x1
+	// SplicePeers splices an enrolled pod's connections with other mesh
+	// workloads on this node, as Config.Splice does for every enrolled pod.
+	SplicePeers SpliceNS = 0x2
+)

@@ -94,7 +94,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := kernel.Check(kernel.Probe()); err != nil {
 		return nil, err
 	}
-	dp, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath, Sizes: cfg.MapSizes(), NoPeerVIP: cfg.NoPeerVIP, NoConnEvents: !cfg.ConnEvents})
+	dp, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath, Sizes: cfg.MapSizes(), NoPeerVIP: cfg.NoPeerVIP, NoConnEvents: !cfg.ConnEvents, Splice: cfg.Splice})
 	if err != nil {
 		return nil, err
 	}
@@ -228,7 +228,7 @@ func (a *Agent) startTunnel() error {
 	}
 	p, err := tunnel.New(tunnel.Config{TrustDomain: a.cfg.TrustDomain, Network: a.cfg.Network, Dir: a.Store, Certs: certs, Listeners: held,
 		Tunnels: a.DP.Maps, Picker: a.Plane, Inbound: a.DP.Maps, OwnSockets: a.DP.Maps, Ready: a.synced, Registerer: a.Reg, Log: a.log,
-		Telemetry: a.Telemetry, AccessLog: a.AccessLog, Tracer: a.OTel.Tracer})
+		Telemetry: a.Telemetry, AccessLog: a.AccessLog, Tracer: a.OTel.Tracer, Splice: a.cfg.Splice})
 	if err != nil {
 		return err
 	}

@@ -27,13 +27,16 @@ type Config struct {
 	NoPeerVIP  bool   `mapstructure:"no_peer_vip"`
 	// ConnEvents: report kernel-path connections from the kernel.
 	ConnEvents bool `mapstructure:"conn_events"`
-	Maps       struct {
+	// Splice: splice enrolled pods' same-node connections with sockmap.
+	Splice bool `mapstructure:"splice"`
+	Maps   struct {
 		Managed  uint32 `mapstructure:"managed"`
 		Frontend uint32 `mapstructure:"frontend"`
 		Service  uint32 `mapstructure:"service"`
 		Endpoint uint32 `mapstructure:"endpoint"`
 		Backend  uint32 `mapstructure:"backend"`
 		Events   uint32 `mapstructure:"events"`
+		Splice   uint32 `mapstructure:"splice"`
 		// UDP is no longer used (unconnected UDP affinity lives in socket
 		// storage, one per socket); kept so existing files still load.
 		UDP uint32 `mapstructure:"udp"`
@@ -118,7 +121,8 @@ func (c *Config) DNSPort() (uint16, error) {
 // MapSizes converts the configured sizes for the loader.
 func (c *Config) MapSizes() bpf.MapSizes {
 	return bpf.MapSizes{Managed: c.Maps.Managed, Frontend: c.Maps.Frontend, Service: c.Maps.Service,
-		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend, Events: c.Maps.Events}
+		Endpoint: c.Maps.Endpoint, Backend: c.Maps.Backend, Events: c.Maps.Events,
+		Splice: c.Maps.Splice}
 }
 
 // setting is one configuration key: its default, the environment variable
@@ -133,12 +137,14 @@ var settings = []setting{
 	{"pin_root", "KMESH_PIN_ROOT", "bpffs directory holding pinned maps and links", bpf.DefaultPinRoot},
 	{"no_peer_vip", "KMESH_NO_PEER_VIP", "do not restore the service VIP as peer name (saves ~0.6us per connect)", false},
 	{"conn_events", "KMESH_CONN_EVENTS", "report kernel-path connections (Istio metrics, access logs for connections the proxy never sees; ~2us of sockops time per connection of an enrolled pod)", true},
+	{"splice", "KMESH_SPLICE", "splice enrolled pods' connections whose both ends are on this node (kernel path, the tunnel's in-pod legs) with sockmap; off by default: an application reading such a socket with splice(2) gets the FIN without the bytes (Linux 6.18)", false},
 	{"maps.managed", "KMESH_MAP_MANAGED", "max enrolled pods on the node", uint32(4096)},
 	{"maps.frontend", "KMESH_MAP_FRONTEND", "max service VIP:port/proto and workload IP entries", uint32(262144)},
 	{"maps.service", "KMESH_MAP_SERVICE", "max load-balancing sets", uint32(65536)},
 	{"maps.endpoint", "KMESH_MAP_ENDPOINT", "max endpoint slots (twice the live ones fit during an update)", uint32(524288)},
 	{"maps.backend", "KMESH_MAP_BACKEND", "max workloads", uint32(131072)},
 	{"maps.events", "KMESH_MAP_EVENTS", "bytes of the kernel-path connection events' ring buffer (a power of two; ~100 bytes an event)", uint32(1 << 20)},
+	{"maps.splice", "KMESH_MAP_SPLICE", "max spliced connection ends (two per connection; beyond: plain TCP, counted)", uint32(65536)},
 	{"maps.udp", "KMESH_MAP_UDP", "unused (UDP affinity is per-socket storage now)", uint32(65536)},
 	{"admin_addr", "KMESH_ADMIN_ADDR", "admin server (/config_dump, /logging, /quitquitquit, /debug/pprof)", "localhost:15000"},
 	{"stats_addr", "KMESH_STATS_ADDR", "Prometheus metrics", ":15020"},

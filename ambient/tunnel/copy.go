@@ -55,25 +55,35 @@ func armReset(c *net.TCPConn) { _ = c.SetLinger(0) }
 // closed (a relay that failed resets and closes it) it does nothing.
 func disarmReset(c *net.TCPConn) { _ = c.SetLinger(-1) }
 
-// spliceCopy copies between two TCP connections: net.TCPConn.ReadFrom
-// splices in the kernel (no bytes through user space) for the plaintext
-// legs, then half-closes dst.
-func spliceCopy(dst, src *net.TCPConn) (int64, error) {
-	n, err := dst.ReadFrom(src)
+// plainCopy copies between two TCP connections, then half-closes dst.
+// Unless the kernel may splice the in-pod legs (sockmap, Config.Splice), it
+// uses splice(2) (net.TCPConn.ReadFrom: no bytes through user space).
+// With splicing on it reads with read(2): sk_msg queues redirected bytes
+// where read(2) finds them and splice(2) does not — on Linux 6.18 a
+// splice(2) read of such a socket sees the FIN and none of the bytes
+// (TestPrivilegedSplice, "splice-read").
+func plainCopy(dst, src *net.TCPConn, kernelSpliced bool) (int64, error) {
+	var n int64
+	var err error
+	if kernelSpliced {
+		n, err = copyBuf(dst, src)
+	} else {
+		n, err = dst.ReadFrom(src)
+	}
 	_ = dst.CloseWrite()
 	return n, err
 }
 
 // splicePipe carries a plaintext connection between client and server,
-// spliced both ways, each direction half-closed on its own. It returns
+// both ways, each direction half-closed on its own. It returns
 // the bytes client→server and server→client.
-func splicePipe(client, server *net.TCPConn) (up, down int64) {
+func splicePipe(client, server *net.TCPConn, kernelSpliced bool) (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		down, _ = spliceCopy(client, server)
+		down, _ = plainCopy(client, server, kernelSpliced)
 	}()
-	up, _ = spliceCopy(server, client)
+	up, _ = plainCopy(server, client, kernelSpliced)
 	<-done
 	return up, down
 }

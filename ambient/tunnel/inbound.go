@@ -191,7 +191,7 @@ func (p *Proxy) servePlain(pp *podProxy, c *net.TCPConn) {
 	rep := &connReport{reporter: "destination", srcAddr: src.String(), dstAddr: target.String(), pod: pp.pod.UID}
 	fillDst(rep, dst)
 	cm := p.m.open(rep, socketSample(c, true))
-	received, sent := splicePipe(c, app)
+	received, sent := splicePipe(c, app, p.cfg.Splice)
 	disarmReset(c)
 	disarmReset(app)
 	cm.close(received, sent, nil)

@@ -95,7 +95,7 @@ func (p *Proxy) plainOutbound(pp *podProxy, c *net.TCPConn, route Route, rep *co
 	armReset(up)
 	defer up.Close()
 	cm := p.m.open(rep, socketSample(c, true))
-	received, sent := splicePipe(c, up)
+	received, sent := splicePipe(c, up, p.cfg.Splice)
 	disarmReset(c)
 	disarmReset(up)
 	cm.close(received, sent, nil)

@@ -128,6 +128,10 @@ type Config struct {
 	// server inbound, continuing the peer's traceparent). nil: tracing is
 	// off and costs nothing per connection.
 	Tracer trace.Tracer
+	// Splice: the kernel may splice the pods' in-pod legs (sockmap,
+	// KMESH_SPLICE), so the plaintext relays read with read(2), which
+	// sees redirected bytes, instead of splice(2), which does not.
+	Splice bool
 }
 
 // Pod is an enrolled pod as the proxy sees it.

@@ -170,6 +170,16 @@ type decideSockOrig struct {
 	Pad2        uint16
 }
 
+type decideSpliceKey struct {
+	_           structs.HostLayout
+	Local       [4]uint32
+	Remote      [4]uint32
+	LocalPort   uint16
+	RemotePort  uint16
+	Pad         uint32
+	NetnsCookie uint64
+}
+
 type decideTunnelKey struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
@@ -230,6 +240,9 @@ const (
 	decideMapKmeshProxySk  = "kmesh_proxy_sk"
 	decideMapKmeshService  = "kmesh_service"
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
+	decideMapKmeshSplice   = "kmesh_splice"
+	decideMapKmeshSpliceNs = "kmesh_splice_ns"
+	decideMapKmeshSpliceSk = "kmesh_splice_sk"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshStatsExt = "kmesh_stats_ext"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
@@ -301,6 +314,9 @@ type decideMapSpecs struct {
 	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -346,6 +362,9 @@ type decideMaps struct {
 	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
 	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -366,6 +385,9 @@ func (m *decideMaps) Close() error {
 		m.KmeshProxySk,
 		m.KmeshService,
 		m.KmeshSockOrig,
+		m.KmeshSplice,
+		m.KmeshSpliceNs,
+		m.KmeshSpliceSk,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

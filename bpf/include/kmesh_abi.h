@@ -99,6 +99,22 @@ struct inbound_key {
 	__u32 addr[4]; /* IPv4 v4-mapped */
 };
 
+/* kmesh_splice key: one end of a TCP connection the kernel splices, as that
+ * end sees it. The sk_msg program finds a sender's peer by swapping its own
+ * local and remote. netns_cookie is the namespace of both ends when they
+ * share one (loopback, or a pod dialling its own address: the in-pod legs of
+ * the tunnel and of a sidecar, whose addresses repeat in every pod), and 0
+ * across pods (pod addresses are unique on the node, and each end is
+ * inserted only under its own pod's address). */
+struct splice_key {
+	__u32 local[4];	  /* IPv4 v4-mapped */
+	__u32 remote[4];  /* IPv4 v4-mapped */
+	__u16 local_port; /* network order */
+	__u16 remote_port;
+	__u32 pad;
+	__u64 netns_cookie;
+};
+
 /* Per-socket storage: where the application meant to connect (addr:port),
  * where the kernel sent it (peer: the backend, or the node proxy's outbound
  * listener), and the backend the load balancer chose. getpeername() and

@@ -74,6 +74,18 @@
  * it through (169.254.7.127, network order on the wire). */
 #define KMESH_PROBE_SNAT_IP4 0xa9fe077f
 
+/* kmesh_splice_sk: what a spliced socket's sends do, decided at its first
+ * send and kept for life, so the peer never reads redirected bytes ahead of
+ * bytes that went through TCP. */
+#define SPLICE_UNDECIDED 0
+#define SPLICE_REDIRECT	 1 /* every send goes into the peer's receive queue */
+#define SPLICE_TCP	 2 /* the peer was not there at the first send: TCP for life */
+
+/* kmesh_splice_ns value flags: a network namespace's opt-in to splicing,
+ * beyond what cfg_splice turns on for every enrolled pod. */
+#define SPLICE_NS_INPOD 0x1 /* connections inside the namespace (app <-> sidecar); any pod */
+#define SPLICE_NS_PEERS 0x2 /* an enrolled pod's connections with local mesh workloads */
+
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1
 #define CONN_EV_CLOSE	  2
@@ -120,6 +132,10 @@ enum kmesh_stat {
 	STAT_MAX = 24,
 	STAT_AUTHZ_NO_ENTRY = 24,     /* ... no verdict for the pair: sent to the tunnel */
 	STAT_INBOUND_AUTHED = 25,     /* inbound plaintext authorized at connect: not steered */
+	STAT_SPLICE_INSERT = 26,      /* a connection end entered kmesh_splice */
+	STAT_SPLICE_FULL = 27,	      /* ... but the map was full (or the key taken): plain TCP */
+	STAT_SPLICE_BYTES = 28,	      /* bytes sk_msg moved straight into the peer socket */
+	STAT_SPLICE_NO_PEER = 29,     /* first send found no peer: that direction stays TCP */
 	STAT_EXT_MAX = 64,	      /* size of kmesh_stats_ext */
 };
 

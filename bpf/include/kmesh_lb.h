@@ -12,7 +12,7 @@
 #include <bpf/bpf_endian.h>
 #include "kmesh_maps.h"
 
-static __always_inline void stat_inc(__u32 idx)
+static __always_inline void stat_add(__u32 idx, __u64 n)
 {
 	__u64 *v;
 
@@ -23,7 +23,12 @@ static __always_inline void stat_inc(__u32 idx)
 		v = bpf_map_lookup_elem(&kmesh_stats_ext, &idx);
 	}
 	if (v)
-		*v += 1;
+		*v += n;
+}
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	stat_add(idx, 1);
 }
 
 /* A record read after its element was reused for another key. */

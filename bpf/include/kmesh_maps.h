@@ -198,6 +198,35 @@ struct {
 	__type(value, __u32);
 } kmesh_authed SEC(".maps");
 
+/* Spliced connection ends (sockops.c inserts, sk_msg.c redirects to the
+ * peer). An entry leaves with its socket. Full: the connection stays on
+ * plain TCP, counted (STAT_SPLICE_FULL). The loader sets the size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct splice_key);
+	__type(value, __u64);
+} kmesh_splice SEC(".maps");
+
+/* Per spliced socket: SPLICE_* (what its sends do), decided once. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} kmesh_splice_sk SEC(".maps");
+
+/* Network namespaces opted into splicing one by one (pods that keep an
+ * Istio sidecar: their in-pod legs; or enrolled pods while cfg_splice is
+ * off): netns cookie -> SPLICE_NS_* flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} kmesh_splice_ns SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -52,6 +52,7 @@ const (
 	vipProxyTLS = "10.96.4.1" // iptables REDIRECT to a haproxy pair, mutual TLS
 	vipHBONE    = "10.96.5.1" // a Service whose workload has an authorization policy the kernel cannot hold: Kmesh's HBONE tunnel
 	vipAuthz    = "10.96.6.1" // a Service whose workload has an ALLOW policy the kernel evaluates at connect
+	vipSockmap  = "10.96.7.1" // as vipKmesh, to a server whose connections with its client are spliced
 )
 
 // Arm is one way for the client to reach the server.
@@ -138,6 +139,18 @@ spec:
   - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
   - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
   - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-sockmap, namespace: bench}
+spec:
+  clusterIP: 10.96.7.1
+  selector: {app: server-sockmap}
+  ports:
+  - {name: http, port: 8080, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
+  - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
+  - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
 `
 
 func pinned(cpu int, argv ...string) []string {
@@ -209,8 +222,12 @@ func (e *Env) setup(ctx context.Context) error {
 	if err := e.allowPolicy(ctx); err != nil {
 		return err
 	}
-	pods := []*corev1.Pod{server, serverHBONE, serverAuthz, mk("bench", "client"), mk("bench", "hbone-client"), mk("bench", "authz-client"),
-		mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound")}
+	// The sockmap arm's server: the same tools; it and its client are
+	// opted into splicing (kmesh_splice_ns), so the kernel arm beside it
+	// stays unspliced in the same run.
+	serverSockmap := mk("bench", "server-sockmap", tools()...)
+	pods := []*corev1.Pod{server, serverHBONE, serverAuthz, serverSockmap, mk("bench", "client"), mk("bench", "hbone-client"), mk("bench", "authz-client"),
+		mk("bench", "sockmap-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound")}
 	for _, p := range pods {
 		if _, err := k.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return err
@@ -232,13 +249,14 @@ func (e *Env) setup(ctx context.Context) error {
 	e.server = got["bench/server"]
 	e.serverPids = append(e.server.Pids(), got["bench/server-hbone"].Pids()...)
 	e.serverPids = append(e.serverPids, got["bench/server-authz"].Pids()...)
+	e.serverPids = append(e.serverPids, got["bench/server-sockmap"].Pids()...)
 	serverIP := e.server.IPs()[0].String()
 	proxied := got["plain/proxied"]
 
 	direct := &Arm{Name: "direct", Available: true, addr: serverIP, client: got["plain/direct"]}
 	dnat := &Arm{Name: "iptables-dnat", Available: true, addr: vipDNAT, client: got["plain/dnat"]}
 	kmesh := &Arm{Name: "kmesh-kernel", Available: true, addr: vipKmesh, client: got["bench/client"]}
-	sockmap := &Arm{Name: "kmesh-sockmap", Why: "sockmap splicing is not built yet (ROADMAP.md)"}
+	sockmap := &Arm{Name: "kmesh-sockmap", Available: true, addr: vipSockmap, client: got["bench/sockmap-client"]}
 	proxy := &Arm{Name: "haproxy-tcp", Available: true, addr: vipProxy, client: proxied}
 	proxyTLS := &Arm{Name: "haproxy-mtls", Available: true, addr: vipProxyTLS, client: proxied}
 	hbone := &Arm{Name: "kmesh-hbone", Available: true, addr: vipHBONE, client: got["bench/hbone-client"]}
@@ -279,8 +297,24 @@ func (e *Env) setup(ctx context.Context) error {
 			return err
 		}
 	}
+	if sockmap.Available {
+		for _, p := range []*sim.Pod{sockmap.client, got["bench/server-sockmap"]} {
+			cookie, err := p.Net.NS.Cookie()
+			if err != nil {
+				return err
+			}
+			if err := bpf.SetSpliceNSPinned(filepath.Join(sim.PinParent, e.cluster.ID, "node-1"), cookie, bpf.SplicePeers); err != nil {
+				return fmt.Errorf("opting the sockmap arm into splicing: %w", err)
+			}
+		}
+	}
 	if err := e.waitReachable(ctx); err != nil {
 		return err
+	}
+	if sockmap.Available {
+		if err := e.checkCounted(sockmap, "splice_insert", "spliced"); err != nil {
+			return err
+		}
 	}
 	if hbone.Available {
 		if err := e.checkCounted(hbone, "tunnel", "sent to the tunnel"); err != nil {
