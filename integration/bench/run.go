@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"time"
 )
 
@@ -45,6 +46,20 @@ func Matrix(quick bool) []Workload {
 		Workload{Name: "iperf3 4 streams", Kind: "iperf3", Streams: 4},
 	)
 	return ws
+}
+
+// Select keeps the workloads whose name contains one of subs.
+func Select(ws []Workload, subs []string) []Workload {
+	var out []Workload
+	for _, w := range ws {
+		for _, sub := range subs {
+			if sub != "" && strings.Contains(w.Name, sub) {
+				out = append(out, w)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // Run is one measured run.
