@@ -86,7 +86,17 @@ type batchedTLS struct {
 	raw *corkConn
 }
 
+// oneRecord: a write this small is one TLS record even while crypto/tls
+// sizes records to one TCP segment (about 1200 bytes of payload): there is
+// nothing to gather, and it skips the pooled buffer (which a GC empties:
+// a 132 KiB buffer made again for a 64-byte message cost more than it
+// saved).
+const oneRecord = 1 << 10
+
 func (t batchedTLS) Write(p []byte) (int, error) {
+	if len(p) <= oneRecord {
+		return t.Conn.Write(p)
+	}
 	t.raw.cork()
 	n, err := t.Conn.Write(p)
 	if ferr := t.raw.uncork(); err == nil && ferr != nil {

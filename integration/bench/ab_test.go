@@ -112,3 +112,23 @@ func TestReportAB(t *testing.T) {
 		}
 	}
 }
+
+func TestSelect(t *testing.T) {
+	ws := Matrix(true)
+	names := func(ws []Workload) (out []string) {
+		for _, w := range ws {
+			out = append(out, w.Name)
+		}
+		return out
+	}
+	// A whole name selects that workload only, not c=16 too.
+	if got := names(Select(ws, []string{"tcp qps=1000 c=1"})); len(got) != 1 || got[0] != "tcp qps=1000 c=1" {
+		t.Errorf("exact: %q", got)
+	}
+	if got := names(Select(ws, []string{"iperf3", "sockperf"})); len(got) != 3 {
+		t.Errorf("parts: %q", got)
+	}
+	if got := Select(ws, []string{"nothing like it"}); len(got) != 0 {
+		t.Errorf("no match: %v", got)
+	}
+}

@@ -48,12 +48,17 @@ func Matrix(quick bool) []Workload {
 	return ws
 }
 
-// Select keeps the workloads whose name contains one of subs.
+// Select keeps the workloads named by one of subs: exactly, or, for an
+// entry that is no workload's whole name, by a part of the name.
 func Select(ws []Workload, subs []string) []Workload {
+	exact := map[string]bool{}
+	for _, w := range ws {
+		exact[w.Name] = true
+	}
 	var out []Workload
 	for _, w := range ws {
 		for _, sub := range subs {
-			if sub != "" && strings.Contains(w.Name, sub) {
+			if sub == w.Name || sub != "" && !exact[sub] && strings.Contains(w.Name, sub) {
 				out = append(out, w)
 				break
 			}
