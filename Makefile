@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION) -X kmesh.dev/kmesh/ambient/agent.Version=$(VERSION)
 BIN := bin
 
-.PHONY: help build generate check-generate test cluster-bins fuzz lint bench bench-tools bench-quick bench-program bench-sync demo manifests image clean
+.PHONY: help build generate check-generate test cluster-bins fuzz lint bench bench-tools bench-quick bench-hbone bench-program bench-sync demo manifests image clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -86,6 +86,12 @@ bench: build bench-tools ## the data path harness (~1 h) and the program cost; r
 
 bench-quick: build bench-tools ## the data path harness in a few minutes (needs root)
 	$(BIN)/kmesh-bench -quick -out docs/benchmarks -daemon $(BIN)/kmesh-daemon -fortio $(TOOLS)/fortio
+
+# DAEMON_B: another kmesh-daemon build (e.g. main's, built in a git worktree) measured next to
+# this one in the same run (arm kmesh-hbone-b); NOTE: a line for the report naming both commits.
+bench-hbone: build bench-tools ## HBONE vs the haproxy mTLS pair, 7 repetitions, A/B with DAEMON_B if set: docs/benchmarks/hbone.* (needs root, ~17 min)
+	$(BIN)/kmesh-bench -quick -reps 7 -duration 3s -arms kmesh-hbone,haproxy-mtls -prefix hbone -out docs/benchmarks \
+		-daemon $(BIN)/kmesh-daemon $(if $(DAEMON_B),-daemon-b $(DAEMON_B)) -note "$(NOTE)" -fortio $(TOOLS)/fortio
 
 bench-program: ## cost of one connect through kmesh_connect4 (needs root)
 	@mkdir -p docs/benchmarks

@@ -48,6 +48,13 @@ type Stream struct {
 	sink       syscall.RawConn
 	readerBusy bool  // Read returned bytes its caller may still be writing
 	delivered  int64 // bytes written to sink by the read loop
+	// The sink write's argument and results, and the function handed to
+	// sink.Write, made once in SetSink: a closure per write escaped to the
+	// heap (five allocations per request through the tunnel).
+	sinkData []byte
+	sinkN    int
+	sinkErr  error
+	sinkFn   func(fd uintptr) bool
 }
 
 // SetSink names the socket that the stream's reader copies into, so the
@@ -58,7 +65,17 @@ type Stream struct {
 func (s *Stream) SetSink(rc syscall.RawConn) {
 	s.mu.Lock()
 	s.sink = rc
+	if s.sinkFn == nil {
+		s.sinkFn = s.sinkWrite
+	}
 	s.mu.Unlock()
+}
+
+// sinkWrite is the body of a sink write: never wait, the read loop must
+// not block. Called with s.mu held (by writeSinkLocked).
+func (s *Stream) sinkWrite(fd uintptr) bool {
+	s.sinkN, s.sinkErr = syscall.Write(int(fd), s.sinkData)
+	return true
 }
 
 // Delivered is the number of bytes written to the sink directly.
@@ -72,12 +89,10 @@ func (s *Stream) Delivered() int64 {
 // much was written. A sink that fails is dropped: the reader's own write
 // reports the error. Caller holds s.mu.
 func (s *Stream) writeSinkLocked(d []byte) int {
-	var n int
-	var werr error
-	err := s.sink.Write(func(fd uintptr) bool {
-		n, werr = syscall.Write(int(fd), d)
-		return true // never wait: the read loop must not block
-	})
+	s.sinkData = d
+	err := s.sink.Write(s.sinkFn)
+	n, werr := s.sinkN, s.sinkErr
+	s.sinkData, s.sinkErr = nil, nil
 	if err != nil || (werr != nil && werr != syscall.EAGAIN) {
 		s.sink = nil
 		return 0

@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -36,7 +35,7 @@ func (p *Proxy) serveHBONE(pp *podProxy, raw *net.TCPConn) {
 	disarmReset(raw)
 	var peer identity.Identity
 	var why string
-	tc := tls.Server(raw, p.serverTLS(pp, &peer, &why))
+	tc, nc := tlsOver(raw, p.serverTLS(pp, &peer, &why), true)
 	ctx, cancel := context.WithTimeout(p.connCtx, handshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -51,7 +50,7 @@ func (p *Proxy) serveHBONE(pp *podProxy, raw *net.TCPConn) {
 	p.m.handshakes.WithLabelValues("inbound").Inc()
 	src := addrPortOf(raw.RemoteAddr())
 	local := addrPortOf(raw.LocalAddr())
-	sc := hbone.NewServer(tc, p.h2, p.hboneHandler(pp, &peer, src, local))
+	sc := hbone.NewServer(nc, p.h2, p.hboneHandler(pp, &peer, src, local))
 	pp.addServer(sc)
 	defer pp.removeServer(sc)
 	if pp.ctx.Err() != nil || p.isClosed() {

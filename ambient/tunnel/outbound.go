@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -129,7 +128,7 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 		if err != nil {
 			return nil, fmt.Errorf("connecting to %s (a NetworkPolicy blocking HBONE port 15008?): %w", route.Dial, err)
 		}
-		tc := tls.Client(raw, clientTLS(cert, p.cfg.Certs.Roots, route.Identity))
+		tc, nc := tlsOver(raw, clientTLS(cert, p.cfg.Certs.Roots, route.Identity), false)
 		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 		defer cancel()
 		if err := tc.HandshakeContext(hctx); err != nil {
@@ -137,7 +136,7 @@ func (p *Proxy) hboneOutbound(pp *podProxy, c *net.TCPConn, route Route, src *st
 			return nil, fmt.Errorf("TLS with %s (%s): %w", route.Dial, route.Identity, err)
 		}
 		p.m.handshakes.WithLabelValues("outbound").Inc()
-		return tc, nil
+		return nc, nil
 	}
 	var srcAddr netip.Addr
 	if src != nil {

@@ -53,7 +53,11 @@ const (
 	vipHBONE    = "10.96.5.1" // a Service whose workload has an authorization policy the kernel cannot hold: Kmesh's HBONE tunnel
 	vipAuthz    = "10.96.6.1" // a Service whose workload has an ALLOW policy the kernel evaluates at connect
 	vipSockmap  = "10.96.7.1" // as vipKmesh, to a server whose connections with its client are spliced
+	vipHBONEB   = "10.96.8.1" // the same on the second node, whose daemon is the B build (-daemon-b)
 )
+
+// ArmHBONEB is the HBONE arm of the second daemon build (Options.DaemonBinB).
+const ArmHBONEB = "kmesh-hbone-b"
 
 // Arm is one way for the client to reach the server.
 type Arm struct {
@@ -63,6 +67,7 @@ type Arm struct {
 	addr      string
 	client    *sim.Pod
 	proxies   []int // pids whose CPU is the arm's overhead
+	node      int   // index of the node whose daemon and programs the arm uses
 }
 
 // Options configure a run.
@@ -71,9 +76,19 @@ type Options struct {
 	Reps      int
 	Duration  time.Duration
 	DaemonBin string
-	Fortio    string // fortio binary (v1.68.2)
-	Log       *slog.Logger
-	Progress  io.Writer
+	// DaemonBinB, when set, is a second kmesh-daemon build: it runs on a
+	// second node with its own HBONE client and server pods (arm
+	// kmesh-hbone-b), measured interleaved with the first build's.
+	DaemonBinB string
+	// DaemonEnvB is added to the B daemon's environment only (after
+	// DaemonEnv): with DaemonBinB the same binary as DaemonBin, an A/B run
+	// of a setting (GOMAXPROCS=1, …).
+	DaemonEnvB []string
+	// Note describes the run in the report (e.g. the builds' commits).
+	Note     string
+	Fortio   string // fortio binary (v1.68.2)
+	Log      *slog.Logger
+	Progress io.Writer
 	// Arms limits the run to these arms (and direct, the baseline).
 	Arms []string
 	// DaemonEnv is added to the daemons' environment (experiments).
@@ -153,6 +168,22 @@ spec:
   - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
 `
 
+// objectsB adds the B build's HBONE server (on node-2).
+const objectsB = `
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-hbone-b, namespace: bench}
+spec:
+  clusterIP: 10.96.8.1
+  selector: {app: server-hbone-b}
+  ports:
+  - {name: http, port: 8080, targetPort: 8080, protocol: TCP}
+  - {name: tcp, port: 8078, targetPort: 8078, protocol: TCP}
+  - {name: sockperf, port: 11111, targetPort: 11111, protocol: TCP}
+  - {name: iperf, port: 5201, targetPort: 5201, protocol: TCP}
+`
+
 func pinned(cpu int, argv ...string) []string {
 	return append([]string{"taskset", "-c", fmt.Sprint(cpu)}, argv...)
 }
@@ -178,7 +209,25 @@ func Setup(ctx context.Context, opts Options) (*Env, error) {
 	if e.stats, err = ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME)); err != nil {
 		return nil, fmt.Errorf("enabling BPF stats: %w", err)
 	}
-	e.cluster, err = sim.Start(ctx, sim.Options{Nodes: 1, Objects: objects, DaemonBin: opts.DaemonBin, Log: opts.Log, DaemonEnv: opts.DaemonEnv})
+	so := sim.Options{Nodes: 1, Objects: objects, DaemonBin: opts.DaemonBin, Log: opts.Log, DaemonEnv: opts.DaemonEnv}
+	if opts.DaemonBinB != "" {
+		// The B build runs the second node's daemon; its arm's client and
+		// server live there, so each build carries only its own arm.
+		so.Nodes, so.Objects = 2, objects+objectsB
+		so.NodeEnv = func(node string) []string {
+			if node == "node-2" {
+				return opts.DaemonEnvB
+			}
+			return nil
+		}
+		so.NodeDaemonBin = func(node string) string {
+			if node == "node-2" {
+				return opts.DaemonBinB
+			}
+			return ""
+		}
+	}
+	e.cluster, err = sim.Start(ctx, so)
 	if err != nil {
 		e.stats.Close()
 		return nil, err
@@ -197,10 +246,11 @@ func (e *Env) setup(ctx context.Context) error {
 		return err
 	}
 	k := e.cluster.Kube()
-	mk := func(ns, name string, ctrs ...corev1.Container) *corev1.Pod {
+	mkOn := func(node, ns, name string, ctrs ...corev1.Container) *corev1.Pod {
 		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app": name}},
-			Spec: corev1.PodSpec{NodeName: "node-1", Containers: ctrs}}
+			Spec: corev1.PodSpec{NodeName: node, Containers: ctrs}}
 	}
+	mk := func(ns, name string, ctrs ...corev1.Container) *corev1.Pod { return mkOn("node-1", ns, name, ctrs...) }
 	tools := func() []corev1.Container {
 		return []corev1.Container{
 			{Name: "fortio", Command: pinned(1, e.opts.Fortio, "server", "-http-port", fmt.Sprint(portHTTP),
@@ -219,7 +269,10 @@ func (e *Env) setup(ctx context.Context) error {
 	// holds, so a same-node client is authorized at connect() and goes
 	// straight to it.
 	serverAuthz := mk("bench", "server-authz", tools()...)
-	if err := e.allowPolicy(ctx); err != nil {
+	if err := e.allowPolicy(ctx, "server-hbone"); err != nil {
+		return err
+	}
+	if err := e.authzPolicy(ctx); err != nil {
 		return err
 	}
 	// The sockmap arm's server: the same tools; it and its client are
@@ -228,6 +281,12 @@ func (e *Env) setup(ctx context.Context) error {
 	serverSockmap := mk("bench", "server-sockmap", tools()...)
 	pods := []*corev1.Pod{server, serverHBONE, serverAuthz, serverSockmap, mk("bench", "client"), mk("bench", "hbone-client"), mk("bench", "authz-client"),
 		mk("bench", "sockmap-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound")}
+	if e.opts.DaemonBinB != "" {
+		if err := e.allowPolicy(ctx, "server-hbone-b"); err != nil {
+			return err
+		}
+		pods = append(pods, mkOn("node-2", "bench", "server-hbone-b", tools()...), mkOn("node-2", "bench", "hbone-client-b"))
+	}
 	for _, p := range pods {
 		if _, err := k.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			return err
@@ -250,6 +309,9 @@ func (e *Env) setup(ctx context.Context) error {
 	e.serverPids = append(e.server.Pids(), got["bench/server-hbone"].Pids()...)
 	e.serverPids = append(e.serverPids, got["bench/server-authz"].Pids()...)
 	e.serverPids = append(e.serverPids, got["bench/server-sockmap"].Pids()...)
+	if p := got["bench/server-hbone-b"]; p != nil {
+		e.serverPids = append(e.serverPids, p.Pids()...)
+	}
 	serverIP := e.server.IPs()[0].String()
 	proxied := got["plain/proxied"]
 
@@ -271,9 +333,16 @@ func (e *Env) setup(ctx context.Context) error {
 	// kernel path. Against "direct" it is the cost of authorizing.
 	kauthz := &Arm{Name: "kmesh-authz", Available: true, addr: vipAuthz, client: got["bench/authz-client"]}
 	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz, kauthz}
+	hboneB := &Arm{Name: ArmHBONEB, Why: "no second build (-daemon-b)"}
+	if e.opts.DaemonBinB != "" {
+		hboneB = &Arm{Name: ArmHBONEB, Available: true, addr: vipHBONEB, client: got["bench/hbone-client-b"], node: 1}
+		e.Arms = append(e.Arms, hboneB)
+	}
 	if len(e.opts.Arms) > 0 {
 		for _, a := range e.Arms {
-			if a.Available && a != direct && !slices.Contains(e.opts.Arms, a.Name) {
+			// The B build's arm goes with the A build's.
+			selected := slices.Contains(e.opts.Arms, a.Name) || a == hboneB && slices.Contains(e.opts.Arms, hbone.Name)
+			if a.Available && a != direct && !selected {
 				a.Available, a.Why = false, "not selected (-arms)"
 			}
 		}
@@ -316,9 +385,11 @@ func (e *Env) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	if hbone.Available {
-		if err := e.checkCounted(hbone, "tunnel", "sent to the tunnel"); err != nil {
-			return err
+	for _, a := range []*Arm{hbone, hboneB} {
+		if a.Available {
+			if err := e.checkCounted(a, "tunnel", "sent to the tunnel"); err != nil {
+				return err
+			}
 		}
 	}
 	if kauthz.Available {
@@ -335,11 +406,11 @@ func (e *Env) setup(ctx context.Context) error {
 // allowPolicy is an ALLOW policy for the HBONE arm's server, as a user
 // would write it: clients of the bench namespace may connect, and so may
 // the plaintext client of the inbound-enforcement arm, by address.
-func (e *Env) allowPolicy(ctx context.Context) error {
+func (e *Env) allowPolicy(ctx context.Context, app string) error {
 	ap := &securityclient.AuthorizationPolicy{
-		ObjectMeta: metav1.ObjectMeta{Name: "server-hbone", Namespace: "bench"},
+		ObjectMeta: metav1.ObjectMeta{Name: app, Namespace: "bench"},
 		Spec: securityapi.AuthorizationPolicy{
-			Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": "server-hbone"}},
+			Selector: &typeapi.WorkloadSelector{MatchLabels: map[string]string{"app": app}},
 			Action:   securityapi.AuthorizationPolicy_ALLOW,
 			Rules: []*securityapi.Rule{
 				{From: []*securityapi.Rule_From{{Source: &securityapi.Source{Namespaces: []string{"bench"}}}}},
@@ -357,9 +428,14 @@ func (e *Env) allowPolicy(ctx context.Context) error {
 	}
 	ap.Spec.Rules = append(ap.Spec.Rules, &securityapi.Rule{To: []*securityapi.Rule_To{{Operation: &securityapi.Operation{Ports: many}}}})
 	pols := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench")
-	if _, err := pols.Create(ctx, ap, metav1.CreateOptions{}); err != nil {
-		return err
-	}
+	_, err := pols.Create(ctx, ap, metav1.CreateOptions{})
+	return err
+}
+
+// authzPolicy is the kernel-authorization arm's ALLOW policy: one the
+// kernel holds, so a same-node client is authorized at connect().
+func (e *Env) authzPolicy(ctx context.Context) error {
+	pols := e.cluster.CP.Kube().Istio().SecurityV1().AuthorizationPolicies("bench")
 	kp := &securityclient.AuthorizationPolicy{
 		ObjectMeta: metav1.ObjectMeta{Name: "server-authz", Namespace: "bench"},
 		Spec: securityapi.AuthorizationPolicy{
@@ -376,7 +452,7 @@ func (e *Env) allowPolicy(ctx context.Context) error {
 // must move the kernel's counter stat (the HBONE arm: connections sent to
 // the tunnel; the inbound arm: connections steered to 15006).
 func (e *Env) checkCounted(a *Arm, stat, what string) error {
-	maps, closeMaps, err := bpf.OpenPinned(filepath.Join(sim.PinParent, e.cluster.ID, "node-1"))
+	maps, closeMaps, err := bpf.OpenPinned(filepath.Join(sim.PinParent, e.cluster.ID, e.cluster.Nodes[a.node].Name))
 	if err != nil {
 		return err
 	}
@@ -513,8 +589,11 @@ func (e *Env) snapshot(a *Arm) cpuSnapshot {
 		v, _ := TaskCPU(pid)
 		s.proxies += v
 	}
-	s.daemon, _ = TaskCPU(e.cluster.Nodes[0].Daemon.Pid())
-	if ps, err := bpf.PinnedProgramStats(filepath.Join(sim.PinParent, e.cluster.ID, "node-1")); err == nil {
+	// The arm's node: its daemon is the arm's tunnel, its programs ran
+	// for the arm's connections.
+	n := e.cluster.Nodes[a.node]
+	s.daemon, _ = TaskCPU(n.Daemon.Pid())
+	if ps, err := bpf.PinnedProgramStats(filepath.Join(sim.PinParent, e.cluster.ID, n.Name)); err == nil {
 		for _, p := range ps {
 			s.bpf += p.RunTimeNs
 		}

@@ -37,9 +37,14 @@ type Summary struct {
 // Environment records what the numbers were measured on.
 type Environment struct {
 	Date, Kernel, CPU, Go, Clang, Haproxy, Fortio string
-	Quick                                         bool
-	Reps                                          int
-	Duration                                      string
+	// Daemon and DaemonB are the kmesh-daemon builds of the kmesh-hbone
+	// and kmesh-hbone-b arms (DaemonB empty without an A/B run); Note is
+	// the operator's description (which commits they are).
+	Daemon, DaemonB, Note string   `json:",omitempty"`
+	DaemonEnv, DaemonEnvB []string `json:",omitempty"`
+	Quick                 bool
+	Reps                  int
+	Duration              string
 }
 
 // Report is the whole output of a run.
@@ -48,7 +53,9 @@ type Report struct {
 	Arms        []*Arm      `json:"arms"`
 	Workloads   []Workload  `json:"workloads"`
 	Summaries   []Summary   `json:"summaries"`
-	Runs        []Run       `json:"runs"`
+	// AB compares kmesh-hbone with kmesh-hbone-b (A/B runs only).
+	AB   []ABRow `json:"ab,omitempty"`
+	Runs []Run   `json:"runs"`
 }
 
 func firstLine(cmd string, args ...string) string {
@@ -142,8 +149,10 @@ func NewReport(opts Options, arms []*Arm, ws []Workload, runs []Run) *Report {
 			Date: time.Now().UTC().Format(time.RFC3339), Kernel: firstLine("uname", "-r"), CPU: cpuModel(),
 			Go: runtime.Version(), Clang: firstLine("clang", "--version"), Haproxy: firstLine("haproxy", "-v"),
 			Fortio: firstLine(opts.Fortio, "version"), Quick: opts.Quick, Reps: opts.Reps, Duration: opts.Duration.String(),
+			Daemon: opts.DaemonBin, DaemonB: opts.DaemonBinB, Note: opts.Note, DaemonEnv: opts.DaemonEnv, DaemonEnvB: opts.DaemonEnvB,
 		},
 		Arms: arms, Workloads: ws, Summaries: Summarise(runs, ws, arms, opts.Duration), Runs: runs,
+		AB: CompareAB(runs, ws, "kmesh-hbone", ArmHBONEB, opts.Duration),
 	}
 }
 
@@ -205,7 +214,12 @@ func (r *Report) markdown(prefix string) string {
 	fmt.Fprintf(&b, "- kernel %s; %s\n- %s; %s; %s; %s\n", env.Kernel, env.CPU, env.Go, env.Clang, env.Haproxy, env.Fortio)
 	fmt.Fprintf(&b, "- %d interleaved repetitions of %s per run after a discarded warm-up; client on CPU 0, server on CPU 1\n", env.Reps, env.Duration)
 	b.WriteString("- ratios: median of per-repetition ratios against the direct arm measured in the same repetition, with a bootstrap 95% interval\n")
-	b.WriteString("- CPU: every thread of client, server, proxies and daemon from schedstat, plus softirq; BPF program time (kernel.bpf_stats) is part of it\n\n")
+	b.WriteString("- CPU: every thread of client, server, proxies and daemon from schedstat, plus softirq; BPF program time (kernel.bpf_stats) is part of it\n")
+	b.WriteString("- the machine may be shared: compare arms only through these in-run ratios, never absolute figures across runs\n")
+	if env.Note != "" {
+		fmt.Fprintf(&b, "- %s\n", env.Note)
+	}
+	b.WriteString("\n")
 	b.WriteString("Arms: ")
 	for i, a := range r.Arms {
 		if i > 0 {
@@ -219,7 +233,9 @@ func (r *Report) markdown(prefix string) string {
 	}
 	b.WriteString("\n\n")
 	fmt.Fprintf(&b, "![latency vs connections](%s-latency.png) ![CPU per 1000 requests](%s-cpu.png) ![throughput](%s-throughput.png)\n\n", prefix, prefix, prefix)
-	r.tunnelOverhead(&b)
+	r.abSection(&b)
+	r.tunnelOverhead(&b, "kmesh-hbone")
+	r.tunnelOverhead(&b, ArmHBONEB)
 	for _, w := range r.Workloads {
 		fmt.Fprintf(&b, "## %s\n\n", w.Name)
 		switch w.Kind {
@@ -253,7 +269,7 @@ func (r *Report) markdown(prefix string) string {
 // tunnelOverhead compares what the two mutual-TLS user-space paths add on
 // top of the direct path: Kmesh's HBONE tunnel and the haproxy TLS pair.
 // Targets (issue 6): added p50 latency <= 0.7x, added CPU <= 0.5x haproxy's.
-func (r *Report) tunnelOverhead(b *strings.Builder) {
+func (r *Report) tunnelOverhead(b *strings.Builder, arm string) {
 	find := func(w, a string) *Summary {
 		for i := range r.Summaries {
 			if r.Summaries[i].Workload == w && r.Summaries[i].Arm == a {
@@ -262,11 +278,14 @@ func (r *Report) tunnelOverhead(b *strings.Builder) {
 		}
 		return nil
 	}
-	b.WriteString("## HBONE tunnel vs the haproxy mTLS pair: what each adds to the direct path\n\n")
+	if len(r.Workloads) == 0 || find(r.Workloads[0].Name, arm) == nil || find(r.Workloads[0].Name, "haproxy-mtls") == nil {
+		return
+	}
+	fmt.Fprintf(b, "## HBONE tunnel (%s) vs the haproxy mTLS pair: what each adds to the direct path\n\n", arm)
 	b.WriteString("Added = arm median − direct median (same run). Targets: added p50 ≤ 0.7× and added CPU ≤ 0.5× haproxy's.\n\n")
 	b.WriteString("| workload | +p50 µs HBONE | +p50 µs haproxy-mtls | ratio | +CPU ms/1k HBONE | +CPU ms/1k haproxy-mtls | ratio |\n|---|---|---|---|---|---|---|\n")
 	for _, w := range r.Workloads {
-		d, h, x := find(w.Name, "direct"), find(w.Name, "kmesh-hbone"), find(w.Name, "haproxy-mtls")
+		d, h, x := find(w.Name, "direct"), find(w.Name, arm), find(w.Name, "haproxy-mtls")
 		if d == nil || h == nil || x == nil {
 			continue
 		}
@@ -311,8 +330,6 @@ func (r *Report) plots(dir, prefix string) error {
 	p.Title.Text = "HTTP keep-alive, 1000 qps: latency vs connections"
 	p.X.Label.Text = "connections"
 	p.Y.Label.Text = "µs"
-	p.X.Scale = plot.LogScale{}
-	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
 	for _, a := range r.Arms {
 		if !a.Available {
 			continue
@@ -349,6 +366,12 @@ func (r *Report) plots(dir, prefix string) error {
 	}
 	p.Legend.Top, p.Legend.Left = true, true
 	p.Y.Min = 0
+	// A log axis needs a range: gonum panics on a run that measured one
+	// connection count only (-workloads).
+	if p.X.Min > 0 && p.X.Max > p.X.Min {
+		p.X.Scale = plot.LogScale{}
+		p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+	}
 	if err := p.Save(10*vg.Inch, 6*vg.Inch, filepath.Join(dir, prefix+"-latency.png")); err != nil {
 		return err
 	}
@@ -373,6 +396,9 @@ func (r *Report) bars(file, title, unit string, sel func(Workload) bool, val fun
 		if sel(w) {
 			names = append(names, w.Name)
 		}
+	}
+	if len(names) == 0 { // a run that measured none of these (-workloads)
+		return p.Save(10*vg.Inch, 6*vg.Inch, file)
 	}
 	var arms []*Arm
 	for _, a := range r.Arms {

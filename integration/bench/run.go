@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"time"
 )
 
@@ -45,6 +46,25 @@ func Matrix(quick bool) []Workload {
 		Workload{Name: "iperf3 4 streams", Kind: "iperf3", Streams: 4},
 	)
 	return ws
+}
+
+// Select keeps the workloads named by one of subs: exactly, or, for an
+// entry that is no workload's whole name, by a part of the name.
+func Select(ws []Workload, subs []string) []Workload {
+	exact := map[string]bool{}
+	for _, w := range ws {
+		exact[w.Name] = true
+	}
+	var out []Workload
+	for _, w := range ws {
+		for _, sub := range subs {
+			if sub == w.Name || sub != "" && !exact[sub] && strings.Contains(w.Name, sub) {
+				out = append(out, w)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // Run is one measured run.

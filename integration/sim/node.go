@@ -135,7 +135,13 @@ func (n *Node) StartDaemon() error {
 		env = append(env, c.opts.NodeEnv(n.Name)...)
 	}
 	// The daemon dies with the simulator, whatever happens to it.
-	p, err := daemonproc.Start(c.opts.DaemonBin, filepath.Join(dir, "kmesh-daemon.log"), env)
+	bin := c.opts.DaemonBin
+	if c.opts.NodeDaemonBin != nil {
+		if b := c.opts.NodeDaemonBin(n.Name); b != "" {
+			bin = b
+		}
+	}
+	p, err := daemonproc.Start(bin, filepath.Join(dir, "kmesh-daemon.log"), env)
 	if err != nil {
 		return fmt.Errorf("node %s: %w", n.Name, err)
 	}

@@ -52,6 +52,9 @@ type Options struct {
 	Objects string
 	// DaemonBin is the kmesh-daemon binary run on every node.
 	DaemonBin string
+	// NodeDaemonBin, when set and not empty for a node, is the binary
+	// that node runs instead (A/B benchmarks: two builds side by side).
+	NodeDaemonBin func(node string) string
 	// AppBin is the binary pods' processes re-execute for built-in apps
 	// (echo server, clients); default the running binary.
 	AppBin string

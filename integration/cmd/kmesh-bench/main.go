@@ -28,9 +28,14 @@ func main() {
 	dur := flag.Duration("duration", 0, "length of one run (default 3s, quick 2s)")
 	out := flag.String("out", "docs/benchmarks", "output directory")
 	daemon := flag.String("daemon", "bin/kmesh-daemon", "kmesh-daemon binary")
+	daemonB := flag.String("daemon-b", "", "a second kmesh-daemon build, measured as arm kmesh-hbone-b next to kmesh-hbone (A/B)")
+	daemonEnvB := flag.String("daemon-b-env", "", "comma-separated VAR=value added to the -daemon-b daemon's environment only (A/B of a setting)")
+	note := flag.String("note", "", "a line for the report (e.g. which commits -daemon and -daemon-b were built from)")
+	prefixFlag := flag.String("prefix", "", "output file prefix (default datapath or datapath-quick)")
 	fortio := flag.String("fortio", "bin/tools/fortio", "fortio v1.68.2 binary")
 	from := flag.String("from", "", "re-render the report (Markdown, plots) of an earlier run's JSON instead of measuring")
 	arms := flag.String("arms", "", "comma-separated arms to measure (default: all; direct is always measured, it is the baseline)")
+	only := flag.String("workloads", "", "comma-separated substrings: measure only the workloads whose name contains one (profiling)")
 	daemonEnv := flag.String("daemon-env", "", "comma-separated VAR=value added to the daemons' environment (experiments: GOMAXPROCS=1, …)")
 	flag.Parse()
 	if *from != "" {
@@ -42,10 +47,13 @@ func main() {
 	if os.Geteuid() != 0 {
 		fatal("kmesh-bench builds a simulated cluster: run it as root")
 	}
-	opts := bench.Options{Quick: *quick, Reps: *reps, Duration: *dur, DaemonBin: *daemon, Fortio: *fortio,
+	opts := bench.Options{Quick: *quick, Reps: *reps, Duration: *dur, DaemonBin: *daemon, DaemonBinB: *daemonB, Note: *note, Fortio: *fortio,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})), Progress: os.Stderr}
 	if *arms != "" {
 		opts.Arms = strings.Split(*arms, ",")
+	}
+	if *daemonEnvB != "" {
+		opts.DaemonEnvB = strings.Split(*daemonEnvB, ",")
 	}
 	if *daemonEnv != "" {
 		opts.DaemonEnv = strings.Split(*daemonEnv, ",")
@@ -69,6 +77,12 @@ func main() {
 		fatal(err)
 	}
 	ws := bench.Matrix(*quick)
+	if *only != "" {
+		ws = bench.Select(ws, strings.Split(*only, ","))
+		if len(ws) == 0 {
+			fatal("no workload matches -workloads " + *only)
+		}
+	}
 	start := time.Now()
 	runs, err := env.Measure(ctx, ws)
 	env.Close()
@@ -78,6 +92,9 @@ func main() {
 	prefix := "datapath"
 	if *quick {
 		prefix = "datapath-quick"
+	}
+	if *prefixFlag != "" {
+		prefix = *prefixFlag
 	}
 	r := bench.NewReport(opts, env.Arms, ws, runs)
 	if err := r.Write(*out, prefix); err != nil {
@@ -107,6 +124,7 @@ func rerender(file, out string) error {
 		return err
 	}
 	r.Summaries = bench.Summarise(r.Runs, r.Workloads, r.Arms, d)
+	r.AB = bench.CompareAB(r.Runs, r.Workloads, "kmesh-hbone", bench.ArmHBONEB, d)
 	prefix := strings.TrimSuffix(filepath.Base(file), ".json")
 	return r.Write(out, prefix)
 }

@@ -1,0 +1,144 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"kmesh.dev/kmesh/ambient/hbone"
+)
+
+// BenchmarkTunnelPingPong: 64-byte ping-pong from an application socket
+// through both ends of the tunnel (pipe, hbone, TLS over loopback TCP) to
+// an echo server and back, all in this process. Reports p50, p99 and the
+// worst round trip (on a shared machine, compare runs made together).
+func BenchmarkTunnelPingPong(b *testing.B) {
+	client := tunnelPair(b)
+	msg, got := make([]byte, 64), make([]byte, 64)
+	var lat []time.Duration
+	for b.Loop() {
+		start := time.Now()
+		if _, err := client.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(client, got); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	b.ReportMetric(float64(lat[len(lat)-1].Microseconds()), "max-µs")
+}
+
+// tunnelPair: an application connection whose bytes go through pipe on
+// the outbound side, one HBONE stream over TLS, pipeInbound on the
+// inbound side, to an echo server.
+func tunnelPair(b testing.TB) *net.TCPConn {
+	b.Helper()
+	listen := func() *net.TCPListener {
+		l, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { l.Close() })
+		return l
+	}
+	echo := listen()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); c.Close() }()
+		}
+	}()
+	ca := newTestCA(b, "bench")
+	cert := ca.issue(b, "spiffe://cluster.local/ns/a/sa/b", time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+	hb := listen()
+	go func() {
+		for {
+			c, err := hb.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go func() {
+				tc, nc := tlsOver(c, &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert.TLS}}, true)
+				if tc.Handshake() != nil {
+					return
+				}
+				_ = hbone.Serve(nc, hbone.Config{}, func(st *hbone.Stream, _ *hbone.Request) {
+					app, err := net.DialTCP("tcp", nil, echo.Addr().(*net.TCPAddr))
+					if err != nil || st.Respond(200) != nil {
+						return
+					}
+					_, _, _ = pipeInbound(app, st)
+					app.Close()
+				})
+			}()
+		}
+	}()
+	raw, err := net.DialTCP("tcp", nil, hb.Addr().(*net.TCPAddr))
+	if err != nil {
+		b.Fatal(err)
+	}
+	tc, nc := tlsOver(raw, &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true}, false)
+	if err := tc.Handshake(); err != nil {
+		b.Fatal(err)
+	}
+	cc, err := hbone.Client(nc, hbone.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cc.Close() })
+	st, status, err := cc.Connect(context.Background(), "127.0.0.1:1", nil)
+	if err != nil || status != 200 {
+		b.Fatalf("CONNECT: %d %v", status, err)
+	}
+	front := listen()
+	go func() {
+		c, err := front.AcceptTCP()
+		if err != nil {
+			return
+		}
+		_, _, _ = pipe(c, st)
+		c.Close()
+	}()
+	client, err := net.DialTCP("tcp", nil, front.Addr().(*net.TCPAddr))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { client.Close() })
+	return client
+}
+
+// TestTunnelRoundTripAllocs: a keep-alive round trip through both ends of
+// the tunnel allocates nothing of ours. The two allocations left are
+// crypto/tls's, one per record read (readFromUntil's atLeastReader).
+func TestTunnelRoundTripAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are meaningless under the race detector (go test without -race runs this)")
+	}
+	client := tunnelPair(t)
+	msg, got := make([]byte, 64), make([]byte, 64)
+	rt := func() {
+		if _, err := client.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(client, got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 100 { // warm: pools, buffers, TLS record sizes
+		rt()
+	}
+	if a := testing.AllocsPerRun(500, rt); a > 2.5 {
+		t.Errorf("%.1f allocations per round trip, want at most crypto/tls's 2", a)
+	}
+}
