@@ -130,13 +130,13 @@ enum kmesh_stat {
 	 * growing it would break upgrades. Counters from STAT_MAX on live in
 	 * kmesh_stats_ext (index - STAT_MAX), which has room to grow into. */
 	STAT_MAX = 24,
-	STAT_AUTHZ_NO_ENTRY = 24,     /* ... no verdict for the pair: sent to the tunnel */
-	STAT_INBOUND_AUTHED = 25,     /* inbound plaintext authorized at connect: not steered */
-	STAT_SPLICE_INSERT = 26,      /* a connection end entered kmesh_splice */
-	STAT_SPLICE_FULL = 27,	      /* ... but the map was full (or the key taken): plain TCP */
-	STAT_SPLICE_BYTES = 28,	      /* bytes sk_msg moved straight into the peer socket */
-	STAT_SPLICE_NO_PEER = 29,     /* first send found no peer: that direction stays TCP */
-	STAT_EXT_MAX = 64,	      /* size of kmesh_stats_ext */
+	STAT_AUTHZ_NO_ENTRY = 24, /* ... no verdict for the pair: sent to the tunnel */
+	STAT_INBOUND_AUTHED = 25, /* inbound plaintext authorized at connect: not steered */
+	STAT_SPLICE_INSERT = 26,  /* a connection end entered kmesh_splice */
+	STAT_SPLICE_FULL = 27,	  /* ... but the map was full (or the key taken): plain TCP */
+	STAT_SPLICE_BYTES = 28,	  /* bytes sk_msg moved straight into the peer socket */
+	STAT_SPLICE_NO_PEER = 29, /* first send found no peer: that direction stays TCP */
+	STAT_EXT_MAX = 64,	  /* size of kmesh_stats_ext */
 };
 
 /* The producer of connection events wakes the reader at each further
