@@ -13,16 +13,9 @@ import (
 )
 
 // ListenerStore keeps the pods' sockets beyond the daemon's life (the
-// listener holder, *holder.Keeper), so that questions asked while no
-// daemon runs wait in the sockets' buffers and are answered by the next
-// one instead of being lost.
-type ListenerStore interface {
-	// Claim returns the socket a previous daemon left under key, or nil.
-	Claim(key holder.Key) *os.File
-	// Put keeps a duplicate of fd under key (replacing what key held).
-	Put(key holder.Key, fd uintptr) error
-	Drop(key holder.Key)
-}
+// listener holder), so that questions asked while no daemon runs wait in
+// the sockets' buffers and are answered by the next one.
+type ListenerStore = holder.Store
 
 // SetListeners sets Config.Listeners before the first pod is added (a
 // nil-able store cannot be put in Config as an interface without the

@@ -9,6 +9,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// Store keeps the pods' sockets beyond the daemon's life (*Keeper): the
+// node proxy's listeners and the DNS proxy's sockets go through it.
+type Store interface {
+	// Claim returns the socket a previous daemon left under key, or nil.
+	Claim(key Key) *os.File
+	// Put keeps a duplicate of fd under key (replacing what key held).
+	Put(key Key, fd uintptr) error
+	Drop(key Key)
+	DropPod(pod string)
+}
+
 // SockInfo is what the kernel says about a socket, for Check.
 type SockInfo struct {
 	Family, Type, Proto int

@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"net"
-	"os"
 
 	"golang.org/x/sys/unix"
 
@@ -13,14 +12,7 @@ import (
 // (holder.Keeper, backed by the listener holder process): while it has a
 // copy, a crash of the daemon does not close them, connections wait in
 // their accept queues, and the next daemon claims the same sockets.
-type ListenerStore interface {
-	// Claim returns the socket a previous daemon left under key, or nil.
-	Claim(key holder.Key) *os.File
-	// Put keeps a duplicate of fd under key (replacing what key held).
-	Put(key holder.Key, fd uintptr) error
-	Drop(key holder.Key)
-	DropPod(pod string)
-}
+type ListenerStore = holder.Store
 
 // heldListener takes the listener a previous daemon left under key, if
 // there is one and it is the pod's; nil otherwise (a refused one is
