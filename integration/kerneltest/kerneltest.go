@@ -48,7 +48,8 @@ type Env struct {
 func New(t testing.TB, cfg bpf.Config) *Env {
 	t.Helper()
 	RequireRoot(t)
-	id := podnet.RandomSuffix()
+	reapOnce.Do(reapStale)
+	id := newID()
 	cg, err := podnet.NewCgroup("", "kmesh-test-"+id)
 	if err != nil {
 		t.Fatal(err)
