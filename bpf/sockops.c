@@ -282,10 +282,14 @@ const volatile __u32 cfg_splice = 0;
 static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struct conn_tuple *t,
 					 __u64 cookie)
 {
-	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
 	__u32 *nsp = bpf_map_lookup_elem(&kmesh_splice_ns, &cookie);
 	__u32 ns = nsp ? *nsp : 0;
 
+	/* The default (splicing off, no namespace opted in) costs every
+	 * connection of the node this one lookup. */
+	if (!cfg_splice && !ns)
+		return 0;
+	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
 	if (splice_same_netns(t->local, t->remote))
 		return (cfg_splice && mv) || (ns & SPLICE_NS_INPOD);
 	if (!mv || !(cfg_splice || (ns & SPLICE_NS_PEERS)))
@@ -315,9 +319,8 @@ static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struc
 	return (flags & (BACKEND_F_LOCAL | BACKEND_F_HBONE)) == (BACKEND_F_LOCAL | BACKEND_F_HBONE);
 }
 
-static __always_inline void splice_insert(struct bpf_sock_ops *skops)
+static __always_inline void splice_insert(struct bpf_sock_ops *skops, const struct conn_tuple *tp)
 {
-	struct conn_tuple t;
 	__u64 cookie = bpf_get_netns_cookie(skops);
 
 	/* Bytes already through TCP (Fast Open data in the SYN) would be
@@ -325,8 +328,7 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops)
 	 * (snd_una moved past it). */
 	if (skops->bytes_received || skops->bytes_acked > 1)
 		return;
-	read_tuple(skops, &t);
-	if (!splice_wanted(skops, &t, cookie) || !skops->sk)
+	if (!splice_wanted(skops, tp, cookie) || !skops->sk)
 		return;
 	__u32 *st =
 	    bpf_sk_storage_get(&kmesh_splice_sk, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
@@ -335,7 +337,7 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops)
 		return;
 	}
 	struct splice_key k;
-	splice_key_set(&k, t.local, t.remote, t.local_port, t.remote_port, cookie);
+	splice_key_set(&k, tp->local, tp->remote, tp->local_port, tp->remote_port, cookie);
 	if (bpf_sock_hash_update(skops, &kmesh_splice, &k, BPF_NOEXIST)) {
 		*st = SPLICE_TCP;
 		stat_inc(STAT_SPLICE_FULL);
@@ -365,15 +367,14 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		record_tunnel(skops);
-		splice_insert(skops);
-		if (skops->bpf_sock_ops_cb_flags & CONN_TRACKED) {
-			read_tuple(skops, &t);
+		read_tuple(skops, &t);
+		splice_insert(skops, &t);
+		if (skops->bpf_sock_ops_cb_flags & CONN_TRACKED)
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, 0);
-		}
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		splice_insert(skops);
 		read_tuple(skops, &t);
+		splice_insert(skops, &t);
 		if (cfg_conn_events && conn_tracked(skops, &t, 1, &backend_id)) {
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							     CONN_TRACKED | CONN_INBOUND);
