@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 
 	"kmesh.dev/kmesh/ambient/telemetry"
@@ -139,13 +140,7 @@ func TestSocketsOpen(t *testing.T) {
 	r := telemetry.NewKernelReader(telemetry.KernelConfig{Pods: benchPods{1: c.UID, 2: s.UID}, Dir: dir{c.UID: c, s.UID: s}, Metrics: m,
 		SocketBytes: func(int) (map[uint64]kernel.TCPBytes, error) { return nil, nil }})
 	cAddr, sAddr := netip.MustParseAddrPort("10.244.1.2:40000"), netip.MustParseAddrPort("10.244.1.11:8080")
-	gauge := func(reporter string) float64 {
-		var pb dto.Metric
-		if err := m.SocketsOpen.WithLabelValues(reporter).Write(&pb); err != nil {
-			t.Fatal(err)
-		}
-		return pb.GetGauge().GetValue()
-	}
+	gauge := func(reporter string) float64 { return testutil.ToFloat64(m.SocketsOpen.WithLabelValues(reporter)) }
 	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnOutbound, SockCookie: 1, NetnsCookie: 1, Local: cAddr, Remote: sAddr})
 	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnInbound, SockCookie: 2, NetnsCookie: 2, Local: sAddr, Remote: cAddr})
 	r.Handle(bpf.ConnEvent{Kind: bpf.ConnOpen, Direction: bpf.ConnOutbound, SockCookie: 3, NetnsCookie: 1, Local: cAddr, Remote: sAddr})
