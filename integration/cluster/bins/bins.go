@@ -33,12 +33,18 @@ const (
 	Etcd                  = "etcd"
 	KubeAPIServer         = "kube-apiserver"
 	KubeControllerManager = "kube-controller-manager"
+	KubeScheduler         = "kube-scheduler"
 	PilotDiscovery        = "pilot-discovery"
 	Istioctl              = "istioctl"
+	// InstallCNI is the istio-cni-node DaemonSet's program (install-cni:
+	// the CNI config installer and Istio's CNI node agent); IstioCNI is the
+	// chained CNI plugin it installs, which a kubelet's runtime runs.
+	InstallCNI = "install-cni"
+	IstioCNI   = "istio-cni"
 )
 
 // All is every binary, in the order they are built.
-var All = []string{Etcd, KubeAPIServer, KubeControllerManager, PilotDiscovery, Istioctl}
+var All = []string{Etcd, KubeAPIServer, KubeControllerManager, KubeScheduler, PilotDiscovery, Istioctl, InstallCNI, IstioCNI}
 
 // CacheEnv names the variable that moves the cache.
 const CacheEnv = "KMESH_CLUSTER_CACHE"
@@ -61,7 +67,10 @@ var specs = map[string]spec{
 	Etcd:                  {tools: true, pkg: "kmesh.dev/kmesh/integration/cluster/tools/etcd"},
 	KubeAPIServer:         {tools: true, pkg: "k8s.io/kubernetes/cmd/kube-apiserver", k8sVersion: true},
 	KubeControllerManager: {tools: true, pkg: "k8s.io/kubernetes/cmd/kube-controller-manager", k8sVersion: true},
+	KubeScheduler:         {tools: true, pkg: "k8s.io/kubernetes/cmd/kube-scheduler", k8sVersion: true},
 	PilotDiscovery:        {pkg: "istio.io/istio/pilot/cmd/pilot-discovery"},
+	InstallCNI:            {pkg: "istio.io/istio/cni/cmd/install-cni"},
+	IstioCNI:              {pkg: "istio.io/istio/cni/cmd/istio-cni"},
 	Istioctl:              {pkg: "istio.io/istio/istioctl/cmd/istioctl"},
 }
 

@@ -215,5 +215,6 @@ require (
 tool (
 	k8s.io/kubernetes/cmd/kube-apiserver
 	k8s.io/kubernetes/cmd/kube-controller-manager
+	k8s.io/kubernetes/cmd/kube-scheduler
 	kmesh.dev/kmesh/integration/cluster/tools/etcd
 )
