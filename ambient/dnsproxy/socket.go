@@ -7,11 +7,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
-	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/ambient/podsock"
 )
 
 // Port is where the DNS server listens in each pod (ztunnel's 15053; the
@@ -62,7 +61,7 @@ func OpenSockets(netns *os.File, port int) (*Sockets, error) {
 // listenBoth opens addr's UDP socket and TCP listener (in the calling
 // thread's namespace), marked and with SO_REUSEPORT.
 func listenBoth(addr string) (*net.UDPConn, *net.TCPListener, error) {
-	lc := net.ListenConfig{Control: reuseMark}
+	lc := net.ListenConfig{Control: podsock.Control(true)}
 	u, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, nil, err
@@ -80,75 +79,30 @@ func isNoV6(err error) bool {
 	return errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.EAFNOSUPPORT)
 }
 
-// reuseMark sets SO_REUSEPORT (an upgraded daemon listens beside us) and
-// the proxy mark (istio-cni's rules leave the proxy's packets alone).
-func reuseMark(_, _ string, rc syscall.RawConn) error {
-	var serr error
-	err := rc.Control(func(fd uintptr) {
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
-			return
-		}
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
-
 // OwnSockets records sockets as the node proxy's own in the kernel
 // (bpf.Maps): the kernel's DNS capture and load balancing leave them alone.
-type OwnSockets interface {
-	MarkProxySocket(fd uintptr) error
-}
+type OwnSockets = podsock.OwnSockets
 
-// podDial dials from inside the pod whose namespace is nsFd: the socket is
-// created there on a locked thread (kernel.InNetns), carries the proxy mark
-// and is recorded in own before it connects, so the pod's own DNS capture
-// does not send it back to us. The connect itself (non-blocking) and the
-// wait for it happen on the caller's goroutine, in the runtime's poller.
+// podDial dials from inside the pod (podsock: the socket is created there
+// on a locked thread, carries the proxy mark and is recorded in own before
+// it connects, so the pod's own DNS capture does not send it back to us).
+// A TCP connect waits in the runtime's poller until ctx ends.
 func podDial(inNetns func(func() error) error, own OwnSockets) Dial {
 	return func(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
-		dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-		family, typ := unix.AF_INET, unix.SOCK_DGRAM
-		if dst.Addr().Is6() {
-			family = unix.AF_INET6
-		}
+		typ := unix.SOCK_DGRAM
 		if network == "tcp" {
 			typ = unix.SOCK_STREAM
 		}
-		fd := -1
-		err := inNetns(func() error {
-			s, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				return os.NewSyscallError("socket", err)
-			}
-			fd = s
-			return nil
-		})
+		// Not recorded, the socket would be captured back to us: Socket
+		// refuses then.
+		f, err := podsock.Socket(inNetns, dst.Addr().Unmap().Is6(), typ, own)
 		if err != nil {
 			return nil, err
 		}
-		f := os.NewFile(uintptr(fd), network)
 		defer f.Close() // net.FileConn keeps a duplicate
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, bpf.ProxyMark); err != nil {
-			return nil, fmt.Errorf("SO_MARK: %w", err)
+		if err := podsock.Connect(ctx, f, dst, 0); err != nil {
+			return nil, &net.OpError{Op: "dial", Net: network, Addr: net.UDPAddrFromAddrPort(dst), Err: err}
 		}
-		// Not recorded, the socket would be captured back to us: refuse.
-		if err := own.MarkProxySocket(uintptr(fd)); err != nil {
-			return nil, fmt.Errorf("recording the upstream socket as the proxy's own: %w", err)
-		}
-		var sa unix.Sockaddr
-		if dst.Addr().Is4() {
-			sa = &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}
-		} else {
-			sa = &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()}
-		}
-		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
-			return nil, &net.OpError{Op: "dial", Net: network, Addr: net.UDPAddrFromAddrPort(dst), Err: os.NewSyscallError("connect", err)}
-		}
-		// A TCP connect still in progress completes (or fails) before the
-		// first write does: the runtime's poller waits for writability.
 		return net.FileConn(f)
 	}
 }

@@ -46,6 +46,7 @@ import (
 	"kmesh.dev/kmesh/ambient/hbone"
 	"kmesh.dev/kmesh/ambient/holder"
 	"kmesh.dev/kmesh/ambient/identity"
+	"kmesh.dev/kmesh/ambient/podsock"
 	"kmesh.dev/kmesh/ambient/telemetry"
 	"kmesh.dev/kmesh/bpf"
 )
@@ -63,9 +64,7 @@ type TunnelTable interface {
 
 // OwnSockets is the kernel's record of the node proxy's own sockets
 // (bpf.Maps).
-type OwnSockets interface {
-	MarkProxySocket(fd uintptr) error
-}
+type OwnSockets = podsock.OwnSockets
 
 // Config configures the node proxy.
 type Config struct {
