@@ -42,6 +42,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_splice":    dumpSplice,
 	"kmesh_splice_sk": dumpSpliceSockets,
 	"kmesh_splice_ns": dumpSpliceNS,
+	"kmesh_vip":       dumpVIPs,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -263,6 +264,15 @@ func dumpSpliceNS(m *Maps) (Table, error) {
 	t := Table{Header: []string{"NETNS COOKIE", "IN-POD", "PEERS"}}
 	for _, c := range slices.Sorted(maps.Keys(ns)) {
 		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ns[c]&SpliceInPod != 0), fmt.Sprint(ns[c]&SplicePeers != 0)})
+	}
+	return t, err
+}
+
+func dumpVIPs(m *Maps) (Table, error) {
+	vips, err := m.VIPs()
+	t := Table{Header: []string{"VIP", "SERVICES"}}
+	for _, a := range slices.SortedFunc(maps.Keys(vips), netip.Addr.Compare) {
+		t.Rows = append(t.Rows, []string{a.String(), fmt.Sprint(vips[a])})
 	}
 	return t, err
 }

@@ -12,7 +12,7 @@ package bpf
 // (include/kmesh_maps.h) and created once, by the sock_addr load; the other
 // objects are loaded with those maps substituted, so the Go types of the
 // shared structs come from the sockAddr generation only.
-//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type managed_value -type frontend_key -type frontend_value -type service_value -type endpoint_key -type endpoint_value -type backend_value -type sock_orig -type tunnel_key -type tunnel_value -type udp_slot -type udp_affinity -type inbound_key -type authz_key -type authz_value -type authed_key -type dns_config -type splice_key sockAddr sock_addr.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
+//go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type managed_value -type frontend_key -type frontend_value -type service_value -type endpoint_key -type endpoint_value -type backend_value -type sock_orig -type tunnel_key -type tunnel_value -type udp_slot -type udp_affinity -type inbound_key -type authz_key -type authz_value -type authed_key -type dns_config -type splice_key -type vip_key -type vip_value sockAddr sock_addr.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
 //go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel -type conn_event sockOps sockops.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
 //go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel skLookup sk_lookup.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"
 //go:generate sh -c "go tool bpf2go -tags linux -cc clang -target bpfel skMsg sk_msg.c -- -mcpu=v3 -Wall -Werror -I./include -I/usr/include/$(uname -m)-linux-gnu"

@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"path/filepath"
 	"reflect"
@@ -41,6 +42,7 @@ type Maps struct {
 	proxySk  *ebpf.Map
 	authz    *ebpf.Map
 	spliceNS *ebpf.Map
+	vip      *ebpf.Map
 }
 
 // newMaps wraps the object's maps, by name.
@@ -49,7 +51,7 @@ func newMaps(byName map[string]*ebpf.Map) *Maps {
 		managed: byName["kmesh_managed"], frontend: byName["kmesh_frontend"], service: byName["kmesh_service"],
 		endpoint: byName["kmesh_endpoint"], backend: byName["kmesh_backend"], stats: byName["kmesh_stats"], statsExt: byName["kmesh_stats_ext"],
 		tunnel: byName["kmesh_tunnel"], inproxy: byName["kmesh_inproxy"], proxySk: byName["kmesh_proxy_sk"],
-		authz: byName["kmesh_authz"], spliceNS: byName["kmesh_splice_ns"]}
+		authz: byName["kmesh_authz"], spliceNS: byName["kmesh_splice_ns"], vip: byName["kmesh_vip"]}
 }
 
 // mapsOf lists the maps of a bpf2go objects struct by their ebpf tags.
@@ -294,6 +296,35 @@ func (m *Maps) Authz() ([]Authz, error) {
 	return out, err
 }
 
+// PutVIPs writes kmesh_vip entries: addresses that are service VIPs and
+// nothing else, with how many services claim each. The connect programs
+// refuse such an address on a port no frontend names.
+func (m *Maps) PutVIPs(vips map[netip.Addr]uint32) error {
+	keys := make([]sockAddrVipKey, 0, len(vips))
+	vals := make([]sockAddrVipValue, 0, len(vips))
+	for _, a := range slices.SortedFunc(maps.Keys(vips), netip.Addr.Compare) {
+		keys = append(keys, sockAddrVipKey{Addr: addrWords(a)})
+		vals = append(vals, sockAddrVipValue{Services: vips[a]})
+	}
+	return batchUpdate(m.vip, keys, vals)
+}
+
+// DeleteVIPs removes kmesh_vip entries; absent keys are ignored.
+func (m *Maps) DeleteVIPs(as []netip.Addr) error {
+	keys := make([]sockAddrVipKey, len(as))
+	for i, a := range as {
+		keys[i] = sockAddrVipKey{Addr: addrWords(a)}
+	}
+	return batchDelete(m.vip, keys)
+}
+
+// VIPs dumps kmesh_vip.
+func (m *Maps) VIPs() (map[netip.Addr]uint32, error) {
+	out := map[netip.Addr]uint32{}
+	err := dump(m.vip, func(k sockAddrVipKey, v sockAddrVipValue) { out[wordsAddr(k.Addr)] = v.Services })
+	return out, err
+}
+
 // statMax is STAT_MAX: kmesh_stats' size (frozen), where kmesh_stats_ext
 // takes over (TestStatNames checks both against the object).
 const statMax = 24
@@ -330,6 +361,7 @@ var statNames = []string{
 	"splice_full",
 	"splice_bytes",
 	"splice_no_peer",
+	"vip_no_port",
 }
 
 // Stats sums the per-CPU data path counters.

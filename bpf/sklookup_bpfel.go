@@ -187,6 +187,16 @@ type skLookupUdpAffinity struct {
 	}
 }
 
+type skLookupVipKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type skLookupVipValue struct {
+	_        structs.HostLayout
+	Services uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -210,6 +220,7 @@ const (
 	skLookupMapKmeshStatsExt = "kmesh_stats_ext"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
 	skLookupMapKmeshUdp      = "kmesh_udp"
+	skLookupMapKmeshVip      = "kmesh_vip"
 	skLookupProgKmeshInbound = "kmesh_inbound"
 )
 
@@ -281,6 +292,7 @@ type skLookupMapSpecs struct {
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // skLookupVariableSpecs contains global variables before they are loaded into the kernel.
@@ -328,6 +340,7 @@ type skLookupMaps struct {
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *skLookupMaps) Close() error {
@@ -351,6 +364,7 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
+		m.KmeshVip,
 	)
 }
 

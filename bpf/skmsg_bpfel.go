@@ -187,6 +187,16 @@ type skMsgUdpAffinity struct {
 	}
 }
 
+type skMsgVipKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type skMsgVipValue struct {
+	_        structs.HostLayout
+	Services uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -210,6 +220,7 @@ const (
 	skMsgMapKmeshStatsExt = "kmesh_stats_ext"
 	skMsgMapKmeshTunnel   = "kmesh_tunnel"
 	skMsgMapKmeshUdp      = "kmesh_udp"
+	skMsgMapKmeshVip      = "kmesh_vip"
 	skMsgProgKmeshSkMsg   = "kmesh_sk_msg"
 )
 
@@ -281,6 +292,7 @@ type skMsgMapSpecs struct {
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // skMsgVariableSpecs contains global variables before they are loaded into the kernel.
@@ -328,6 +340,7 @@ type skMsgMaps struct {
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *skMsgMaps) Close() error {
@@ -351,6 +364,7 @@ func (m *skMsgMaps) Close() error {
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
+		m.KmeshVip,
 	)
 }
 

@@ -444,8 +444,10 @@ static __always_inline int sendmsg_decide(struct bpf_sock_addr *ctx, struct fron
 		break;
 	case HIT_CHANGED:
 		return -ECONNREFUSED;
-	default:
+	case HIT_WORKLOAD:
 		return 0;
+	default:
+		return vip_refused(key) ? -ECONNREFUSED : 0;
 	}
 	if (fe.path == PATH_PASSTHROUGH) {
 		stat_inc(STAT_LB_PASSTHROUGH);

@@ -189,6 +189,16 @@ type sockAddrUdpSlot struct {
 	Pad         uint16
 }
 
+type sockAddrVipKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type sockAddrVipValue struct {
+	_        structs.HostLayout
+	Services uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -212,6 +222,7 @@ const (
 	sockAddrMapKmeshStatsExt  = "kmesh_stats_ext"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
 	sockAddrMapKmeshUdp       = "kmesh_udp"
+	sockAddrMapKmeshVip       = "kmesh_vip"
 	sockAddrProgKmeshConnect4 = "kmesh_connect4"
 	sockAddrProgKmeshConnect6 = "kmesh_connect6"
 	sockAddrProgKmeshGetpeer4 = "kmesh_getpeer4"
@@ -298,6 +309,7 @@ type sockAddrMapSpecs struct {
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // sockAddrVariableSpecs contains global variables before they are loaded into the kernel.
@@ -346,6 +358,7 @@ type sockAddrMaps struct {
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *sockAddrMaps) Close() error {
@@ -369,6 +382,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
+		m.KmeshVip,
 	)
 }
 

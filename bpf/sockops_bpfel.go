@@ -208,6 +208,16 @@ type sockOpsUdpAffinity struct {
 	}
 }
 
+type sockOpsVipKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type sockOpsVipValue struct {
+	_        structs.HostLayout
+	Services uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -231,6 +241,7 @@ const (
 	sockOpsMapKmeshStatsExt = "kmesh_stats_ext"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
 	sockOpsMapKmeshUdp      = "kmesh_udp"
+	sockOpsMapKmeshVip      = "kmesh_vip"
 	sockOpsProgKmeshSockops = "kmesh_sockops"
 	sockOpsVarCfgConnEvents = "cfg_conn_events"
 	sockOpsVarCfgSplice     = "cfg_splice"
@@ -305,6 +316,7 @@ type sockOpsMapSpecs struct {
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // sockOpsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -355,6 +367,7 @@ type sockOpsMaps struct {
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *sockOpsMaps) Close() error {
@@ -378,6 +391,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
+		m.KmeshVip,
 	)
 }
 

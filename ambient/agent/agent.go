@@ -106,7 +106,7 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	ctx, cancel := context.WithCancel(ctx)
 	a := &Agent{cfg: cfg, log: log, DP: dp, Store: state.NewStore(), Reg: prometheus.NewRegistry(),
 		synced: make(chan struct{}), cancel: cancel, Addrs: map[string]net.Addr{}, quit: make(chan struct{})}
-	node := reconcile.Node{Name: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network}
+	node := reconcile.Node{Name: cfg.NodeName, Cluster: cfg.ClusterID, Network: cfg.Network, ClusterDomain: cfg.ClusterDomain}
 	a.Plane = dataplane.New(dp.Maps, dataplane.Options{Node: dataplane.Topology{Node: node.Name, Cluster: node.Cluster, Network: node.Network}, Logger: log})
 	if dp.Reused {
 		// Adopt what the previous daemon left so that the first sync rewrites

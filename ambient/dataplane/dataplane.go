@@ -83,6 +83,8 @@ type Dataplane struct {
 	orphans *orphans
 	// authzLive mirrors kmesh_authz (kauthz.go); nil until first read.
 	authzLive map[bpf.AuthzKey]bpf.Authz
+	// vipLive mirrors kmesh_vip (vips.go); nil until first read.
+	vipLive map[netip.Addr]uint32
 	// authzWhy: local workloads whose policies the kernel does not hold,
 	// with the reason last logged.
 	authzWhy map[string]string
@@ -220,6 +222,15 @@ func (d *Dataplane) Apply(b Batch) []*ObjectError {
 		if !d.backendInUse(rec) {
 			delete(d.removeLater, id)
 			failed("workload", rec.uid, d.removeWorkload(rec.uid, rec))
+		}
+	}
+	if len(b.Services)+len(b.DeleteServices) > 0 {
+		if err := d.syncVIPs(); err != nil {
+			// Not an object's failure: a VIP without its entry passes
+			// untouched on the ports its service lacks, as before
+			// kmesh_vip; the next batch tries again.
+			d.Stats.Errors.Add(1)
+			d.log.Warn("service VIP entries not all written; those VIPs are not refused on ports their services lack", "err", err)
 		}
 	}
 	if len(b.Workloads)+len(b.DeleteWorkloads) > 0 {

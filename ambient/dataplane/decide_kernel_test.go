@@ -107,7 +107,10 @@ func TestPrivilegedDecideTable(t *testing.T) {
 	dual.VIPs = append(dual.VIPs, a("fd00:96::7"))
 	v4only := svc("ns/v4only", "fd00:96::8", p80, "plain")
 	viaBehind := svc("ns/behind", "10.96.0.9", p80, "behind")
-	for _, s := range []dataplane.Service{weighted, mixed, failover, wp, pass, empty, across, dual, v4only, viaBehind} {
+	virt := svc("ns/virt", "10.96.0.11", p80, "local") // a Kubernetes Service: its VIP is nothing else
+	virt.Virtual = true
+	virt.VIPs = append(virt.VIPs, a("fd00:96::11"))
+	for _, s := range []dataplane.Service{weighted, mixed, failover, wp, pass, empty, across, dual, v4only, viaBehind, virt} {
 		must(t, e.dp.SetService(s))
 	}
 	ap := func(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -125,6 +128,10 @@ func TestPrivilegedDecideTable(t *testing.T) {
 		// frontend lookup
 		{name: "unknown address: left alone", dst: "192.0.2.1:80", proto: tcp, path: bpf.PathPlain},
 		{name: "service port unknown: left alone", dst: "10.96.0.1:81", proto: tcp, path: bpf.PathPlain},
+		{name: "virtual VIP, port unknown: refused", dst: "10.96.0.11:81", proto: tcp, err: syscall.ECONNREFUSED, path: bpf.PathRefuse},
+		{name: "virtual VIP, port unknown, UDP: refused", dst: "10.96.0.11:53", proto: udp, err: syscall.ECONNREFUSED, path: bpf.PathRefuse},
+		{name: "virtual IPv6 VIP, port unknown: refused", dst: "[fd00:96::11]:81", proto: tcp, err: syscall.ECONNREFUSED, path: bpf.PathRefuse},
+		{name: "virtual VIP, its port: balanced", dst: "10.96.0.11:80", proto: tcp, path: bpf.PathDirect, to: "10.244.1.10:8080"},
 		{name: "workload IP, any port", dst: "10.244.1.10:1234", proto: tcp, path: bpf.PathDirect},
 		{name: "workload IPv6", dst: "[fd00::10]:1234", proto: tcp, path: bpf.PathDirect},
 		// path verdicts by address
@@ -162,6 +169,28 @@ func TestPrivilegedDecideTable(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("virtual VIP: counted, and untouched again once its service goes", func(t *testing.T) {
+		before, err := e.maps.Stats()
+		must(t, err)
+		if d := e.both(t, ap("10.96.0.11:443"), tcp, 0, 0); d.Err != syscall.ECONNREFUSED {
+			t.Fatalf("got %+v, want ECONNREFUSED", d)
+		}
+		after, err := e.maps.Stats()
+		must(t, err)
+		if n := after["vip_no_port"] - before["vip_no_port"]; n != 1 {
+			t.Errorf("vip_no_port counted %d, want 1", n)
+		}
+		must(t, e.dp.DeleteService("ns/virt"))
+		if d := e.both(t, ap("10.96.0.11:443"), tcp, 0, 0); d.Err != 0 || d.Path != bpf.PathPlain {
+			t.Errorf("after the service went: %+v, want left alone", d)
+		}
+		vips, err := e.maps.VIPs()
+		must(t, err)
+		if len(vips) != 0 {
+			t.Errorf("kmesh_vip after the only virtual service went: %v", vips)
+		}
+	})
 
 	// A workload frontend left without its backend (a bug: user space
 	// removes frontends first) fails closed in the kernel.
@@ -223,7 +252,8 @@ func TestPrivilegedDecideDifferential(t *testing.T) {
 	scopes := []dataplane.Scope{dataplane.ScopeRegion, dataplane.ScopeZone, dataplane.ScopeNode, dataplane.ScopeNetwork}
 	for i := range 25 {
 		s := dataplane.Service{Key: fmt.Sprintf("ns/s%d", i), VIPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, byte(i + 1)})},
-			Waypoint: r.IntN(6) == 0, LB: dataplane.LoadBalancing{Mode: modes[r.IntN(4)], AllowUnhealthy: r.IntN(3) == 0}}
+			Waypoint: r.IntN(6) == 0, LB: dataplane.LoadBalancing{Mode: modes[r.IntN(4)], AllowUnhealthy: r.IntN(3) == 0},
+			Virtual: r.IntN(2) == 0}
 		if r.IntN(2) == 0 {
 			s.VIPs = append(s.VIPs, netip.MustParseAddr(fmt.Sprintf("fd00:96::%x", i+1)))
 		}

@@ -202,6 +202,28 @@ func TestPrivilegedServiceLoadBalancing(t *testing.T) {
 		res := f.run(t, f.client, "tcp", "-addr", "10.96.0.10:81", "-n", "3", "-network", "tcp4")
 		expectOnly(t, res.Errors, "ENETUNREACH", 3)
 	})
+	t.Run("unknown port of a Kubernetes Service's VIP is refused", func(t *testing.T) {
+		virt := f.service(dataplane.LoadBalancing{}, web, "a", "b", "c")
+		virt.Virtual = true
+		must(f.dp.SetService(virt))
+		defer func() { must(f.dp.SetService(f.service(dataplane.LoadBalancing{}, web, "a", "b", "c"))) }()
+		before, err := f.env.DP.Maps.Stats()
+		must(err)
+		res := f.run(t, f.client, "tcp", "-addr", "10.96.0.10:81", "-n", "3", "-network", "tcp4")
+		expectOnly(t, res.Errors, "ECONNREFUSED", 3)
+		res = f.run(t, f.client, "tcp", "-addr", "[fd00:10:96::10]:81", "-n", "3", "-network", "tcp6")
+		expectOnly(t, res.Errors, "ECONNREFUSED", 3)
+		res = f.run(t, f.client, "udp", "-addr", "10.96.0.10:54", "-n", "3", "-network", "udp4")
+		expectOnly(t, res.Errors, "ECONNREFUSED", 3)
+		after, err := f.env.DP.Maps.Stats()
+		must(err)
+		if n := after["vip_no_port"] - before["vip_no_port"]; n < 9 {
+			t.Errorf("vip_no_port counted %d refusals, want at least 9", n)
+		}
+		// Its own ports still balance.
+		res = f.run(t, f.client, "tcp", "-addr", "10.96.0.10:80", "-n", "30", "-network", "tcp4")
+		expectOnly(t, res.Peers, "10.96.0.10:80", 30)
+	})
 	t.Run("pod IP is reached directly", func(t *testing.T) {
 		res := f.run(t, f.client, "tcp", "-addr", "10.244.1.12:8080", "-n", "3", "-network", "tcp4")
 		expectOnly(t, res.Names, "b:8080", 3)

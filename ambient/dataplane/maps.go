@@ -1,6 +1,10 @@
 package dataplane
 
-import "kmesh.dev/kmesh/bpf"
+import (
+	"net/netip"
+
+	"kmesh.dev/kmesh/bpf"
+)
 
 // Maps is the kernel state the dataplane writes: *bpf.Maps in the daemon,
 // bpftest.Maps (in memory, with injectable faults) in tests that need no
@@ -31,6 +35,10 @@ type Maps interface {
 	PutAuthz([]bpf.Authz) error
 	DeleteAuthz([]bpf.AuthzKey) error
 	Authz() ([]bpf.Authz, error)
+
+	PutVIPs(map[netip.Addr]uint32) error
+	DeleteVIPs([]netip.Addr) error
+	VIPs() (map[netip.Addr]uint32, error)
 }
 
 var _ Maps = (*bpf.Maps)(nil)

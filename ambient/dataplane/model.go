@@ -100,4 +100,10 @@ type Service struct {
 	Endpoints []Endpoint
 	// Waypoint: the service's TCP traffic goes through its waypoint.
 	Waypoint bool
+	// Virtual: the VIPs are addresses of nothing but this service (a
+	// Kubernetes Service's ClusterIPs). A connection to one on a port the
+	// service does not have is refused (kmesh_vip), where it would
+	// otherwise leave the node for an address nobody answers. Not set for
+	// ServiceEntries, whose addresses may be real hosts' with other ports.
+	Virtual bool
 }

@@ -104,6 +104,8 @@ func (d *Dataplane) Pick(dst netip.AddrPort, proto bpf.Proto, slot, coin uint32)
 		if !tcp {
 			out.Path = b.PathUDP
 		}
+	} else if d.isVIP(dst.Addr()) {
+		return refuse(syscall.ECONNREFUSED) // a VIP on a port its service lacks
 	} else {
 		return out // not Kmesh's: left alone
 	}

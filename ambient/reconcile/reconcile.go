@@ -25,6 +25,10 @@ type Node struct {
 	Name    string
 	Cluster string
 	Network string
+	// ClusterDomain is the cluster's DNS domain (default "cluster.local"):
+	// a service named <name>.<namespace>.svc.<it> is a Kubernetes
+	// Service, whose VIPs are ClusterIPs (dataplane.Service.Virtual).
+	ClusterDomain string
 }
 
 // Reconciler applies state changes to the data path.
@@ -225,6 +229,18 @@ func (r *Reconciler) vips(s *state.Service) []netip.Addr {
 	return out
 }
 
+// kubernetesService reports whether s is a Kubernetes Service: istiod
+// names those <name>.<namespace>.svc.<domain> and gives them their
+// ClusterIPs as addresses, nothing else (no load-balancer or external IPs),
+// so they are addresses of nothing but the service. ServiceEntries name
+// hosts freely and may list a real host's addresses.
+func kubernetesService(s *state.Service, domain string) bool {
+	if domain == "" {
+		domain = "cluster.local"
+	}
+	return s.Name != "" && s.Hostname == s.Name+"."+s.Namespace+".svc."+domain
+}
+
 var modes = map[workloadapi.LoadBalancing_Mode]bpf.LBMode{
 	workloadapi.LoadBalancing_UNSPECIFIED_MODE: bpf.LBStandard,
 	workloadapi.LoadBalancing_STRICT:           bpf.LBStrict,
@@ -242,7 +258,7 @@ var scopes = map[workloadapi.LoadBalancing_Scope]dataplane.Scope{
 }
 
 func (r *Reconciler) service(s *state.Service) dataplane.Service {
-	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s), Waypoint: s.Waypoint != nil}
+	out := dataplane.Service{Key: s.Key(), VIPs: r.vips(s), Waypoint: s.Waypoint != nil, Virtual: kubernetesService(s, r.node.ClusterDomain)}
 	out.Ports = make([]dataplane.Port, 0, len(s.Ports))
 	for _, p := range s.Ports {
 		out.Ports = append(out.Ports, dataplane.Port{ServicePort: p.ServicePort, TargetPort: p.TargetPort})

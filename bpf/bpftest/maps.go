@@ -8,6 +8,7 @@ package bpftest
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 
@@ -22,6 +23,7 @@ const (
 	Endpoint = "kmesh_endpoint"
 	Backend  = "kmesh_backend"
 	Authz    = "kmesh_authz"
+	VIP      = "kmesh_vip"
 )
 
 // Maps holds the load-balancing maps in memory. Safe for concurrent use.
@@ -33,6 +35,7 @@ type Maps struct {
 	endpoints table[bpf.EndpointKey, bpf.EndpointSlot]
 	backends  table[uint32, bpf.Backend]
 	authz     table[bpf.AuthzKey, bpf.Authz]
+	vips      table[netip.Addr, uint32]
 
 	// Fault, when set, is asked before every element written or deleted:
 	// a non-nil error stops that batch there (earlier elements stay
@@ -71,6 +74,7 @@ func New(sizes bpf.MapSizes) *Maps {
 		endpoints: table[bpf.EndpointKey, bpf.EndpointSlot]{Endpoint, def(sizes.Endpoint, 524288), map[bpf.EndpointKey]bpf.EndpointSlot{}},
 		backends:  table[uint32, bpf.Backend]{Backend, def(sizes.Backend, 131072), map[uint32]bpf.Backend{}},
 		authz:     table[bpf.AuthzKey, bpf.Authz]{Authz, 65536, map[bpf.AuthzKey]bpf.Authz{}},
+		vips:      table[netip.Addr, uint32]{VIP, 65536, map[netip.Addr]uint32{}},
 		ops:       map[string]int{},
 	}
 }
@@ -148,6 +152,8 @@ func (m *Maps) Len(mapName string) int {
 		return len(m.backends.m)
 	case Authz:
 		return len(m.authz.m)
+	case VIP:
+		return len(m.vips.m)
 	}
 	panic(fmt.Sprintf("bpftest: no map %q", mapName))
 }
@@ -244,3 +250,21 @@ func (m *Maps) PutAuthz(as []bpf.Authz) error {
 func (m *Maps) DeleteAuthz(ks []bpf.AuthzKey) error { return del(m, &m.authz, ks) }
 
 func (m *Maps) Authz() ([]bpf.Authz, error) { return values(m, &m.authz), nil }
+
+// PutVIPs writes the entries in address order (as bpf.Maps does).
+func (m *Maps) PutVIPs(vips map[netip.Addr]uint32) error {
+	keys := slices.SortedFunc(maps.Keys(vips), netip.Addr.Compare)
+	vals := make([]uint32, len(keys))
+	for i, a := range keys {
+		vals[i] = vips[a]
+	}
+	return put(m, &m.vips, keys, vals)
+}
+
+func (m *Maps) DeleteVIPs(as []netip.Addr) error { return del(m, &m.vips, as) }
+
+func (m *Maps) VIPs() (map[netip.Addr]uint32, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return maps.Clone(m.vips.m), nil
+}

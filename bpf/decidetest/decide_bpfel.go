@@ -224,6 +224,16 @@ type decideUdpAffinity struct {
 	}
 }
 
+type decideVipKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type decideVipValue struct {
+	_        structs.HostLayout
+	Services uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -247,6 +257,7 @@ const (
 	decideMapKmeshStatsExt = "kmesh_stats_ext"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
 	decideMapKmeshUdp      = "kmesh_udp"
+	decideMapKmeshVip      = "kmesh_vip"
 	decideProgKmeshTdecide = "kmesh_tdecide"
 	decideProgKmeshThammer = "kmesh_thammer"
 	decideVarReuseWindow   = "reuse_window"
@@ -321,6 +332,7 @@ type decideMapSpecs struct {
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // decideVariableSpecs contains global variables before they are loaded into the kernel.
@@ -369,6 +381,7 @@ type decideMaps struct {
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
 	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *decideMaps) Close() error {
@@ -392,6 +405,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshStatsExt,
 		m.KmeshTunnel,
 		m.KmeshUdp,
+		m.KmeshVip,
 	)
 }
 

@@ -243,6 +243,17 @@ struct authz_value {
 	__u16 ports[KMESH_AUTHZ_PORTS]; /* network order */
 };
 
+/* kmesh_vip key: a service VIP that is not an address of anything (a
+ * Kubernetes ClusterIP). Connections to a port its service does not have
+ * are refused instead of leaving the node for an address nothing answers. */
+struct vip_key {
+	__u32 addr[4]; /* IPv4 as v4-mapped IPv6 */
+};
+
+struct vip_value {
+	__u32 services; /* services claiming the VIP (for dumps) */
+};
+
 /* kmesh_authed key: a connection the connect program authorized, as its SYN
  * reaches the destination pod: the client's address and port (remote at the
  * destination), the server's (local). sockops writes it when the client

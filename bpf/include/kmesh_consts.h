@@ -136,6 +136,7 @@ enum kmesh_stat {
 	STAT_SPLICE_FULL = 27,	  /* ... but the map was full (or the key taken): plain TCP */
 	STAT_SPLICE_BYTES = 28,	  /* bytes sk_msg moved straight into the peer socket */
 	STAT_SPLICE_NO_PEER = 29, /* first send found no peer: that direction stays TCP */
+	STAT_VIP_NO_PORT = 30,	  /* a service VIP on a port its service does not have: refused */
 	STAT_EXT_MAX = 64,	  /* size of kmesh_stats_ext */
 };
 

@@ -74,6 +74,19 @@ static __always_inline int family_of(const __u32 addr[4])
 	return addr_is_v4mapped(addr) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
 }
 
+/* vip_refused: the destination matched no frontend, and its address is a
+ * VIP that is no address of anything (kmesh_vip): a port its service lacks.
+ * Left alone, the connection would leave the node for an address nobody
+ * answers, or that routes somewhere else entirely; it is refused and
+ * counted instead. */
+static __always_inline int vip_refused(const struct frontend_key *key)
+{
+	if (!bpf_map_lookup_elem(&kmesh_vip, (void *)key->addr))
+		return 0;
+	stat_inc(STAT_VIP_NO_PORT);
+	return 1;
+}
+
 /* What decide() concluded. */
 struct decision {
 	__u32 addr[4];	/* where to connect: the chosen backend, else the destination */
@@ -159,6 +172,10 @@ static __always_inline int decide(struct frontend_key *key, const struct lb_rand
 		d->path = PATH_REFUSE;
 		return -ECONNREFUSED;
 	default:
+		if (vip_refused(key)) {
+			d->path = PATH_REFUSE;
+			return -ECONNREFUSED;
+		}
 		return 0;
 	}
 	if (tcp && d->path == PATH_AUTHZ)

@@ -186,6 +186,18 @@ struct {
 	__type(value, struct authz_value);
 } kmesh_authz SEC(".maps");
 
+/* Service VIPs that are no address of anything (kmesh_abi.h vip_key): a
+ * connect or send to one on a port no frontend names is refused. Written by
+ * user space; an absent entry leaves such a destination untouched, as before
+ * this map existed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vip_key);
+	__type(value, struct vip_value);
+} kmesh_vip SEC(".maps");
+
 /* Connections the connect program authorized (PATH_AUTHZ allowed), by their
  * 4-tuple, written by sockops before the SYN leaves, read by kmesh_inbound
  * at the destination so that they are not steered to 15006 (which has no
