@@ -189,6 +189,12 @@ func TestPrivilegedSimServiceAcrossNodes(t *testing.T) {
 	if res := httpFrom(t, outsider, "http://10.96.0.10/", 3); res.Errors.Total() != 3 {
 		t.Fatalf("a pod outside the mesh reached the VIP: %+v", res)
 	}
+	// A port the Service does not have: refused at connect by the kernel
+	// (kmesh_vip, from real istiod's Service), not sent off the node to a
+	// ClusterIP nobody answers.
+	if res := httpFrom(t, client, "http://10.96.0.10:81/", 3); res.Errors["ECONNREFUSED"] != 3 {
+		t.Fatalf("the VIP on a port its Service lacks: %+v, want 3 × ECONNREFUSED", res)
+	}
 
 	ctx := context.Background()
 	if err := c.Kube().CoreV1().Pods("demo").Delete(ctx, "web-2", metav1.DeleteOptions{}); err != nil {
