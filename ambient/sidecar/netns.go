@@ -1,0 +1,167 @@
+package sidecar
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"kmesh.dev/kmesh/kernel"
+)
+
+// PodUIDFromCgroup finds the pod UID in the content of /proc/<pid>/cgroup
+// as the kubelet names pod cgroups: with the cgroupfs driver
+// ".../kubepods/burstable/pod<uid>/<container>", with the systemd driver
+// ".../kubepods-burstable-pod<uid with _ for ->.slice/...". ok is false
+// when no line names exactly one well-formed UID.
+func PodUIDFromCgroup(content []byte) (uid string, ok bool) {
+	for _, line := range bytes.Split(content, []byte("\n")) {
+		// hierarchy-ID:controllers:path; cgroup v2 is "0::path".
+		parts := bytes.SplitN(line, []byte(":"), 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, seg := range strings.Split(string(parts[2]), "/") {
+			seg = strings.TrimSuffix(seg, ".slice")
+			if i := strings.LastIndex(seg, "-pod"); i >= 0 && strings.HasPrefix(seg, "kubepods") {
+				seg = seg[i+1:]
+			}
+			if !strings.HasPrefix(seg, "pod") {
+				continue
+			}
+			u := strings.ReplaceAll(seg[3:], "_", "-")
+			if !validUID(u) {
+				continue
+			}
+			if uid != "" && uid != u {
+				return "", false // two pods? refuse
+			}
+			uid = u
+		}
+	}
+	return uid, uid != ""
+}
+
+// validUID: a Kubernetes UID, 8-4-4-4-12 lower-case hex digits.
+func validUID(u string) bool {
+	if len(u) != 36 {
+		return false
+	}
+	for i, c := range u {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// Finder finds pods' network namespaces from the node's processes.
+type Finder struct {
+	// Proc is the node's /proc (the daemon runs with hostPID).
+	Proc string
+	// MaxProcs bounds one scan (a node's process count is not ours to
+	// trust); beyond it the scan fails, closed.
+	MaxProcs int
+}
+
+// errTooMany: the scan stopped at MaxProcs.
+var errTooMany = errors.New("too many processes to scan")
+
+// readCgroup reads at most 8 KiB of a process's cgroup file.
+func (f Finder) readCgroup(pid string) ([]byte, error) {
+	fh, err := os.Open(filepath.Join(f.Proc, pid, "cgroup"))
+	if err != nil {
+		return nil, err
+	}
+	defer fh.Close()
+	return io.ReadAll(io.LimitReader(fh, 8<<10))
+}
+
+// Netns returns the network namespace cookie of the pod with the given
+// UID: every process of the pod must be in one network namespace, and it
+// must not be the host's (hostNetwork pods, or a pod whose processes are
+// all gone while a new process reuses a pid: see below). Reason is
+// NetnsUnknown or NetnsAmbiguous when it fails.
+func (f Finder) Netns(uid string) (uint64, Reason, error) {
+	entries, err := os.ReadDir(f.Proc)
+	if err != nil {
+		return 0, NetnsUnknown, err
+	}
+	host, err := nsIno(filepath.Join(f.Proc, "1", "ns", "net"))
+	if err != nil {
+		return 0, NetnsUnknown, fmt.Errorf("the host's network namespace: %w", err)
+	}
+	var cookie uint64
+	var ino uint64
+	scanned := 0
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		if scanned++; scanned > f.MaxProcs {
+			return 0, NetnsUnknown, errTooMany
+		}
+		cg, err := f.readCgroup(e.Name())
+		if err != nil {
+			continue // exited
+		}
+		if u, ok := PodUIDFromCgroup(cg); !ok || u != uid {
+			continue
+		}
+		fd, err := unix.Open(filepath.Join(f.Proc, e.Name(), "ns", "net"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			continue
+		}
+		var st unix.Stat_t
+		err = unix.Fstat(fd, &st)
+		var c uint64
+		if err == nil && ino == 0 && st.Ino != host {
+			c, err = kernel.NetnsCookie(fd) // once: the pod's others must match it
+		}
+		unix.Close(fd)
+		if err != nil {
+			continue
+		}
+		// The pid may have been reused between reading its cgroup and
+		// opening its namespace: it must still be the pod's.
+		if cg, err := f.readCgroup(e.Name()); err != nil {
+			continue
+		} else if u, ok := PodUIDFromCgroup(cg); !ok || u != uid {
+			continue
+		}
+		if st.Ino == host {
+			return 0, HostNetwork, nil
+		}
+		if ino != 0 && st.Ino != ino {
+			return 0, NetnsAmbiguous, nil
+		}
+		if ino == 0 {
+			ino, cookie = st.Ino, c
+		}
+	}
+	if ino == 0 {
+		return 0, NetnsUnknown, nil
+	}
+	return cookie, Spliced, nil
+}
+
+func nsIno(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
