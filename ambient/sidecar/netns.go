@@ -92,15 +92,18 @@ func (f Finder) readCgroup(pid string) ([]byte, error) {
 
 // Netns returns the network namespace cookie of the pod with the given
 // UID: every process of the pod must be in one network namespace, and it
-// must not be the host's (hostNetwork pods, or a pod whose processes are
-// all gone while a new process reuses a pid: see below). Reason is
+// must not be the host's (a hostNetwork pod). A pid reused between reading
+// its cgroup and opening its namespace is caught by reading the cgroup
+// again. Reason is
 // NetnsUnknown or NetnsAmbiguous when it fails.
 func (f Finder) Netns(uid string) (uint64, Reason, error) {
 	entries, err := os.ReadDir(f.Proc)
 	if err != nil {
 		return 0, NetnsUnknown, err
 	}
-	host, err := nsIno(filepath.Join(f.Proc, "1", "ns", "net"))
+	// The daemon runs on the host network: its own namespace is the
+	// node's (not /proc/1's, which a restricted /proc may hide).
+	host, err := nsIno(filepath.Join(f.Proc, "self", "ns", "net"))
 	if err != nil {
 		return 0, NetnsUnknown, fmt.Errorf("the host's network namespace: %w", err)
 	}
