@@ -196,6 +196,9 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := a.startKernelTelemetry(ctx); err != nil {
 		return fail(err)
 	}
+	if err := a.startSidecarSplice(ctx); err != nil {
+		return fail(err)
+	}
 	a.wg.Add(1)
 	go a.retryLoop(ctx)
 	a.ready.Store(true)

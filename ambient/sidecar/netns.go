@@ -72,6 +72,9 @@ func validUID(u string) bool {
 type Finder struct {
 	// Proc is the node's /proc (the daemon runs with hostPID).
 	Proc string
+	// HostNetns is the node's network namespace (default Proc/1/ns/net):
+	// a pod in it is on the host network and never spliced.
+	HostNetns string
 	// MaxProcs bounds one scan (a node's process count is not ours to
 	// trust); beyond it the scan fails, closed.
 	MaxProcs int
@@ -101,9 +104,11 @@ func (f Finder) Netns(uid string) (uint64, Reason, error) {
 	if err != nil {
 		return 0, NetnsUnknown, err
 	}
-	// The daemon runs on the host network: its own namespace is the
-	// node's (not /proc/1's, which a restricted /proc may hide).
-	host, err := nsIno(filepath.Join(f.Proc, "self", "ns", "net"))
+	hostPath := f.HostNetns
+	if hostPath == "" {
+		hostPath = filepath.Join(f.Proc, "1", "ns", "net")
+	}
+	host, err := nsIno(hostPath)
 	if err != nil {
 		return 0, NetnsUnknown, fmt.Errorf("the host's network namespace: %w", err)
 	}

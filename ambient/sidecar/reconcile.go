@@ -34,14 +34,25 @@ type Reconciler struct {
 	nss  map[string]Namespace // by name
 	// spliced: pod UID -> netns cookie this reconciler opted in.
 	spliced map[string]uint64
-	// Refused counts pods that asked for splicing and were refused (the
+	// refused counts pods that asked for splicing and were refused (the
 	// namespace not found, ambiguous, too many, a failed map write).
-	Refused map[Reason]uint64
+	refused map[Reason]uint64
+}
+
+// Refusals returns how often each reason refused a pod that asked.
+func (r *Reconciler) Refusals() map[Reason]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[Reason]uint64, len(r.refused))
+	for k, v := range r.refused {
+		out[k] = v
+	}
+	return out
 }
 
 func (r *Reconciler) init() {
 	if r.pods == nil {
-		r.pods, r.nss, r.spliced, r.Refused = map[string]Pod{}, map[string]Namespace{}, map[string]uint64{}, map[Reason]uint64{}
+		r.pods, r.nss, r.spliced, r.refused = map[string]Pod{}, map[string]Namespace{}, map[string]uint64{}, map[Reason]uint64{}
 	}
 }
 
@@ -175,7 +186,7 @@ func (r *Reconciler) apply(p Pod) {
 }
 
 func (r *Reconciler) refuse(p Pod, why Reason, err error) {
-	r.Refused[why]++
+	r.refused[why]++
 	r.log().Info("not splicing a sidecar pod that asked for it", "pod", p.Namespace+"/"+p.Name, "reason", string(why), "err", err)
 }
 

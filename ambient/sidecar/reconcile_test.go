@@ -90,8 +90,8 @@ func TestReconciler(t *testing.T) {
 	r.PodGone("a")
 	want("pod deleted", memMap{14: in})
 	for _, why := range []Reason{NetnsUnknown, NetnsAmbiguous, MapWriteFailure, TooManyPods} {
-		if r.Refused[why] == 0 {
-			t.Errorf("refusal %q not counted: %v", why, r.Refused)
+		if r.Refusals()[why] == 0 {
+			t.Errorf("refusal %q not counted: %v", why, r.Refusals())
 		}
 	}
 	// Never touches namespaces it did not opt in.

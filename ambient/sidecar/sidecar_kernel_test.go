@@ -81,7 +81,8 @@ func TestPrivilegedSidecarOptIn(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = idle.Process.Kill(); _ = idle.Wait() })
 
-	finder := sidecar.Finder{Proc: "/proc", MaxProcs: 1 << 20}
+	// The test runs in the node's namespace (this sandbox hides /proc/1's).
+	finder := sidecar.Finder{Proc: "/proc", HostNetns: "/proc/self/ns/net", MaxProcs: 1 << 20}
 	want, err := pod.NS.Cookie()
 	if err != nil {
 		t.Fatal(err)
