@@ -181,7 +181,8 @@ func newTelFixtureWith(t *testing.T, cfg bpf.Config, interval time.Duration) *te
 		t.Fatal(err)
 	}
 	al := telemetry.NewAccessLog(f.log, telemetry.LogConfig{Enabled: true}, f.m.LogsDropped.Inc)
-	f.reader = telemetry.NewKernelReader(telemetry.KernelConfig{Events: f.events, Pods: ps, Dir: d, Metrics: f.m, Log: al, Interval: interval})
+	f.reader = telemetry.NewKernelReader(telemetry.KernelConfig{Events: f.events, Pods: ps, Dir: d, Metrics: f.m, Log: al, Interval: interval,
+		SpliceReceived: env.DP.Maps.SpliceReceived})
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Env = append(os.Environ(), podnet.HelperEnv("tel-server"))
 	cmd.Args = []string{"/proc/self/exe", ":8080", "300"}
@@ -477,4 +478,35 @@ func TestPrivilegedSplicedTelemetry(t *testing.T) {
 	if rows, err := f.env.DP.Maps.Dump("kmesh_splice_rx"); err != nil || len(rows.Rows) != 0 {
 		t.Errorf("kmesh_splice_rx after every connection closed: %v %v (want empty: the close events take their entries)", rows.Rows, err)
 	}
+
+	// A long-lived spliced connection's bytes are reported while it is
+	// open (the periodic walk adds kmesh_splice_rx to TCP's counters), and
+	// counted once.
+	r0, dr0 := counter(f.m.Received, src), counter(f.m.Received, dst)
+	res := make(chan string, 1)
+	go func() {
+		var out string
+		_ = f.client.Helper(f.env.Cgroup, &out, "tel-client", "10.244.1.11:8080", "7000", "4s")
+		res <- out
+	}()
+	eventually(t, func() error {
+		if got, dgot := counter(f.m.Received, src)-r0, counter(f.m.Received, dst)-dr0; got != 7000 || dgot != 7000 {
+			return fmt.Errorf("received while open: source %v, destination %v, want 7000", got, dgot)
+		}
+		return nil
+	})
+	select {
+	case out := <-res:
+		t.Fatalf("the connection closed (%s) before its bytes were seen: the periodic report missed the spliced bytes", out)
+	default:
+	}
+	if out := <-res; out != "300" {
+		t.Fatalf("client read %s", out)
+	}
+	eventually(t, func() error {
+		if got, dgot := counter(f.m.Received, src)-r0, counter(f.m.Received, dst)-dr0; got != 7000 || dgot != 7000 {
+			return fmt.Errorf("received after close: source %v, destination %v, want 7000 (counted once)", got, dgot)
+		}
+		return nil
+	})
 }
