@@ -93,16 +93,37 @@ func (f Finder) readCgroup(pid string) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(fh, 8<<10))
 }
 
-// Netns returns the network namespace cookie of the pod with the given
-// UID: every process of the pod must be in one network namespace, and it
-// must not be the host's (a hostNetwork pod). A pid reused between reading
-// its cgroup and opening its namespace is caught by reading the cgroup
-// again. Reason is
-// NetnsUnknown or NetnsAmbiguous when it fails.
+// Found is what a scan found of one pod's network namespace: Why is
+// Spliced (Cookie is the namespace's), NetnsUnknown (no process of the
+// pod), NetnsAmbiguous (its processes in different namespaces) or
+// HostNetwork (in the node's).
+type Found struct {
+	Cookie uint64
+	Why    Reason
+}
+
+// Netns finds one pod's network namespace (Find for one UID).
 func (f Finder) Netns(uid string) (uint64, Reason, error) {
-	entries, err := os.ReadDir(f.Proc)
+	got, err := f.Find(map[string]bool{uid: true})
 	if err != nil {
 		return 0, NetnsUnknown, err
+	}
+	return got[uid].Cookie, got[uid].Why, nil
+}
+
+// Find scans the node's processes once for the network namespaces of the
+// pods with the given UIDs: every process of a pod must be in one network
+// namespace, not the node's. A pid reused between reading its cgroup and
+// opening its namespace is caught by reading the cgroup again. Every UID
+// asked for is in the result.
+func (f Finder) Find(uids map[string]bool) (map[string]Found, error) {
+	out := make(map[string]Found, len(uids))
+	for u := range uids {
+		out[u] = Found{Why: NetnsUnknown}
+	}
+	entries, err := os.ReadDir(f.Proc)
+	if err != nil {
+		return out, err
 	}
 	hostPath := f.HostNetns
 	if hostPath == "" {
@@ -110,24 +131,31 @@ func (f Finder) Netns(uid string) (uint64, Reason, error) {
 	}
 	host, err := nsIno(hostPath)
 	if err != nil {
-		return 0, NetnsUnknown, fmt.Errorf("the host's network namespace: %w", err)
+		return out, fmt.Errorf("the host's network namespace: %w", err)
 	}
-	var cookie uint64
-	var ino uint64
+	inos := map[string]uint64{}
 	scanned := 0
 	for _, e := range entries {
 		if _, err := strconv.Atoi(e.Name()); err != nil {
 			continue
 		}
 		if scanned++; scanned > f.MaxProcs {
-			return 0, NetnsUnknown, errTooMany
+			for u := range uids {
+				out[u] = Found{Why: NetnsUnknown}
+			}
+			return out, errTooMany
 		}
 		cg, err := f.readCgroup(e.Name())
 		if err != nil {
 			continue // exited
 		}
-		if u, ok := PodUIDFromCgroup(cg); !ok || u != uid {
+		uid, ok := PodUIDFromCgroup(cg)
+		if !ok || !uids[uid] {
 			continue
+		}
+		cur := out[uid]
+		if cur.Why == NetnsAmbiguous || cur.Why == HostNetwork {
+			continue // decided
 		}
 		fd, err := unix.Open(filepath.Join(f.Proc, e.Name(), "ns", "net"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
@@ -136,7 +164,7 @@ func (f Finder) Netns(uid string) (uint64, Reason, error) {
 		var st unix.Stat_t
 		err = unix.Fstat(fd, &st)
 		var c uint64
-		if err == nil && ino == 0 && st.Ino != host {
+		if err == nil && inos[uid] == 0 && st.Ino != host {
 			c, err = kernel.NetnsCookie(fd) // once: the pod's others must match it
 		}
 		unix.Close(fd)
@@ -150,20 +178,17 @@ func (f Finder) Netns(uid string) (uint64, Reason, error) {
 		} else if u, ok := PodUIDFromCgroup(cg); !ok || u != uid {
 			continue
 		}
-		if st.Ino == host {
-			return 0, HostNetwork, nil
-		}
-		if ino != 0 && st.Ino != ino {
-			return 0, NetnsAmbiguous, nil
-		}
-		if ino == 0 {
-			ino, cookie = st.Ino, c
+		switch {
+		case st.Ino == host:
+			out[uid] = Found{Why: HostNetwork}
+		case inos[uid] == 0:
+			inos[uid] = st.Ino
+			out[uid] = Found{Cookie: c, Why: Spliced}
+		case inos[uid] != st.Ino:
+			out[uid] = Found{Why: NetnsAmbiguous}
 		}
 	}
-	if ino == 0 {
-		return 0, NetnsUnknown, nil
-	}
-	return cookie, Spliced, nil
+	return out, nil
 }
 
 func nsIno(path string) (uint64, error) {

@@ -12,9 +12,10 @@ type SpliceMap interface {
 	SetSpliceNS(netnsCookie uint64, flags bpf.SpliceNS) error
 }
 
-// NetnsFinder finds a pod's network namespace (Finder; fake in tests).
+// NetnsFinder finds pods' network namespaces (Finder; fake in tests):
+// every UID asked for is in the result.
 type NetnsFinder interface {
-	Netns(uid string) (uint64, Reason, error)
+	Find(uids map[string]bool) (map[string]Found, error)
 }
 
 // Reconciler keeps kmesh_splice_ns in step with the pods of this node and
@@ -104,17 +105,46 @@ func (r *Reconciler) NamespaceGone(name string) {
 	}
 }
 
-// Retry re-applies every pod that wants splicing and is not spliced yet
-// (its network namespace was not found: the containers had not started).
+// Retry re-checks, in one scan of the node's processes, every pod that
+// wants splicing: one not spliced yet (its containers had not started) is
+// spliced once found; a spliced one whose network namespace changed (a
+// new pod sandbox) moves to the new one, and one whose namespace is no
+// longer found, or no longer unambiguous, is unspliced (closed).
 func (r *Reconciler) Retry() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.init()
+	want := map[string]bool{}
 	for uid, p := range r.pods {
-		if _, ok := r.spliced[uid]; !ok {
-			r.apply(p)
+		if Decide(p, r.ns(p), r.Node) == Spliced {
+			want[uid] = true
 		}
 	}
+	if len(want) == 0 {
+		return
+	}
+	found, err := r.Finder.Find(want)
+	if err != nil {
+		r.log().Warn("scanning the node's processes for sidecar pods", "err", err)
+		return // nothing learnt: keep what is
+	}
+	for uid := range want {
+		f := found[uid]
+		if c, ok := r.spliced[uid]; ok {
+			if f.Why == Spliced && f.Cookie == c {
+				continue
+			}
+			r.unsplice(uid)
+		}
+		r.splice(r.pods[uid], f, nil)
+	}
+}
+
+func (r *Reconciler) ns(p Pod) *Namespace {
+	if n, ok := r.nss[p.Namespace]; ok {
+		return &n
+	}
+	return nil
 }
 
 // Spliced returns the pods this reconciler opted in: UID -> netns cookie.
@@ -147,27 +177,35 @@ func (r *Reconciler) unsplice(uid string) {
 }
 
 func (r *Reconciler) apply(p Pod) {
-	var ns *Namespace
-	if n, ok := r.nss[p.Namespace]; ok {
-		ns = &n
-	}
-	why := Decide(p, ns, r.Node)
-	if why != Spliced {
+	if Decide(p, r.ns(p), r.Node) != Spliced {
 		r.unsplice(p.UID)
 		return
 	}
 	if _, ok := r.spliced[p.UID]; ok {
-		return // the netns of a running pod does not change
+		return // a changed sandbox is Retry's to find
 	}
 	if len(r.spliced) >= r.Max {
 		r.refuse(p, TooManyPods, nil)
 		return
 	}
-	cookie, why, err := r.Finder.Netns(p.UID)
-	if why != Spliced {
-		r.refuse(p, why, err)
+	found, err := r.Finder.Find(map[string]bool{p.UID: true})
+	r.splice(p, found[p.UID], err)
+}
+
+// splice opts p's network namespace f in, or counts why not.
+func (r *Reconciler) splice(p Pod, f Found, err error) {
+	if f.Why == "" {
+		f.Why = NetnsUnknown
+	}
+	if f.Why != Spliced || err != nil {
+		r.refuse(p, f.Why, err)
 		return
 	}
+	if len(r.spliced) >= r.Max {
+		r.refuse(p, TooManyPods, nil)
+		return
+	}
+	cookie := f.Cookie
 	for _, c := range r.spliced {
 		if c == cookie {
 			// Two pods in one network namespace: one of the records is

@@ -23,15 +23,20 @@ func (m memMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
 
 type fakeFinder map[string]uint64 // uid -> cookie; 0: ambiguous
 
-func (f fakeFinder) Netns(uid string) (uint64, Reason, error) {
-	c, ok := f[uid]
-	switch {
-	case !ok:
-		return 0, NetnsUnknown, nil
-	case c == 0:
-		return 0, NetnsAmbiguous, nil
+func (f fakeFinder) Find(uids map[string]bool) (map[string]Found, error) {
+	out := map[string]Found{}
+	for uid := range uids {
+		c, ok := f[uid]
+		switch {
+		case !ok:
+			out[uid] = Found{Why: NetnsUnknown}
+		case c == 0:
+			out[uid] = Found{Why: NetnsAmbiguous}
+		default:
+			out[uid] = Found{Cookie: c, Why: Spliced}
+		}
 	}
-	return c, Spliced, nil
+	return out, nil
 }
 
 func pod(uid, ns string, ann map[string]string) Pod {
@@ -89,6 +94,18 @@ func TestReconciler(t *testing.T) {
 	want("pod reported on another node", memMap{11: in, 14: in})
 	r.PodGone("a")
 	want("pod deleted", memMap{14: in})
+	f["late"] = 15 // a new pod sandbox: a new network namespace
+	r.Retry()
+	// Also: b (refused at Max) and dup (its namespace was a's) now fit.
+	want("sandbox recreated: moved; room again", memMap{15: in, 12: in, 11: in})
+	delete(f, "late")
+	r.Retry()
+	want("processes gone: unspliced", memMap{12: in, 11: in})
+	f["late"] = 14
+	r.Retry()
+	want("back", memMap{14: in, 12: in, 11: in})
+	r.PodGone("b")
+	r.PodGone("dup")
 	for _, why := range []Reason{NetnsUnknown, NetnsAmbiguous, MapWriteFailure, TooManyPods} {
 		if r.Refusals()[why] == 0 {
 			t.Errorf("refusal %q not counted: %v", why, r.Refusals())
