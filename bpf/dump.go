@@ -43,6 +43,8 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_splice_sk": dumpSpliceSockets,
 	"kmesh_splice_ns": dumpSpliceNS,
 	"kmesh_vip":       dumpVIPs,
+	"kmesh_splice_tx": dumpSpliceTx,
+	"kmesh_splice_rx": dumpSpliceRx,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -257,6 +259,20 @@ func dumpSplice(m *Maps) (Table, error) {
 
 func dumpSpliceSockets(*Maps) (Table, error) {
 	return Table{Note: "per-socket storage (whether each spliced socket's sends are redirected): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func dumpSpliceTx(*Maps) (Table, error) {
+	return Table{Note: "per-socket storage (bytes each reported spliced socket sent through sk_msg, added to its connection events): it lives in the sockets and cannot be listed from user space"}, nil
+}
+
+func dumpSpliceRx(m *Maps) (Table, error) {
+	t := Table{Header: []string{"RECEIVER LOCAL", "RECEIVER REMOTE", "NETNS COOKIE", "BYTES"}}
+	err := dump(m.byName["kmesh_splice_rx"], func(k sockAddrSpliceKey, n uint64) {
+		t.Rows = append(t.Rows, []string{netip.AddrPortFrom(wordsAddr(k.Local), ntohs(k.LocalPort)).String(),
+			netip.AddrPortFrom(wordsAddr(k.Remote), ntohs(k.RemotePort)).String(), fmt.Sprint(k.NetnsCookie), fmt.Sprint(n)})
+	})
+	sortRows(t.Rows)
+	return t, err
 }
 
 func dumpSpliceNS(m *Maps) (Table, error) {

@@ -125,6 +125,7 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
 	set("kmesh_backend", s.Backend)
 	set("kmesh_events", s.Events)
 	set("kmesh_splice", s.Splice)
+	set("kmesh_splice_rx", s.Splice)
 	if len(missing) > 0 {
 		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
 	}

@@ -547,6 +547,26 @@ func (m *Maps) SpliceEnds() ([]SpliceEnd, error) {
 	return out, err
 }
 
+// SpliceReceived returns the bytes sk_msg redirected into the reported
+// spliced socket whose own view of its connection is local, remote (its
+// kmesh_splice_rx entry; 0 when it has none), for telemetry of
+// long-lived connections: TCP's counters miss those bytes. netnsCookie
+// matters only for connections inside one namespace (the key's rule,
+// kmesh_splice.h).
+func (m *Maps) SpliceReceived(local, remote netip.AddrPort, netnsCookie uint64) (uint64, error) {
+	k := sockAddrSpliceKey{Local: addrWords(local.Addr()), Remote: addrWords(remote.Addr()),
+		LocalPort: htons(local.Port()), RemotePort: htons(remote.Port())}
+	if r := remote.Addr().Unmap(); r.IsLoopback() || local.Addr().Unmap() == r {
+		k.NetnsCookie = netnsCookie
+	}
+	var n uint64
+	err := m.byName["kmesh_splice_rx"].Lookup(&k, &n)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, nil
+	}
+	return n, err
+}
+
 // SetSpliceNSPinned is SetSpliceNS on the maps a daemon pinned under root
 // (the benchmark opts its arms' pods in from outside the daemon).
 func SetSpliceNSPinned(root string, netnsCookie uint64, flags SpliceNS) error {

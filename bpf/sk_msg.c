@@ -39,6 +39,31 @@ char _license[] SEC("license") = "Dual BSD/GPL";
 
 #define MSG_U32(f) (*(volatile __u32 *)&msg->f)
 
+/* Telemetry of spliced bytes (kmesh_maps.h): a reported socket (sockops
+ * created its kmesh_splice_tx) counts what it sends, and what its peer
+ * receives under the peer's key: the peer's close event comes from the
+ * peer's own sockops callback, possibly after this socket is gone, and
+ * this program cannot hold the peer socket (no bpf_sk_release here).
+ * Sockets nobody reports (in-pod legs, sidecars) pay one lookup. */
+static __always_inline void count_bytes(struct bpf_sock *sk, const struct splice_key *peer,
+					__u32 size)
+{
+	__u64 *tx = bpf_sk_storage_get(&kmesh_splice_tx, sk, NULL, 0);
+
+	if (!tx)
+		return;
+	__sync_fetch_and_add(tx, size);
+	__u64 *rx = bpf_map_lookup_elem(&kmesh_splice_rx, peer);
+	if (!rx) {
+		__u64 zero = 0;
+		bpf_map_update_elem(&kmesh_splice_rx, peer, &zero, BPF_NOEXIST);
+		rx = bpf_map_lookup_elem(&kmesh_splice_rx, peer);
+		if (!rx)
+			return;
+	}
+	__sync_fetch_and_add(rx, size);
+}
+
 SEC("sk_msg")
 int kmesh_sk_msg(struct sk_msg_md *msg)
 {
@@ -80,6 +105,7 @@ int kmesh_sk_msg(struct sk_msg_md *msg)
 		if (*st == SPLICE_UNDECIDED)
 			*st = SPLICE_REDIRECT;
 		stat_add(STAT_SPLICE_BYTES, size);
+		count_bytes(sk, &peer, size);
 		return SK_PASS;
 	}
 	if (*st == SPLICE_UNDECIDED) {

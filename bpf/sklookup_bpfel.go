@@ -215,7 +215,9 @@ const (
 	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
 	skLookupMapKmeshSplice   = "kmesh_splice"
 	skLookupMapKmeshSpliceNs = "kmesh_splice_ns"
+	skLookupMapKmeshSpliceRx = "kmesh_splice_rx"
 	skLookupMapKmeshSpliceSk = "kmesh_splice_sk"
+	skLookupMapKmeshSpliceTx = "kmesh_splice_tx"
 	skLookupMapKmeshStats    = "kmesh_stats"
 	skLookupMapKmeshStatsExt = "kmesh_stats_ext"
 	skLookupMapKmeshTunnel   = "kmesh_tunnel"
@@ -287,7 +289,9 @@ type skLookupMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -335,7 +339,9 @@ type skLookupMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -359,7 +365,9 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
+		m.KmeshSpliceRx,
 		m.KmeshSpliceSk,
+		m.KmeshSpliceTx,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

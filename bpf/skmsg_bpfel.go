@@ -215,7 +215,9 @@ const (
 	skMsgMapKmeshSockOrig = "kmesh_sock_orig"
 	skMsgMapKmeshSplice   = "kmesh_splice"
 	skMsgMapKmeshSpliceNs = "kmesh_splice_ns"
+	skMsgMapKmeshSpliceRx = "kmesh_splice_rx"
 	skMsgMapKmeshSpliceSk = "kmesh_splice_sk"
+	skMsgMapKmeshSpliceTx = "kmesh_splice_tx"
 	skMsgMapKmeshStats    = "kmesh_stats"
 	skMsgMapKmeshStatsExt = "kmesh_stats_ext"
 	skMsgMapKmeshTunnel   = "kmesh_tunnel"
@@ -287,7 +289,9 @@ type skMsgMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -335,7 +339,9 @@ type skMsgMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -359,7 +365,9 @@ func (m *skMsgMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
+		m.KmeshSpliceRx,
 		m.KmeshSpliceSk,
+		m.KmeshSpliceTx,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

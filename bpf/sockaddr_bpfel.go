@@ -217,7 +217,9 @@ const (
 	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
 	sockAddrMapKmeshSplice    = "kmesh_splice"
 	sockAddrMapKmeshSpliceNs  = "kmesh_splice_ns"
+	sockAddrMapKmeshSpliceRx  = "kmesh_splice_rx"
 	sockAddrMapKmeshSpliceSk  = "kmesh_splice_sk"
+	sockAddrMapKmeshSpliceTx  = "kmesh_splice_tx"
 	sockAddrMapKmeshStats     = "kmesh_stats"
 	sockAddrMapKmeshStatsExt  = "kmesh_stats_ext"
 	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
@@ -304,7 +306,9 @@ type sockAddrMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -353,7 +357,9 @@ type sockAddrMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -377,7 +383,9 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
+		m.KmeshSpliceRx,
 		m.KmeshSpliceSk,
+		m.KmeshSpliceTx,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

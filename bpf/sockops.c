@@ -235,6 +235,25 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
 	e->ts_ns = bpf_ktime_get_ns();
 	e->bytes_acked = skops->bytes_acked;
 	e->bytes_received = skops->bytes_received;
+	/* Spliced bytes bypassed TCP: a spliced socket's counters are TCP's
+	 * (the handshake, the FIN, anything sent before splicing) plus what
+	 * sk_msg redirected from and into it (kmesh_maps.h). */
+	struct bpf_sock *sk = skops->sk;
+	if (sk) {
+		__u64 *tx = bpf_sk_storage_get(&kmesh_splice_tx, sk, NULL, 0);
+		if (tx) {
+			e->bytes_acked += *tx;
+			struct splice_key k;
+			splice_key_set(&k, t->local, t->remote, t->local_port, t->remote_port,
+				       e->netns_cookie);
+			__u64 *rx = bpf_map_lookup_elem(&kmesh_splice_rx, &k);
+			if (rx) {
+				e->bytes_received += *rx;
+				if (kind == CONN_EV_CLOSE)
+					bpf_map_delete_elem(&kmesh_splice_rx, &k);
+			}
+		}
+	}
 	__builtin_memcpy(e->local_addr, t->local, sizeof(e->local_addr));
 	__builtin_memcpy(e->remote_addr, t->remote, sizeof(e->remote_addr));
 	e->local_port = t->local_port;
@@ -319,7 +338,8 @@ static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struc
 	return (flags & (BACKEND_F_LOCAL | BACKEND_F_HBONE)) == (BACKEND_F_LOCAL | BACKEND_F_HBONE);
 }
 
-static __always_inline void splice_insert(struct bpf_sock_ops *skops, const struct conn_tuple *tp)
+static __always_inline void splice_insert(struct bpf_sock_ops *skops, const struct conn_tuple *tp,
+					  int tracked)
 {
 	__u64 cookie = bpf_get_netns_cookie(skops);
 
@@ -328,16 +348,34 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops, const stru
 	 * (snd_una moved past it). */
 	if (skops->bytes_received || skops->bytes_acked > 1)
 		return;
-	if (!splice_wanted(skops, tp, cookie) || !skops->sk)
+	if (!splice_wanted(skops, tp, cookie))
 		return;
-	__u32 *st =
-	    bpf_sk_storage_get(&kmesh_splice_sk, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	__u32 *st = bpf_sk_storage_get(&kmesh_splice_sk, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
 		stat_inc(STAT_SPLICE_FULL);
 		return;
 	}
 	struct splice_key k;
 	splice_key_set(&k, tp->local, tp->remote, tp->local_port, tp->remote_port, cookie);
+	/* A reported socket counts its redirected bytes (sk_msg.c), which its
+	 * events add to TCP's. Created before the socket enters the map, so
+	 * its first redirected byte is counted; without it (no memory) the
+	 * socket is not spliced: its bytes would go unreported. */
+	if (tracked) {
+		__u64 *tx =
+		    bpf_sk_storage_get(&kmesh_splice_tx, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+		__u64 zero = 0;
+		/* An entry a previous connection of this tuple left (a late
+		 * count after its close) must not be added to this one. */
+		if (!tx || bpf_map_update_elem(&kmesh_splice_rx, &k, &zero, BPF_ANY)) {
+			*st = SPLICE_TCP;
+			stat_inc(STAT_SPLICE_FULL);
+			return;
+		}
+	}
 	if (bpf_sock_hash_update(skops, &kmesh_splice, &k, BPF_NOEXIST)) {
 		*st = SPLICE_TCP;
 		stat_inc(STAT_SPLICE_FULL);
@@ -365,22 +403,26 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 			bpf_sock_ops_cb_flags_set(skops,
 						  skops->bpf_sock_ops_cb_flags | CONN_TRACKED);
 		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		int tracked = skops->bpf_sock_ops_cb_flags & CONN_TRACKED;
 		record_tunnel(skops);
 		read_tuple(skops, &t);
-		splice_insert(skops, &t);
-		if (skops->bpf_sock_ops_cb_flags & CONN_TRACKED)
+		splice_insert(skops, &t, tracked);
+		if (tracked)
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, 0);
 		break;
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
 		read_tuple(skops, &t);
-		splice_insert(skops, &t);
-		if (cfg_conn_events && conn_tracked(skops, &t, 1, &backend_id)) {
+		int tracked = cfg_conn_events && conn_tracked(skops, &t, 1, &backend_id);
+		splice_insert(skops, &t, tracked);
+		if (tracked) {
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							     CONN_TRACKED | CONN_INBOUND);
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, backend_id);
 		}
 		break;
+	}
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			read_tuple(skops, &t);

@@ -236,7 +236,9 @@ const (
 	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
 	sockOpsMapKmeshSplice   = "kmesh_splice"
 	sockOpsMapKmeshSpliceNs = "kmesh_splice_ns"
+	sockOpsMapKmeshSpliceRx = "kmesh_splice_rx"
 	sockOpsMapKmeshSpliceSk = "kmesh_splice_sk"
+	sockOpsMapKmeshSpliceTx = "kmesh_splice_tx"
 	sockOpsMapKmeshStats    = "kmesh_stats"
 	sockOpsMapKmeshStatsExt = "kmesh_stats_ext"
 	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
@@ -311,7 +313,9 @@ type sockOpsMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -362,7 +366,9 @@ type sockOpsMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -386,7 +392,9 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
+		m.KmeshSpliceRx,
 		m.KmeshSpliceSk,
+		m.KmeshSpliceTx,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

@@ -196,6 +196,9 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := a.startKernelTelemetry(ctx); err != nil {
 		return fail(err)
 	}
+	if err := a.startSidecarSplice(ctx); err != nil {
+		return fail(err)
+	}
 	a.wg.Add(1)
 	go a.retryLoop(ctx)
 	a.ready.Store(true)
@@ -291,7 +294,8 @@ func (a *Agent) startKernelTelemetry(ctx context.Context) error {
 		return err
 	}
 	r := telemetry.NewKernelReader(telemetry.KernelConfig{Events: ev, Pods: a.enr, Dir: a.Store, Network: a.cfg.Network,
-		Metrics: a.Telemetry, Log: a.AccessLog, Logger: a.log})
+		SpliceReceived: a.DP.Maps.SpliceReceived,
+		Metrics:        a.Telemetry, Log: a.AccessLog, Logger: a.log})
 	a.kernelTel.Store(r)
 	a.wg.Add(1)
 	go func() {

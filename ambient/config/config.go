@@ -29,7 +29,15 @@ type Config struct {
 	ConnEvents bool `mapstructure:"conn_events"`
 	// Splice: splice enrolled pods' same-node connections with sockmap.
 	Splice bool `mapstructure:"splice"`
-	Maps   struct {
+	// SidecarSplice: splice the in-pod legs of sidecar pods annotated
+	// kmesh.dev/splice (ambient/sidecar), learnt from a node-local watch
+	// of the Kubernetes API at KubeAPI with the token and CA files.
+	SidecarSplice bool   `mapstructure:"sidecar_splice"`
+	KubeAPI       string `mapstructure:"kube_api"`
+	KubeTokenFile string `mapstructure:"kube_token_file"`
+	KubeCAFile    string `mapstructure:"kube_ca_file"`
+	HostProc      string `mapstructure:"host_proc"`
+	Maps          struct {
 		Managed  uint32 `mapstructure:"managed"`
 		Frontend uint32 `mapstructure:"frontend"`
 		Service  uint32 `mapstructure:"service"`
@@ -138,6 +146,11 @@ var settings = []setting{
 	{"no_peer_vip", "KMESH_NO_PEER_VIP", "do not restore the service VIP as peer name (saves ~0.6us per connect)", false},
 	{"conn_events", "KMESH_CONN_EVENTS", "report kernel-path connections (Istio metrics, access logs for connections the proxy never sees; ~2us of sockops time per connection of an enrolled pod)", true},
 	{"splice", "KMESH_SPLICE", "splice enrolled pods' connections whose both ends are on this node (kernel path, the tunnel's in-pod legs) with sockmap; off by default: an application reading such a socket with splice(2) gets the FIN without the bytes (Linux 6.18)", false},
+	{"sidecar_splice", "KMESH_SIDECAR_SPLICE", "splice the sidecar-to-application loopback legs of pods that keep an Istio sidecar and are annotated kmesh.dev/splice: \"true\" (or whose namespace is); watches this node's pods and the namespaces in the Kubernetes API (needs the chart's sidecarSplice RBAC)", false},
+	{"kube_api", "KMESH_KUBE_API", "Kubernetes API server for sidecar_splice (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)", ""},
+	{"kube_token_file", "KMESH_KUBE_TOKEN_FILE", "service account token for the Kubernetes API (sidecar_splice)", "/var/run/secrets/kubernetes.io/serviceaccount/token"},
+	{"kube_ca_file", "KMESH_KUBE_CA_FILE", "CA bundle of the Kubernetes API (sidecar_splice)", "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"},
+	{"host_proc", "KMESH_HOST_PROC", "the node's /proc (sidecar_splice finds pods' network namespaces from their processes' cgroups there)", "/proc"},
 	{"maps.managed", "KMESH_MAP_MANAGED", "max enrolled pods on the node", uint32(4096)},
 	{"maps.frontend", "KMESH_MAP_FRONTEND", "max service VIP:port/proto and workload IP entries", uint32(262144)},
 	{"maps.service", "KMESH_MAP_SERVICE", "max load-balancing sets", uint32(65536)},

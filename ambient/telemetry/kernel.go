@@ -59,7 +59,12 @@ type KernelConfig struct {
 	// SocketBytes dumps a namespace's TCP sockets' counters
 	// (kernel.TCPSocketBytes; tests replace it).
 	SocketBytes func(nsFd int) (map[uint64]kernel.TCPBytes, error)
-	Logger      *slog.Logger
+	// SpliceReceived returns what sk_msg redirected into the spliced
+	// socket with these ends (bpf.Maps.SpliceReceived; nil: splicing is
+	// not counted). TCP's counters miss those bytes; a socket's sent
+	// spliced bytes are its peer's received ones.
+	SpliceReceived func(local, remote netip.AddrPort, netnsCookie uint64) (uint64, error)
+	Logger         *slog.Logger
 }
 
 // openConn is one kernel-path connection between its open and close events.
@@ -320,6 +325,16 @@ func (k *KernelReader) Walk() {
 				continue
 			}
 			o.missed = 0
+			if k.cfg.SpliceReceived != nil {
+				// Counted by sk_msg under each end's own key: ours
+				// is what we received, the peer's what we sent.
+				if n, err := k.cfg.SpliceReceived(o.local, o.remote, o.netns); err == nil {
+					b.Received += n
+				}
+				if n, err := k.cfg.SpliceReceived(o.remote, o.local, o.netns); err == nil {
+					b.Acked += n
+				}
+			}
 			acked, received := Payload(o.outbound, b.State, b.Acked, b.Received)
 			recv, sent := Directional(o.outbound, acked, received)
 			prevRecv, prevSent := Directional(o.outbound, o.acked, o.received)

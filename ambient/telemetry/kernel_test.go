@@ -181,7 +181,8 @@ func newTelFixtureWith(t *testing.T, cfg bpf.Config, interval time.Duration) *te
 		t.Fatal(err)
 	}
 	al := telemetry.NewAccessLog(f.log, telemetry.LogConfig{Enabled: true}, f.m.LogsDropped.Inc)
-	f.reader = telemetry.NewKernelReader(telemetry.KernelConfig{Events: f.events, Pods: ps, Dir: d, Metrics: f.m, Log: al, Interval: interval})
+	f.reader = telemetry.NewKernelReader(telemetry.KernelConfig{Events: f.events, Pods: ps, Dir: d, Metrics: f.m, Log: al, Interval: interval,
+		SpliceReceived: env.DP.Maps.SpliceReceived})
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Env = append(os.Environ(), podnet.HelperEnv("tel-server"))
 	cmd.Args = []string{"/proc/self/exe", ":8080", "300"}
@@ -401,4 +402,111 @@ func eventually(t *testing.T, f func() error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatal(err)
+}
+
+// TestPrivilegedSplicedTelemetry: with splicing on, the kernel path's
+// bytes go through sk_msg, not TCP; both ends still report every byte
+// (the connection events add what sk_msg redirected to TCP's counters).
+func TestPrivilegedSplicedTelemetry(t *testing.T) {
+	f := newTelFixtureWith(t, bpf.Config{Splice: true}, time.Second)
+	// Splicing across pods wants both ends to be mesh workloads on this
+	// node (kmesh_frontend, kmesh_backend), each pod under its own address.
+	m := f.env.DP.Maps
+	for i, p := range []*podnet.Pod{f.client, f.server} {
+		id := uint32(100 + i)
+		if err := m.PutBackends([]bpf.Backend{{ID: id, Addr4: p.IPv4, Capacity: 1, PathSvc: bpf.PathDirect,
+			PathAddr: bpf.PathDirect, PathUDP: bpf.PathDirect, PathIn: bpf.PathDirect, HBONE: true, Local: true}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.UpsertFrontends([]bpf.Frontend{{Key: bpf.FrontendKey{Addr: p.IPv4}, Kind: bpf.FrontendWorkload, ID: id}}); err != nil {
+			t.Fatal(err)
+		}
+		cookie, err := p.NS.Cookie()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.SetManaged(cookie, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.reader.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	f.waitServer(t)
+	src, dst := labels("source"), labels("destination")
+	eventually(t, func() error {
+		if o, c := counter(f.m.Closed, src), counter(f.m.Closed, dst); o == 0 || c == 0 {
+			return fmt.Errorf("closed: source %v, destination %v", o, c)
+		}
+		return nil
+	})
+	recv0, sent0, drecv0, dsent0 := counter(f.m.Received, src), counter(f.m.Sent, src), counter(f.m.Received, dst), counter(f.m.Sent, dst)
+	st0, err := f.env.DP.Maps.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3 << 20
+	for range 2 { // the second: a reused tuple must not inherit the first's bytes
+		if got := f.connect(t, "10.244.1.11:8080", n, 0); got != "300" {
+			t.Fatalf("client read %s", got)
+		}
+	}
+	st, err := f.env.DP.Maps.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if moved := st["splice_bytes"] - st0["splice_bytes"]; moved < 2*(n+300) {
+		t.Fatalf("only %d bytes went through sk_msg: the connections were not spliced", moved)
+	}
+	eventually(t, func() (err error) {
+		for _, c := range []struct {
+			name      string
+			got, want float64
+		}{
+			{"source received (client to server)", counter(f.m.Received, src) - recv0, 2 * n},
+			{"source sent (server to client)", counter(f.m.Sent, src) - sent0, 2 * 300},
+			{"destination received", counter(f.m.Received, dst) - drecv0, 2 * n},
+			{"destination sent", counter(f.m.Sent, dst) - dsent0, 2 * 300},
+		} {
+			if c.got != c.want {
+				err = errors.Join(err, fmt.Errorf("%s: %v, want %v", c.name, c.got, c.want))
+			}
+		}
+		return err
+	})
+	if rows, err := f.env.DP.Maps.Dump("kmesh_splice_rx"); err != nil || len(rows.Rows) != 0 {
+		t.Errorf("kmesh_splice_rx after every connection closed: %v %v (want empty: the close events take their entries)", rows.Rows, err)
+	}
+
+	// A long-lived spliced connection's bytes are reported while it is
+	// open (the periodic walk adds kmesh_splice_rx to TCP's counters), and
+	// counted once.
+	r0, dr0 := counter(f.m.Received, src), counter(f.m.Received, dst)
+	res := make(chan string, 1)
+	go func() {
+		var out string
+		_ = f.client.Helper(f.env.Cgroup, &out, "tel-client", "10.244.1.11:8080", "7000", "4s")
+		res <- out
+	}()
+	eventually(t, func() error {
+		if got, dgot := counter(f.m.Received, src)-r0, counter(f.m.Received, dst)-dr0; got != 7000 || dgot != 7000 {
+			return fmt.Errorf("received while open: source %v, destination %v, want 7000", got, dgot)
+		}
+		return nil
+	})
+	select {
+	case out := <-res:
+		t.Fatalf("the connection closed (%s) before its bytes were seen: the periodic report missed the spliced bytes", out)
+	default:
+	}
+	if out := <-res; out != "300" {
+		t.Fatalf("client read %s", out)
+	}
+	eventually(t, func() error {
+		if got, dgot := counter(f.m.Received, src)-r0, counter(f.m.Received, dst)-dr0; got != 7000 || dgot != 7000 {
+			return fmt.Errorf("received after close: source %v, destination %v, want 7000 (counted once)", got, dgot)
+		}
+		return nil
+	})
 }

@@ -252,7 +252,9 @@ const (
 	decideMapKmeshSockOrig = "kmesh_sock_orig"
 	decideMapKmeshSplice   = "kmesh_splice"
 	decideMapKmeshSpliceNs = "kmesh_splice_ns"
+	decideMapKmeshSpliceRx = "kmesh_splice_rx"
 	decideMapKmeshSpliceSk = "kmesh_splice_sk"
+	decideMapKmeshSpliceTx = "kmesh_splice_tx"
 	decideMapKmeshStats    = "kmesh_stats"
 	decideMapKmeshStatsExt = "kmesh_stats_ext"
 	decideMapKmeshTunnel   = "kmesh_tunnel"
@@ -327,7 +329,9 @@ type decideMapSpecs struct {
 	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
@@ -376,7 +380,9 @@ type decideMaps struct {
 	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
 	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
 	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
 	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
@@ -400,7 +406,9 @@ func (m *decideMaps) Close() error {
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
+		m.KmeshSpliceRx,
 		m.KmeshSpliceSk,
+		m.KmeshSpliceTx,
 		m.KmeshStats,
 		m.KmeshStatsExt,
 		m.KmeshTunnel,

@@ -228,6 +228,29 @@ struct {
 	__type(value, __u32);
 } kmesh_splice_sk SEC(".maps");
 
+/* Telemetry of spliced bytes, which TCP never sees (bytes_acked and
+ * bytes_received miss them); only for the sockets telemetry reports (the
+ * kernel path's). kmesh_splice_tx: per socket, the bytes sk_msg redirected
+ * from it, in its own storage (created by sockops when it inserts the
+ * socket). kmesh_splice_rx: the bytes redirected into a socket, by the
+ * socket's kmesh_splice key (sk_msg knows the receiver only by that key);
+ * sockops resets the entry when the socket is inserted and takes it for the
+ * close event. LRU: an entry whose close event was never queued ages out.
+ * The loader sizes it as kmesh_splice. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} kmesh_splice_tx SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct splice_key);
+	__type(value, __u64);
+} kmesh_splice_rx SEC(".maps");
+
 /* Network namespaces opted into splicing one by one (pods that keep an
  * Istio sidecar: their in-pod legs; or enrolled pods while cfg_splice is
  * off): netns cookie -> SPLICE_NS_* flags. */

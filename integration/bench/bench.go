@@ -279,8 +279,14 @@ func (e *Env) setup(ctx context.Context) error {
 	// opted into splicing (kmesh_splice_ns), so the kernel arm beside it
 	// stays unspliced in the same run.
 	serverSockmap := mk("bench", "server-sockmap", tools()...)
+	// The sidecar pairs' servers: the same tools in pods outside the
+	// ambient mesh (namespace plain), each to get an Istio-style sidecar
+	// (sidecar.go); one pair unspliced, one opted into splicing.
+	serverSidecar := mk("plain", "server-sidecar", tools()...)
+	serverSidecarS := mk("plain", "server-sidecar-s", tools()...)
 	pods := []*corev1.Pod{server, serverHBONE, serverAuthz, serverSockmap, mk("bench", "client"), mk("bench", "hbone-client"), mk("bench", "authz-client"),
-		mk("bench", "sockmap-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound")}
+		mk("bench", "sockmap-client"), mk("plain", "direct"), mk("plain", "dnat"), mk("plain", "proxied"), mk("plain", "inbound"),
+		serverSidecar, serverSidecarS, mk("plain", "sidecar-client"), mk("plain", "sidecar-client-s")}
 	if e.opts.DaemonBinB != "" {
 		if err := e.allowPolicy(ctx, "server-hbone-b"); err != nil {
 			return err
@@ -309,6 +315,9 @@ func (e *Env) setup(ctx context.Context) error {
 	e.serverPids = append(e.server.Pids(), got["bench/server-hbone"].Pids()...)
 	e.serverPids = append(e.serverPids, got["bench/server-authz"].Pids()...)
 	e.serverPids = append(e.serverPids, got["bench/server-sockmap"].Pids()...)
+	// Before their sidecars start: those are the sidecar arms' proxies.
+	e.serverPids = append(e.serverPids, got["plain/server-sidecar"].Pids()...)
+	e.serverPids = append(e.serverPids, got["plain/server-sidecar-s"].Pids()...)
 	if p := got["bench/server-hbone-b"]; p != nil {
 		e.serverPids = append(e.serverPids, p.Pids()...)
 	}
@@ -332,7 +341,11 @@ func (e *Env) setup(ctx context.Context) error {
 	// client's connect() with the identity the kernel attests, then the
 	// kernel path. Against "direct" it is the cost of authorizing.
 	kauthz := &Arm{Name: "kmesh-authz", Available: true, addr: vipAuthz, client: got["bench/authz-client"]}
-	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz, kauthz}
+	// Sidecar pairs (sidecar.go): the application dials the server's pod
+	// IP, its sidecar's capture does the rest.
+	sidecar := &Arm{Name: "sidecar-pair", Available: true, addr: got["plain/server-sidecar"].IPs()[0].String(), client: got["plain/sidecar-client"]}
+	sidecarS := &Arm{Name: "sidecar-pair-spliced", Available: true, addr: got["plain/server-sidecar-s"].IPs()[0].String(), client: got["plain/sidecar-client-s"]}
+	e.Arms = []*Arm{direct, dnat, kmesh, sockmap, proxy, proxyTLS, hbone, inboundAuthz, kauthz, sidecar, sidecarS}
 	hboneB := &Arm{Name: ArmHBONEB, Why: "no second build (-daemon-b)"}
 	if e.opts.DaemonBinB != "" {
 		hboneB = &Arm{Name: ArmHBONEB, Available: true, addr: vipHBONEB, client: got["bench/hbone-client-b"], node: 1}
@@ -377,8 +390,24 @@ func (e *Env) setup(ctx context.Context) error {
 			}
 		}
 	}
+	for _, sc := range []struct {
+		a      *Arm
+		server *sim.Pod
+		splice bool
+	}{{sidecar, got["plain/server-sidecar"], false}, {sidecarS, got["plain/server-sidecar-s"], true}} {
+		if sc.a.Available {
+			if err := e.sidecarPair(sc.a, sc.server, sc.splice); err != nil {
+				return fmt.Errorf("arm %s: %w", sc.a.Name, err)
+			}
+		}
+	}
 	if err := e.waitReachable(ctx); err != nil {
 		return err
+	}
+	if sidecarS.Available {
+		if err := e.checkCounted(sidecarS, "splice_insert", "spliced"); err != nil {
+			return err
+		}
 	}
 	if sockmap.Available {
 		if err := e.checkCounted(sockmap, "splice_insert", "spliced"); err != nil {

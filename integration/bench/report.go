@@ -54,8 +54,10 @@ type Report struct {
 	Workloads   []Workload  `json:"workloads"`
 	Summaries   []Summary   `json:"summaries"`
 	// AB compares kmesh-hbone with kmesh-hbone-b (A/B runs only).
-	AB   []ABRow `json:"ab,omitempty"`
-	Runs []Run   `json:"runs"`
+	AB []ABRow `json:"ab,omitempty"`
+	// Sidecar compares sidecar-pair-spliced (A) with sidecar-pair (B).
+	Sidecar []ABRow `json:"sidecar,omitempty"`
+	Runs    []Run   `json:"runs"`
 }
 
 func firstLine(cmd string, args ...string) string {
@@ -152,7 +154,8 @@ func NewReport(opts Options, arms []*Arm, ws []Workload, runs []Run) *Report {
 			Daemon: opts.DaemonBin, DaemonB: opts.DaemonBinB, Note: opts.Note, DaemonEnv: opts.DaemonEnv, DaemonEnvB: opts.DaemonEnvB,
 		},
 		Arms: arms, Workloads: ws, Summaries: Summarise(runs, ws, arms, opts.Duration), Runs: runs,
-		AB: CompareAB(runs, ws, "kmesh-hbone", ArmHBONEB, opts.Duration),
+		AB:      CompareAB(runs, ws, "kmesh-hbone", ArmHBONEB, opts.Duration),
+		Sidecar: CompareAB(runs, ws, ArmSidecarSpliced, ArmSidecar, opts.Duration),
 	}
 }
 
@@ -234,6 +237,7 @@ func (r *Report) markdown(prefix string) string {
 	b.WriteString("\n\n")
 	fmt.Fprintf(&b, "![latency vs connections](%s-latency.png) ![CPU per 1000 requests](%s-cpu.png) ![throughput](%s-throughput.png)\n\n", prefix, prefix, prefix)
 	r.abSection(&b)
+	r.spliceSection(&b)
 	r.tunnelOverhead(&b, "kmesh-hbone")
 	r.tunnelOverhead(&b, ArmHBONEB)
 	for _, w := range r.Workloads {

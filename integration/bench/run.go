@@ -3,11 +3,16 @@ package bench
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"path/filepath"
 	"strings"
 	"time"
+
+	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/integration/sim"
 )
 
 // Workload is one measurement configuration.
@@ -76,6 +81,10 @@ type Run struct {
 	CPU      CPU     `json:"cpu"`
 	Error    string  `json:"error,omitempty"`
 	Seconds  float64 `json:"seconds"`
+	// SplicedBytes is what the arm's node redirected through sk_msg
+	// during the run (kmesh_stats_ext splice_bytes): proof that a spliced
+	// arm was spliced, and that an unspliced one was not.
+	SplicedBytes uint64 `json:"spliced_bytes"`
 }
 
 func (e *Env) measure(a *Arm, w Workload) (Sample, CPU, error) {
@@ -154,8 +163,13 @@ func (e *Env) Measure(ctx context.Context, ws []Workload) ([]Run, error) {
 					return runs, err
 				}
 				start := time.Now()
+				sb, serr := e.spliceBytes(a)
 				s, cpu, err := e.measure(a, w)
-				r := Run{Rep: rep, Workload: w.Name, Arm: a.Name, Sample: s, CPU: cpu, Seconds: time.Since(start).Seconds()}
+				sa, aerr := e.spliceBytes(a)
+				r := Run{Rep: rep, Workload: w.Name, Arm: a.Name, Sample: s, CPU: cpu, Seconds: time.Since(start).Seconds(), SplicedBytes: sa - sb}
+				if err == nil {
+					err = errors.Join(serr, aerr)
+				}
 				if err != nil {
 					r.Error = err.Error()
 				}
@@ -167,4 +181,18 @@ func (e *Env) Measure(ctx context.Context, ws []Workload) ([]Run, error) {
 	}
 	progress("\n")
 	return runs, nil
+}
+
+// spliceBytes reads the arm's node's splice_bytes counter.
+func (e *Env) spliceBytes(a *Arm) (uint64, error) {
+	maps, closeMaps, err := bpf.OpenPinned(filepath.Join(sim.PinParent, e.cluster.ID, e.cluster.Nodes[a.node].Name))
+	if err != nil {
+		return 0, err
+	}
+	defer closeMaps()
+	st, err := maps.Stats()
+	if err != nil {
+		return 0, err
+	}
+	return st["splice_bytes"], nil
 }

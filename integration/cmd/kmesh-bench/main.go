@@ -125,6 +125,7 @@ func rerender(file, out string) error {
 	}
 	r.Summaries = bench.Summarise(r.Runs, r.Workloads, r.Arms, d)
 	r.AB = bench.CompareAB(r.Runs, r.Workloads, "kmesh-hbone", bench.ArmHBONEB, d)
+	r.Sidecar = bench.CompareAB(r.Runs, r.Workloads, bench.ArmSidecarSpliced, bench.ArmSidecar, d)
 	prefix := strings.TrimSuffix(filepath.Base(file), ".json")
 	return r.Write(out, prefix)
 }

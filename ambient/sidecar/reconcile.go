@@ -1,0 +1,236 @@
+package sidecar
+
+import (
+	"log/slog"
+	"sync"
+
+	"kmesh.dev/kmesh/bpf"
+)
+
+// SpliceMap is where opt-ins go (bpf.Maps; in memory in tests).
+type SpliceMap interface {
+	SetSpliceNS(netnsCookie uint64, flags bpf.SpliceNS) error
+}
+
+// NetnsFinder finds pods' network namespaces (Finder; fake in tests):
+// every UID asked for is in the result.
+type NetnsFinder interface {
+	Find(uids map[string]bool) (map[string]Found, error)
+}
+
+// Reconciler keeps kmesh_splice_ns in step with the pods of this node and
+// their namespaces, as the watch reports them. Only namespaces it opted
+// in itself are ever cleared.
+type Reconciler struct {
+	Node   string
+	Map    SpliceMap
+	Finder NetnsFinder
+	// Max bounds the pods spliced at once (kmesh_splice_ns is shared with
+	// enrolled pods' opt-ins; its size is 4096).
+	Max int
+	Log *slog.Logger
+
+	mu   sync.Mutex
+	pods map[string]Pod       // by UID: this node's, as last seen
+	nss  map[string]Namespace // by name
+	// spliced: pod UID -> netns cookie this reconciler opted in.
+	spliced map[string]uint64
+	// refused counts pods that asked for splicing and were refused (the
+	// namespace not found, ambiguous, too many, a failed map write).
+	refused map[Reason]uint64
+}
+
+// Refusals returns how often each reason refused a pod that asked.
+func (r *Reconciler) Refusals() map[Reason]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[Reason]uint64, len(r.refused))
+	for k, v := range r.refused {
+		out[k] = v
+	}
+	return out
+}
+
+func (r *Reconciler) init() {
+	if r.pods == nil {
+		r.pods, r.nss, r.spliced, r.refused = map[string]Pod{}, map[string]Namespace{}, map[string]uint64{}, map[Reason]uint64{}
+	}
+}
+
+// Pod records a pod's add or change and applies it.
+func (r *Reconciler) Pod(p Pod) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	if p.NodeName != r.Node {
+		r.forget(p.UID)
+		return
+	}
+	r.pods[p.UID] = p
+	r.apply(p)
+}
+
+// PodGone applies a pod's deletion.
+func (r *Reconciler) PodGone(uid string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	r.forget(uid)
+}
+
+// Namespace records a namespace's add or change and re-applies its pods.
+func (r *Reconciler) Namespace(ns Namespace) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	r.nss[ns.Name] = ns
+	for _, p := range r.pods {
+		if p.Namespace == ns.Name {
+			r.apply(p)
+		}
+	}
+}
+
+// NamespaceGone forgets a namespace: its pods fall back to their own
+// annotation, or are not spliced.
+func (r *Reconciler) NamespaceGone(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	delete(r.nss, name)
+	for _, p := range r.pods {
+		if p.Namespace == name {
+			r.apply(p)
+		}
+	}
+}
+
+// Retry re-checks, in one scan of the node's processes, every pod that
+// wants splicing: one not spliced yet (its containers had not started) is
+// spliced once found; a spliced one whose network namespace changed (a
+// new pod sandbox) moves to the new one, and one whose namespace is no
+// longer found, or no longer unambiguous, is unspliced (closed).
+func (r *Reconciler) Retry() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	want := map[string]bool{}
+	for uid, p := range r.pods {
+		if Decide(p, r.ns(p), r.Node) == Spliced {
+			want[uid] = true
+		}
+	}
+	if len(want) == 0 {
+		return
+	}
+	found, err := r.Finder.Find(want)
+	if err != nil {
+		r.log().Warn("scanning the node's processes for sidecar pods", "err", err)
+		return // nothing learnt: keep what is
+	}
+	for uid := range want {
+		f := found[uid]
+		if c, ok := r.spliced[uid]; ok {
+			if f.Why == Spliced && f.Cookie == c {
+				continue
+			}
+			r.unsplice(uid)
+		}
+		r.splice(r.pods[uid], f, nil)
+	}
+}
+
+func (r *Reconciler) ns(p Pod) *Namespace {
+	if n, ok := r.nss[p.Namespace]; ok {
+		return &n
+	}
+	return nil
+}
+
+// Spliced returns the pods this reconciler opted in: UID -> netns cookie.
+func (r *Reconciler) Spliced() map[string]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]uint64, len(r.spliced))
+	for k, v := range r.spliced {
+		out[k] = v
+	}
+	return out
+}
+
+func (r *Reconciler) forget(uid string) {
+	delete(r.pods, uid)
+	r.unsplice(uid)
+}
+
+func (r *Reconciler) unsplice(uid string) {
+	cookie, ok := r.spliced[uid]
+	if !ok {
+		return
+	}
+	if err := r.Map.SetSpliceNS(cookie, 0); err != nil {
+		// Kept: the next event retries the removal.
+		r.log().Warn("clearing a pod's splicing opt-in", "uid", uid, "err", err)
+		return
+	}
+	delete(r.spliced, uid)
+}
+
+func (r *Reconciler) apply(p Pod) {
+	if Decide(p, r.ns(p), r.Node) != Spliced {
+		r.unsplice(p.UID)
+		return
+	}
+	if _, ok := r.spliced[p.UID]; ok {
+		return // a changed sandbox is Retry's to find
+	}
+	if len(r.spliced) >= r.Max {
+		r.refuse(p, TooManyPods, nil)
+		return
+	}
+	found, err := r.Finder.Find(map[string]bool{p.UID: true})
+	r.splice(p, found[p.UID], err)
+}
+
+// splice opts p's network namespace f in, or counts why not.
+func (r *Reconciler) splice(p Pod, f Found, err error) {
+	if f.Why == "" {
+		f.Why = NetnsUnknown
+	}
+	if f.Why != Spliced || err != nil {
+		r.refuse(p, f.Why, err)
+		return
+	}
+	if len(r.spliced) >= r.Max {
+		r.refuse(p, TooManyPods, nil)
+		return
+	}
+	cookie := f.Cookie
+	for _, c := range r.spliced {
+		if c == cookie {
+			// Two pods in one network namespace: one of the records is
+			// stale (a pod gone, its deletion not seen yet). Refuse
+			// rather than guess; the deletion's event retries.
+			r.refuse(p, NetnsAmbiguous, nil)
+			return
+		}
+	}
+	if err := r.Map.SetSpliceNS(cookie, bpf.SpliceInPod); err != nil {
+		r.refuse(p, MapWriteFailure, err)
+		return
+	}
+	r.spliced[p.UID] = cookie
+	r.log().Info("splicing a sidecar pod's in-pod connections", "pod", p.Namespace+"/"+p.Name, "netns_cookie", cookie)
+}
+
+func (r *Reconciler) refuse(p Pod, why Reason, err error) {
+	r.refused[why]++
+	r.log().Info("not splicing a sidecar pod that asked for it", "pod", p.Namespace+"/"+p.Name, "reason", string(why), "err", err)
+}
+
+func (r *Reconciler) log() *slog.Logger {
+	if r.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return r.Log
+}

@@ -1,0 +1,140 @@
+package sidecar
+
+import (
+	"errors"
+	"testing"
+
+	"kmesh.dev/kmesh/bpf"
+)
+
+type memMap map[uint64]bpf.SpliceNS
+
+func (m memMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
+	if c == 666 {
+		return errors.New("map full")
+	}
+	if f == 0 {
+		delete(m, c)
+	} else {
+		m[c] = f
+	}
+	return nil
+}
+
+type fakeFinder map[string]uint64 // uid -> cookie; 0: ambiguous
+
+func (f fakeFinder) Find(uids map[string]bool) (map[string]Found, error) {
+	out := map[string]Found{}
+	for uid := range uids {
+		c, ok := f[uid]
+		switch {
+		case !ok:
+			out[uid] = Found{Why: NetnsUnknown}
+		case c == 0:
+			out[uid] = Found{Why: NetnsAmbiguous}
+		default:
+			out[uid] = Found{Cookie: c, Why: Spliced}
+		}
+	}
+	return out, nil
+}
+
+func pod(uid, ns string, ann map[string]string) Pod {
+	a := map[string]string{sidecarStatus: "{}"}
+	for k, v := range ann {
+		a[k] = v
+	}
+	return Pod{UID: uid, Namespace: ns, Name: uid, NodeName: "n1", Running: true, Annotations: a}
+}
+
+func TestReconciler(t *testing.T) {
+	m := memMap{}
+	f := fakeFinder{"a": 11, "b": 12, "c": 13, "amb": 0, "full": 666, "dup": 11}
+	r := &Reconciler{Node: "n1", Map: m, Finder: f, Max: 3}
+	want := func(step string, w memMap) {
+		t.Helper()
+		if len(m) != len(w) {
+			t.Fatalf("%s: map %v, want %v", step, m, w)
+		}
+		for c, fl := range w {
+			if m[c] != fl {
+				t.Fatalf("%s: map %v, want %v", step, m, w)
+			}
+		}
+	}
+	in := bpf.SpliceInPod
+	r.Pod(pod("a", "ns1", map[string]string{Annotation: "true"}))
+	want("pod opted in", memMap{11: in})
+	r.Pod(pod("b", "ns1", nil))
+	want("namespace unknown: closed", memMap{11: in})
+	r.Namespace(Namespace{Name: "ns1", Annotations: map[string]string{Annotation: "true"}})
+	want("namespace opts in", memMap{11: in, 12: in})
+	r.Namespace(Namespace{Name: "ns1"})
+	want("namespace opts out; the pod's own annotation stays", memMap{11: in})
+	r.Pod(pod("a", "ns1", map[string]string{Annotation: "false"}))
+	want("pod opts out", memMap{})
+	r.Pod(pod("a", "ns1", map[string]string{Annotation: "true"}))
+	r.Pod(pod("late", "ns1", map[string]string{Annotation: "true"}))
+	want("netns not found yet", memMap{11: in})
+	f["late"] = 14
+	r.Retry()
+	want("found on retry", memMap{11: in, 14: in})
+	r.Pod(pod("amb", "ns1", map[string]string{Annotation: "true"}))
+	r.Pod(pod("dup", "ns1", map[string]string{Annotation: "true"}))
+	want("ambiguous and duplicate netns refused", memMap{11: in, 14: in})
+	r.Pod(pod("full", "ns1", map[string]string{Annotation: "true"}))
+	want("map write failure refused", memMap{11: in, 14: in})
+	r.Pod(pod("c", "ns1", map[string]string{Annotation: "true"}))
+	want("third", memMap{11: in, 14: in, 13: in})
+	r.Pod(pod("b", "ns1", map[string]string{Annotation: "true"}))
+	want("bounded at Max", memMap{11: in, 14: in, 13: in})
+	moved := pod("c", "ns1", map[string]string{Annotation: "true"})
+	moved.NodeName = "n2"
+	r.Pod(moved)
+	want("pod reported on another node", memMap{11: in, 14: in})
+	r.PodGone("a")
+	want("pod deleted", memMap{14: in})
+	f["late"] = 15 // a new pod sandbox: a new network namespace
+	r.Retry()
+	// Also: b (refused at Max) and dup (its namespace was a's) now fit.
+	want("sandbox recreated: moved; room again", memMap{15: in, 12: in, 11: in})
+	delete(f, "late")
+	r.Retry()
+	want("processes gone: unspliced", memMap{12: in, 11: in})
+	f["late"] = 14
+	r.Retry()
+	want("back", memMap{14: in, 12: in, 11: in})
+	r.PodGone("b")
+	r.PodGone("dup")
+	for _, why := range []Reason{NetnsUnknown, NetnsAmbiguous, MapWriteFailure, TooManyPods} {
+		if r.Refusals()[why] == 0 {
+			t.Errorf("refusal %q not counted: %v", why, r.Refusals())
+		}
+	}
+	// Never touches namespaces it did not opt in.
+	m[99] = bpf.SplicePeers
+	r.PodGone("late")
+	want("only its own cleared", memMap{99: bpf.SplicePeers})
+}
+
+func TestPodUIDFromCgroup(t *testing.T) {
+	const uid = "6f3c1a2b-0d4e-4f5a-9b8c-7d6e5f4a3b2c"
+	for _, c := range []struct {
+		name, content, want string
+	}{
+		{"cgroupfs v2", "0::/kubepods/burstable/pod" + uid + "/0123abcd\n", uid},
+		{"cgroupfs guaranteed", "0::/kubepods/pod" + uid + "/0123abcd\n", uid},
+		{"systemd v2", "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f3c1a2b_0d4e_4f5a_9b8c_7d6e5f4a3b2c.slice/cri-containerd-0123.scope\n", uid},
+		{"systemd besteffort v1 lines", "12:pids:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod6f3c1a2b_0d4e_4f5a_9b8c_7d6e5f4a3b2c.slice/docker-1.scope\n1:name=systemd:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod6f3c1a2b_0d4e_4f5a_9b8c_7d6e5f4a3b2c.slice/docker-1.scope\n", uid},
+		{"not a pod", "0::/system.slice/sshd.service\n", ""},
+		{"malformed uid", "0::/kubepods/burstable/pod6f3c1a2b/0123\n", ""},
+		{"upper case refused", "0::/kubepods/pod6F3C1A2B-0D4E-4F5A-9B8C-7D6E5F4A3B2C/x\n", ""},
+		{"two pods refused", "0::/kubepods/pod" + uid + "/x\n1:cpu:/kubepods/pod11111111-2222-3333-4444-555555555555/x\n", ""},
+		{"empty", "", ""},
+	} {
+		got, ok := PodUIDFromCgroup([]byte(c.content))
+		if got != c.want || ok != (c.want != "") {
+			t.Errorf("%s: %q %v, want %q", c.name, got, ok, c.want)
+		}
+	}
+}
