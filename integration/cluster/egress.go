@@ -35,9 +35,12 @@ import (
 //     simulated node's network namespace; a pod or node address of the
 //     simulated cluster is dialed there as is; anything else is refused
 //     and logged, never dialed.
-//   - egress type "controlplane" (authentication/authorization webhooks,
-//     OIDC discovery; none is configured here): loopback only, dialed from
-//     here; anything else refused.
+//   - egress type "controlplane": loopback only, dialed from here;
+//     anything else refused. The API server uses it for admission webhooks
+//     addressed by URL (clientConfig.url; seen in TestPrivilegedClusterEgress)
+//     and for authentication/authorization webhooks and OIDC discovery
+//     (none configured here). Istio's webhooks are addressed by Service, so
+//     they take the "cluster" path.
 //   - egress type "etcd" is not configured: the API server dials
 //     --etcd-servers directly, which is 127.0.0.1.
 
