@@ -63,3 +63,36 @@ func TestEgressTarget(t *testing.T) {
 		}
 	}
 }
+
+func TestServiceRules(t *testing.T) {
+	tcp := corev1.ProtocolTCP
+	name := func(s string) *string { return &s }
+	port := func(p int32) *int32 { return &p }
+	no := false
+	svcs := []corev1.Service{
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "istio-system", Name: "istiod"}, Spec: corev1.ServiceSpec{
+			ClusterIP: "10.96.0.20", Ports: []corev1.ServicePort{{Name: "https-dns", Port: 15012, Protocol: tcp}, {Name: "https-webhook", Port: 443, Protocol: tcp}}}},
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "headless"}, Spec: corev1.ServiceSpec{ClusterIP: "None", Ports: []corev1.ServicePort{{Name: "x", Port: 1}}}},
+	}
+	eps := []discoveryv1.EndpointSlice{{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "istio-system", Name: "istiod-1", Labels: map[string]string{discoveryv1.LabelServiceName: "istiod"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: name("https-dns"), Port: port(15012), Protocol: &tcp}, {Name: name("https-webhook"), Port: port(15017), Protocol: &tcp}},
+		Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"10.244.2.7"}}, {Addresses: []string{"10.244.1.7"}},
+			{Addresses: []string{"10.244.1.8"}, Conditions: discoveryv1.EndpointConditions{Ready: &no}},
+		},
+	}}
+	got := serviceRules(svcs, eps)
+	want := `*nat
+:KMESH-SERVICES - [0:0]
+-A KMESH-SERVICES -d 10.96.0.20/32 -p tcp --dport 15012 -m comment --comment istio-system/istiod:https-dns -m statistic --mode random --probability 0.50000 -j DNAT --to-destination 10.244.1.7:15012
+-A KMESH-SERVICES -d 10.96.0.20/32 -p tcp --dport 15012 -m comment --comment istio-system/istiod:https-dns -j DNAT --to-destination 10.244.2.7:15012
+-A KMESH-SERVICES -d 10.96.0.20/32 -p tcp --dport 443 -m comment --comment istio-system/istiod:https-webhook -m statistic --mode random --probability 0.50000 -j DNAT --to-destination 10.244.1.7:15017
+-A KMESH-SERVICES -d 10.96.0.20/32 -p tcp --dport 443 -m comment --comment istio-system/istiod:https-webhook -j DNAT --to-destination 10.244.2.7:15017
+COMMIT
+`
+	if got != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
