@@ -71,6 +71,9 @@ type ControlPlane struct {
 	Dynamic    dynamic.Interface
 	REST       *rest.Config
 	Kubeconfig string // admin kubeconfig file (for istiod, istioctl)
+	// CAFile is the API server's CA (what in-cluster clients verify it
+	// with: the kube-root-ca.crt ConfigMap holds it too).
+	CAFile string
 	// XDSAddr is istiod's TLS gRPC address (xDS and CA, port 15012 in a
 	// cluster), on 127.0.0.1.
 	XDSAddr string
@@ -117,7 +120,7 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 	if err != nil {
 		return nil, err
 	}
-	cp.pki = pki
+	cp.pki, cp.CAFile = pki, pki.CAFile
 	t0 := time.Now()
 	etcdURL, err := cp.startEtcd()
 	if err != nil {

@@ -96,3 +96,24 @@ COMMIT
 		t.Errorf("got\n%s\nwant\n%s", got, want)
 	}
 }
+
+func TestImageBinaries(t *testing.T) {
+	f := ImageBinaries("ghcr.io/kmesh-dev/kmesh:latest", "/run/x/kmesh-daemon", map[string]string{
+		"pilot-discovery": "/c/pilot-discovery", "install-cni": "/c/install-cni"})
+	for img, want := range map[string]string{
+		"ghcr.io/kmesh-dev/kmesh:latest":                          "/run/x/kmesh-daemon",
+		"registry.istio.io/testing/pilot:latest-distroless":       "/c/pilot-discovery",
+		"docker.io/istio/pilot:1.28.0":                            "/c/pilot-discovery",
+		"localhost:5000/istio/install-cni@sha256:abc":             "/c/install-cni",
+		"registry.istio.io/testing/install-cni:latest-distroless": "/c/install-cni",
+		"ghcr.io/kmesh-dev/kmesh:v2":                              "", // another Kmesh image: not this run's daemon
+		"registry.istio.io/testing/ztunnel:latest-distroless":     "", // real ztunnel: cannot run here
+		"registry.istio.io/testing/proxyv2:latest":                "",
+		"localhost:5000/pilot-x:1":                                "",
+	} {
+		got, ok := f(img)
+		if got != want || ok != (want != "") {
+			t.Errorf("%s: got %q, %v; want %q", img, got, ok, want)
+		}
+	}
+}
