@@ -39,8 +39,18 @@ var (
 	buildErr  error
 )
 
+// stopMeshHook tears the install's simulated nodes down (mesh_test.go).
+var stopMeshHook = func() error { return nil }
+
 func TestMain(m *testing.M) {
+	// The simulated kubelet runs pods' built-in apps (echo, clients) by
+	// re-executing this binary.
+	podnet.MaybeRunHelper()
 	code := m.Run()
+	if err := stopMeshHook(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL: tearing the simulated nodes down:", err)
+		code = 1
+	}
 	for _, p := range []*cluster.EgressProxy{shared.egressProxy, shared.loopbackProx} {
 		if p != nil {
 			_ = p.Close()

@@ -221,6 +221,9 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, pki *kubePKI, etcdUR
 		// kubernetes Service's endpoints to it.
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true", "--profiling=false", "--enable-priority-and-fairness=false",
+		// A kubelet is reached at its Node's InternalIP (through the egress
+		// proxy, which dials addresses only), never by host name.
+		"--kubelet-preferred-address-types=InternalIP",
 	}
 	if cp.opts.Egress != nil {
 		f := filepath.Join(cp.Dir, "egress-selector.yaml")

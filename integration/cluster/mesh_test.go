@@ -1,0 +1,264 @@
+//go:build simexternal
+
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"kmesh.dev/kmesh/integration/cluster"
+	"kmesh.dev/kmesh/integration/cluster/bins"
+	"kmesh.dev/kmesh/integration/installpkg"
+	"kmesh.dev/kmesh/integration/podnet"
+	"kmesh.dev/kmesh/integration/sim"
+)
+
+// The install is shared by the tests that use it (it takes a minute):
+// the simulator's nodes, in External mode, play kubelet for this API
+// server; istioctl installs Istio with the kmesh profile; the
+// kube-proxy stand-in serves ClusterIPs on the nodes. TestMain tears it
+// down (TestPrivilegedClusterUninstall, last, uninstalls first).
+var mesh struct {
+	once      sync.Once
+	c         *sim.Cluster
+	istio     istioclient.Interface
+	manifests string
+	istioctl  string
+	cancel    context.CancelFunc
+	took      time.Duration
+	out       string
+	err       error
+}
+
+// installed installs Istio with the kmesh profile on two simulated nodes
+// (once), or fails the test with what went wrong.
+func installed(t *testing.T) *sim.Cluster {
+	t.Helper()
+	cp := controlPlane(t)
+	daemon, paths := binaries(t)
+	mesh.once.Do(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		mesh.cancel = cancel
+		host := strings.TrimPrefix(cp.REST.Host, "https://")
+		c, err := sim.Start(ctx, sim.Options{
+			Nodes: 2, DaemonBin: daemon,
+			External: &sim.External{
+				Config: cp.REST, APIServer: host, CAFile: cp.CAFile,
+				Binary: cluster.ImageBinaries(installpkg.DefaultImage, daemon, paths),
+			},
+			Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		})
+		if err != nil {
+			mesh.err = fmt.Errorf("starting the simulated nodes: %w", err)
+			return
+		}
+		mesh.c = c
+		// The API server's calls to the cluster (istiod's webhooks) are
+		// dialed from node-1; ClusterIPs work on every node.
+		shared.egress.SetDialer(c.Nodes[0].DialContext)
+		sp := &cluster.ServiceProxy{Kube: cp.Kube, Nodes: func() []*podnet.Netns {
+			var out []*podnet.Netns
+			for _, n := range c.Nodes {
+				out = append(out, n.Net.NS)
+			}
+			return out
+		}, Logf: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }}
+		go sp.Run(ctx, 300*time.Millisecond)
+		if mesh.istio, err = istioclient.NewForConfig(cp.REST); err != nil {
+			mesh.err = err
+			return
+		}
+		mesh.manifests = filepath.Join(shared.run.Dir, "manifests")
+		if err := cluster.AssembleManifests(mesh.manifests); err != nil {
+			mesh.err = fmt.Errorf("make manifests: %w", err)
+			return
+		}
+		mesh.istioctl = paths[bins.Istioctl]
+		start := time.Now()
+		ictx, icancel := context.WithTimeout(ctx, 5*time.Minute)
+		defer icancel()
+		mesh.out, mesh.err = cluster.IstioctlInstall(ictx, mesh.istioctl, cp.Kubeconfig, mesh.manifests, filepath.Join(cp.Dir, "istioctl.log"), 3*time.Minute)
+		mesh.took = time.Since(start)
+	})
+	if mesh.err != nil {
+		dumpPods(t)
+		t.Fatalf("istioctl install --set profile=kmesh: %v", mesh.err)
+	}
+	return mesh.c
+}
+
+// stopMesh tears the simulated nodes down (TestMain).
+func stopMesh() error {
+	if mesh.c == nil {
+		return nil
+	}
+	shared.egress.SetDialer(nil)
+	err := mesh.c.Close()
+	mesh.cancel()
+	return err
+}
+
+func dumpPods(t *testing.T) {
+	t.Helper()
+	if shared.cp == nil {
+		return
+	}
+	pods, err := shared.cp.Kube.CoreV1().Pods("").List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		return
+	}
+	for _, p := range pods.Items {
+		var conds []string
+		for _, c := range p.Status.Conditions {
+			conds = append(conds, fmt.Sprintf("%s=%s %s", c.Type, c.Status, c.Message))
+		}
+		t.Logf("pod %s/%s node=%s ip=%s phase=%s %v", p.Namespace, p.Name, p.Spec.NodeName, p.Status.PodIP, p.Status.Phase, conds)
+	}
+}
+
+// podsOf lists the istio-system pods whose name starts with prefix.
+func podsOf(t *testing.T, prefix string) []corev1.Pod {
+	t.Helper()
+	pods, err := shared.cp.Kube.CoreV1().Pods(cluster.IstioNamespace).List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []corev1.Pod
+	for _, p := range pods.Items {
+		if strings.HasPrefix(p.Name, prefix) && p.DeletionTimestamp == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func ready(p corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// TestPrivilegedClusterInstall: `istioctl install --set profile=kmesh`
+// with the assembled manifests succeeds against the real API server:
+// istioctl itself waits until istiod's Deployment and the istio-cni-node
+// and ztunnel DaemonSets are ready, so their pods run (as processes on
+// the simulated nodes: pilot-discovery, Istio's CNI node agent, the
+// kmesh-daemon) and pass their readiness probes. Then: one of each
+// DaemonSet's pods per node, the API server reaches istiod's validation
+// webhook through the egress proxy (from inside a node), and nothing
+// listens outside loopback in this machine's network namespace.
+func TestPrivilegedClusterInstall(t *testing.T) {
+	c := installed(t)
+	t.Logf("istioctl install took %s:\n%s", mesh.took.Round(time.Millisecond), mesh.out)
+	if !strings.Contains(mesh.out, "Installation complete") {
+		t.Errorf("istioctl did not report the installation complete:\n%s", mesh.out)
+	}
+	for _, ds := range []string{"ztunnel-", "istio-cni-node-"} {
+		pods := podsOf(t, ds)
+		nodes := map[string]bool{}
+		for _, p := range pods {
+			if !ready(p) {
+				t.Errorf("%s/%s on %s is not ready", p.Namespace, p.Name, p.Spec.NodeName)
+			}
+			nodes[p.Spec.NodeName] = true
+		}
+		if len(pods) != len(c.Nodes) || len(nodes) != len(c.Nodes) {
+			t.Errorf("%s pods: %d on %v, want one on each of %d nodes", ds, len(pods), nodes, len(c.Nodes))
+		}
+	}
+	istiod := podsOf(t, "istiod-")
+	if len(istiod) != 1 || !ready(istiod[0]) {
+		dumpPods(t)
+		t.Fatalf("istiod pods: %d (want 1, ready)", len(istiod))
+	}
+
+	// istiod's validation webhook, called by the API server through the
+	// egress proxy: an invalid Istio resource is refused by istiod.
+	ctx := context.Background()
+	svc, err := shared.cp.Kube.CoreV1().Services(cluster.IstioNamespace).Get(ctx, "istiod", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := net.JoinHostPort(svc.Spec.ClusterIP, "443")
+	dialed := net.JoinHostPort(istiod[0].Status.PodIP, "15017")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := createInvalidSidecar(ctx, t)
+		if err != nil && strings.Contains(err.Error(), "validation.istio.io") {
+			t.Logf("istiod's webhook refused an invalid Sidecar: %v", err)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("istiod's validation webhook never refused an invalid Sidecar (last: %v); egress: %+v", err, shared.egressProxy.Events())
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if !hasEvent(shared.egressProxy.Events(), func(e cluster.EgressEvent) bool {
+		return e.Target == target && e.Dialed == dialed && e.Err == ""
+	}) {
+		t.Errorf("no egress event %s → %s: %+v", target, dialed, shared.egressProxy.Events())
+	}
+	cpBad, err := shared.cp.NonLoopbackListeners()
+	if err != nil || len(cpBad) > 0 {
+		t.Errorf("control-plane sockets outside loopback: %v (%v)", cpBad, err)
+	}
+}
+
+// createInvalidSidecar creates a Sidecar whose egress host lacks the
+// namespace/ part: the CRD's schema accepts it, istiod's validation
+// refuses it.
+func createInvalidSidecar(ctx context.Context, t *testing.T) error {
+	u := map[string]any{
+		"apiVersion": "networking.istio.io/v1",
+		"kind":       "Sidecar",
+		"metadata":   map[string]any{"name": "invalid", "namespace": "default"},
+		"spec":       map[string]any{"egress": []any{map[string]any{"hosts": []any{"no-namespace"}}}},
+	}
+	return createUnstructured(ctx, u)
+}
+
+// daemonGet reads a path of a node's kmesh-daemon (its pod's address, from
+// inside the node).
+func daemonGet(n *sim.Node, podIP string, port int, path string) (string, error) {
+	cl := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: n.DialContext}}
+	resp, err := cl.Get((&url.URL{Scheme: "http", Host: net.JoinHostPort(podIP, fmt.Sprint(port)), Path: path}).String())
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+func createUnstructured(ctx context.Context, obj map[string]any) error {
+	u := &unstructured.Unstructured{Object: obj}
+	gv, err := schema.ParseGroupVersion(u.GetAPIVersion())
+	if err != nil {
+		return err
+	}
+	gvr := gv.WithResource(strings.ToLower(u.GetKind()) + "s")
+	_, err = shared.cp.Dynamic.Resource(gvr).Namespace(u.GetNamespace()).Create(ctx, u, metav1.CreateOptions{})
+	return err
+}
+
+func init() { stopMeshHook = stopMesh }
