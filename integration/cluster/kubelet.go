@@ -18,9 +18,6 @@ import (
 	"sync"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/streaming/pkg/httpstream"
 	"k8s.io/streaming/pkg/httpstream/spdy"
 )
@@ -31,12 +28,15 @@ import (
 // listens inside a simulated node's network namespace, at the node's
 // address and its kubelet port (Node.Status.DaemonEndpoints), where the
 // API server reaches it through the egress proxy; each forwarded stream
-// dials the pod's IP and port from inside that node. Nothing else of a
-// kubelet's API is served (logs, exec, stats: 404).
+// connects to 127.0.0.1:port inside the pod's network namespace, as a
+// container runtime does (so a pod's localhost-only admin port, like the
+// node proxy's 15000, is reachable). Nothing else of a kubelet's API is
+// served (logs, exec, stats: 404).
 type KubeletAPI struct {
-	Kube kubernetes.Interface
-	Dial DialFunc // from inside the node
-	Logf func(string, ...any)
+	// DialPod connects to 127.0.0.1:port inside the pod's network
+	// namespace (an error if the pod does not run on this node).
+	DialPod func(ctx context.Context, namespace, name string, port uint16) (net.Conn, error)
+	Logf    func(string, ...any)
 
 	srv *http.Server
 }
@@ -83,11 +83,6 @@ func (k *KubeletAPI) handle(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	ns, name := parts[1], parts[2]
-	pod, err := k.Kube.CoreV1().Pods(ns).Get(req.Context(), name, metav1.GetOptions{})
-	if err != nil || pod.Status.PodIP == "" || pod.Status.Phase != corev1.PodRunning {
-		http.Error(w, fmt.Sprintf("pod %s/%s not running here: %v", ns, name, err), http.StatusNotFound)
-		return
-	}
 	if _, err := httpstream.Handshake(req, w, []string{"portforward.k8s.io"}); err != nil {
 		return // Handshake wrote the error
 	}
@@ -140,22 +135,22 @@ func (k *KubeletAPI) handle(w http.ResponseWriter, req *http.Request) {
 					p.data.Close()
 					return
 				}
-				k.forward(pod.Status.PodIP, uint16(port), p.data, p.errs)
+				k.forward(ns, name, uint16(port), p.data, p.errs)
 			}()
 		}
 	}
 }
 
-// forward copies between the data stream and a connection to the pod,
-// dialed from inside the node; a dial failure goes to the error stream.
-func (k *KubeletAPI) forward(podIP string, port uint16, data, errs httpstream.Stream) {
+// forward copies between the data stream and a connection to the pod's
+// port; a dial failure goes to the error stream.
+func (k *KubeletAPI) forward(ns, name string, port uint16, data, errs httpstream.Stream) {
 	defer errs.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	up, err := k.Dial(ctx, "tcp", net.JoinHostPort(podIP, strconv.Itoa(int(port))))
+	up, err := k.DialPod(ctx, ns, name, port)
 	cancel()
 	if err != nil {
-		k.logf("kubelet port-forward to %s:%d: %v", podIP, port, err)
-		fmt.Fprintf(errs, "dialing %s:%d from the node: %v", podIP, port, err)
+		k.logf("kubelet port-forward to %s/%s:%d: %v", ns, name, port, err)
+		fmt.Fprintf(errs, "connecting to %s/%s port %d: %v", ns, name, port, err)
 		data.Close()
 		return
 	}

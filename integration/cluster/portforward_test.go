@@ -82,7 +82,9 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := p.Listen("tcp", netip.AddrPortFrom(podIP, 8080).String())
+	// On the pod's loopback: what a port-forward reaches (and the pod's
+	// own address is not, on purpose).
+	ln, err := p.Listen("tcp", "127.0.0.1:8080")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +103,12 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	k := &cluster.KubeletAPI{Kube: kube, Dial: dial, Logf: t.Logf}
+	k := &cluster.KubeletAPI{Logf: t.Logf, DialPod: func(ctx context.Context, ns, name string, port uint16) (net.Conn, error) {
+		if name != "target" {
+			return nil, fmt.Errorf("no pod %s/%s on this node", ns, name)
+		}
+		return netnsDialer(p.NS)(ctx, "tcp", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String())
+	}}
 	if err := k.Serve(kl); err != nil {
 		t.Fatal(err)
 	}
