@@ -78,7 +78,9 @@ func kernelAndTunnel(t *testing.T, c *sim.Cluster) (*sim.Pod, map[string]string)
 		"tunnel path (HBONE)":     "http://" + web2.IPs()[0].String() + ":8080/",
 	}
 	for path, url := range urls {
-		eventually(t, path, func() (bool, string) { return only(httpFrom(t, client, url, 5), map[bool]string{true: "web-1", false: "web-2"}[path[0] == 'k']) })
+		eventually(t, path, func() (bool, string) {
+			return only(httpFrom(t, client, url, 5), map[bool]string{true: "web-1", false: "web-2"}[path[0] == 'k'])
+		})
 	}
 	return client, urls
 }
