@@ -72,7 +72,12 @@ type Options struct {
 	// daemons have no upstream resolver at all: nothing they forward can
 	// leave the simulator.
 	DNSUpstreamHost int
-	Log             *slog.Logger
+	// External, when set, makes the nodes kubelets of a real API server
+	// (external.go): no embedded control plane, no daemon and no node
+	// agent started by the simulator (DaemonBin is not needed); every pod
+	// bound to a node runs there.
+	External *External
+	Log      *slog.Logger
 }
 
 // Cluster is a running simulated cluster.
@@ -90,6 +95,7 @@ type Cluster struct {
 	tls     *tls.Config
 	root    string // mesh root certificate file for the daemons
 	cpAddr  string
+	ext     kubernetes.Interface // External's API server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -124,11 +130,13 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if opts.AppBin == "" {
 		opts.AppBin = "/proc/self/exe"
 	}
-	if opts.DaemonBin == "" {
+	if opts.DaemonBin == "" && opts.External == nil {
 		return nil, errors.New("sim: DaemonBin (the kmesh-daemon binary) is required")
 	}
-	if _, err := os.Stat(opts.DaemonBin); err != nil {
-		return nil, fmt.Errorf("kmesh-daemon binary: %w (run make build)", err)
+	if opts.External == nil {
+		if _, err := os.Stat(opts.DaemonBin); err != nil {
+			return nil, fmt.Errorf("kmesh-daemon binary: %w (run make build)", err)
+		}
 	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("the simulator creates network namespaces, cgroups and BPF programs: run it as root")
@@ -173,6 +181,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		return nil, err
 	}
 	c.onClose(c.cgroup.Remove)
+	if opts.External != nil {
+		if err := c.startExternal(ctx); err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
 
 	var rootFile string
 	if c.tls, rootFile, err = controlplane.ServingTLS(c.RunDir); err != nil {
@@ -231,6 +245,9 @@ func (c *Cluster) StopControlPlane() {
 
 // Kube is the cluster's Kubernetes API.
 func (c *Cluster) Kube() kubernetes.Interface {
+	if c.ext != nil {
+		return c.ext
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.CP == nil {
