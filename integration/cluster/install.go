@@ -68,18 +68,26 @@ func runIstioctl(ctx context.Context, istioctl, logFile string, args ...string) 
 	return string(out), nil
 }
 
-// ImageBinaries maps the images the kmesh profile renders to the binaries
-// the simulated kubelet runs for them: Istio's pilot image (istiod) to
-// pilot-discovery, its install-cni image (istio-cni-node) to install-cni,
-// and Kmesh's image (profiles/kmesh.yaml values.ztunnel.image, the
-// DaemonSet ztunnel) to the kmesh-daemon built for the run. Istio's
-// images are matched by repository name whatever the registry and tag
-// (they follow the pinned Istio's hub and tag); Kmesh's exactly. Anything
-// else is unknown, and the kubelet refuses to run it.
-func ImageBinaries(kmeshImage, daemon string, paths map[string]string) func(image string) (string, bool) {
-	return func(image string) (string, bool) {
+// Image is what the simulated kubelet runs for a container image: the
+// program, and extra files of the image (container path → host path).
+type Image struct {
+	Entrypoint string
+	Files      map[string]string
+}
+
+// ImageBinaries maps the images the kmesh profile renders to what the
+// simulated kubelet runs for them: Istio's pilot image (istiod) to
+// pilot-discovery; its install-cni image (istio-cni-node) to install-cni,
+// with the istio-cni plugin at /opt/cni/bin/istio-cni where install-cni
+// copies it from onto the node; Kmesh's image (profiles/kmesh.yaml
+// values.ztunnel.image, the DaemonSet ztunnel) to the kmesh-daemon built
+// for the run. Istio's images are matched by repository name whatever the
+// registry and tag (they follow the pinned Istio's hub and tag); Kmesh's
+// exactly. Anything else is unknown, and the kubelet refuses to run it.
+func ImageBinaries(kmeshImage, daemon string, paths map[string]string) func(image string) (Image, bool) {
+	return func(image string) (Image, bool) {
 		if image == kmeshImage {
-			return daemon, daemon != ""
+			return Image{Entrypoint: daemon}, daemon != ""
 		}
 		repo := image
 		if i := strings.LastIndex(repo, "@"); i >= 0 {
@@ -88,16 +96,14 @@ func ImageBinaries(kmeshImage, daemon string, paths map[string]string) func(imag
 		if i := strings.LastIndex(repo, ":"); i > strings.LastIndex(repo, "/") {
 			repo = repo[:i]
 		}
-		var name string
 		switch repo[strings.LastIndex(repo, "/")+1:] {
 		case "pilot":
-			name = bins.PilotDiscovery
+			p := paths[bins.PilotDiscovery]
+			return Image{Entrypoint: p}, p != ""
 		case "install-cni":
-			name = bins.InstallCNI
-		default:
-			return "", false
+			p, plugin := paths[bins.InstallCNI], paths[bins.IstioCNI]
+			return Image{Entrypoint: p, Files: map[string]string{"/opt/cni/bin/istio-cni": plugin}}, p != "" && plugin != ""
 		}
-		p := paths[name]
-		return p, p != ""
+		return Image{}, false
 	}
 }

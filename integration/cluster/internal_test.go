@@ -99,7 +99,7 @@ COMMIT
 
 func TestImageBinaries(t *testing.T) {
 	f := ImageBinaries("ghcr.io/kmesh-dev/kmesh:latest", "/run/x/kmesh-daemon", map[string]string{
-		"pilot-discovery": "/c/pilot-discovery", "install-cni": "/c/install-cni"})
+		"pilot-discovery": "/c/pilot-discovery", "install-cni": "/c/install-cni", "istio-cni": "/c/istio-cni"})
 	for img, want := range map[string]string{
 		"ghcr.io/kmesh-dev/kmesh:latest":                          "/run/x/kmesh-daemon",
 		"registry.istio.io/testing/pilot:latest-distroless":       "/c/pilot-discovery",
@@ -112,8 +112,11 @@ func TestImageBinaries(t *testing.T) {
 		"localhost:5000/pilot-x:1":                                "",
 	} {
 		got, ok := f(img)
-		if got != want || ok != (want != "") {
-			t.Errorf("%s: got %q, %v; want %q", img, got, ok, want)
+		if got.Entrypoint != want || ok != (want != "") {
+			t.Errorf("%s: got %q, %v; want %q", img, got.Entrypoint, ok, want)
+		}
+		if want == "/c/install-cni" && got.Files["/opt/cni/bin/istio-cni"] != "/c/istio-cni" {
+			t.Errorf("%s: the istio-cni plugin is not in the image: %v", img, got.Files)
 		}
 	}
 }

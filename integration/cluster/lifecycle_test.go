@@ -1,5 +1,3 @@
-//go:build simexternal
-
 package cluster_test
 
 import (
@@ -30,7 +28,7 @@ type load struct {
 	errs map[string]int
 }
 
-func startLoad(t *testing.T, from *sim.Pod, urls map[string]string) *load {
+func startLoad(t *testing.T, from *meshPod, urls map[string]string) *load {
 	l := &load{stop: make(chan struct{}), ok: map[string]int{}, errs: map[string]int{}}
 	for path, url := range urls {
 		l.wg.Add(1)
@@ -70,12 +68,12 @@ func (l *load) end() (map[string]int, map[string]int) {
 // kernelAndTunnel is the load of the lifecycle tests: the client on
 // node-1 calls web-1 on its own node (kernel path) and web-2 on node-2
 // (HBONE through both nodes' daemons), by pod IP so each path is known.
-func kernelAndTunnel(t *testing.T, c *sim.Cluster) (*sim.Pod, map[string]string) {
+func kernelAndTunnel(t *testing.T, c *sim.Cluster) (*meshPod, map[string]string) {
 	client := pod(t, c, "shop", "client")
 	web1, web2 := pod(t, c, "shop", "web-1"), pod(t, c, "shop", "web-2")
 	urls := map[string]string{
-		"kernel path (same node)": "http://" + web1.IPs()[0].String() + ":8080/",
-		"tunnel path (HBONE)":     "http://" + web2.IPs()[0].String() + ":8080/",
+		"kernel path (same node)": "http://" + web1.ip + ":8080/",
+		"tunnel path (HBONE)":     "http://" + web2.ip + ":8080/",
 	}
 	for path, url := range urls {
 		eventually(t, path, func() (bool, string) {

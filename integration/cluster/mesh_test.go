@@ -1,5 +1,3 @@
-//go:build simexternal
-
 package cluster_test
 
 import (
@@ -11,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -41,6 +40,8 @@ var mesh struct {
 	istio     istioclient.Interface
 	manifests string
 	istioctl  string
+	self      string // this test binary: the apps' image
+	kubelets  []*cluster.KubeletAPI
 	cancel    context.CancelFunc
 	took      time.Duration
 	out       string
@@ -57,11 +58,28 @@ func installed(t *testing.T) *sim.Cluster {
 		ctx, cancel := context.WithCancel(context.Background())
 		mesh.cancel = cancel
 		host := strings.TrimPrefix(cp.REST.Host, "https://")
+		images := cluster.ImageBinaries(installpkg.DefaultImage, daemon, paths)
+		self, err := os.Executable()
+		if err != nil {
+			mesh.err = err
+			return
+		}
+		mesh.self = self
 		c, err := sim.Start(ctx, sim.Options{
-			Nodes: 2, DaemonBin: daemon,
+			Nodes: 2,
 			External: &sim.External{
-				Config: cp.REST, APIServer: host, CAFile: cp.CAFile,
-				Binary: cluster.ImageBinaries(installpkg.DefaultImage, daemon, paths),
+				Config: cp.REST, APIServer: host,
+				Image: func(image string) (sim.Image, bool) {
+					if image == appImage { // the test's own apps (echo, clients): this binary
+						return sim.Image{Entrypoint: self}, true
+					}
+					img, ok := images(image)
+					return sim.Image{Entrypoint: img.Entrypoint, Files: img.Files}, ok
+				},
+				// ClusterIPs: the kube-proxy stand-in below DNATs them on the
+				// nodes; names resolve through /etc/hosts (no cluster DNS).
+				ServiceCIDR: serviceCIDR,
+				Hosts:       serviceHosts,
 			},
 			Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		})
@@ -81,6 +99,26 @@ func installed(t *testing.T) *sim.Cluster {
 			return out
 		}, Logf: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }}
 		go sp.Run(ctx, 300*time.Millisecond)
+		// Each node's kubelet API (port-forward: istioctl ztunnel-config),
+		// inside the node at its address.
+		for _, n := range c.Nodes {
+			var ln net.Listener
+			if err := n.Net.NS.Do(func() (err error) {
+				ln, err = net.Listen("tcp", net.JoinHostPort(n.Net.Uplink4().String(), fmt.Sprint(cluster.KubeletPort)))
+				return err
+			}); err != nil {
+				mesh.err = fmt.Errorf("kubelet API on %s: %w", n.Name, err)
+				return
+			}
+			k := &cluster.KubeletAPI{DialPod: func(ctx context.Context, ns, name string, port uint16) (net.Conn, error) {
+				return n.DialInPod(ctx, ns, name, "tcp", net.JoinHostPort("127.0.0.1", fmt.Sprint(port)))
+			}}
+			if err := k.Serve(ln); err != nil {
+				mesh.err = err
+				return
+			}
+			mesh.kubelets = append(mesh.kubelets, k)
+		}
 		if mesh.istio, err = istioclient.NewForConfig(cp.REST); err != nil {
 			mesh.err = err
 			return
@@ -110,6 +148,9 @@ func stopMesh() error {
 		return nil
 	}
 	shared.egress.SetDialer(nil)
+	for _, k := range mesh.kubelets {
+		_ = k.Close()
+	}
 	err := mesh.c.Close()
 	mesh.cancel()
 	return err
@@ -262,3 +303,62 @@ func createUnstructured(ctx context.Context, obj map[string]any) error {
 }
 
 func init() { stopMeshHook = stopMesh }
+
+// serviceHosts is what the simulated kubelet appends to every container's
+// /etc/hosts: each Service's names and ClusterIP, as the cluster's DNS
+// would answer them (istiod.istio-system.svc is the daemon's XDS_ADDRESS).
+func serviceHosts() string {
+	svcs, err := shared.cp.Kube.CoreV1().Services("").List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, s := range svcs.Items {
+		if s.Spec.ClusterIP == "" || s.Spec.ClusterIP == corev1.ClusterIPNone {
+			continue
+		}
+		fmt.Fprintf(&b, "%s\t%s.%s.svc.cluster.local %s.%s.svc\n", s.Spec.ClusterIP, s.Name, s.Namespace, s.Name, s.Namespace)
+	}
+	return b.String()
+}
+
+// TestPrivilegedClusterZtunnelConfig: the real istioctl finds the node
+// proxy as it finds ztunnel (DaemonSet ztunnel, label app=ztunnel in
+// istio-system), port-forwards to its admin port 15000 through the API
+// server and the node's kubelet API, and lists the daemon's workloads,
+// services, policies and certificates.
+func TestPrivilegedClusterZtunnelConfig(t *testing.T) {
+	c, _ := theShop(t)
+	kernelAndTunnel(t, c) // certificates exist once pods talked
+	z := ztunnelOn(t, "node-1")
+	zc := func(args ...string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		args = append([]string{"ztunnel-config"}, append(args, "--kubeconfig", shared.cp.Kubeconfig, "-o", "json")...)
+		out, err := exec.CommandContext(ctx, mesh.istioctl, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("istioctl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	target := z.Name + "." + cluster.IstioNamespace
+	for _, c := range []struct {
+		what string
+		want []string
+	}{
+		{"workloads", []string{`"name": "web-1"`, `"name": "web-2"`, `"name": "client"`}},
+		{"services", []string{`"hostname": "web.shop.svc.cluster.local"`}},
+		{"certificates", []string{"spiffe://cluster.local/ns/shop/sa/client", `"state": "Available"`}},
+		{"policies", nil}, // none now: must parse
+		{"all", []string{"web.shop.svc.cluster.local"}},
+	} {
+		out := zc(c.what, target)
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("istioctl ztunnel-config %s %s: no %s in:\n%.3000s", c.what, target, w, out)
+			}
+		}
+		t.Logf("istioctl ztunnel-config %s %s: %d bytes", c.what, target, len(out))
+	}
+}

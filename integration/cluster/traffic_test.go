@@ -1,10 +1,10 @@
-//go:build simexternal
-
 package cluster_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -24,7 +24,7 @@ import (
 // The shop: namespace shop in the mesh (ambient), Service web with a pod
 // on each node, a client beside web-1 and a second identity (intruder)
 // beside web-2; namespace outside, not in the mesh, with a pod on node-1.
-const appImage = "kmesh.dev/test/app:latest" // the simulator runs built-in apps by command
+const appImage = "kmesh.dev/test/app:latest" // this test binary; KMESH_PODNET_HELPER picks the app
 
 var shopOnce struct {
 	sync.Once
@@ -32,11 +32,15 @@ var shopOnce struct {
 	vip string
 }
 
-func appPod(ns, name, node, sa string, labels map[string]string, argv ...string) *corev1.Pod {
+// appPod runs a built-in app of this binary (podnet helpers: Istio's echo
+// server, sleep) with args; the scheduler places it on node (its node
+// selector).
+func appPod(ns, name, node, sa string, labels map[string]string, app string, args ...string) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
-			Containers: []corev1.Container{{Name: "app", Image: appImage, Command: argv}}},
+		Spec: corev1.PodSpec{NodeSelector: map[string]string{"kubernetes.io/hostname": node}, ServiceAccountName: sa,
+			Containers: []corev1.Container{{Name: "app", Image: appImage, Command: []string{app}, Args: args,
+				Env: []corev1.EnvVar{{Name: "KMESH_PODNET_HELPER", Value: app}}}}},
 	}
 }
 
@@ -86,7 +90,7 @@ func theShop(t *testing.T) (*sim.Cluster, string) {
 			}
 		}
 		for _, p := range []struct{ ns, name string }{{"shop", "web-1"}, {"shop", "web-2"}, {"shop", "client"}, {"shop", "intruder"}, {"outside", "outsider"}} {
-			if _, err := c.WaitPod(p.ns, p.name, 60*time.Second); err != nil {
+			if err := waitReady(p.ns, p.name, 60*time.Second); err != nil {
 				shopOnce.err = err
 				return
 			}
@@ -99,16 +103,62 @@ func theShop(t *testing.T) (*sim.Cluster, string) {
 	return c, shopOnce.vip
 }
 
-func pod(t *testing.T, c *sim.Cluster, ns, name string) *sim.Pod {
+// meshPod is a running pod of the shop, as the tests use it.
+type meshPod struct {
+	node           *sim.Node
+	ns, name, ip string
+}
+
+// Helper runs a client helper (integration/podnet) inside the pod, as
+// `kubectl exec` does (the simulated kubelet enters the container's
+// namespaces and cgroup): this binary, the pod's image, re-executed.
+func (p *meshPod) Helper(out any, helper string, args ...string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	argv := append([]string{"env", "KMESH_PODNET_HELPER=" + helper, "/.kmesh-sim/" + filepath.Base(mesh.self)}, args...)
+	b, err := p.node.Exec(ctx, p.ns, p.name, "", argv...)
+	if err != nil {
+		return fmt.Errorf("exec in %s/%s: %w: %s", p.ns, p.name, err, b)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), out); err != nil {
+		return fmt.Errorf("helper %s in %s/%s: %w: %s", helper, p.ns, p.name, err, b)
+	}
+	return nil
+}
+
+func pod(t *testing.T, c *sim.Cluster, ns, name string) *meshPod {
 	t.Helper()
-	p, err := c.Pod(ns, name)
+	p, err := shared.cp.Kube.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return p
+	n := c.Node(p.Spec.NodeName)
+	if n == nil || p.Status.PodIP == "" {
+		t.Fatalf("pod %s/%s: node %q, IP %q", ns, name, p.Spec.NodeName, p.Status.PodIP)
+	}
+	return &meshPod{node: n, ns: ns, name: name, ip: p.Status.PodIP}
 }
 
-func httpFrom(t *testing.T, p *sim.Pod, url string, n int) podnet.ClientResult {
+// waitReady waits for a pod to be Ready (its containers run).
+func waitReady(ns, name string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		p, err := shared.cp.Kube.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err == nil && ready(*p) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if err == nil {
+				err = fmt.Errorf("phase %s, conditions %v", p.Status.Phase, p.Status.Conditions)
+			}
+			return fmt.Errorf("pod %s/%s not ready after %s: %v", ns, name, timeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func httpFrom(t *testing.T, p *meshPod, url string, n int) podnet.ClientResult {
 	t.Helper()
 	var res podnet.ClientResult
 	if err := p.Helper(&res, "http", "-url", url, "-n", fmt.Sprint(n), "-timeout", "2s"); err != nil {
@@ -175,10 +225,10 @@ func TestPrivilegedClusterTraffic(t *testing.T) {
 		return only(httpFrom(t, client, "http://"+vip+"/", 40), "web-1", "web-2")
 	})
 	eventually(t, "web-1, same node", func() (bool, string) {
-		return only(httpFrom(t, client, "http://"+web1.IPs()[0].String()+":8080/", 5), "web-1")
+		return only(httpFrom(t, client, "http://"+web1.ip+":8080/", 5), "web-1")
 	})
 	eventually(t, "web-2, across nodes", func() (bool, string) {
-		return only(httpFrom(t, client, "http://"+web2.IPs()[0].String()+":8080/", 5), "web-2")
+		return only(httpFrom(t, client, "http://"+web2.ip+":8080/", 5), "web-2")
 	})
 	z := ztunnelOn(t, "node-2")
 	eventually(t, "node-2's daemon counting mutual-TLS connections to web-2", func() (bool, string) {
@@ -206,7 +256,7 @@ func TestPrivilegedClusterAuthorization(t *testing.T) {
 	intruder := pod(t, c, "shop", "intruder")
 	outsider := pod(t, c, "outside", "outsider")
 	web1 := pod(t, c, "shop", "web-1")
-	web1URL := "http://" + web1.IPs()[0].String() + ":8080/"
+	web1URL := "http://" + web1.ip + ":8080/"
 	ctx := context.Background()
 	aps := mesh.istio.SecurityV1().AuthorizationPolicies("shop")
 	policy := func(action securityapi.AuthorizationPolicy_Action, sa string) *securityclient.AuthorizationPolicy {

@@ -48,6 +48,16 @@ type External struct {
 	// false for an image it does not know (the container then fails, as
 	// an image pull would).
 	Image func(image string) (Image, bool)
+	// ServiceCIDR, when valid, is routed from every pod through its node,
+	// as a pod's default route does in a cluster (whatever serves
+	// ClusterIPs there, e.g. a kube-proxy stand-in, sits on the node).
+	// Only this prefix: pods still have no route out of the simulator.
+	ServiceCIDR netip.Prefix
+	// Hosts, when set, gives lines the kubelet appends to every
+	// container's /etc/hosts (e.g. Service names and their ClusterIPs: a
+	// stand-in for the cluster's DNS). Each container also gets an
+	// /etc/resolv.conf without nameservers, never the machine's.
+	Hosts func() string
 }
 
 // Image is what a container image holds, for the simulator: its program
@@ -240,6 +250,10 @@ func (n *Node) writeNodeStatus(ctx context.Context) error {
 	obj.Status.NodeInfo = corev1.NodeSystemInfo{KubeletVersion: "v1.36.3", OperatingSystem: "linux", Architecture: "amd64",
 		ContainerRuntimeVersion: "kmesh-sim://1", KernelVersion: kernelRelease()}
 	obj.Status.Phase = corev1.NodeRunning
+	// Where the API server reaches the node's kubelet API (port-forward):
+	// a test may serve it there, inside the node (integration/cluster's
+	// KubeletAPI); nothing else listens on it.
+	obj.Status.DaemonEndpoints.KubeletEndpoint.Port = KubeletPort
 	cond := func(t corev1.NodeConditionType, s corev1.ConditionStatus, reason string) corev1.NodeCondition {
 		return corev1.NodeCondition{Type: t, Status: s, Reason: reason, LastHeartbeatTime: now, LastTransitionTime: now}
 	}
@@ -365,6 +379,35 @@ func (n *Node) DialContext(ctx context.Context, network, addr string) (net.Conn,
 		return err
 	})
 	return conn, err
+}
+
+// KubeletPort is the kubelet API's port in the Node's status.
+const KubeletPort = 10250
+
+// DialInPod connects from inside the network namespace of a pod running on
+// this node (what a container runtime's port-forward does).
+func (n *Node) DialInPod(ctx context.Context, namespace, pod, network, addr string) (net.Conn, error) {
+	if n.ext == nil {
+		return nil, errors.New("DialInPod: only in the external mode")
+	}
+	n.ext.mu.Lock()
+	var p *extPod
+	for _, q := range n.ext.pods {
+		if q.key == namespace+"/"+pod {
+			p = q
+		}
+	}
+	n.ext.mu.Unlock()
+	if p == nil {
+		return nil, fmt.Errorf("%w: %s/%s on %s", errNoPod, namespace, pod, n.Name)
+	}
+	p.mu.Lock()
+	ok := p.sandboxOK
+	p.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("pod %s/%s has no network yet", namespace, pod)
+	}
+	return p.dialIn(ctx, network, addr)
 }
 
 // InitPid is the pid of the node's init (its PID namespace's PID 1, named

@@ -368,6 +368,11 @@ func (p *extPod) sandbox() error {
 			return err
 		}
 		p.net, p.netns, p.podIP = np, np.NS, v4
+		if cidr := n.cluster.opts.External.ServiceCIDR; cidr.IsValid() {
+			if err := n.Net.RouteVia(np, cidr); err != nil {
+				return fmt.Errorf("route to the service range: %w", err)
+			}
+		}
 		p.pinName = "cni-" + string(p.uid)
 		p.pin = filepath.Join(n.ext.netnsDir, p.pinName)
 		if err := pinNetns(np.NS, p.pin); err != nil {
@@ -504,6 +509,11 @@ func (p *extPod) startContainer(ec *extContainer) (*exec.Cmd, error) {
 	for target, src := range img.Files {
 		mounts = append(mounts, containerMount{Kind: mountBind, Source: src, Target: target, ReadOnly: true})
 	}
+	etc, err := p.writeEtc(pod)
+	if err != nil {
+		return nil, err
+	}
+	mounts = append(mounts, etc...)
 	id := newContainerID()
 	cg, err := p.cgroup.Child(id)
 	if err != nil {
@@ -807,15 +817,50 @@ func (n *Node) Exec(ctx context.Context, namespace, pod, container string, argv 
 
 func (p *extPod) execIn(ctx context.Context, ec *extContainer, argv []string) ([]byte, error) {
 	p.mu.Lock()
-	proc := ec.proc
+	proc, cg := ec.proc, ec.cgroup
 	p.mu.Unlock()
-	if proc == nil {
+	if proc == nil || cg == nil {
 		return nil, errors.New("container not running")
 	}
 	args := append([]string{"--target", fmt.Sprint(proc.Pid), "--mount", "--net", "--pid", "--uts", "--"}, argv...)
 	cmd := exec.CommandContext(ctx, "nsenter", args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// In the container's cgroup, as kubectl exec's process is: programs
+	// attached to the node's cgroup see its sockets.
+	cgf, err := cg.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer cgf.Close()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, UseCgroupFD: true, CgroupFD: int(cgf.Fd())}
 	return cmd.CombinedOutput()
+}
+
+// writeEtc writes the pod's /etc/hosts (localhost, the pod's name and
+// address, External.Hosts) and an /etc/resolv.conf without nameservers,
+// and returns their mounts: a container never sees the machine's
+// resolver, which is outside the simulator.
+func (p *extPod) writeEtc(pod *corev1.Pod) ([]containerMount, error) {
+	hosts := "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+	if !p.hostNet && p.podIP.IsValid() {
+		hosts += fmt.Sprintf("%s\t%s\n", p.podIP, pod.Name)
+	}
+	if h := p.n.cluster.opts.External.Hosts; h != nil {
+		hosts += h()
+	}
+	dir := filepath.Join(p.dir, "etc")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	files := map[string]string{"hosts": hosts, "resolv.conf": "# kmesh simulator: no nameserver (no cluster DNS; names come from /etc/hosts)\noptions ndots:1\n"}
+	var out []containerMount
+	for name, text := range files {
+		f := filepath.Join(dir, name)
+		if err := os.WriteFile(f, []byte(text), 0o644); err != nil {
+			return nil, err
+		}
+		out = append(out, containerMount{Kind: mountBind, Source: f, Target: "/etc/" + name, ReadOnly: true})
+	}
+	return out, nil
 }
 
 var _ = strings.TrimSpace
