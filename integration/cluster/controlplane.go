@@ -290,12 +290,14 @@ func (cp *ControlPlane) startControllerManager(ctx context.Context, pki *kubePKI
 		// deletion, the kube-root-ca.crt ConfigMap, Deployments (istiod) and
 		// their ReplicaSets, DaemonSets (istio-cni-node, ztunnel), and the
 		// garbage collector (an uninstall deletes the DaemonSet; its pods
-		// and a Deployment's ReplicaSets go by owner reference). Not
-		// node-lifecycle: it would taint the simulated nodes (their
-		// heartbeat is the simulator's), nor HPA/disruption (no metrics, no
-		// evictions here).
+		// and a Deployment's ReplicaSets go by owner reference), and node
+		// lifecycle: the API server taints every new Node not-ready
+		// (admission TaintNodesByCondition) and only this controller lifts
+		// it once the node's kubelet (the simulator) reports Ready and
+		// renews its Lease; istiod's pod does not tolerate the taint. Not
+		// HPA or disruption (no metrics, no evictions here).
 		"--controllers=serviceaccount-controller,serviceaccount-token-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,root-ca-certificate-publisher-controller," +
-			"deployment-controller,replicaset-controller,daemonset-controller,garbage-collector-controller",
+			"deployment-controller,replicaset-controller,daemonset-controller,garbage-collector-controller,node-lifecycle-controller",
 		"--service-account-private-key-file=" + pki.SAKeyFile, "--root-ca-file=" + pki.CAFile,
 		"--use-service-account-credentials=false", "--leader-elect=false",
 		// No serving port: readiness is the default ServiceAccount below.

@@ -105,7 +105,7 @@ func theShop(t *testing.T) (*sim.Cluster, string) {
 
 // meshPod is a running pod of the shop, as the tests use it.
 type meshPod struct {
-	node           *sim.Node
+	node         *sim.Node
 	ns, name, ip string
 }
 

@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 
 	"kmesh.dev/kmesh/integration/podnet"
 )
@@ -237,7 +238,13 @@ func (n *Node) register(ctx context.Context) error {
 	return n.writeNodeStatus(ctx)
 }
 
+// writeNodeStatus writes the node's status, again on a conflict (the node
+// lifecycle controller updates the same object).
 func (n *Node) writeNodeStatus(ctx context.Context) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error { return n.writeNodeStatusOnce(ctx) })
+}
+
+func (n *Node) writeNodeStatusOnce(ctx context.Context) error {
 	k := n.cluster.ext
 	obj, err := k.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 	if err != nil {
