@@ -116,7 +116,18 @@ func (p *meshPod) Helper(out any, helper string, args ...string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	argv := append([]string{"env", "KMESH_PODNET_HELPER=" + helper, "/.kmesh-sim/" + filepath.Base(mesh.self)}, args...)
-	b, err := p.node.Exec(ctx, p.ns, p.name, "", argv...)
+	var b []byte
+	var err error
+	for i := 0; ; i++ {
+		b, err = p.node.Exec(ctx, p.ns, p.name, "", argv...)
+		// A container without a readiness probe is Ready as soon as its
+		// process starts, which may be before its root is built: the
+		// program is not there yet for a moment.
+		if err == nil || i == 50 || !strings.Contains(string(b), "No such file or directory") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	if err != nil {
 		return fmt.Errorf("exec in %s/%s: %w: %s", p.ns, p.name, err, b)
 	}
