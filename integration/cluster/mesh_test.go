@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -88,9 +89,20 @@ func installed(t *testing.T) *sim.Cluster {
 			return
 		}
 		mesh.c = c
-		// The API server's calls to the cluster (istiod's webhooks) are
-		// dialed from node-1; ClusterIPs work on every node.
-		shared.egress.SetDialer(c.Nodes[0].DialContext)
+		// The API server's calls to the cluster (istiod's webhooks, the
+		// kubelets) are dialed from inside a node: for a pod, its own node
+		// (its source is then the node's address on the pod bridge, which
+		// the pod routes back to; pods have no route to the nodes' fabric
+		// addresses), for anything else node-1.
+		shared.egress.SetDialer(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			n := c.Nodes[0]
+			if ap, err := netip.ParseAddrPort(addr); err == nil && podPrefix.Contains(ap.Addr()) {
+				if m := c.Node(fmt.Sprintf("node-%d", ap.Addr().As4()[2])); m != nil {
+					n = m // the fabric gives node i the pod prefix 10.244.i.0/24
+				}
+			}
+			return n.DialContext(ctx, network, addr)
+		})
 		sp := &cluster.ServiceProxy{Kube: cp.Kube, Nodes: func() []*podnet.Netns {
 			var out []*podnet.Netns
 			for _, n := range c.Nodes {
