@@ -388,6 +388,15 @@ func (n *Node) DialContext(ctx context.Context, network, addr string) (net.Conn,
 	return conn, err
 }
 
+// BPFFS is the node's bpffs directory on the machine (what its pods see
+// at /sys/fs/bpf); "" in the embedded mode.
+func (n *Node) BPFFS() string {
+	if n.ext == nil {
+		return ""
+	}
+	return n.ext.pinDir
+}
+
 // KubeletPort is the kubelet API's port in the Node's status.
 const KubeletPort = 10250
 

@@ -757,9 +757,22 @@ func (p *extPod) status(cur *corev1.Pod) corev1.PodStatus {
 		allReady = allReady && s.Ready
 		st.ContainerStatuses = append(st.ContainerStatuses, s)
 	}
+	// A pod whose containers are not restarted ends when they all have:
+	// Succeeded if each exited 0, Failed if one did not (Never only).
+	done, failed := len(cur.Spec.Containers) > 0, false
+	for _, c := range st.ContainerStatuses {
+		t := c.State.Terminated
+		done = done && t != nil
+		failed = failed || t != nil && t.ExitCode != 0
+	}
+	rp := cur.Spec.RestartPolicy
 	switch {
 	case !p.initDone:
 		st.Phase = corev1.PodPending
+	case rp == corev1.RestartPolicyNever && done && failed:
+		st.Phase = corev1.PodFailed
+	case (rp == corev1.RestartPolicyNever || rp == corev1.RestartPolicyOnFailure) && done && !failed:
+		st.Phase = corev1.PodSucceeded
 	default:
 		st.Phase = corev1.PodRunning
 	}
