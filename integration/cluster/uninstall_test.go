@@ -190,7 +190,7 @@ func TestPrivilegedClusterUninstall(t *testing.T) {
 				NodeName: n.Name, RestartPolicy: corev1.RestartPolicyNever,
 				Containers: []corev1.Container{{
 					Name: "uninstall", Image: installpkg.DefaultImage, Args: []string{"uninstall"},
-					Env: []corev1.EnvVar{{Name: "KMESH_PIN_ROOT", Value: "/sys/fs/bpf/kmesh"}, {Name: "KMESH_CGROUP_PATH", Value: "/host/sys/fs/cgroup"}},
+					Env:          []corev1.EnvVar{{Name: "KMESH_PIN_ROOT", Value: "/sys/fs/bpf/kmesh"}, {Name: "KMESH_CGROUP_PATH", Value: "/host/sys/fs/cgroup"}},
 					VolumeMounts: []corev1.VolumeMount{{Name: "bpffs", MountPath: "/sys/fs/bpf"}, {Name: "cgroup", MountPath: "/host/sys/fs/cgroup", ReadOnly: true}},
 				}},
 				Volumes: []corev1.Volume{
