@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -80,6 +81,7 @@ type extNode struct {
 
 	mu   sync.Mutex
 	pods map[types.UID]*extPod
+	cni  []string // "ADD|DEL <plugin> <namespace>/<name>", in order
 }
 
 func (c *Cluster) startExternal(ctx context.Context) error {
@@ -376,12 +378,30 @@ func (n *Node) InitPid() int {
 	return n.ext.init.Pid
 }
 
+// CNICalls lists the chained CNI plugin calls the node's kubelet made
+// ("ADD istio-cni ns/name"), in order.
+func (n *Node) CNICalls() []string {
+	n.ext.mu.Lock()
+	defer n.ext.mu.Unlock()
+	return append([]string(nil), n.ext.cni...)
+}
+
 // HostPath is where a hostPath of the node lives on the machine.
 func (n *Node) HostPath(p string) string {
 	if n.ext == nil {
 		return ""
 	}
-	return filepath.Join(n.ext.hostDir, filepath.Clean("/"+p))
+	return n.ext.hostFile(p)
+}
+
+// hostFile maps a path of the node's file system to the machine's: under
+// the node's host directory, with /var/run as /run (a symlink on a node).
+func (x *extNode) hostFile(p string) string {
+	p = filepath.Clean("/" + p)
+	if p == "/var/run" || strings.HasPrefix(p, "/var/run/") {
+		p = "/run" + strings.TrimPrefix(p, "/var/run")
+	}
+	return filepath.Join(x.hostDir, p)
 }
 
 func mustJSON(v any) string {

@@ -409,6 +409,15 @@ func (p *extPod) supervise(ec *extContainer) {
 		if p.ctx.Err() != nil {
 			return
 		}
+		if code == notStarted {
+			// Not created (a missing ConfigMap, an unknown image): retried,
+			// not a restart.
+			var ok bool
+			if d, ok = p.backoff(d); !ok {
+				return
+			}
+			continue
+		}
 		p.mu.Lock()
 		policy := p.pod.Spec.RestartPolicy
 		p.mu.Unlock()
@@ -429,15 +438,18 @@ func (p *extPod) supervise(ec *extContainer) {
 	}
 }
 
+// notStarted is runOnce's code for a container that could not be created.
+const notStarted = -2
+
 // runOnce starts the container and waits for it to exit.
 func (p *extPod) runOnce(ec *extContainer) (int, error) {
 	cmd, err := p.startContainer(ec)
 	if err != nil {
 		p.mu.Lock()
-		ec.waiting, ec.message = "CreateContainerError", err.Error()
+		ec.waiting, ec.message = "CreateContainerConfigError", err.Error()
 		p.mu.Unlock()
 		p.markDirty()
-		return -1, err
+		return notStarted, err
 	}
 	p.markDirty()
 	err = cmd.Wait()
@@ -714,7 +726,9 @@ func (p *extPod) status(cur *corev1.Pod) corev1.PodStatus {
 			return s
 		}
 		s.RestartCount = ec.restarts
-		s.ContainerID = "kmesh-sim://" + ec.id
+		if ec.id != "" {
+			s.ContainerID = "kmesh-sim://" + ec.id
+		}
 		s.Ready = ec.ready
 		started := ec.running
 		s.Started = &started

@@ -347,10 +347,7 @@ func (p *extPod) hostPath(h *corev1.HostPathVolumeSource) (volumeSource, error) 
 	if path == "/proc" {
 		return volumeSource{kind: mountProc}, nil
 	}
-	if rest, ok := under("/var/run"); ok { // /var/run is /run on a node
-		path = filepath.Join("/run", rest)
-	}
-	d := filepath.Join(n.ext.hostDir, path)
+	d := n.ext.hostFile(path)
 	typ := corev1.HostPathUnset
 	if h.Type != nil {
 		typ = *h.Type

@@ -209,6 +209,15 @@ func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, n
 		if err := c.Close(); err != nil {
 			t.Errorf("closing the simulator: %v", err)
 		}
+		// The control plane is shared: the next test's nodes have the same
+		// names and would run this test's pods.
+		zero := int64(0)
+		for _, n := range c.Nodes {
+			pods, _ := cp.Kube.CoreV1().Pods("").List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName=" + n.Name})
+			for _, p := range pods.Items {
+				_ = cp.Kube.CoreV1().Pods(p.Namespace).Delete(context.Background(), p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+			}
+		}
 	})
 	return c
 }

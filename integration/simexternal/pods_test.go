@@ -300,9 +300,9 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 	}
 
 	// Deletion: SIGTERM, then the object goes; the sandbox with it.
-	pins, _ := filepath.Glob(filepath.Join(n1.HostPath("/run/netns"), "cni-*"))
-	if len(pins) != 1 {
-		t.Errorf("netns pins on node-1: %v", pins)
+	pin := filepath.Join(n1.HostPath("/var/run/netns"), "cni-"+string(pod.UID))
+	if _, err := os.Stat(pin); err != nil {
+		t.Errorf("the pod's netns pin: %v", err)
 	}
 	start = time.Now()
 	if err := k.CoreV1().Pods(ns).Delete(ctx, "inspect", metav1.DeleteOptions{}); err != nil {
@@ -316,8 +316,8 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(n1.Cgroup.Path, "pod"+string(pod.UID))); err == nil {
 		t.Errorf("pod cgroup left")
 	}
-	if pins, _ := filepath.Glob(filepath.Join(n1.HostPath("/run/netns"), "cni-*")); len(pins) != 0 {
-		t.Errorf("netns pins left: %v", pins)
+	if _, err := os.Stat(pin); err == nil {
+		t.Errorf("netns pin left: %s", pin)
 	}
 	logs, _ := os.ReadFile(filepath.Join(c.RunDir, "node-1", "logs", "apps_inspect_app.log"))
 	if !strings.Contains(string(logs), "SIGTERM received") {
