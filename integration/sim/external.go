@@ -49,6 +49,12 @@ type External struct {
 	// false for an image it does not know (the container then fails, as
 	// an image pull would).
 	Image func(image string) (Image, bool)
+	// ClusterDNS is the nameserver of pods with dnsPolicy ClusterFirst
+	// (a kubelet's --cluster-dns), with the cluster.local search path.
+	// Unset, their resolv.conf has no nameserver (nothing resolves; the
+	// machine's resolver is never used). Must be an address inside the
+	// simulated cluster.
+	ClusterDNS netip.Addr
 }
 
 // Image is what a container image holds, for the simulator: its program

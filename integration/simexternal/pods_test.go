@@ -218,6 +218,15 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 			t.Errorf("%s: %q, want %q", path, got, want)
 		}
 	}
+	// The kubelet's /etc files: cluster search path, no nameserver (no
+	// cluster DNS given: the machine's resolver is never used), the pod in
+	// /etc/hosts.
+	if got := fetch("/file?path=/etc/resolv.conf"); !strings.Contains(got, "search apps.svc.cluster.local svc.cluster.local cluster.local") || strings.Contains(got, "nameserver") {
+		t.Errorf("resolv.conf: %q", got)
+	}
+	if got := fetch("/file?path=/etc/hosts"); !strings.Contains(got, pod.Status.PodIP+"\tinspect") {
+		t.Errorf("hosts: %q", got)
+	}
 	if got := fetch("/file?path=/etc/podinfo/labels"); !strings.Contains(got, `app="inspect"`) {
 		t.Errorf("labels file: %q", got)
 	}
