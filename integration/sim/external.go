@@ -79,11 +79,12 @@ var nodeAllocatable = corev1.ResourceList{
 
 // extNode is a node's kubelet state in the external mode.
 type extNode struct {
-	hostDir  string // <run>/<node>/host: the node's hostPath root
-	pinDir   string // the node's bpffs directory (its /sys/fs/bpf)
-	init     *os.Process
-	pidns    *os.File
-	netnsDir string // <host>/var/run/netns, a shared mount
+	hostDir   string // <run>/<node>/host: the node's hostPath root
+	pinDir    string // the node's bpffs directory (its /sys/fs/bpf)
+	cgroupDir string // the node's cgroup (its /sys/fs/cgroup)
+	init      *os.Process
+	pidns     *os.File
+	netnsDir  string // <host>/var/run/netns, a shared mount
 
 	mu   sync.Mutex
 	pods map[types.UID]*extPod
@@ -138,6 +139,7 @@ func (c *Cluster) addExternalNode(ctx context.Context, idx int) (*Node, error) {
 	}
 	x.hostDir = filepath.Join(c.RunDir, name, "host")
 	x.pinDir = filepath.Join(c.pinRoot, name)
+	x.cgroupDir = n.Cgroup.Path
 	for _, d := range []string{x.hostDir, x.pinDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
@@ -392,7 +394,9 @@ func (n *Node) CNICalls() []string {
 	return append([]string(nil), n.ext.cni...)
 }
 
-// HostPath is where a hostPath of the node lives on the machine.
+// HostPath is where a path of the node's file system (a hostPath) lives
+// on the machine: /sys/fs/bpf is the node's bpffs directory, /sys/fs/cgroup
+// its cgroup, /var/run is /run, the rest is under <run>/<node>/host.
 func (n *Node) HostPath(p string) string {
 	if n.ext == nil {
 		return ""
@@ -404,6 +408,11 @@ func (n *Node) HostPath(p string) string {
 // the node's host directory, with /var/run as /run (a symlink on a node).
 func (x *extNode) hostFile(p string) string {
 	p = filepath.Clean("/" + p)
+	for prefix, dir := range map[string]string{"/sys/fs/bpf": x.pinDir, "/sys/fs/cgroup": x.cgroupDir} {
+		if p == prefix || strings.HasPrefix(p, prefix+"/") {
+			return filepath.Join(dir, strings.TrimPrefix(p, prefix))
+		}
+	}
 	if p == "/var/run" || strings.HasPrefix(p, "/var/run/") {
 		p = "/run" + strings.TrimPrefix(p, "/var/run")
 	}

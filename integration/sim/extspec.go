@@ -340,12 +340,12 @@ func (p *extPod) hostPath(h *corev1.HostPathVolumeSource) (volumeSource, error) 
 		rest, ok := strings.CutPrefix(path, prefix+"/")
 		return rest, ok
 	}
-	if rest, ok := under("/sys/fs/bpf"); ok {
-		d := filepath.Join(n.ext.pinDir, rest)
+	if _, ok := under("/sys/fs/bpf"); ok {
+		d := n.ext.hostFile(path)
 		return volumeSource{kind: mountBind, path: d}, os.MkdirAll(d, 0o700)
 	}
-	if rest, ok := under("/sys/fs/cgroup"); ok {
-		return volumeSource{kind: mountBind, path: filepath.Join(n.Cgroup.Path, rest)}, nil
+	if _, ok := under("/sys/fs/cgroup"); ok {
+		return volumeSource{kind: mountBind, path: n.ext.hostFile(path)}, nil
 	}
 	if path == "/proc" {
 		return volumeSource{kind: mountProc}, nil

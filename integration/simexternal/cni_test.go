@@ -84,12 +84,18 @@ var gvrs = map[string]schema.GroupVersionResource{
 // applyIstioCNI creates the istio-cni objects of the rendered manifest
 // (ServiceAccount, RBAC, ConfigMap, DaemonSet) and returns the DaemonSet.
 func applyIstioCNI(t *testing.T, cp *cluster.ControlPlane, objs []*unstructured.Unstructured) *appsv1.DaemonSet {
+	return applyNamed(t, cp, objs, "istio-cni")
+}
+
+// applyNamed creates the rendered objects whose name starts with prefix
+// and returns the DaemonSet among them.
+func applyNamed(t *testing.T, cp *cluster.ControlPlane, objs []*unstructured.Unstructured, prefix string) *appsv1.DaemonSet {
 	t.Helper()
 	ctx := context.Background()
 	var ds *appsv1.DaemonSet
 	for _, o := range objs {
 		gvr, ok := gvrs[o.GetKind()]
-		if !ok || !strings.HasPrefix(o.GetName(), "istio-cni") {
+		if !ok || !strings.HasPrefix(o.GetName(), prefix) {
 			continue
 		}
 		var err error
@@ -109,7 +115,7 @@ func applyIstioCNI(t *testing.T, cp *cluster.ControlPlane, objs []*unstructured.
 		}
 	}
 	if ds == nil {
-		t.Fatal("no istio-cni-node DaemonSet in the rendered manifest")
+		t.Fatalf("no %s DaemonSet in the rendered manifest", prefix)
 	}
 	return ds
 }

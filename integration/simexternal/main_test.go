@@ -168,6 +168,12 @@ func (l testLog) Write(p []byte) (int, error) {
 // startSim starts the simulator's nodes as kubelets of cp.
 func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, nodes int) *sim.Cluster {
 	t.Helper()
+	return startSimWith(t, cp, paths, nodes, nil)
+}
+
+// startSimWith also knows the extra images.
+func startSimWith(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, nodes int, extra map[string]sim.Image) *sim.Cluster {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -180,6 +186,9 @@ func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, n
 		appImage: {Entrypoint: self},
 		"registry.istio.io/testing/install-cni:latest-distroless": {Entrypoint: paths[bins.InstallCNI],
 			Files: map[string]string{"/opt/cni/bin/istio-cni": paths[bins.IstioCNI]}},
+	}
+	for k, v := range extra {
+		images[k] = v
 	}
 	c, err := sim.Start(context.Background(), sim.Options{Nodes: nodes,
 		Log: slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
