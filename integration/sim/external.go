@@ -230,11 +230,18 @@ func (n *Node) register(ctx context.Context) error {
 	n.cluster.onClose(func() error {
 		err := k.CoreV1().Nodes().Delete(context.Background(), n.Name, metav1.DeleteOptions{})
 		if apierrors.IsNotFound(err) {
-			return nil
+			err = nil
 		}
-		return err
+		lerr := k.CoordinationV1().Leases(corev1.NamespaceNodeLease).Delete(context.Background(), n.Name, metav1.DeleteOptions{})
+		if apierrors.IsNotFound(lerr) {
+			lerr = nil
+		}
+		return errors.Join(err, lerr)
 	})
-	return n.writeNodeStatus(ctx)
+	if err := n.writeNodeStatus(ctx); err != nil {
+		return err
+	}
+	return n.renewLease(ctx)
 }
 
 func (n *Node) writeNodeStatus(ctx context.Context) error {
@@ -284,23 +291,14 @@ func kernelRelease() string {
 func (n *Node) heartbeat() {
 	defer n.cluster.wg.Done()
 	ctx := n.cluster.ctx
-	k := n.cluster.ext
-	leases := k.CoordinationV1().Leases(corev1.NamespaceNodeLease)
 	lastStatus := time.Now()
 	for {
-		now := metav1.NewMicroTime(time.Now())
-		l, err := leases.Get(ctx, n.Name, metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			dur := int32(40)
-			holder := n.Name
-			_, err = leases.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Namespace: corev1.NamespaceNodeLease},
-				Spec: coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &dur, RenewTime: &now}}, metav1.CreateOptions{})
-		case err == nil:
-			l.Spec.RenewTime = &now
-			_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
 		}
-		if err != nil && ctx.Err() == nil {
+		if err := n.renewLease(ctx); err != nil && ctx.Err() == nil {
 			n.cluster.log.Warn("node lease", "node", n.Name, "err", err)
 		}
 		if time.Since(lastStatus) >= 40*time.Second {
@@ -309,12 +307,25 @@ func (n *Node) heartbeat() {
 			}
 			lastStatus = time.Now()
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
 	}
+}
+
+// renewLease creates or renews the node's Lease in kube-node-lease.
+func (n *Node) renewLease(ctx context.Context) error {
+	leases := n.cluster.ext.CoordinationV1().Leases(corev1.NamespaceNodeLease)
+	now := metav1.NewMicroTime(time.Now())
+	l, err := leases.Get(ctx, n.Name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		dur := int32(40)
+		holder := n.Name
+		_, err = leases.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Namespace: corev1.NamespaceNodeLease},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &dur, RenewTime: &now}}, metav1.CreateOptions{})
+	case err == nil:
+		l.Spec.RenewTime = &now
+		_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+	}
+	return err
 }
 
 // forwardAPIServer listens on the API server's loopback address inside ns

@@ -112,6 +112,10 @@ func inspectApp([]string) (any, error) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM)
 	<-sig
+	if os.Getenv("INSPECT_IGNORE_SIGTERM") != "" {
+		fmt.Println("SIGTERM ignored")
+		select {} // until SIGKILL
+	}
 	// Record the SIGTERM where the test can see it (an emptyDir on a
 	// hostPath would be better; the log is enough).
 	fmt.Println("SIGTERM received")
