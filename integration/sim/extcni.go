@@ -229,5 +229,8 @@ func (p *extPod) runPlugin(command, netName string, pc map[string]any, prev json
 		return nil, fmt.Errorf("CNI %s %s: %w: %s %s", command, typ, err, strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String()))
 	}
 	p.logf("CNI plugin ran", "command", command, "plugin", typ)
+	n.ext.mu.Lock()
+	n.ext.cni = append(n.ext.cni, command+" "+typ+" "+p.key)
+	n.ext.mu.Unlock()
 	return stdout.Bytes(), nil
 }

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -54,11 +55,16 @@ type External struct {
 	// ClusterIPs there, e.g. a kube-proxy stand-in, sits on the node).
 	// Only this prefix: pods still have no route out of the simulator.
 	ServiceCIDR netip.Prefix
-	// Hosts, when set, gives lines the kubelet appends to every
-	// container's /etc/hosts (e.g. Service names and their ClusterIPs: a
-	// stand-in for the cluster's DNS). Each container also gets an
-	// /etc/resolv.conf without nameservers, never the machine's.
+	// Hosts, when set, gives lines the kubelet appends to every pod's
+	// /etc/hosts when it starts (e.g. Service names and their ClusterIPs:
+	// a stand-in for the cluster's DNS).
 	Hosts func() string
+	// ClusterDNS is the nameserver of pods with dnsPolicy ClusterFirst
+	// (a kubelet's --cluster-dns), with the cluster.local search path.
+	// Unset, their resolv.conf has no nameserver (nothing resolves; the
+	// machine's resolver is never used). Must be an address inside the
+	// simulated cluster.
+	ClusterDNS netip.Addr
 }
 
 // Image is what a container image holds, for the simulator: its program
@@ -83,14 +89,16 @@ var nodeAllocatable = corev1.ResourceList{
 
 // extNode is a node's kubelet state in the external mode.
 type extNode struct {
-	hostDir  string // <run>/<node>/host: the node's hostPath root
-	pinDir   string // the node's bpffs directory (its /sys/fs/bpf)
-	init     *os.Process
-	pidns    *os.File
-	netnsDir string // <host>/var/run/netns, a shared mount
+	hostDir   string // <run>/<node>/host: the node's hostPath root
+	pinDir    string // the node's bpffs directory (its /sys/fs/bpf)
+	cgroupDir string // the node's cgroup (its /sys/fs/cgroup)
+	init      *os.Process
+	pidns     *os.File
+	netnsDir  string // <host>/var/run/netns, a shared mount
 
 	mu   sync.Mutex
 	pods map[types.UID]*extPod
+	cni  []string // "ADD|DEL <plugin> <namespace>/<name>", in order
 }
 
 func (c *Cluster) startExternal(ctx context.Context) error {
@@ -141,6 +149,7 @@ func (c *Cluster) addExternalNode(ctx context.Context, idx int) (*Node, error) {
 	}
 	x.hostDir = filepath.Join(c.RunDir, name, "host")
 	x.pinDir = filepath.Join(c.pinRoot, name)
+	x.cgroupDir = n.Cgroup.Path
 	for _, d := range []string{x.hostDir, x.pinDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
@@ -231,11 +240,18 @@ func (n *Node) register(ctx context.Context) error {
 	n.cluster.onClose(func() error {
 		err := k.CoreV1().Nodes().Delete(context.Background(), n.Name, metav1.DeleteOptions{})
 		if apierrors.IsNotFound(err) {
-			return nil
+			err = nil
 		}
-		return err
+		lerr := k.CoordinationV1().Leases(corev1.NamespaceNodeLease).Delete(context.Background(), n.Name, metav1.DeleteOptions{})
+		if apierrors.IsNotFound(lerr) {
+			lerr = nil
+		}
+		return errors.Join(err, lerr)
 	})
-	return n.writeNodeStatus(ctx)
+	if err := n.writeNodeStatus(ctx); err != nil {
+		return err
+	}
+	return n.renewLease(ctx)
 }
 
 // writeNodeStatus writes the node's status, again on a conflict (the node
@@ -295,23 +311,14 @@ func kernelRelease() string {
 func (n *Node) heartbeat() {
 	defer n.cluster.wg.Done()
 	ctx := n.cluster.ctx
-	k := n.cluster.ext
-	leases := k.CoordinationV1().Leases(corev1.NamespaceNodeLease)
 	lastStatus := time.Now()
 	for {
-		now := metav1.NewMicroTime(time.Now())
-		l, err := leases.Get(ctx, n.Name, metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			dur := int32(40)
-			holder := n.Name
-			_, err = leases.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Namespace: corev1.NamespaceNodeLease},
-				Spec: coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &dur, RenewTime: &now}}, metav1.CreateOptions{})
-		case err == nil:
-			l.Spec.RenewTime = &now
-			_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
 		}
-		if err != nil && ctx.Err() == nil {
+		if err := n.renewLease(ctx); err != nil && ctx.Err() == nil {
 			n.cluster.log.Warn("node lease", "node", n.Name, "err", err)
 		}
 		if time.Since(lastStatus) >= 40*time.Second {
@@ -320,12 +327,25 @@ func (n *Node) heartbeat() {
 			}
 			lastStatus = time.Now()
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
 	}
+}
+
+// renewLease creates or renews the node's Lease in kube-node-lease.
+func (n *Node) renewLease(ctx context.Context) error {
+	leases := n.cluster.ext.CoordinationV1().Leases(corev1.NamespaceNodeLease)
+	now := metav1.NewMicroTime(time.Now())
+	l, err := leases.Get(ctx, n.Name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		dur := int32(40)
+		holder := n.Name
+		_, err = leases.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Namespace: corev1.NamespaceNodeLease},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &dur, RenewTime: &now}}, metav1.CreateOptions{})
+	case err == nil:
+		l.Spec.RenewTime = &now
+		_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+	}
+	return err
 }
 
 // forwardAPIServer listens on the API server's loopback address inside ns
@@ -435,12 +455,37 @@ func (n *Node) InitPid() int {
 	return n.ext.init.Pid
 }
 
-// HostPath is where a hostPath of the node lives on the machine.
+// CNICalls lists the chained CNI plugin calls the node's kubelet made
+// ("ADD istio-cni ns/name"), in order.
+func (n *Node) CNICalls() []string {
+	n.ext.mu.Lock()
+	defer n.ext.mu.Unlock()
+	return append([]string(nil), n.ext.cni...)
+}
+
+// HostPath is where a path of the node's file system (a hostPath) lives
+// on the machine: /sys/fs/bpf is the node's bpffs directory, /sys/fs/cgroup
+// its cgroup, /var/run is /run, the rest is under <run>/<node>/host.
 func (n *Node) HostPath(p string) string {
 	if n.ext == nil {
 		return ""
 	}
-	return filepath.Join(n.ext.hostDir, filepath.Clean("/"+p))
+	return n.ext.hostFile(p)
+}
+
+// hostFile maps a path of the node's file system to the machine's: under
+// the node's host directory, with /var/run as /run (a symlink on a node).
+func (x *extNode) hostFile(p string) string {
+	p = filepath.Clean("/" + p)
+	for prefix, dir := range map[string]string{"/sys/fs/bpf": x.pinDir, "/sys/fs/cgroup": x.cgroupDir} {
+		if p == prefix || strings.HasPrefix(p, prefix+"/") {
+			return filepath.Join(dir, strings.TrimPrefix(p, prefix))
+		}
+	}
+	if p == "/var/run" || strings.HasPrefix(p, "/var/run/") {
+		p = "/run" + strings.TrimPrefix(p, "/var/run")
+	}
+	return filepath.Join(x.hostDir, p)
 }
 
 func mustJSON(v any) string {

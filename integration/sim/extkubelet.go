@@ -414,6 +414,15 @@ func (p *extPod) supervise(ec *extContainer) {
 		if p.ctx.Err() != nil {
 			return
 		}
+		if code == notStarted {
+			// Not created (a missing ConfigMap, an unknown image): retried,
+			// not a restart.
+			var ok bool
+			if d, ok = p.backoff(d); !ok {
+				return
+			}
+			continue
+		}
 		p.mu.Lock()
 		policy := p.pod.Spec.RestartPolicy
 		p.mu.Unlock()
@@ -434,15 +443,18 @@ func (p *extPod) supervise(ec *extContainer) {
 	}
 }
 
+// notStarted is runOnce's code for a container that could not be created.
+const notStarted = -2
+
 // runOnce starts the container and waits for it to exit.
 func (p *extPod) runOnce(ec *extContainer) (int, error) {
 	cmd, err := p.startContainer(ec)
 	if err != nil {
 		p.mu.Lock()
-		ec.waiting, ec.message = "CreateContainerError", err.Error()
+		ec.waiting, ec.message = "CreateContainerConfigError", err.Error()
 		p.mu.Unlock()
 		p.markDirty()
-		return -1, err
+		return notStarted, err
 	}
 	p.markDirty()
 	err = cmd.Wait()
@@ -509,11 +521,7 @@ func (p *extPod) startContainer(ec *extContainer) (*exec.Cmd, error) {
 	for target, src := range img.Files {
 		mounts = append(mounts, containerMount{Kind: mountBind, Source: src, Target: target, ReadOnly: true})
 	}
-	etc, err := p.writeEtc(pod)
-	if err != nil {
-		return nil, err
-	}
-	mounts = append(mounts, etc...)
+
 	id := newContainerID()
 	cg, err := p.cgroup.Child(id)
 	if err != nil {
@@ -724,7 +732,9 @@ func (p *extPod) status(cur *corev1.Pod) corev1.PodStatus {
 			return s
 		}
 		s.RestartCount = ec.restarts
-		s.ContainerID = "kmesh-sim://" + ec.id
+		if ec.id != "" {
+			s.ContainerID = "kmesh-sim://" + ec.id
+		}
 		s.Ready = ec.ready
 		started := ec.running
 		s.Started = &started
@@ -846,34 +856,6 @@ func (p *extPod) execIn(ctx context.Context, ec *extContainer, argv []string) ([
 	defer cgf.Close()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, UseCgroupFD: true, CgroupFD: int(cgf.Fd())}
 	return cmd.CombinedOutput()
-}
-
-// writeEtc writes the pod's /etc/hosts (localhost, the pod's name and
-// address, External.Hosts) and an /etc/resolv.conf without nameservers,
-// and returns their mounts: a container never sees the machine's
-// resolver, which is outside the simulator.
-func (p *extPod) writeEtc(pod *corev1.Pod) ([]containerMount, error) {
-	hosts := "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-	if !p.hostNet && p.podIP.IsValid() {
-		hosts += fmt.Sprintf("%s\t%s\n", p.podIP, pod.Name)
-	}
-	if h := p.n.cluster.opts.External.Hosts; h != nil {
-		hosts += h()
-	}
-	dir := filepath.Join(p.dir, "etc")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
-	}
-	files := map[string]string{"hosts": hosts, "resolv.conf": "# kmesh simulator: no nameserver (no cluster DNS; names come from /etc/hosts)\noptions ndots:1\n"}
-	var out []containerMount
-	for name, text := range files {
-		f := filepath.Join(dir, name)
-		if err := os.WriteFile(f, []byte(text), 0o644); err != nil {
-			return nil, err
-		}
-		out = append(out, containerMount{Kind: mountBind, Source: f, Target: "/etc/" + name, ReadOnly: true})
-	}
-	return out, nil
 }
 
 var _ = strings.TrimSpace

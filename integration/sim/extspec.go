@@ -278,6 +278,9 @@ func (p *extPod) prepareVolumes(pod *corev1.Pod) error {
 	ctx, cancel := context.WithTimeout(p.ctx, 20*time.Second)
 	defer cancel()
 	p.mounts = map[string]volumeSource{}
+	if err := p.writeEtcFiles(pod); err != nil {
+		return err
+	}
 	for _, v := range pod.Spec.Volumes {
 		dir := filepath.Join(p.dir, "volumes", v.Name)
 		var err error
@@ -337,20 +340,17 @@ func (p *extPod) hostPath(h *corev1.HostPathVolumeSource) (volumeSource, error) 
 		rest, ok := strings.CutPrefix(path, prefix+"/")
 		return rest, ok
 	}
-	if rest, ok := under("/sys/fs/bpf"); ok {
-		d := filepath.Join(n.ext.pinDir, rest)
+	if _, ok := under("/sys/fs/bpf"); ok {
+		d := n.ext.hostFile(path)
 		return volumeSource{kind: mountBind, path: d}, os.MkdirAll(d, 0o700)
 	}
-	if rest, ok := under("/sys/fs/cgroup"); ok {
-		return volumeSource{kind: mountBind, path: filepath.Join(n.Cgroup.Path, rest)}, nil
+	if _, ok := under("/sys/fs/cgroup"); ok {
+		return volumeSource{kind: mountBind, path: n.ext.hostFile(path)}, nil
 	}
 	if path == "/proc" {
 		return volumeSource{kind: mountProc}, nil
 	}
-	if rest, ok := under("/var/run"); ok { // /var/run is /run on a node
-		path = filepath.Join("/run", rest)
-	}
-	d := filepath.Join(n.ext.hostDir, path)
+	d := n.ext.hostFile(path)
 	typ := corev1.HostPathUnset
 	if h.Type != nil {
 		typ = *h.Type
@@ -514,9 +514,85 @@ func formatMap(m map[string]string) string {
 	return strings.TrimSuffix(b.String(), "\n")
 }
 
-// containerMounts lists the container's volume mounts.
+// writeEtcFiles writes the pod's /etc/resolv.conf, /etc/hosts and
+// /etc/hostname as a kubelet does (dnsPolicy, dnsConfig, hostAliases).
+func (p *extPod) writeEtcFiles(pod *corev1.Pod) error {
+	dir := filepath.Join(p.dir, "etc")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	hostname := pod.Name
+	if pod.Spec.Hostname != "" {
+		hostname = pod.Spec.Hostname
+	}
+	if p.hostNet {
+		hostname = p.n.Name
+	}
+	policy := pod.Spec.DNSPolicy
+	if policy == "" {
+		policy = corev1.DNSClusterFirst
+	}
+	if p.hostNet && policy == corev1.DNSClusterFirst {
+		policy = corev1.DNSDefault // as a kubelet does: only ClusterFirstWithHostNet gets cluster DNS
+	}
+	var servers, searches, options []string
+	switch policy {
+	case corev1.DNSClusterFirst, corev1.DNSClusterFirstWithHostNet:
+		if dns := p.n.cluster.opts.External.ClusterDNS; dns.IsValid() {
+			servers = []string{dns.String()}
+		}
+		searches = []string{pod.Namespace + ".svc.cluster.local", "svc.cluster.local", "cluster.local"}
+		options = []string{"ndots:5"}
+	case corev1.DNSDefault:
+		// The node's resolver: the simulator's nodes have none.
+	}
+	if dc := pod.Spec.DNSConfig; dc != nil {
+		servers = append(servers, dc.Nameservers...)
+		searches = append(searches, dc.Searches...)
+		for _, o := range dc.Options {
+			if o.Value != nil {
+				options = append(options, o.Name+":"+*o.Value)
+			} else {
+				options = append(options, o.Name)
+			}
+		}
+	}
+	var rc strings.Builder
+	rc.WriteString("# written by the kmesh simulator's kubelet\n")
+	for _, s := range servers {
+		fmt.Fprintf(&rc, "nameserver %s\n", s)
+	}
+	if len(searches) > 0 {
+		fmt.Fprintf(&rc, "search %s\n", strings.Join(searches, " "))
+	}
+	if len(options) > 0 {
+		fmt.Fprintf(&rc, "options %s\n", strings.Join(options, " "))
+	}
+	hosts := "# written by the kmesh simulator's kubelet\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+	if !p.hostNet {
+		hosts += fmt.Sprintf("%s\t%s\n", p.podIP, hostname)
+	}
+	for _, ha := range pod.Spec.HostAliases {
+		hosts += fmt.Sprintf("%s\t%s\n", ha.IP, strings.Join(ha.Hostnames, "\t"))
+	}
+	if h := p.n.cluster.opts.External.Hosts; h != nil {
+		hosts += h()
+	}
+	for name, data := range map[string]string{"resolv.conf": rc.String(), "hosts": hosts, "hostname": hostname + "\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// containerMounts lists the container's volume mounts, after the pod's
+// /etc files (a volume at one of those paths wins, mounted later).
 func (p *extPod) containerMounts(pod *corev1.Pod, ctr corev1.Container) ([]containerMount, error) {
 	var out []containerMount
+	for _, f := range []string{"resolv.conf", "hosts", "hostname"} {
+		out = append(out, containerMount{Kind: mountBind, Source: filepath.Join(p.dir, "etc", f), Target: "/etc/" + f})
+	}
 	for _, vm := range ctr.VolumeMounts {
 		src, ok := p.mounts[vm.Name]
 		if !ok {

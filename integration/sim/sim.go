@@ -17,6 +17,35 @@
 //
 // Close (also on a failed test, and after Ctrl-C through the caller's
 // context) removes every namespace, cgroup, pin, socket and process.
+//
+// External mode (Options.External, external.go, extkubelet.go,
+// extspec.go, extcni.go, container.go): the nodes are kubelets of a real
+// kube-apiserver instead. Nothing above runs (no embedded control plane,
+// daemon or node agent); each node registers a Ready Node with a Lease and
+// runs every pod bound to it, whatever it is (pilot-discovery, kmesh-daemon
+// as the ztunnel DaemonSet's pod, Istio's install-cni, apps), with the
+// pod's command, args, env, volumes, probes and lifecycle, as the node's
+// container runtime and CNI:
+//
+//   - a node has a PID namespace whose init is named kubelet and lives in
+//     the node's network namespace (istio-cni reads /host/proc/1/ns/net);
+//     a host directory <run>/<node>/host for hostPaths (/var/run is /run;
+//     /sys/fs/bpf is its bpffs directory, /sys/fs/cgroup its cgroup,
+//     /proc a procfs of its PID namespace); a CNI config
+//     (/etc/cni/net.d) whose first plugin the kubelet implements;
+//   - a container is a process in the pod's network namespace, the node's
+//     PID namespace, the cgroup <node>/pod<uid>/<container id> and a mount
+//     namespace whose root is an overlay of the machine's root (the image)
+//     with the volumes at their mountPath; Image maps the container image
+//     to its program (and extra files);
+//   - pods reach the API server at its own 127.0.0.1:port through a
+//     forwarder the kubelet runs in each network namespace (it dials only
+//     that address); their resolv.conf names only External.ClusterDNS.
+//
+// Not simulated: users and capabilities (everything runs as root),
+// resource limits, image pulls, token refresh, volume updates, kube-proxy
+// and cluster DNS (services resolve only if the caller provides a DNS
+// server), startup and liveness probes, ephemeral containers, gRPC probes.
 package sim
 
 import (

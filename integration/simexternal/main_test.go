@@ -112,6 +112,10 @@ func inspectApp([]string) (any, error) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM)
 	<-sig
+	if os.Getenv("INSPECT_IGNORE_SIGTERM") != "" {
+		fmt.Println("SIGTERM ignored")
+		select {} // until SIGKILL
+	}
 	// Record the SIGTERM where the test can see it (an emptyDir on a
 	// hostPath would be better; the log is enough).
 	fmt.Println("SIGTERM received")
@@ -168,6 +172,12 @@ func (l testLog) Write(p []byte) (int, error) {
 // startSim starts the simulator's nodes as kubelets of cp.
 func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, nodes int) *sim.Cluster {
 	t.Helper()
+	return startSimWith(t, cp, paths, nodes, nil)
+}
+
+// startSimWith also knows the extra images.
+func startSimWith(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, nodes int, extra map[string]sim.Image) *sim.Cluster {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -180,6 +190,9 @@ func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, n
 		appImage: {Entrypoint: self},
 		"registry.istio.io/testing/install-cni:latest-distroless": {Entrypoint: paths[bins.InstallCNI],
 			Files: map[string]string{"/opt/cni/bin/istio-cni": paths[bins.IstioCNI]}},
+	}
+	for k, v := range extra {
+		images[k] = v
 	}
 	c, err := sim.Start(context.Background(), sim.Options{Nodes: nodes,
 		Log: slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -208,6 +221,15 @@ func startSim(t *testing.T, cp *cluster.ControlPlane, paths map[string]string, n
 		}
 		if err := c.Close(); err != nil {
 			t.Errorf("closing the simulator: %v", err)
+		}
+		// The control plane is shared: the next test's nodes have the same
+		// names and would run this test's pods.
+		zero := int64(0)
+		for _, n := range c.Nodes {
+			pods, _ := cp.Kube.CoreV1().Pods("").List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName=" + n.Name})
+			for _, p := range pods.Items {
+				_ = cp.Kube.CoreV1().Pods(p.Namespace).Delete(context.Background(), p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+			}
 		}
 	})
 	return c

@@ -218,6 +218,15 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 			t.Errorf("%s: %q, want %q", path, got, want)
 		}
 	}
+	// The kubelet's /etc files: cluster search path, no nameserver (no
+	// cluster DNS given: the machine's resolver is never used), the pod in
+	// /etc/hosts.
+	if got := fetch("/file?path=/etc/resolv.conf"); !strings.Contains(got, "search apps.svc.cluster.local svc.cluster.local cluster.local") || strings.Contains(got, "nameserver") {
+		t.Errorf("resolv.conf: %q", got)
+	}
+	if got := fetch("/file?path=/etc/hosts"); !strings.Contains(got, pod.Status.PodIP+"\tinspect") {
+		t.Errorf("hosts: %q", got)
+	}
 	if got := fetch("/file?path=/etc/podinfo/labels"); !strings.Contains(got, `app="inspect"`) {
 		t.Errorf("labels file: %q", got)
 	}
@@ -299,10 +308,40 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 		t.Errorf("hostNetwork pod IP %s, want the node's %s", hpod.Status.PodIP, c.Node("node-2").Net.Uplink4())
 	}
 
+	// Deletion of a container that ignores SIGTERM: preStop runs first,
+	// SIGKILL after the grace period.
+	stubborn := inspectPod(ns, "stubborn", "node-1")
+	stubborn.Spec.TerminationGracePeriodSeconds = ptr(int64(2))
+	stubborn.Spec.Containers[0].Env = append(stubborn.Spec.Containers[0].Env, corev1.EnvVar{Name: "INSPECT_IGNORE_SIGTERM", Value: "1"})
+	stubborn.Spec.Containers[0].Lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{
+		Command: []string{"sh", "-c", "echo -n ran > /host/test/prestop"}}}}
+	if _, err := k.CoreV1().Pods(ns).Create(ctx, stubborn, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, k, ns, "stubborn", 30*time.Second)
+	start = time.Now()
+	if err := k.CoreV1().Pods(ns).Delete(ctx, "stubborn", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "stubborn deleted", func() (bool, string) {
+		_, err := k.CoreV1().Pods(ns).Get(ctx, "stubborn", metav1.GetOptions{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+	if took := time.Since(start); took < 2*time.Second || took > 10*time.Second {
+		t.Errorf("a SIGTERM-ignoring pod with a 2 s grace period took %s to go", took)
+	}
+	if b, err := os.ReadFile(filepath.Join(filepath.Dir(hostFile), "prestop")); err != nil || string(b) != "ran" {
+		t.Errorf("preStop: %q %v", b, err)
+	}
+	logs, _ := os.ReadFile(filepath.Join(c.RunDir, "node-1", "logs", "apps_stubborn_app.log"))
+	if !strings.Contains(string(logs), "SIGTERM ignored") {
+		t.Errorf("stubborn did not get SIGTERM: %s", logs)
+	}
+
 	// Deletion: SIGTERM, then the object goes; the sandbox with it.
-	pins, _ := filepath.Glob(filepath.Join(n1.HostPath("/run/netns"), "cni-*"))
-	if len(pins) != 1 {
-		t.Errorf("netns pins on node-1: %v", pins)
+	pin := filepath.Join(n1.HostPath("/var/run/netns"), "cni-"+string(pod.UID))
+	if _, err := os.Stat(pin); err != nil {
+		t.Errorf("the pod's netns pin: %v", err)
 	}
 	start = time.Now()
 	if err := k.CoreV1().Pods(ns).Delete(ctx, "inspect", metav1.DeleteOptions{}); err != nil {
@@ -316,10 +355,10 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(n1.Cgroup.Path, "pod"+string(pod.UID))); err == nil {
 		t.Errorf("pod cgroup left")
 	}
-	if pins, _ := filepath.Glob(filepath.Join(n1.HostPath("/run/netns"), "cni-*")); len(pins) != 0 {
-		t.Errorf("netns pins left: %v", pins)
+	if _, err := os.Stat(pin); err == nil {
+		t.Errorf("netns pin left: %s", pin)
 	}
-	logs, _ := os.ReadFile(filepath.Join(c.RunDir, "node-1", "logs", "apps_inspect_app.log"))
+	logs, _ = os.ReadFile(filepath.Join(c.RunDir, "node-1", "logs", "apps_inspect_app.log"))
 	if !strings.Contains(string(logs), "SIGTERM received") {
 		t.Errorf("the container did not get SIGTERM: %s", logs)
 	}
