@@ -112,11 +112,14 @@ func (c *ClusterEgress) SetKube(k kubernetes.Interface) {
 	c.mu.Unlock()
 }
 
-// SetDialer sets how to dial from a simulated node (nil: refuse all).
-func (c *ClusterEgress) SetDialer(d DialFunc) {
+// SetDialer sets how to dial from a simulated node (nil: refuse all) and
+// returns the previous one.
+func (c *ClusterEgress) SetDialer(d DialFunc) DialFunc {
 	c.mu.Lock()
+	defer c.mu.Unlock()
+	prev := c.dial
 	c.dial = d
-	c.mu.Unlock()
+	return prev
 }
 
 // ListenClusterEgress serves the "cluster" proxy at sock.

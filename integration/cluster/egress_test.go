@@ -97,8 +97,8 @@ func TestPrivilegedClusterEgress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	shared.egress.SetDialer(netnsDialer(node.NS))
-	t.Cleanup(func() { shared.egress.SetDialer(nil) })
+	prev := shared.egress.SetDialer(netnsDialer(node.NS))
+	t.Cleanup(func() { shared.egress.SetDialer(prev) })
 
 	const ns, svcName = "kmesh-egress", "egress-webhook"
 	cert, caPEM := selfSigned(t, svcName+"."+ns+".svc")

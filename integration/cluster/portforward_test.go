@@ -91,8 +91,8 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	defer ln.Close()
 	go podnet.ServeTCPName(ln, "target")
 	dial := netnsDialer(node.NS)
-	shared.egress.SetDialer(dial)
-	t.Cleanup(func() { shared.egress.SetDialer(nil) })
+	prev := shared.egress.SetDialer(dial)
+	t.Cleanup(func() { shared.egress.SetDialer(prev) })
 
 	nodeIP := node.Uplink4()
 	var kl net.Listener
