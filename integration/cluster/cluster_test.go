@@ -156,7 +156,7 @@ func controlPlane(t *testing.T) *cluster.ControlPlane {
 		// No istiod: the install brings it (TestPrivilegedClusterControlPlane
 		// starts one directly for itself).
 		// Logs only while starting (this test is running then).
-		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: paths, Log: t.Logf, NoIstiod: true, Egress: socks})
+		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: paths, Log: t.Logf, NoIstiod: true, Egress: socks, Workloads: true})
 		if shared.err != nil {
 			return
 		}

@@ -53,6 +53,10 @@ type Options struct {
 	Bins map[string]string
 	// Log reports progress (optional).
 	Log func(format string, args ...any)
+	// Workloads runs what turns Deployments and DaemonSets into pods bound
+	// to nodes: kube-scheduler and the workload controllers (controllers).
+	// Without it a test creates and binds pods itself.
+	Workloads bool
 	// NoIstiod leaves pilot-discovery out: an install (istioctl, Helm)
 	// brings istiod as a Deployment whose pod runs it. StartIstiod starts
 	// one directly later if a test needs it.
@@ -108,6 +112,9 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		}
 	}()
 	need := []string{bins.Etcd, bins.KubeAPIServer}
+	if opts.Workloads {
+		need = append(need, bins.KubeControllerManager, bins.KubeScheduler)
+	}
 	if !opts.NoIstiod {
 		need = append(need, bins.PilotDiscovery)
 	}
@@ -139,7 +146,7 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		}
 		opts.logf("kube-controller-manager ready in %s", time.Since(t0).Round(time.Millisecond))
 	}
-	if opts.Bins[bins.KubeScheduler] != "" {
+	if opts.Workloads {
 		t0 = time.Now()
 		if err := cp.startScheduler(); err != nil {
 			return nil, err
@@ -281,23 +288,32 @@ current-context: kmesh-cluster
 `, server, caFile, adminToken)
 }
 
+// controllers are what kube-controller-manager runs. Always: service
+// accounts and their tokens, EndpointSlices (istiod and the egress proxy
+// read them), namespace deletion, the kube-root-ca.crt ConfigMap. With
+// Options.Workloads, what turns an install into pods: Deployments (istiod)
+// and their ReplicaSets, DaemonSets (istio-cni-node, ztunnel), the garbage
+// collector (an uninstall deletes the DaemonSet; its pods and a
+// Deployment's ReplicaSets go by owner reference), and node lifecycle: the
+// API server taints every new Node not-ready (admission
+// TaintNodesByCondition) and only this controller lifts it once the
+// node's kubelet (the simulator) reports Ready and renews its Lease;
+// istiod's pod does not tolerate the taint. Never HPA or disruption (no
+// metrics, no evictions here).
+func (cp *ControlPlane) controllers() []string {
+	c := []string{"serviceaccount-controller", "serviceaccount-token-controller", "endpointslice-controller",
+		"endpointslice-mirroring-controller", "namespace-controller", "root-ca-certificate-publisher-controller"}
+	if cp.opts.Workloads {
+		c = append(c, "deployment-controller", "replicaset-controller", "daemonset-controller",
+			"garbage-collector-controller", "node-lifecycle-controller")
+	}
+	return c
+}
+
 func (cp *ControlPlane) startControllerManager(ctx context.Context, pki *kubePKI) error {
 	p, err := cp.start(bins.KubeControllerManager, nil, []string{
 		"--kubeconfig=" + cp.Kubeconfig,
-		// The controllers a cluster whose pods only the simulator's
-		// kubelets run needs: service accounts and their tokens,
-		// EndpointSlices (istiod and the egress proxy read them), namespace
-		// deletion, the kube-root-ca.crt ConfigMap, Deployments (istiod) and
-		// their ReplicaSets, DaemonSets (istio-cni-node, ztunnel), and the
-		// garbage collector (an uninstall deletes the DaemonSet; its pods
-		// and a Deployment's ReplicaSets go by owner reference), and node
-		// lifecycle: the API server taints every new Node not-ready
-		// (admission TaintNodesByCondition) and only this controller lifts
-		// it once the node's kubelet (the simulator) reports Ready and
-		// renews its Lease; istiod's pod does not tolerate the taint. Not
-		// HPA or disruption (no metrics, no evictions here).
-		"--controllers=serviceaccount-controller,serviceaccount-token-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,root-ca-certificate-publisher-controller," +
-			"deployment-controller,replicaset-controller,daemonset-controller,garbage-collector-controller,node-lifecycle-controller",
+		"--controllers=" + strings.Join(cp.controllers(), ","),
 		"--service-account-private-key-file=" + pki.SAKeyFile, "--root-ca-file=" + pki.CAFile,
 		"--use-service-account-credentials=false", "--leader-elect=false",
 		// No serving port: readiness is the default ServiceAccount below.
