@@ -83,7 +83,7 @@ func inspectPod(ns, name, node string) *corev1.Pod {
 				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromString("http")}},
 					PeriodSeconds: 1, FailureThreshold: 1},
 				LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/live", Port: intstr.FromInt32(8080)}},
-					PeriodSeconds: 1, FailureThreshold: 2},
+					PeriodSeconds: 1, FailureThreshold: 2, InitialDelaySeconds: 10}, // a slow start (-race) is not a failure
 			}},
 			Volumes: []corev1.Volume{
 				{Name: "cm", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "app-config"},
