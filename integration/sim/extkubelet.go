@@ -402,9 +402,10 @@ func pinNetns(ns *podnet.Netns, path string) error {
 // supervise runs a container and restarts it when it exits (restartPolicy
 // Always; OnFailure only after a failure; Never not at all).
 func (p *extPod) supervise(ec *extContainer) {
-	probeDone := make(chan struct{})
-	go func() { defer close(probeDone); p.probeLoop(ec) }()
-	defer func() { <-probeDone }()
+	probeDone := make(chan struct{}, 2)
+	go func() { p.probeLoop(ec); probeDone <- struct{}{} }()
+	go func() { p.livenessLoop(ec); probeDone <- struct{}{} }()
+	defer func() { <-probeDone; <-probeDone }()
 	d := firstBackoff
 	for p.ctx.Err() == nil {
 		code, err := p.runOnce(ec)

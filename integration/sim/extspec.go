@@ -665,6 +665,51 @@ func (p *extPod) probeLoop(ec *extContainer) {
 	}
 }
 
+// livenessLoop runs the liveness probe: after failureThreshold failures in
+// a row the container is killed (SIGKILL; a kubelet stops it with its
+// grace period) and its supervisor restarts it.
+func (p *extPod) livenessLoop(ec *extContainer) {
+	pr := ec.spec.LivenessProbe
+	if pr == nil {
+		return
+	}
+	period := 10 * time.Second
+	if pr.PeriodSeconds > 0 {
+		period = time.Duration(pr.PeriodSeconds) * time.Second
+	}
+	timeout := time.Duration(max(pr.TimeoutSeconds, 1)) * time.Second
+	failure := max(pr.FailureThreshold, 3)
+	bad, lastID := int32(0), ""
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-time.After(period):
+		}
+		p.mu.Lock()
+		running, started, proc, id := ec.running, ec.started, ec.proc, ec.id
+		p.mu.Unlock()
+		if id != lastID {
+			bad, lastID = 0, id
+		}
+		if !running || time.Since(started.Time) < time.Duration(pr.InitialDelaySeconds)*time.Second {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(p.ctx, timeout)
+		err := p.runHandler(ctx, ec, &pr.ProbeHandler)
+		cancel()
+		if err == nil {
+			bad = 0
+			continue
+		}
+		if bad++; bad >= failure && proc != nil {
+			p.logf("liveness probe failed: restarting", "container", ec.spec.Name, "err", err)
+			_ = proc.Kill()
+			bad = 0
+		}
+	}
+}
+
 // runHandler runs a probe or lifecycle handler: httpGet and tcpSocket
 // from the pod's network namespace to the pod's address, exec inside the
 // container.

@@ -179,6 +179,12 @@ func (r *zdsRecorder) record(e string) {
 	r.mu.Unlock()
 }
 
+func (r *zdsRecorder) log() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.events...)
+}
+
 func (r *zdsRecorder) netns(uid string) (uint64, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -281,7 +287,7 @@ func TestPrivilegedSimExternalIstioCNI(t *testing.T) {
 			}
 			ino, ok := rec.netns(string(pod.UID))
 			return p.Annotations["ambient.istio.io/redirection"] == "enabled" && ok && ino == inode(pin),
-				fmt.Sprintf("annotations %v, zds %v (netns %d, pin %d)", p.Annotations, rec.events, ino, inode(pin))
+				fmt.Sprintf("annotations %v, zds %v (netns %d, pin %d)", p.Annotations, rec.log(), ino, inode(pin))
 		})
 		eventually(t, 15*time.Second, pod.Name+" in-pod rules", func() (bool, string) {
 			out, err := n1.Exec(ctx, ns, pod.Name, "app", "sh", "-c", "iptables-nft-save; iptables-legacy-save")
@@ -310,7 +316,7 @@ func TestPrivilegedSimExternalIstioCNI(t *testing.T) {
 	eventually(t, 30*time.Second, "late deleted and unenrolled", func() (bool, string) {
 		_, err := k.CoreV1().Pods(ns).Get(ctx, "late", metav1.GetOptions{})
 		_, enrolled := rec.netns(string(latePod.UID))
-		return apierrors.IsNotFound(err) && !enrolled, fmt.Sprintf("get: %v, zds: %v", err, rec.events)
+		return apierrors.IsNotFound(err) && !enrolled, fmt.Sprintf("get: %v, zds: %v", err, rec.log())
 	})
 	if calls := n1.CNICalls(); !strings.Contains(strings.Join(calls, "\n"), "DEL istio-cni "+ns+"/late") {
 		t.Errorf("CNI calls %v lack DEL for late", calls)

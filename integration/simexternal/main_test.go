@@ -100,6 +100,13 @@ func inspectApp([]string) (any, error) {
 		}
 		fmt.Fprint(w, "ok")
 	})
+	mux.HandleFunc("/live", func(w http.ResponseWriter, _ *http.Request) {
+		if _, err := os.Stat("/tmp/not-live"); err == nil {
+			http.Error(w, "not live", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprint(w, "ok")
+	})
 	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, "bye")
 		go func() { time.Sleep(50 * time.Millisecond); os.Exit(3) }()

@@ -82,6 +82,8 @@ func inspectPod(ns, name, node string) *corev1.Pod {
 				},
 				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromString("http")}},
 					PeriodSeconds: 1, FailureThreshold: 1},
+				LivenessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/live", Port: intstr.FromInt32(8080)}},
+					PeriodSeconds: 1, FailureThreshold: 2, InitialDelaySeconds: 10}, // a slow start (-race) is not a failure
 			}},
 			Volumes: []corev1.Volume{
 				{Name: "cm", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "app-config"},
@@ -291,6 +293,22 @@ func TestPrivilegedSimExternalPods(t *testing.T) {
 		}
 		s := p.Status.ContainerStatuses[0]
 		ok := s.RestartCount == 1 && s.LastTerminationState.Terminated != nil && s.LastTerminationState.Terminated.ExitCode == 3 && podReady(p)
+		b, _ := json.Marshal(s)
+		return ok, string(b)
+	})
+
+	// A failing liveness probe restarts the container, whose root is new
+	// (the file that failed it is gone).
+	if out, err := n1.Exec(ctx, ns, "inspect", "app", "touch", "/tmp/not-live"); err != nil {
+		t.Fatalf("exec: %v: %s", err, out)
+	}
+	eventually(t, 30*time.Second, "liveness restart", func() (bool, string) {
+		p, err := k.CoreV1().Pods(ns).Get(ctx, "inspect", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		s := p.Status.ContainerStatuses[0]
+		ok := s.RestartCount == 2 && s.LastTerminationState.Terminated != nil && s.LastTerminationState.Terminated.ExitCode == 137 && podReady(p)
 		b, _ := json.Marshal(s)
 		return ok, string(b)
 	})
