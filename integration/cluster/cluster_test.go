@@ -18,6 +18,7 @@ import (
 	"istio.io/istio/pkg/zdsapi"
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -38,8 +39,23 @@ var (
 	buildErr  error
 )
 
+// stopMeshHook tears the install's simulated nodes down (mesh_test.go).
+var stopMeshHook = func() error { return nil }
+
 func TestMain(m *testing.M) {
+	// The simulated kubelet runs pods' built-in apps (echo, clients) by
+	// re-executing this binary.
+	podnet.MaybeRunHelper()
 	code := m.Run()
+	if err := stopMeshHook(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL: tearing the simulated nodes down:", err)
+		code = 1
+	}
+	for _, p := range []*cluster.EgressProxy{shared.egressProxy, shared.loopbackProx} {
+		if p != nil {
+			_ = p.Close()
+		}
+	}
 	if shared.cp != nil {
 		start := time.Now()
 		err := stopControlPlane(shared.cp)
@@ -103,7 +119,20 @@ var shared struct {
 	run  *cluster.Run
 	cp   *cluster.ControlPlane
 	err  error
+	// The API server's egress proxies (egress.go): its calls to the
+	// cluster go through egress, dialed from a simulated node.
+	egress       *cluster.ClusterEgress
+	egressProxy  *cluster.EgressProxy
+	loopbackProx *cluster.EgressProxy
 }
+
+// podPrefix and fabricPrefix are the simulated cluster's pod and node
+// addresses (integration/podnet's fabric): the only addresses the
+// egress proxy dials, from inside a node's network namespace.
+var (
+	podPrefix    = netip.MustParsePrefix("10.244.0.0/16")
+	fabricPrefix = netip.MustParsePrefix("10.255.0.0/24")
+)
 
 // controlPlane starts the shared control plane on first use.
 func controlPlane(t *testing.T) *cluster.ControlPlane {
@@ -115,11 +144,23 @@ func controlPlane(t *testing.T) *cluster.ControlPlane {
 		if shared.err = os.Mkdir(dir, 0o700); shared.err != nil {
 			return
 		}
+		socks := &cluster.EgressSockets{Cluster: filepath.Join(dir, "egress-cluster.sock"), ControlPlane: filepath.Join(dir, "egress-controlplane.sock")}
+		shared.egress = &cluster.ClusterEgress{Inside: []netip.Prefix{podPrefix, fabricPrefix}}
+		logf := func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }
+		if shared.egressProxy, shared.err = cluster.ListenClusterEgress(socks.Cluster, shared.egress, logf); shared.err != nil {
+			return
+		}
+		if shared.loopbackProx, shared.err = cluster.ListenLoopbackEgress(socks.ControlPlane, logf); shared.err != nil {
+			return
+		}
+		// No istiod: the install brings it (TestPrivilegedClusterControlPlane
+		// starts one directly for itself).
 		// Logs only while starting (this test is running then).
-		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: paths, Log: t.Logf})
+		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: paths, Log: t.Logf, NoIstiod: true, Egress: socks, Workloads: true})
 		if shared.err != nil {
 			return
 		}
+		shared.egress.SetKube(shared.cp.Kube)
 		t.Logf("control plane up in %s: %v", time.Since(start).Round(time.Millisecond), shared.cp.Pids())
 	})
 	if shared.err != nil {
@@ -159,10 +200,11 @@ func stopControlPlane(cp *cluster.ControlPlane) error {
 
 // The node the test's pods are bound to, and the node proxy's identity.
 const (
-	nodeName   = "n1"
-	proxyPod   = "ztunnel-n1"
-	proxySA    = "ztunnel"
-	shop       = "shop"
+	nodeName = "n1"
+	proxyPod = "ztunnel-n1"
+	proxySA  = "ztunnel"
+	// Not "shop": the install's traffic tests use that namespace.
+	shop       = "cpshop"
 	shopSA     = "shop"
 	serviceApp = "web"
 )
@@ -186,7 +228,7 @@ func createRunningPod(t *testing.T, ctx context.Context, kube kubernetes.Interfa
 	}
 	now := metav1.Now()
 	pod.Status = corev1.PodStatus{
-		Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: "172.18.0.2", StartTime: &now,
+		Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: "10.255.0.201", StartTime: &now,
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
 			{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
@@ -200,6 +242,35 @@ func createRunningPod(t *testing.T, ctx context.Context, kube kubernetes.Interfa
 		t.Fatalf("writing pod %s/%s status: %v", ns, name, err)
 	}
 	return pod
+}
+
+// removeObjects deletes what TestPrivilegedClusterControlPlane made: no
+// kubelet confirms its pods' deletion, so they go with grace 0, then the
+// namespace, the node and the node proxy's stand-in pod (istioctl
+// ztunnel-config would find it by its label).
+func removeObjects(t *testing.T, kube kubernetes.Interface) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	zero := metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(0))}
+	for _, ns := range []string{shop, cluster.IstioNamespace} {
+		pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + nodeName})
+		if err != nil {
+			t.Errorf("listing pods: %v", err)
+			continue
+		}
+		for _, p := range pods.Items {
+			if err := kube.CoreV1().Pods(ns).Delete(ctx, p.Name, zero); err != nil && !apierrors.IsNotFound(err) {
+				t.Errorf("deleting pod %s/%s: %v", ns, p.Name, err)
+			}
+		}
+	}
+	_ = kube.CoreV1().ServiceAccounts(cluster.IstioNamespace).Delete(ctx, proxySA, metav1.DeleteOptions{})
+	if err := kube.CoreV1().Namespaces().Delete(ctx, shop, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		t.Errorf("deleting namespace %s: %v", shop, err)
+	}
+	if err := kube.CoreV1().Nodes().Delete(ctx, nodeName, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		t.Errorf("deleting node %s: %v", nodeName, err)
+	}
 }
 
 // dump is the part of the daemon's /config_dump the tests read.
@@ -344,6 +415,16 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 	cp := controlPlane(t)
 	kube := cp.Kube
 	t0 := time.Now()
+	// This test's istiod runs directly; the install tests bring their own
+	// (a Deployment), so it stops, and the objects below go, at the end.
+	if err := cp.StartIstiod(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("pilot-discovery ready in %s", time.Since(t0).Round(time.Millisecond))
+	t.Cleanup(func() {
+		cp.StopIstiod()
+		removeObjects(t, kube)
+	})
 
 	// The cluster's objects, as kubectl and a kubelet would write them.
 	if _, err := kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName}}, metav1.CreateOptions{}); err != nil {
@@ -370,12 +451,12 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 	// Pods as istio-cni leaves them once redirected: the annotation is
 	// what makes istiod announce them as HBONE workloads.
 	redirected := map[string]string{"ambient.istio.io/redirection": "enabled"}
-	want := map[string]string{"web-1": "10.244.1.11", "web-2": "10.244.1.12"}
+	want := map[string]string{"web-1": "10.244.201.11", "web-2": "10.244.201.12"}
 	web := map[string]*corev1.Pod{}
 	for name, ip := range want {
 		web[name] = createRunningPod(t, ctx, kube, shop, name, shopSA, ip, map[string]string{"app": serviceApp}, redirected)
 	}
-	proxy := createRunningPod(t, ctx, kube, cluster.IstioNamespace, proxyPod, proxySA, "10.244.1.2", map[string]string{"app": "ztunnel"}, nil)
+	proxy := createRunningPod(t, ctx, kube, cluster.IstioNamespace, proxyPod, proxySA, "10.244.201.2", map[string]string{"app": "ztunnel"}, nil)
 
 	// The node proxy's token: what the DaemonSet's projected volume holds
 	// (audience istio-ca, bound to the pod).
@@ -442,7 +523,7 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 	t.Logf("shop workloads and service in the daemon's config_dump after %s", time.Since(t0).Round(time.Millisecond))
 
 	// A pod created now arrives as a delta push over the same stream.
-	want["web-3"] = "10.244.1.13"
+	want["web-3"] = "10.244.201.13"
 	createRunningPod(t, ctx, kube, shop, "web-3", shopSA, want["web-3"], map[string]string{"app": serviceApp}, redirected)
 	waitDump(t, d, want, vip, 30*time.Second)
 	t.Logf("a new pod reached the daemon after %s", time.Since(t0).Round(time.Millisecond))
@@ -450,7 +531,7 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 	// A pod enrolled by the node agent: the daemon asks the real CA for
 	// its certificate, impersonating it with the node proxy's token
 	// (istiod checks the token by TokenReview and the pod on the node).
-	pnode, err := podnet.NewNode("n1", netip.MustParsePrefix("10.244.1.0/24"), netip.Prefix{})
+	pnode, err := podnet.NewNode("n1", netip.MustParsePrefix("10.244.201.0/24"), netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,8 +549,8 @@ func TestPrivilegedClusterControlPlane(t *testing.T) {
 		t.Fatalf("enrolling web-1 over ZDS: %v", err)
 	}
 	waitMetric(t, d, "kmesh_identity_certificates 1", 30*time.Second)
-	if log := d.Log(); !strings.Contains(log, "certificate issued") || !strings.Contains(log, "spiffe://cluster.local/ns/shop/sa/shop") {
-		t.Errorf("the daemon's log does not show the certificate for spiffe://cluster.local/ns/shop/sa/shop issued:\n%s", d.Tail())
+	if log := d.Log(); !strings.Contains(log, "certificate issued") || !strings.Contains(log, "spiffe://cluster.local/ns/"+shop+"/sa/shop") {
+		t.Errorf("the daemon's log does not show the certificate for spiffe://cluster.local/ns/%s/sa/shop issued:\n%s", shop, d.Tail())
 	}
 	t.Logf("web-1 enrolled, its certificate issued by istiod's CA after %s", time.Since(t0).Round(time.Millisecond))
 

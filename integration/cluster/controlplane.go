@@ -8,6 +8,7 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,6 +53,19 @@ type Options struct {
 	Bins map[string]string
 	// Log reports progress (optional).
 	Log func(format string, args ...any)
+	// Workloads runs what turns Deployments and DaemonSets into pods bound
+	// to nodes: kube-scheduler and the workload controllers (controllers).
+	// Without it a test creates and binds pods itself.
+	Workloads bool
+	// NoIstiod leaves pilot-discovery out: an install (istioctl, Helm)
+	// brings istiod as a Deployment whose pod runs it. StartIstiod starts
+	// one directly later if a test needs it.
+	NoIstiod bool
+	// Egress, when set, routes the API server's calls to the cluster
+	// (admission and conversion webhooks, aggregated APIs, kubelets)
+	// through the test's HTTP CONNECT proxies instead of dialing from this
+	// machine's network namespace (egress.go).
+	Egress *EgressSockets
 }
 
 // ControlPlane is a running control plane.
@@ -60,6 +75,9 @@ type ControlPlane struct {
 	Dynamic    dynamic.Interface
 	REST       *rest.Config
 	Kubeconfig string // admin kubeconfig file (for istiod, istioctl)
+	// CAFile is the API server's CA (what in-cluster clients verify it
+	// with: the kube-root-ca.crt ConfigMap holds it too).
+	CAFile string
 	// XDSAddr is istiod's TLS gRPC address (xDS and CA, port 15012 in a
 	// cluster), on 127.0.0.1.
 	XDSAddr string
@@ -69,8 +87,10 @@ type ControlPlane struct {
 	// IstiodHTTPAddr is istiod's HTTP address (/ready, /debug/*).
 	IstiodHTTPAddr string
 
-	procs []*process // in start order
-	opts  Options
+	procs  []*process // in start order
+	istiod *process
+	opts   Options
+	pki    *kubePKI
 }
 
 func (o Options) logf(f string, a ...any) {
@@ -91,7 +111,14 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 			cp = nil
 		}
 	}()
-	for _, n := range []string{bins.Etcd, bins.KubeAPIServer, bins.PilotDiscovery} {
+	need := []string{bins.Etcd, bins.KubeAPIServer}
+	if opts.Workloads {
+		need = append(need, bins.KubeControllerManager, bins.KubeScheduler)
+	}
+	if !opts.NoIstiod {
+		need = append(need, bins.PilotDiscovery)
+	}
+	for _, n := range need {
 		if opts.Bins[n] == "" {
 			return nil, fmt.Errorf("no %s binary given", n)
 		}
@@ -100,6 +127,7 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 	if err != nil {
 		return nil, err
 	}
+	cp.pki, cp.CAFile = pki, pki.CAFile
 	t0 := time.Now()
 	etcdURL, err := cp.startEtcd()
 	if err != nil {
@@ -118,6 +146,13 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		}
 		opts.logf("kube-controller-manager ready in %s", time.Since(t0).Round(time.Millisecond))
 	}
+	if opts.Workloads {
+		t0 = time.Now()
+		if err := cp.startScheduler(); err != nil {
+			return nil, err
+		}
+		opts.logf("kube-scheduler ready in %s", time.Since(t0).Round(time.Millisecond))
+	}
 	if _, err := cp.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: IstioNamespace}}, metav1.CreateOptions{}); err != nil {
 		return nil, err
 	}
@@ -127,11 +162,13 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		return nil, err
 	}
 	opts.logf("%d Istio CRDs established in %s", n, time.Since(t0).Round(time.Millisecond))
-	t0 = time.Now()
-	if err := cp.startIstiod(ctx); err != nil {
-		return nil, err
+	if !opts.NoIstiod {
+		t0 = time.Now()
+		if err := cp.StartIstiod(ctx); err != nil {
+			return nil, err
+		}
+		opts.logf("pilot-discovery ready in %s", time.Since(t0).Round(time.Millisecond))
 	}
-	opts.logf("pilot-discovery ready in %s", time.Since(t0).Round(time.Millisecond))
 	return cp, nil
 }
 
@@ -178,7 +215,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, pki *kubePKI, etcdUR
 		return err
 	}
 	const issuer = "https://kubernetes.default.svc.cluster.local"
-	p, err := cp.start(bins.KubeAPIServer, nil, []string{
+	args := []string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", port),
 		"--cert-dir=" + cp.Dir, "--tls-cert-file=" + pki.CertFile, "--tls-private-key-file=" + pki.KeyFile,
@@ -191,7 +228,18 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, pki *kubePKI, etcdUR
 		// kubernetes Service's endpoints to it.
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true", "--profiling=false", "--enable-priority-and-fairness=false",
-	})
+		// A kubelet is reached at its Node's InternalIP (through the egress
+		// proxy, which dials addresses only), never by host name.
+		"--kubelet-preferred-address-types=InternalIP",
+	}
+	if cp.opts.Egress != nil {
+		f := filepath.Join(cp.Dir, "egress-selector.yaml")
+		if err := os.WriteFile(f, []byte(cp.opts.Egress.config()), 0o600); err != nil {
+			return err
+		}
+		args = append(args, "--egress-selector-config-file="+f)
+	}
+	p, err := cp.start(bins.KubeAPIServer, nil, args)
 	if err != nil {
 		return err
 	}
@@ -240,11 +288,32 @@ current-context: kmesh-cluster
 `, server, caFile, adminToken)
 }
 
+// controllers are what kube-controller-manager runs. Always: service
+// accounts and their tokens, EndpointSlices (istiod and the egress proxy
+// read them), namespace deletion, the kube-root-ca.crt ConfigMap. With
+// Options.Workloads, what turns an install into pods: Deployments (istiod)
+// and their ReplicaSets, DaemonSets (istio-cni-node, ztunnel), the garbage
+// collector (an uninstall deletes the DaemonSet; its pods and a
+// Deployment's ReplicaSets go by owner reference), and node lifecycle: the
+// API server taints every new Node not-ready (admission
+// TaintNodesByCondition) and only this controller lifts it once the
+// node's kubelet (the simulator) reports Ready and renews its Lease;
+// istiod's pod does not tolerate the taint. Never HPA or disruption (no
+// metrics, no evictions here).
+func (cp *ControlPlane) controllers() []string {
+	c := []string{"serviceaccount-controller", "serviceaccount-token-controller", "endpointslice-controller",
+		"endpointslice-mirroring-controller", "namespace-controller", "root-ca-certificate-publisher-controller"}
+	if cp.opts.Workloads {
+		c = append(c, "deployment-controller", "replicaset-controller", "daemonset-controller",
+			"garbage-collector-controller", "node-lifecycle-controller")
+	}
+	return c
+}
+
 func (cp *ControlPlane) startControllerManager(ctx context.Context, pki *kubePKI) error {
 	p, err := cp.start(bins.KubeControllerManager, nil, []string{
 		"--kubeconfig=" + cp.Kubeconfig,
-		// The controllers a cluster without kubelets still needs.
-		"--controllers=serviceaccount-controller,serviceaccount-token-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,root-ca-certificate-publisher-controller",
+		"--controllers=" + strings.Join(cp.controllers(), ","),
 		"--service-account-private-key-file=" + pki.SAKeyFile, "--root-ca-file=" + pki.CAFile,
 		"--use-service-account-credentials=false", "--leader-elect=false",
 		// No serving port: readiness is the default ServiceAccount below.
@@ -346,11 +415,41 @@ func (cp *ControlPlane) applyIstioCRDs(ctx context.Context) (int, error) {
 	return len(names), nil
 }
 
-// startIstiod runs pilot-discovery as the istiod chart does with the
+// startScheduler runs kube-scheduler: it binds the pods the Deployment
+// and DaemonSet controllers create to the simulated nodes. Its serving
+// port is on 127.0.0.1 only, for /readyz; leader election is off (one
+// scheduler).
+func (cp *ControlPlane) startScheduler() error {
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	p, err := cp.start(bins.KubeScheduler, nil, []string{
+		"--kubeconfig=" + cp.Kubeconfig,
+		"--authentication-kubeconfig=" + cp.Kubeconfig, "--authorization-kubeconfig=" + cp.Kubeconfig,
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", port),
+		"--cert-dir=" + filepath.Join(cp.Dir, "kube-scheduler"),
+	})
+	if err != nil {
+		return err
+	}
+	// Its serving certificate is self-signed; /readyz is unauthenticated.
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // loopback readiness only
+	return waitFor("kube-scheduler /readyz", p, 60*time.Second, func() error {
+		_, err := httpGet(hc, fmt.Sprintf("https://127.0.0.1:%d/readyz", port), "")
+		return err
+	})
+}
+
+// StartIstiod runs pilot-discovery as the istiod chart does with the
 // ambient profile (PILOT_ENABLE_AMBIENT, CA_TRUSTED_NODE_ACCOUNTS for the
 // node proxy's ServiceAccount), its CA self-signed, every port on
-// 127.0.0.1.
-func (cp *ControlPlane) startIstiod(ctx context.Context) error {
+// 127.0.0.1. StopIstiod stops it (before an install brings its own).
+func (cp *ControlPlane) StartIstiod(ctx context.Context) error {
+	if cp.istiod != nil {
+		return errors.New("pilot-discovery runs already")
+	}
 	var httpP, httpsP, grpcP, secureP, monP int
 	if err := freePorts(&httpP, &httpsP, &grpcP, &secureP, &monP); err != nil {
 		return err
@@ -386,6 +485,7 @@ trustDomain: cluster.local
 	if err != nil {
 		return err
 	}
+	cp.istiod = p
 	if err := waitFor("pilot-discovery /ready", p, 90*time.Second, func() error {
 		_, err := httpGet(http.DefaultClient, "http://"+cp.IstiodHTTPAddr+"/ready", "")
 		return err
@@ -409,6 +509,16 @@ trustDomain: cluster.local
 	}
 	cp.RootCertFile = filepath.Join(cp.Dir, "root-cert.pem")
 	return os.WriteFile(cp.RootCertFile, []byte(root), 0o600)
+}
+
+// StopIstiod stops the pilot-discovery StartIstiod started.
+func (cp *ControlPlane) StopIstiod() {
+	if cp.istiod == nil {
+		return
+	}
+	cp.istiod.Stop(10 * time.Second)
+	cp.procs = slices.DeleteFunc(cp.procs, func(p *process) bool { return p == cp.istiod })
+	cp.istiod = nil
 }
 
 // Pids lists the control plane's processes, by name.

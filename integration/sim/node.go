@@ -39,6 +39,7 @@ type Node struct {
 
 	cluster *Cluster
 	v4, v6  netip.Prefix
+	ext     *extNode // External mode's kubelet
 
 	mu     sync.Mutex
 	pods   map[string]*Pod // namespace/name

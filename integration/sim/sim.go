@@ -17,6 +17,35 @@
 //
 // Close (also on a failed test, and after Ctrl-C through the caller's
 // context) removes every namespace, cgroup, pin, socket and process.
+//
+// External mode (Options.External, external.go, extkubelet.go,
+// extspec.go, extcni.go, container.go): the nodes are kubelets of a real
+// kube-apiserver instead. Nothing above runs (no embedded control plane,
+// daemon or node agent); each node registers a Ready Node with a Lease and
+// runs every pod bound to it, whatever it is (pilot-discovery, kmesh-daemon
+// as the ztunnel DaemonSet's pod, Istio's install-cni, apps), with the
+// pod's command, args, env, volumes, probes and lifecycle, as the node's
+// container runtime and CNI:
+//
+//   - a node has a PID namespace whose init is named kubelet and lives in
+//     the node's network namespace (istio-cni reads /host/proc/1/ns/net);
+//     a host directory <run>/<node>/host for hostPaths (/var/run is /run;
+//     /sys/fs/bpf is its bpffs directory, /sys/fs/cgroup its cgroup,
+//     /proc a procfs of its PID namespace); a CNI config
+//     (/etc/cni/net.d) whose first plugin the kubelet implements;
+//   - a container is a process in the pod's network namespace, the node's
+//     PID namespace, the cgroup <node>/pod<uid>/<container id> and a mount
+//     namespace whose root is an overlay of the machine's root (the image)
+//     with the volumes at their mountPath; Image maps the container image
+//     to its program (and extra files);
+//   - pods reach the API server at its own 127.0.0.1:port through a
+//     forwarder the kubelet runs in each network namespace (it dials only
+//     that address); their resolv.conf names only External.ClusterDNS.
+//
+// Not simulated: users and capabilities (everything runs as root),
+// resource limits, image pulls, token refresh, volume updates, kube-proxy
+// and cluster DNS (services resolve only if the caller provides a DNS
+// server), startup and liveness probes, ephemeral containers, gRPC probes.
 package sim
 
 import (
@@ -72,7 +101,12 @@ type Options struct {
 	// daemons have no upstream resolver at all: nothing they forward can
 	// leave the simulator.
 	DNSUpstreamHost int
-	Log             *slog.Logger
+	// External, when set, makes the nodes kubelets of a real API server
+	// (external.go): no embedded control plane, no daemon and no node
+	// agent started by the simulator (DaemonBin is not needed); every pod
+	// bound to a node runs there.
+	External *External
+	Log      *slog.Logger
 }
 
 // Cluster is a running simulated cluster.
@@ -90,6 +124,7 @@ type Cluster struct {
 	tls     *tls.Config
 	root    string // mesh root certificate file for the daemons
 	cpAddr  string
+	ext     kubernetes.Interface // External's API server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -124,11 +159,13 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if opts.AppBin == "" {
 		opts.AppBin = "/proc/self/exe"
 	}
-	if opts.DaemonBin == "" {
+	if opts.DaemonBin == "" && opts.External == nil {
 		return nil, errors.New("sim: DaemonBin (the kmesh-daemon binary) is required")
 	}
-	if _, err := os.Stat(opts.DaemonBin); err != nil {
-		return nil, fmt.Errorf("kmesh-daemon binary: %w (run make build)", err)
+	if opts.External == nil {
+		if _, err := os.Stat(opts.DaemonBin); err != nil {
+			return nil, fmt.Errorf("kmesh-daemon binary: %w (run make build)", err)
+		}
 	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("the simulator creates network namespaces, cgroups and BPF programs: run it as root")
@@ -173,6 +210,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		return nil, err
 	}
 	c.onClose(c.cgroup.Remove)
+	if opts.External != nil {
+		if err := c.startExternal(ctx); err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
 
 	var rootFile string
 	if c.tls, rootFile, err = controlplane.ServingTLS(c.RunDir); err != nil {
@@ -231,6 +274,9 @@ func (c *Cluster) StopControlPlane() {
 
 // Kube is the cluster's Kubernetes API.
 func (c *Cluster) Kube() kubernetes.Interface {
+	if c.ext != nil {
+		return c.ext
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.CP == nil {
