@@ -214,9 +214,15 @@ func (n *Node) startNodeInit() error {
 		return fmt.Errorf("node %s init: %w", n.Name, err)
 	}
 	n.ext.init = cmd.Process
-	go func() { _ = cmd.Wait() }()
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
 	c.onClose(func() error {
 		_ = cmd.Process.Kill() // the kernel kills the rest of its PID namespace
+		select {
+		case <-exited: // reaped: no zombie left
+		case <-time.After(10 * time.Second):
+			return fmt.Errorf("node %s init (pid %d) did not exit", n.Name, cmd.Process.Pid)
+		}
 		return nil
 	})
 	if n.ext.pidns, err = os.Open(fmt.Sprintf("/proc/%d/ns/pid", cmd.Process.Pid)); err != nil {
