@@ -24,13 +24,13 @@ check-generate: generate ## fail if the committed bpf2go output is stale
 # detector, and the harness (integration/: the simulator and the end-to-end
 # tests, which link Istio's discovery server and CA) without it, where it
 # would cost more than the rest of the run together. Every package runs once.
-# The cluster tier (integration/cluster: real etcd, kube-apiserver,
-# pilot-discovery, ~1 GB and both cores while it starts) runs last, alone,
-# so that it neither slows nor is slowed by the simulator's timing-sensitive
-# tests.
+# The cluster tier (integration/cluster and integration/simexternal: real
+# etcd, kube-apiserver, pilot-discovery, ~1 GB and both cores while they
+# start) runs last, one package at a time, so that it neither slows nor is
+# slowed by the simulator's timing-sensitive tests.
 RACE_PKGS = $(shell $(GO) list ./... | grep -v '^kmesh.dev/kmesh/integration/')
-CLUSTER_PKGS = kmesh.dev/kmesh/integration/cluster
-NORACE_PKGS = $(shell $(GO) list ./integration/... | grep -vx '$(CLUSTER_PKGS)')
+CLUSTER_PKGS = kmesh.dev/kmesh/integration/cluster kmesh.dev/kmesh/integration/simexternal
+NORACE_PKGS = $(shell $(GO) list ./integration/... | grep -vx -e kmesh.dev/kmesh/integration/cluster -e kmesh.dev/kmesh/integration/simexternal)
 
 test: ## all test tiers (the product under -race; allocation counts, which sync.Pool makes random under -race, without it); kernel, end-to-end and cluster tiers need root (CI sets KMESH_REQUIRE_PRIVILEGED=1)
 	@rc=0; \
@@ -38,7 +38,7 @@ test: ## all test tiers (the product under -race; allocation counts, which sync.
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -race -timeout 30m $(RACE_PKGS) || rc=1; \
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -run 'RoundTripAllocs$$' ./ambient/tunnel || rc=1; \
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m $(NORACE_PKGS) || rc=1; \
-	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m $(CLUSTER_PKGS) || rc=1; \
+	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -p 1 -timeout 30m $(CLUSTER_PKGS) || rc=1; \
 	exit $$rc
 
 # The cluster tier (integration/cluster) runs real etcd, kube-apiserver,
