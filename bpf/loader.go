@@ -491,6 +491,34 @@ func (dp *Datapath) Close() error {
 	return errors.Join(dp.ops.Close(), dp.lookup.Close(), dp.msg.Close(), dp.objs.Close())
 }
 
+// Superseded reports whether another daemon took the data path over: the
+// pinned connect4 link no longer runs this process's program (an upgrade
+// replaced it with BPF_LINK_UPDATE), or the pin is gone. Call it before
+// Close.
+func (dp *Datapath) Superseded() (bool, error) {
+	mine, err := dp.objs.KmeshConnect4.Info()
+	if err != nil {
+		return false, err
+	}
+	id, ok := mine.ID()
+	if !ok {
+		return false, errors.New("this kernel does not report program ids")
+	}
+	l, err := link.LoadPinnedLink(filepath.Join(dp.dir, "links", "connect4"), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return false, err
+	}
+	return info.Program != id, nil
+}
+
 // Uninstall detaches the programs and removes every pin of this layout,
 // dropping all kernel state. For `kmesh-daemon uninstall` and tests. It
 // works on a closed Datapath too: removing the pin files drops the last

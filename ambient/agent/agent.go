@@ -504,7 +504,36 @@ func (a *Agent) Close() error {
 	dnsDone.Wait()
 	a.flushOTel(ctx)
 	a.enr.close()
+	if a.cfg.RemoveWhenIdle {
+		removed, err := a.removeIfUninstalled()
+		switch {
+		case err != nil:
+			a.log.Error("removing the data path at stop failed; kmesh-daemon uninstall removes it", "err", err)
+		case removed:
+			a.log.Info("no pod enrolled and no newer daemon: data path detached and unpinned (uninstall)")
+		}
+	}
 	return a.DP.Close()
+}
+
+// removeIfUninstalled removes the data path from the node when this daemon
+// stops for good: no newer daemon took the pinned links over (an upgrade
+// would have, before this one was stopped) and no pod is enrolled in the
+// kernel (kmesh_managed is empty: uninstalling Istio takes the pods out of
+// the mesh first, and istio-cni hands each removal to us over ZDS). With
+// no pod enrolled the programs act on nothing, so removing them changes no
+// connection; anything else keeps the data path for the next daemon, as
+// after a crash.
+func (a *Agent) removeIfUninstalled() (bool, error) {
+	superseded, err := a.DP.Superseded()
+	if err != nil || superseded {
+		return false, err
+	}
+	managed, err := a.DP.Maps.Managed()
+	if err != nil || len(managed) > 0 {
+		return false, err
+	}
+	return true, a.DP.Uninstall()
 }
 
 // flushOTel exports the last metric values and the spans of the

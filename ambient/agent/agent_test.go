@@ -158,3 +158,68 @@ func TestPrivilegedAgentAdmin(t *testing.T) {
 		t.Fatal("POST /quitquitquit did not ask the daemon to stop")
 	}
 }
+
+// TestPrivilegedAgentRemoveWhenIdle: with KMESH_REMOVE_WHEN_IDLE a graceful
+// stop removes the data path only when it is an uninstall — no pod enrolled
+// in the kernel and no newer daemon holding the links — and keeps it for an
+// upgrade or while pods are enrolled.
+func TestPrivilegedAgentRemoveWhenIdle(t *testing.T) {
+	start := func(t *testing.T) (*agent.Agent, *config.Config) {
+		t.Helper()
+		cfg := daemonConfig(t)
+		cfg.ReadinessAddr, cfg.AdminAddr, cfg.StatsAddr = "", "", ""
+		cfg.XDSAddress = ""
+		cfg.RemoveWhenIdle = true
+		a, err := agent.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a, cfg
+	}
+	pinned := func(cfg *config.Config) bool {
+		_, err := os.Stat(bpf.PinDir(cfg.PinRoot) + "/links/connect4")
+		return err == nil
+	}
+
+	t.Run("no pod, no successor: removed", func(t *testing.T) {
+		a, cfg := start(t)
+		if err := a.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if pinned(cfg) {
+			t.Error("the data path is still pinned after an idle stop")
+		}
+		if _, err := os.Stat(bpf.PinDir(cfg.PinRoot)); err == nil {
+			t.Errorf("%s left behind", bpf.PinDir(cfg.PinRoot))
+		}
+	})
+	t.Run("a pod enrolled: kept", func(t *testing.T) {
+		a, cfg := start(t)
+		if err := a.DP.Maps.SetManaged(12345, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if !pinned(cfg) {
+			t.Error("the data path was removed while a pod was enrolled")
+		}
+	})
+	t.Run("a newer daemon took over: kept", func(t *testing.T) {
+		a, cfg := start(t)
+		next, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer next.Close()
+		if err := a.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if !pinned(cfg) {
+			t.Error("the old daemon removed the data path its successor runs")
+		}
+		if sup, err := next.Superseded(); err != nil || sup {
+			t.Errorf("the successor reports itself superseded (%v, %v)", sup, err)
+		}
+	})
+}

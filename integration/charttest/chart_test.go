@@ -165,6 +165,7 @@ func TestDefaults(t *testing.T) {
 		"KMESH_PIN_ROOT":                   {value: "/run/kmesh/bpffs/kmesh"},
 		"KMESH_CGROUP_PATH":                {value: "/run/kmesh/cgroup"},
 		"KMESH_LISTENER_HOLDER":            {value: "/var/run/kmesh-holder/holder.sock"},
+		"KMESH_REMOVE_WHEN_IDLE":           {value: "true"},
 		"POD_NAME":                         {field: "metadata.name"},
 		"POD_NAMESPACE":                    {field: "metadata.namespace"},
 		"NODE_NAME":                        {field: "spec.nodeName"},

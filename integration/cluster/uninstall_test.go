@@ -8,18 +8,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"kmesh.dev/kmesh/integration/cluster"
-	"kmesh.dev/kmesh/integration/installpkg"
 	"kmesh.dev/kmesh/integration/sim"
 )
 
@@ -81,12 +78,12 @@ func istioRules(t *testing.T, run func(argv ...string) ([]byte, error)) []string
 // the mesh: istio-cni removes their rules, the node proxy lets them go;
 // then `istioctl uninstall --purge -y`) removes Istio and the node
 // proxies, and no istio-cni rule remains in the pods or on the nodes.
-// Kmesh's programs stay attached but act on no pod. Kmesh's kernel state (pinned maps, attached programs)
-// outlives its pods by design (an upgrade or a crash must not drop the
-// data path), so removing Kmesh from a node also needs `kmesh-daemon
-// uninstall` there (README: a pod per node with the DaemonSet's bpffs and
-// cgroup mounts, as below); after it nothing of Kmesh remains and the
-// former mesh pods talk plain TCP to each other.
+// Kmesh's kernel state (pinned maps, attached programs) outlives a daemon
+// by design (an upgrade or a crash must not drop the data path), but the
+// last daemon of a node, stopping with no pod enrolled and no newer daemon
+// holding the data path, removes it (KMESH_REMOVE_WHEN_IDLE, which the
+// profile sets): nothing of Kmesh remains (bpftool, the pin directory) and
+// the former mesh pods talk plain TCP to each other.
 func TestPrivilegedClusterUninstall(t *testing.T) {
 	c, _ := theShop(t)
 	kube := shared.cp.Kube
@@ -168,62 +165,12 @@ func TestPrivilegedClusterUninstall(t *testing.T) {
 		if r := onNode(n); len(r) > 0 {
 			t.Errorf("node %s keeps istio-cni's rules after the uninstall: %v", n.Name, r)
 		}
-		pins, progs := kmeshState(t, n)
-		t.Logf("%s after istioctl uninstall: %d Kmesh pins, programs attached %v (the data path outlives its pods)", n.Name, len(pins), progs)
-	}
-	// The programs left attached act on no pod: the former mesh pods
-	// reach each other directly, same node and across.
-	for _, dst := range []*meshPod{web1, web2} {
-		eventually(t, fmt.Sprintf("plain TCP from the client to %s with Kmesh's programs still attached", dst.name), func() (bool, string) {
-			return only(httpFrom(t, client, "http://"+dst.ip+":8080/", 5), dst.name)
-		})
-	}
-
-	// What removes Kmesh from each node: kmesh-daemon uninstall in a pod
-	// with the DaemonSet's bpffs and cgroup mounts and environment.
-	dir := corev1.HostPathDirectory
-	for _, n := range c.Nodes {
-		name := "kmesh-uninstall-" + n.Name
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
-			Spec: corev1.PodSpec{
-				NodeName: n.Name, RestartPolicy: corev1.RestartPolicyNever,
-				Containers: []corev1.Container{{
-					Name: "uninstall", Image: installpkg.DefaultImage, Args: []string{"uninstall"},
-					Env:          []corev1.EnvVar{{Name: "KMESH_PIN_ROOT", Value: "/sys/fs/bpf/kmesh"}, {Name: "KMESH_CGROUP_PATH", Value: "/host/sys/fs/cgroup"}},
-					VolumeMounts: []corev1.VolumeMount{{Name: "bpffs", MountPath: "/sys/fs/bpf"}, {Name: "cgroup", MountPath: "/host/sys/fs/cgroup", ReadOnly: true}},
-				}},
-				Volumes: []corev1.Volume{
-					{Name: "bpffs", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/sys/fs/bpf", Type: &dir}}},
-					{Name: "cgroup", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/sys/fs/cgroup", Type: &dir}}},
-				},
-			},
-		}
-		if _, err := kube.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		deadline := time.Now().Add(time.Minute)
-		for {
-			got, err := kube.CoreV1().Pods("default").Get(ctx, name, metav1.GetOptions{})
-			if err == nil && got.Status.Phase == corev1.PodSucceeded {
-				break
-			}
-			if err == nil && got.Status.Phase == corev1.PodFailed || time.Now().After(deadline) {
-				logs, _ := filepath.Glob(filepath.Join(c.RunDir, n.Name, "logs", "default_"+name+"_*.log"))
-				var text string
-				for _, l := range logs {
-					b, _ := os.ReadFile(l)
-					text += string(b)
-				}
-				t.Fatalf("kmesh-daemon uninstall on %s: %v %v\n%s", n.Name, err, got.Status, text)
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-	}
-	for _, n := range c.Nodes {
+		// The node's last daemon stopped with no pod enrolled and no newer
+		// daemon holding the data path (KMESH_REMOVE_WHEN_IDLE, set by the
+		// profile): it detached and unpinned it, no manual step.
 		pins, progs := kmeshState(t, n)
 		if len(pins) > 0 || len(progs) > 0 {
-			t.Errorf("%s after kmesh-daemon uninstall: pins %v, programs %v", n.Name, pins, progs)
+			t.Errorf("%s after istioctl uninstall: pins %v, programs %v", n.Name, pins, progs)
 		}
 	}
 	// The former mesh pods reach each other directly, same node and across.
