@@ -338,30 +338,9 @@ func egressTarget(target string, svcs []corev1.Service, slices []discoveryv1.End
 		if sp == nil {
 			return netip.AddrPort{}, fmt.Errorf("service %s/%s has no TCP port %d", s.Namespace, s.Name, port)
 		}
-		for _, es := range slices {
-			if es.Namespace != s.Namespace || es.Labels[discoveryv1.LabelServiceName] != s.Name {
-				continue
-			}
-			var epPort int32
-			for _, p := range es.Ports {
-				if p.Port != nil && ptrStr(p.Name) == sp.Name && (p.Protocol == nil || *p.Protocol == corev1.ProtocolTCP) {
-					epPort = *p.Port
-				}
-			}
-			if epPort == 0 {
-				continue
-			}
-			for _, ep := range es.Endpoints {
-				if ep.Conditions.Ready != nil && !*ep.Conditions.Ready {
-					continue
-				}
-				for _, a := range ep.Addresses {
-					ea, err := netip.ParseAddr(a)
-					if err != nil || !isInside(ea) {
-						continue // never dial an endpoint outside the simulated cluster
-					}
-					return netip.AddrPortFrom(ea, uint16(epPort)), nil
-				}
+		for _, ep := range readyEndpoints(slices, s, sp.Name, corev1.ProtocolTCP) {
+			if isInside(ep.Addr()) { // never dial an endpoint outside the simulated cluster
+				return ep, nil
 			}
 		}
 		return netip.AddrPort{}, fmt.Errorf("service %s/%s port %d has no ready endpoint inside the simulated cluster", s.Namespace, s.Name, port)
@@ -370,6 +349,39 @@ func egressTarget(target string, svcs []corev1.Service, slices []discoveryv1.End
 		return netip.AddrPortFrom(ip, uint16(port)), nil
 	}
 	return netip.AddrPort{}, fmt.Errorf("%s is neither a Service's ClusterIP nor an address inside the simulated cluster %v", ip, inside)
+}
+
+// readyEndpoints lists, from EndpointSlices, the ready endpoints of the
+// port named portName (protocol proto) of Service s, as kube-proxy reads
+// them: a slice's port matched by name, endpoints without a Ready
+// condition counted as ready.
+func readyEndpoints(eps []discoveryv1.EndpointSlice, s *corev1.Service, portName string, proto corev1.Protocol) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, es := range eps {
+		if es.Namespace != s.Namespace || es.Labels[discoveryv1.LabelServiceName] != s.Name {
+			continue
+		}
+		var port int32
+		for _, p := range es.Ports {
+			if p.Port != nil && ptrStr(p.Name) == portName && (p.Protocol == nil || *p.Protocol == proto) {
+				port = *p.Port
+			}
+		}
+		if port == 0 {
+			continue
+		}
+		for _, ep := range es.Endpoints {
+			if ep.Conditions.Ready != nil && !*ep.Conditions.Ready {
+				continue
+			}
+			for _, a := range ep.Addresses {
+				if ip, err := netip.ParseAddr(a); err == nil {
+					out = append(out, netip.AddrPortFrom(ip, uint16(port)))
+				}
+			}
+		}
+	}
+	return out
 }
 
 func slices2Contains(ips []string, ip string, a netip.Addr) bool {

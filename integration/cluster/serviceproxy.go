@@ -148,28 +148,9 @@ func serviceRules(svcs []corev1.Service, eps []discoveryv1.EndpointSlice) string
 				continue
 			}
 			var dsts []string
-			for _, es := range eps {
-				if es.Namespace != s.Namespace || es.Labels[discoveryv1.LabelServiceName] != s.Name || es.AddressType != discoveryv1.AddressTypeIPv4 {
-					continue
-				}
-				var port int32
-				for _, p := range es.Ports {
-					if p.Port != nil && ptrStr(p.Name) == sp.Name && (p.Protocol == nil || *p.Protocol == proto) {
-						port = *p.Port
-					}
-				}
-				if port == 0 {
-					continue
-				}
-				for _, ep := range es.Endpoints {
-					if ep.Conditions.Ready != nil && !*ep.Conditions.Ready {
-						continue
-					}
-					for _, a := range ep.Addresses {
-						if ip, err := netip.ParseAddr(a); err == nil && ip.Is4() {
-							dsts = append(dsts, netip.AddrPortFrom(ip, uint16(port)).String())
-						}
-					}
+			for _, ep := range readyEndpoints(eps, &s, sp.Name, proto) {
+				if ep.Addr().Is4() {
+					dsts = append(dsts, ep.String())
 				}
 			}
 			slices.Sort(dsts)

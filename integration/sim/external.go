@@ -432,16 +432,9 @@ func (n *Node) DialInPod(ctx context.Context, namespace, pod, network, addr stri
 	if n.ext == nil {
 		return nil, errors.New("DialInPod: only in the external mode")
 	}
-	n.ext.mu.Lock()
-	var p *extPod
-	for _, q := range n.ext.pods {
-		if q.key == namespace+"/"+pod {
-			p = q
-		}
-	}
-	n.ext.mu.Unlock()
-	if p == nil {
-		return nil, fmt.Errorf("%w: %s/%s on %s", errNoPod, namespace, pod, n.Name)
+	p, err := n.extPod(namespace, pod)
+	if err != nil {
+		return nil, err
 	}
 	p.mu.Lock()
 	ok := p.sandboxOK
@@ -450,6 +443,18 @@ func (n *Node) DialInPod(ctx context.Context, namespace, pod, network, addr stri
 		return nil, fmt.Errorf("pod %s/%s has no network yet", namespace, pod)
 	}
 	return p.dialIn(ctx, network, addr)
+}
+
+// extPod finds a pod this node runs (external mode).
+func (n *Node) extPod(namespace, pod string) (*extPod, error) {
+	n.ext.mu.Lock()
+	defer n.ext.mu.Unlock()
+	for _, q := range n.ext.pods {
+		if q.key == namespace+"/"+pod {
+			return q, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %s/%s on %s", errNoPod, namespace, pod, n.Name)
 }
 
 // InitPid is the pid of the node's init (its PID namespace's PID 1, named

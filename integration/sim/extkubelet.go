@@ -813,16 +813,9 @@ func (p *extPod) dialIn(ctx context.Context, network, addr string) (net.Conn, er
 // (its mount, network and PID namespaces), as kubectl exec would, and
 // returns its combined output.
 func (n *Node) Exec(ctx context.Context, namespace, pod, container string, argv ...string) ([]byte, error) {
-	n.ext.mu.Lock()
-	var p *extPod
-	for _, q := range n.ext.pods {
-		if q.key == namespace+"/"+pod {
-			p = q
-		}
-	}
-	n.ext.mu.Unlock()
-	if p == nil {
-		return nil, fmt.Errorf("%w: %s/%s on %s", errNoPod, namespace, pod, n.Name)
+	p, err := n.extPod(namespace, pod)
+	if err != nil {
+		return nil, err
 	}
 	p.mu.Lock()
 	var ec *extContainer
