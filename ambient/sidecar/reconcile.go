@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"log/slog"
+	"maps"
 	"sync"
 
 	"kmesh.dev/kmesh/bpf"
@@ -44,11 +45,7 @@ type Reconciler struct {
 func (r *Reconciler) Refusals() map[Reason]uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make(map[Reason]uint64, len(r.refused))
-	for k, v := range r.refused {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(r.refused)
 }
 
 func (r *Reconciler) init() {
@@ -151,11 +148,7 @@ func (r *Reconciler) ns(p Pod) *Namespace {
 func (r *Reconciler) Spliced() map[string]uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make(map[string]uint64, len(r.spliced))
-	for k, v := range r.spliced {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(r.spliced)
 }
 
 func (r *Reconciler) forget(uid string) {
