@@ -23,28 +23,30 @@ type Table struct {
 // dumpers decode each map of the object. TestEveryMapDecodes fails when a
 // map is added to kmesh_maps.h without one here.
 var dumpers = map[string]func(*Maps) (Table, error){
-	"kmesh_managed":   dumpManaged,
-	"kmesh_frontend":  dumpFrontends,
-	"kmesh_service":   dumpServices,
-	"kmesh_endpoint":  dumpEndpoints,
-	"kmesh_backend":   dumpBackends,
-	"kmesh_tunnel":    dumpTunnels,
-	"kmesh_udp":       dumpUDP,
-	"kmesh_stats":     dumpStats,
-	"kmesh_sock_orig": dumpSockOrig,
-	"kmesh_inproxy":   dumpInboundListeners,
-	"kmesh_proxy_sk":  dumpProxySockets,
-	"kmesh_events":    dumpEvents,
-	"kmesh_dns":       dumpDNS,
-	"kmesh_stats_ext": dumpStatsExt,
-	"kmesh_authz":     dumpAuthz,
-	"kmesh_authed":    dumpAuthed,
-	"kmesh_splice":    dumpSplice,
-	"kmesh_splice_sk": dumpSpliceSockets,
-	"kmesh_splice_ns": dumpSpliceNS,
-	"kmesh_vip":       dumpVIPs,
-	"kmesh_splice_tx": dumpSpliceTx,
-	"kmesh_splice_rx": dumpSpliceRx,
+	"kmesh_managed":      dumpManaged,
+	"kmesh_frontend":     dumpFrontends,
+	"kmesh_service":      dumpServices,
+	"kmesh_endpoint":     dumpEndpoints,
+	"kmesh_backend":      dumpBackends,
+	"kmesh_tunnel":       dumpTunnels,
+	"kmesh_udp":          dumpUDP,
+	"kmesh_stats":        dumpStats,
+	"kmesh_sock_orig":    dumpSockOrig,
+	"kmesh_inproxy":      dumpInboundListeners,
+	"kmesh_proxy_sk":     dumpProxySockets,
+	"kmesh_events":       dumpEvents,
+	"kmesh_dns":          dumpDNS,
+	"kmesh_stats_ext":    dumpStatsExt,
+	"kmesh_authz":        dumpAuthz,
+	"kmesh_authed":       dumpAuthed,
+	"kmesh_splice":       dumpSplice,
+	"kmesh_splice_sk":    dumpSpliceSockets,
+	"kmesh_splice_ns":    dumpSpliceNS,
+	"kmesh_vip":          dumpVIPs,
+	"kmesh_splice_tx":    dumpSpliceTx,
+	"kmesh_splice_rx":    dumpSpliceRx,
+	"kmesh_sidecar":      dumpSidecarPods,
+	"kmesh_sidecar_orig": dumpSidecarOrigs,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -277,10 +279,39 @@ func dumpSpliceRx(m *Maps) (Table, error) {
 
 func dumpSpliceNS(m *Maps) (Table, error) {
 	ns, err := m.SpliceNamespaces()
-	t := Table{Header: []string{"NETNS COOKIE", "IN-POD", "PEERS"}}
+	t := Table{Header: []string{"NETNS COOKIE", "IN-POD", "PEERS", "SIDECAR CAPTURE"}}
 	for _, c := range slices.Sorted(maps.Keys(ns)) {
-		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ns[c]&SpliceInPod != 0), fmt.Sprint(ns[c]&SplicePeers != 0)})
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c), fmt.Sprint(ns[c]&SpliceInPod != 0), fmt.Sprint(ns[c]&SplicePeers != 0),
+			fmt.Sprint(ns[c]&SpliceSidecar != 0)})
 	}
+	return t, err
+}
+
+func dumpSidecarAddrs(m *Maps) (Table, error) {
+	pods, err := m.sidecarAddrs()
+	t := Table{Header: []string{"POD ADDRESS", "NETNS COOKIE"}}
+	for _, a := range slices.SortedFunc(maps.Keys(pods), netip.Addr.Compare) {
+		t.Rows = append(t.Rows, []string{a.String(), fmt.Sprint(pods[a])})
+	}
+	return t, err
+}
+
+func dumpSidecarPods(m *Maps) (Table, error) {
+	pods, err := m.SidecarPods()
+	t := Table{Header: []string{"NETNS COOKIE", "POD ADDRESS"}}
+	for _, c := range slices.Sorted(maps.Keys(pods)) {
+		t.Rows = append(t.Rows, []string{fmt.Sprint(c), pods[c].String()})
+	}
+	return t, err
+}
+
+func dumpSidecarOrigs(m *Maps) (Table, error) {
+	recs, err := m.SidecarOrigs()
+	t := Table{Header: []string{"LOCAL", "REMOTE", "NETNS COOKIE", "ORIGINAL DESTINATION"}}
+	for _, r := range recs {
+		t.Rows = append(t.Rows, []string{r.Local.String(), r.Remote.String(), fmt.Sprint(r.NetnsCookie), r.Orig.String()})
+	}
+	sortRows(t.Rows)
 	return t, err
 }
 

@@ -14,7 +14,7 @@ import (
 func TestPrivilegedLoadAttachPin(t *testing.T) {
 	env := kerneltest.New(t, bpf.Config{})
 	dir := bpf.PinDir(env.Config.PinRoot)
-	for _, name := range []string{"kmesh_frontend", "kmesh_service", "kmesh_endpoint", "kmesh_backend", "kmesh_managed", "links/connect4", "links/getpeername6"} {
+	for _, name := range []string{"kmesh_frontend", "kmesh_service", "kmesh_endpoint", "kmesh_backend", "kmesh_managed", "links/connect4", "links/getpeername6", "links/getsockopt"} {
 		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
 			t.Errorf("pin %s: %v", name, err)
 		}
@@ -25,8 +25,8 @@ func TestPrivilegedLoadAttachPin(t *testing.T) {
 	// The programs are reachable from the pins alone (kmesh-bench and
 	// kmeshctl read them that way).
 	ps, err := bpf.PinnedProgramStats(env.Config.PinRoot)
-	if err != nil || len(ps) != 10 {
-		t.Fatalf("PinnedProgramStats = %d programs, %v; want 10 (8 sock_addr + sockops + sk_msg)", len(ps), err)
+	if err != nil || len(ps) != 11 {
+		t.Fatalf("PinnedProgramStats = %d programs, %v; want 11 (9 sock_addr + sockops + sk_msg)", len(ps), err)
 	}
 }
 

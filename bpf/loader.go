@@ -126,6 +126,7 @@ func applySizes(spec *ebpf.CollectionSpec, s MapSizes) error {
 	set("kmesh_events", s.Events)
 	set("kmesh_splice", s.Splice)
 	set("kmesh_splice_rx", s.Splice)
+	set("kmesh_sidecar_orig", s.Splice)
 	if len(missing) > 0 {
 		return fmt.Errorf("map sizes name maps the object does not have: %v", missing)
 	}
@@ -376,6 +377,7 @@ func (dp *Datapath) attachments() []attachment {
 		{"recvmsg6", o.KmeshRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
 		{"getpeername4", o.KmeshGetpeer4, ebpf.AttachCgroupInet4GetPeername},
 		{"getpeername6", o.KmeshGetpeer6, ebpf.AttachCgroupInet6GetPeername},
+		{"getsockopt", o.KmeshGetsockopt, ebpf.AttachCGroupGetsockopt},
 		{"sockops", dp.ops.KmeshSockops, ebpf.AttachCGroupSockOps},
 	}
 }

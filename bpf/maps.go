@@ -362,6 +362,9 @@ var statNames = []string{
 	"splice_bytes",
 	"splice_no_peer",
 	"vip_no_port",
+	"sidecar_captured",
+	"sidecar_orig",
+	"sidecar_no_record",
 }
 
 // Stats sums the per-CPU data path counters.
@@ -576,4 +579,105 @@ func SetSpliceNSPinned(root string, netnsCookie uint64, flags SpliceNS) error {
 	}
 	defer m.Close()
 	return (&Maps{spliceNS: m}).SetSpliceNS(netnsCookie, flags)
+}
+
+// SetSidecarPod registers the pod in the network namespace with the given
+// cookie, at IPv4 address addr, as one whose sidecar capture the kernel
+// performs (kmesh_sidecar, kmesh_sidecar_ns): its application's connects go
+// to its sidecar's 15001, the sidecar of another such pod dials its 15006
+// at connect, and legs between the two are spliced. Set it together with
+// SpliceInPod|SpliceSidecar on the namespace (SetSpliceNS). IPv4 only: an
+// IPv6 pod keeps its iptables capture.
+func (m *Maps) SetSidecarPod(netnsCookie uint64, addr netip.Addr) error {
+	if !addr.Unmap().Is4() {
+		return fmt.Errorf("sidecar capture in the kernel is IPv4 only, not %s", addr)
+	}
+	k := sockAddrSidecarKey{Addr: addrWords(addr)}
+	byAddr, byNS := m.byName["kmesh_sidecar"], m.byName["kmesh_sidecar_ns"]
+	// The address first: a namespace whose connects are captured always
+	// finds its own pod among the pods.
+	if err := byAddr.Update(&k, &sockAddrSidecarValue{NetnsCookie: netnsCookie}, ebpf.UpdateAny); err != nil {
+		return wrapErr(byAddr, "update", err)
+	}
+	return wrapErr(byNS, "update", byNS.Update(netnsCookie, &k, ebpf.UpdateAny))
+}
+
+// DeleteSidecarPod withdraws SetSidecarPod; absent is not an error.
+func (m *Maps) DeleteSidecarPod(netnsCookie uint64) error {
+	byAddr, byNS := m.byName["kmesh_sidecar"], m.byName["kmesh_sidecar_ns"]
+	var k sockAddrSidecarKey
+	if err := byNS.Lookup(netnsCookie, &k); errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	} else if err != nil {
+		return wrapErr(byNS, "lookup", err)
+	}
+	if err := byNS.Delete(netnsCookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return wrapErr(byNS, "delete", err)
+	}
+	var v sockAddrSidecarValue
+	// The address only while it is still this namespace's.
+	if err := byAddr.Lookup(&k, &v); err == nil && v.NetnsCookie == netnsCookie {
+		if err := byAddr.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return wrapErr(byAddr, "delete", err)
+		}
+	}
+	return nil
+}
+
+// SidecarPods lists the pods of the kernel's sidecar capture: netns cookie
+// -> pod address (kmesh_sidecar_ns).
+func (m *Maps) SidecarPods() (map[uint64]netip.Addr, error) {
+	out := map[uint64]netip.Addr{}
+	err := dump(m.byName["kmesh_sidecar_ns"], func(c uint64, k sockAddrSidecarKey) { out[c] = wordsAddr(k.Addr) })
+	return out, err
+}
+
+// sidecarAddrs lists kmesh_sidecar: pod address -> netns cookie.
+func (m *Maps) sidecarAddrs() (map[netip.Addr]uint64, error) {
+	out := map[netip.Addr]uint64{}
+	err := dump(m.byName["kmesh_sidecar"], func(k sockAddrSidecarKey, v sockAddrSidecarValue) { out[wordsAddr(k.Addr)] = v.NetnsCookie })
+	return out, err
+}
+
+// SidecarOrig is one kmesh_sidecar_orig record: a connection the sidecar
+// capture redirected, as its connecting end sees it, and where it was going.
+type SidecarOrig struct {
+	Local, Remote netip.AddrPort
+	NetnsCookie   uint64 // set when both ends share a namespace
+	Orig          netip.AddrPort
+}
+
+// SidecarOrigs lists kmesh_sidecar_orig.
+func (m *Maps) SidecarOrigs() ([]SidecarOrig, error) {
+	var out []SidecarOrig
+	err := dump(m.byName["kmesh_sidecar_orig"], func(k sockAddrSpliceKey, v sockAddrOrigDst) {
+		out = append(out, SidecarOrig{
+			Local:       netip.AddrPortFrom(wordsAddr(k.Local), ntohs(k.LocalPort)),
+			Remote:      netip.AddrPortFrom(wordsAddr(k.Remote), ntohs(k.RemotePort)),
+			NetnsCookie: k.NetnsCookie,
+			Orig:        netip.AddrPortFrom(wordsAddr(v.Addr), ntohs(v.Port)),
+		})
+	})
+	return out, err
+}
+
+// SetSidecarPinned opts a pod into the kernel's sidecar capture on the maps
+// a daemon pinned under root (the benchmark, from outside the daemon):
+// SpliceInPod|SpliceSidecar on its namespace and its address in
+// kmesh_sidecar.
+func SetSidecarPinned(root string, netnsCookie uint64, addr netip.Addr) error {
+	m := &Maps{byName: map[string]*ebpf.Map{}}
+	for _, name := range []string{"kmesh_splice_ns", "kmesh_sidecar", "kmesh_sidecar_ns"} {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(PinDir(root), name), nil)
+		if err != nil {
+			return err
+		}
+		defer mp.Close()
+		m.byName[name] = mp
+	}
+	m.spliceNS = m.byName["kmesh_splice_ns"]
+	if err := m.SetSidecarPod(netnsCookie, addr); err != nil {
+		return err
+	}
+	return m.SetSpliceNS(netnsCookie, SpliceInPod|SpliceSidecar)
 }

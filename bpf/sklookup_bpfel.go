@@ -108,6 +108,13 @@ type skLookupManagedValue struct {
 	Flags     uint32
 }
 
+type skLookupOrigDst struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
 type skLookupServiceValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -117,6 +124,16 @@ type skLookupServiceValue struct {
 	Mode  uint8
 	Flags uint8
 	Pad   uint8
+}
+
+type skLookupSidecarKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type skLookupSidecarValue struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type skLookupSockOrig struct {
@@ -201,29 +218,32 @@ type skLookupVipValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	skLookupMapKmeshAuthed   = "kmesh_authed"
-	skLookupMapKmeshAuthz    = "kmesh_authz"
-	skLookupMapKmeshBackend  = "kmesh_backend"
-	skLookupMapKmeshDns      = "kmesh_dns"
-	skLookupMapKmeshEndpoint = "kmesh_endpoint"
-	skLookupMapKmeshEvents   = "kmesh_events"
-	skLookupMapKmeshFrontend = "kmesh_frontend"
-	skLookupMapKmeshInproxy  = "kmesh_inproxy"
-	skLookupMapKmeshManaged  = "kmesh_managed"
-	skLookupMapKmeshProxySk  = "kmesh_proxy_sk"
-	skLookupMapKmeshService  = "kmesh_service"
-	skLookupMapKmeshSockOrig = "kmesh_sock_orig"
-	skLookupMapKmeshSplice   = "kmesh_splice"
-	skLookupMapKmeshSpliceNs = "kmesh_splice_ns"
-	skLookupMapKmeshSpliceRx = "kmesh_splice_rx"
-	skLookupMapKmeshSpliceSk = "kmesh_splice_sk"
-	skLookupMapKmeshSpliceTx = "kmesh_splice_tx"
-	skLookupMapKmeshStats    = "kmesh_stats"
-	skLookupMapKmeshStatsExt = "kmesh_stats_ext"
-	skLookupMapKmeshTunnel   = "kmesh_tunnel"
-	skLookupMapKmeshUdp      = "kmesh_udp"
-	skLookupMapKmeshVip      = "kmesh_vip"
-	skLookupProgKmeshInbound = "kmesh_inbound"
+	skLookupMapKmeshAuthed      = "kmesh_authed"
+	skLookupMapKmeshAuthz       = "kmesh_authz"
+	skLookupMapKmeshBackend     = "kmesh_backend"
+	skLookupMapKmeshDns         = "kmesh_dns"
+	skLookupMapKmeshEndpoint    = "kmesh_endpoint"
+	skLookupMapKmeshEvents      = "kmesh_events"
+	skLookupMapKmeshFrontend    = "kmesh_frontend"
+	skLookupMapKmeshInproxy     = "kmesh_inproxy"
+	skLookupMapKmeshManaged     = "kmesh_managed"
+	skLookupMapKmeshProxySk     = "kmesh_proxy_sk"
+	skLookupMapKmeshService     = "kmesh_service"
+	skLookupMapKmeshSidecar     = "kmesh_sidecar"
+	skLookupMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	skLookupMapKmeshSidecarOrig = "kmesh_sidecar_orig"
+	skLookupMapKmeshSockOrig    = "kmesh_sock_orig"
+	skLookupMapKmeshSplice      = "kmesh_splice"
+	skLookupMapKmeshSpliceNs    = "kmesh_splice_ns"
+	skLookupMapKmeshSpliceRx    = "kmesh_splice_rx"
+	skLookupMapKmeshSpliceSk    = "kmesh_splice_sk"
+	skLookupMapKmeshSpliceTx    = "kmesh_splice_tx"
+	skLookupMapKmeshStats       = "kmesh_stats"
+	skLookupMapKmeshStatsExt    = "kmesh_stats_ext"
+	skLookupMapKmeshTunnel      = "kmesh_tunnel"
+	skLookupMapKmeshUdp         = "kmesh_udp"
+	skLookupMapKmeshVip         = "kmesh_vip"
+	skLookupProgKmeshInbound    = "kmesh_inbound"
 )
 
 // loadSkLookup returns the embedded CollectionSpec for skLookup.
@@ -275,28 +295,31 @@ type skLookupProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skLookupMapSpecs struct {
-	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.MapSpec `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.MapSpec `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.MapSpec `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // skLookupVariableSpecs contains global variables before they are loaded into the kernel.
@@ -325,28 +348,31 @@ func (o *skLookupObjects) Close() error {
 //
 // It can be passed to loadSkLookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skLookupMaps struct {
-	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.Map `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.Map `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.Map `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.Map `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.Map `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.Map `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.Map `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *skLookupMaps) Close() error {
@@ -362,6 +388,9 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
+		m.KmeshSidecarNs,
+		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,

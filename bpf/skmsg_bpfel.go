@@ -108,6 +108,13 @@ type skMsgManagedValue struct {
 	Flags     uint32
 }
 
+type skMsgOrigDst struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
 type skMsgServiceValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -117,6 +124,16 @@ type skMsgServiceValue struct {
 	Mode  uint8
 	Flags uint8
 	Pad   uint8
+}
+
+type skMsgSidecarKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type skMsgSidecarValue struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type skMsgSockOrig struct {
@@ -201,29 +218,32 @@ type skMsgVipValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	skMsgMapKmeshAuthed   = "kmesh_authed"
-	skMsgMapKmeshAuthz    = "kmesh_authz"
-	skMsgMapKmeshBackend  = "kmesh_backend"
-	skMsgMapKmeshDns      = "kmesh_dns"
-	skMsgMapKmeshEndpoint = "kmesh_endpoint"
-	skMsgMapKmeshEvents   = "kmesh_events"
-	skMsgMapKmeshFrontend = "kmesh_frontend"
-	skMsgMapKmeshInproxy  = "kmesh_inproxy"
-	skMsgMapKmeshManaged  = "kmesh_managed"
-	skMsgMapKmeshProxySk  = "kmesh_proxy_sk"
-	skMsgMapKmeshService  = "kmesh_service"
-	skMsgMapKmeshSockOrig = "kmesh_sock_orig"
-	skMsgMapKmeshSplice   = "kmesh_splice"
-	skMsgMapKmeshSpliceNs = "kmesh_splice_ns"
-	skMsgMapKmeshSpliceRx = "kmesh_splice_rx"
-	skMsgMapKmeshSpliceSk = "kmesh_splice_sk"
-	skMsgMapKmeshSpliceTx = "kmesh_splice_tx"
-	skMsgMapKmeshStats    = "kmesh_stats"
-	skMsgMapKmeshStatsExt = "kmesh_stats_ext"
-	skMsgMapKmeshTunnel   = "kmesh_tunnel"
-	skMsgMapKmeshUdp      = "kmesh_udp"
-	skMsgMapKmeshVip      = "kmesh_vip"
-	skMsgProgKmeshSkMsg   = "kmesh_sk_msg"
+	skMsgMapKmeshAuthed      = "kmesh_authed"
+	skMsgMapKmeshAuthz       = "kmesh_authz"
+	skMsgMapKmeshBackend     = "kmesh_backend"
+	skMsgMapKmeshDns         = "kmesh_dns"
+	skMsgMapKmeshEndpoint    = "kmesh_endpoint"
+	skMsgMapKmeshEvents      = "kmesh_events"
+	skMsgMapKmeshFrontend    = "kmesh_frontend"
+	skMsgMapKmeshInproxy     = "kmesh_inproxy"
+	skMsgMapKmeshManaged     = "kmesh_managed"
+	skMsgMapKmeshProxySk     = "kmesh_proxy_sk"
+	skMsgMapKmeshService     = "kmesh_service"
+	skMsgMapKmeshSidecar     = "kmesh_sidecar"
+	skMsgMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	skMsgMapKmeshSidecarOrig = "kmesh_sidecar_orig"
+	skMsgMapKmeshSockOrig    = "kmesh_sock_orig"
+	skMsgMapKmeshSplice      = "kmesh_splice"
+	skMsgMapKmeshSpliceNs    = "kmesh_splice_ns"
+	skMsgMapKmeshSpliceRx    = "kmesh_splice_rx"
+	skMsgMapKmeshSpliceSk    = "kmesh_splice_sk"
+	skMsgMapKmeshSpliceTx    = "kmesh_splice_tx"
+	skMsgMapKmeshStats       = "kmesh_stats"
+	skMsgMapKmeshStatsExt    = "kmesh_stats_ext"
+	skMsgMapKmeshTunnel      = "kmesh_tunnel"
+	skMsgMapKmeshUdp         = "kmesh_udp"
+	skMsgMapKmeshVip         = "kmesh_vip"
+	skMsgProgKmeshSkMsg      = "kmesh_sk_msg"
 )
 
 // loadSkMsg returns the embedded CollectionSpec for skMsg.
@@ -275,28 +295,31 @@ type skMsgProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skMsgMapSpecs struct {
-	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.MapSpec `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.MapSpec `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.MapSpec `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // skMsgVariableSpecs contains global variables before they are loaded into the kernel.
@@ -325,28 +348,31 @@ func (o *skMsgObjects) Close() error {
 //
 // It can be passed to loadSkMsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skMsgMaps struct {
-	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.Map `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.Map `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.Map `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.Map `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.Map `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.Map `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.Map `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *skMsgMaps) Close() error {
@@ -362,6 +388,9 @@ func (m *skMsgMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
+		m.KmeshSidecarNs,
+		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,

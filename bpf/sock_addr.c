@@ -38,6 +38,14 @@
 #include "kmesh_maps.h"
 #include "kmesh_lb.h"
 #include "kmesh_decide.h"
+#include "kmesh_splice.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#endif
 
 char _license[] SEC("license") = "Dual BSD/GPL";
 
@@ -273,9 +281,98 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, struct fron
 	return CONNECT_REWRITE;
 }
 
+/* Ports a default Istio sidecar's inbound capture exempts: a sidecar's dial
+ * to them goes where it asked. */
+static __always_inline int sidecar_inbound_exempt(__u16 port)
+{
+	return port == bpf_htons(KMESH_SIDECAR_EXEMPT_TUNNEL) ||
+	       port == bpf_htons(KMESH_SIDECAR_EXEMPT_PROM) ||
+	       port == bpf_htons(KMESH_SIDECAR_EXEMPT_HEALTH) ||
+	       port == bpf_htons(KMESH_SIDECAR_EXEMPT_STATUS) ||
+	       port == bpf_htons(KMESH_INBOUND_PORT);
+}
+
+/* The sidecar capture (SPLICE_NS_SIDECAR, kmesh_consts.h), IPv4 TCP, for
+ * the pods of kmesh_sidecar_ns. It does at connect what the pod's
+ * istio-iptables rules would do to the first packet, and only where they
+ * would:
+ *
+ *   application (not uid/gid 1337) -> anything but loopback, the pod's own
+ *     address or port 53: to its sidecar's outbound listener, 15001 on the
+ *     pod's own address (ISTIO_OUTPUT -> ISTIO_REDIRECT; the source stays
+ *     the pod address, as under REDIRECT; TCP DNS is left to the rules,
+ *     which may send it to the agent's 15053);
+ *   the sidecar (uid or gid 1337) -> another pod of kmesh_sidecar, on a port
+ *     its inbound capture does not exempt: to that pod's 15006
+ *     (its ISTIO_INBOUND -> ISTIO_IN_REDIRECT, done at the source).
+ *
+ * Everything else (the sidecar's dials elsewhere, to its own pod, loopback)
+ * passes, and the rules still see it. The original destination goes into
+ * the socket's storage: getpeername() shows it, and sockops publishes it for
+ * the sidecar's SO_ORIGINAL_DST (kmesh_getsockopt). No storage: the connect
+ * is left to iptables, counted. Returns 1 when it rewrote ctx. */
+static __always_inline int sidecar_capture4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip4 = ctx->user_ip4;
+	__u16 port = (__u16)ctx->user_port;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct sidecar_key *self = bpf_map_lookup_elem(&kmesh_sidecar_ns, &cookie);
+	if (!self)
+		return 0;
+	__u32 own4 = self->addr[3];
+	/* An enrolled pod is ambient's, never a sidecar's (the daemon opts in
+	 * only pods that are not); checked so that a stale opt-in cannot
+	 * take its connects from the node proxy. */
+	if (bpf_map_lookup_elem(&kmesh_managed, &cookie))
+		return 0;
+	struct sidecar_key k;
+	addr_set_v4(k.addr, ip4);
+	if (splice_addr_loopback(k.addr) || ip4 == own4)
+		return 0; /* over lo: the rules decide */
+	__u64 ug = bpf_get_current_uid_gid();
+	int proxy = (__u32)ug == KMESH_SIDECAR_UID || (__u32)(ug >> 32) == KMESH_SIDECAR_UID;
+	__u32 peer[4];
+	__u16 peer_port;
+	if (proxy) {
+		struct sidecar_value *dst = bpf_map_lookup_elem(&kmesh_sidecar, &k);
+		if (!dst || dst->netns_cookie == cookie || sidecar_inbound_exempt(port))
+			return 0;
+		__builtin_memcpy(peer, k.addr, sizeof(peer));
+		peer_port = bpf_htons(KMESH_INBOUND_PORT);
+	} else {
+		if (port == bpf_htons(KMESH_DNS_UPSTREAM_PORT))
+			return 0;
+		addr_set_v4(peer, own4);
+		peer_port = bpf_htons(KMESH_OUTBOUND_PORT);
+	}
+	struct sock_orig *so =
+	    bpf_sk_storage_get(&kmesh_sock_orig, ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!so) {
+		stat_inc(STAT_SIDECAR_NO_RECORD);
+		return 0;
+	}
+	__builtin_memcpy(so->addr, k.addr, sizeof(so->addr));
+	so->port = port;
+	so->path = PATH_SIDECAR;
+	__builtin_memcpy(so->peer_addr, peer, sizeof(so->peer_addr));
+	so->peer_port = peer_port;
+	__builtin_memset(so->backend_addr, 0, sizeof(so->backend_addr));
+	so->backend_port = 0;
+	ctx->user_ip4 = peer[3];
+	ctx->user_port = (__u32)peer_port;
+	stat_inc(STAT_SIDECAR_CAPTURED);
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
+	if (sidecar_capture4(ctx))
+		return SYS_PROCEED;
+
 	struct frontend_key key = {
 	    .port = (__u16)ctx->user_port,
 	    .proto = (__u8)ctx->protocol,
@@ -657,4 +754,69 @@ int kmesh_getpeer6(struct bpf_sock_addr *ctx)
 {
 	peer6(ctx, 0);
 	return SYS_PROCEED;
+}
+
+#define KMESH_SOL_IP	      0
+#define KMESH_SO_ORIGINAL_DST 80
+
+struct kmesh_sockaddr_in {
+	__u16 family;
+	__u16 port; /* network order */
+	__u32 addr; /* network order */
+	__u8 zero[8];
+};
+
+/* getsockopt(SOL_IP, SO_ORIGINAL_DST) on a socket a sidecar accepted: for a
+ * connection the sidecar capture redirected (sidecar_capture4), the answer
+ * is the destination its client dialled, from kmesh_sidecar_orig, keyed by
+ * the client's view of the connection (the accepted socket's, mirrored).
+ * The kernel's own answer (conntrack) is kept when it shows a real NAT (an
+ * original destination other than the socket's local address): the rules
+ * captured that connection, not this program. Every other getsockopt on the
+ * node returns at the first test. */
+SEC("cgroup/getsockopt")
+int kmesh_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->level != KMESH_SOL_IP || ctx->optname != KMESH_SO_ORIGINAL_DST)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->family != AF_INET || sk->protocol != IPPROTO_TCP)
+		return 1;
+	struct kmesh_sockaddr_in *sa = ctx->optval;
+	if ((void *)(sa + 1) > ctx->optval_end)
+		return 1;
+	__u32 local4 = sk->src_ip4;
+	__u16 lport = bpf_htons((__u16)sk->src_port);
+	__u32 remote4 = sk->dst_ip4;
+	__u16 rport = (__u16)sk->dst_port;
+	if (ctx->retval == 0 && ctx->optlen >= (int)sizeof(*sa) &&
+	    (sa->addr != local4 || sa->port != lport))
+		return 1;
+	__u32 local[4], remote[4];
+	addr_set_v4(local, local4);
+	addr_set_v4(remote, remote4);
+	struct splice_key k;
+	splice_key_set(&k, remote, local, rport, lport, bpf_get_netns_cookie(ctx));
+	struct orig_dst *o = bpf_map_lookup_elem(&kmesh_sidecar_orig, &k);
+	if (!o)
+		return 1;
+	__u32 addr = o->addr[3];
+	__u16 port = o->port;
+	kmesh_barrier();
+	/* An LRU element evicted and reused for another connection while we
+	 * read it is no longer found under our key. */
+	if (bpf_map_lookup_elem(&kmesh_sidecar_orig, &k) != o) {
+		stat_inc(STAT_SIDECAR_NO_RECORD);
+		return 1;
+	}
+	sa->family = AF_INET;
+	sa->port = port;
+	sa->addr = addr;
+	__builtin_memset(sa->zero, 0, sizeof(sa->zero));
+	/* Two 4-byte stores: the context refuses the 8-byte store the
+	 * compiler would merge them into. */
+	*(volatile __s32 *)&ctx->optlen = sizeof(*sa);
+	*(volatile __s32 *)&ctx->retval = 0;
+	stat_inc(STAT_SIDECAR_ORIG);
+	return 1;
 }

@@ -108,6 +108,13 @@ type sockAddrManagedValue struct {
 	Flags     uint32
 }
 
+type sockAddrOrigDst struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
 type sockAddrServiceValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -117,6 +124,16 @@ type sockAddrServiceValue struct {
 	Mode  uint8
 	Flags uint8
 	Pad   uint8
+}
+
+type sockAddrSidecarKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type sockAddrSidecarValue struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type sockAddrSockOrig struct {
@@ -203,37 +220,41 @@ type sockAddrVipValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockAddrMapKmeshAuthed    = "kmesh_authed"
-	sockAddrMapKmeshAuthz     = "kmesh_authz"
-	sockAddrMapKmeshBackend   = "kmesh_backend"
-	sockAddrMapKmeshDns       = "kmesh_dns"
-	sockAddrMapKmeshEndpoint  = "kmesh_endpoint"
-	sockAddrMapKmeshEvents    = "kmesh_events"
-	sockAddrMapKmeshFrontend  = "kmesh_frontend"
-	sockAddrMapKmeshInproxy   = "kmesh_inproxy"
-	sockAddrMapKmeshManaged   = "kmesh_managed"
-	sockAddrMapKmeshProxySk   = "kmesh_proxy_sk"
-	sockAddrMapKmeshService   = "kmesh_service"
-	sockAddrMapKmeshSockOrig  = "kmesh_sock_orig"
-	sockAddrMapKmeshSplice    = "kmesh_splice"
-	sockAddrMapKmeshSpliceNs  = "kmesh_splice_ns"
-	sockAddrMapKmeshSpliceRx  = "kmesh_splice_rx"
-	sockAddrMapKmeshSpliceSk  = "kmesh_splice_sk"
-	sockAddrMapKmeshSpliceTx  = "kmesh_splice_tx"
-	sockAddrMapKmeshStats     = "kmesh_stats"
-	sockAddrMapKmeshStatsExt  = "kmesh_stats_ext"
-	sockAddrMapKmeshTunnel    = "kmesh_tunnel"
-	sockAddrMapKmeshUdp       = "kmesh_udp"
-	sockAddrMapKmeshVip       = "kmesh_vip"
-	sockAddrProgKmeshConnect4 = "kmesh_connect4"
-	sockAddrProgKmeshConnect6 = "kmesh_connect6"
-	sockAddrProgKmeshGetpeer4 = "kmesh_getpeer4"
-	sockAddrProgKmeshGetpeer6 = "kmesh_getpeer6"
-	sockAddrProgKmeshRecvmsg4 = "kmesh_recvmsg4"
-	sockAddrProgKmeshRecvmsg6 = "kmesh_recvmsg6"
-	sockAddrProgKmeshSendmsg4 = "kmesh_sendmsg4"
-	sockAddrProgKmeshSendmsg6 = "kmesh_sendmsg6"
-	sockAddrVarCfgPeerVip     = "cfg_peer_vip"
+	sockAddrMapKmeshAuthed      = "kmesh_authed"
+	sockAddrMapKmeshAuthz       = "kmesh_authz"
+	sockAddrMapKmeshBackend     = "kmesh_backend"
+	sockAddrMapKmeshDns         = "kmesh_dns"
+	sockAddrMapKmeshEndpoint    = "kmesh_endpoint"
+	sockAddrMapKmeshEvents      = "kmesh_events"
+	sockAddrMapKmeshFrontend    = "kmesh_frontend"
+	sockAddrMapKmeshInproxy     = "kmesh_inproxy"
+	sockAddrMapKmeshManaged     = "kmesh_managed"
+	sockAddrMapKmeshProxySk     = "kmesh_proxy_sk"
+	sockAddrMapKmeshService     = "kmesh_service"
+	sockAddrMapKmeshSidecar     = "kmesh_sidecar"
+	sockAddrMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	sockAddrMapKmeshSidecarOrig = "kmesh_sidecar_orig"
+	sockAddrMapKmeshSockOrig    = "kmesh_sock_orig"
+	sockAddrMapKmeshSplice      = "kmesh_splice"
+	sockAddrMapKmeshSpliceNs    = "kmesh_splice_ns"
+	sockAddrMapKmeshSpliceRx    = "kmesh_splice_rx"
+	sockAddrMapKmeshSpliceSk    = "kmesh_splice_sk"
+	sockAddrMapKmeshSpliceTx    = "kmesh_splice_tx"
+	sockAddrMapKmeshStats       = "kmesh_stats"
+	sockAddrMapKmeshStatsExt    = "kmesh_stats_ext"
+	sockAddrMapKmeshTunnel      = "kmesh_tunnel"
+	sockAddrMapKmeshUdp         = "kmesh_udp"
+	sockAddrMapKmeshVip         = "kmesh_vip"
+	sockAddrProgKmeshConnect4   = "kmesh_connect4"
+	sockAddrProgKmeshConnect6   = "kmesh_connect6"
+	sockAddrProgKmeshGetpeer4   = "kmesh_getpeer4"
+	sockAddrProgKmeshGetpeer6   = "kmesh_getpeer6"
+	sockAddrProgKmeshGetsockopt = "kmesh_getsockopt"
+	sockAddrProgKmeshRecvmsg4   = "kmesh_recvmsg4"
+	sockAddrProgKmeshRecvmsg6   = "kmesh_recvmsg6"
+	sockAddrProgKmeshSendmsg4   = "kmesh_sendmsg4"
+	sockAddrProgKmeshSendmsg6   = "kmesh_sendmsg6"
+	sockAddrVarCfgPeerVip       = "cfg_peer_vip"
 )
 
 // loadSockAddr returns the embedded CollectionSpec for sockAddr.
@@ -278,42 +299,46 @@ type sockAddrSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockAddrProgramSpecs struct {
-	KmeshConnect4 *ebpf.ProgramSpec `ebpf:"kmesh_connect4"`
-	KmeshConnect6 *ebpf.ProgramSpec `ebpf:"kmesh_connect6"`
-	KmeshGetpeer4 *ebpf.ProgramSpec `ebpf:"kmesh_getpeer4"`
-	KmeshGetpeer6 *ebpf.ProgramSpec `ebpf:"kmesh_getpeer6"`
-	KmeshRecvmsg4 *ebpf.ProgramSpec `ebpf:"kmesh_recvmsg4"`
-	KmeshRecvmsg6 *ebpf.ProgramSpec `ebpf:"kmesh_recvmsg6"`
-	KmeshSendmsg4 *ebpf.ProgramSpec `ebpf:"kmesh_sendmsg4"`
-	KmeshSendmsg6 *ebpf.ProgramSpec `ebpf:"kmesh_sendmsg6"`
+	KmeshConnect4   *ebpf.ProgramSpec `ebpf:"kmesh_connect4"`
+	KmeshConnect6   *ebpf.ProgramSpec `ebpf:"kmesh_connect6"`
+	KmeshGetpeer4   *ebpf.ProgramSpec `ebpf:"kmesh_getpeer4"`
+	KmeshGetpeer6   *ebpf.ProgramSpec `ebpf:"kmesh_getpeer6"`
+	KmeshGetsockopt *ebpf.ProgramSpec `ebpf:"kmesh_getsockopt"`
+	KmeshRecvmsg4   *ebpf.ProgramSpec `ebpf:"kmesh_recvmsg4"`
+	KmeshRecvmsg6   *ebpf.ProgramSpec `ebpf:"kmesh_recvmsg6"`
+	KmeshSendmsg4   *ebpf.ProgramSpec `ebpf:"kmesh_sendmsg4"`
+	KmeshSendmsg6   *ebpf.ProgramSpec `ebpf:"kmesh_sendmsg6"`
 }
 
 // sockAddrMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockAddrMapSpecs struct {
-	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.MapSpec `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.MapSpec `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.MapSpec `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // sockAddrVariableSpecs contains global variables before they are loaded into the kernel.
@@ -343,28 +368,31 @@ func (o *sockAddrObjects) Close() error {
 //
 // It can be passed to loadSockAddrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockAddrMaps struct {
-	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.Map `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.Map `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.Map `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.Map `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.Map `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.Map `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.Map `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *sockAddrMaps) Close() error {
@@ -380,6 +408,9 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
+		m.KmeshSidecarNs,
+		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
@@ -405,14 +436,15 @@ type sockAddrVariables struct {
 //
 // It can be passed to loadSockAddrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockAddrPrograms struct {
-	KmeshConnect4 *ebpf.Program `ebpf:"kmesh_connect4"`
-	KmeshConnect6 *ebpf.Program `ebpf:"kmesh_connect6"`
-	KmeshGetpeer4 *ebpf.Program `ebpf:"kmesh_getpeer4"`
-	KmeshGetpeer6 *ebpf.Program `ebpf:"kmesh_getpeer6"`
-	KmeshRecvmsg4 *ebpf.Program `ebpf:"kmesh_recvmsg4"`
-	KmeshRecvmsg6 *ebpf.Program `ebpf:"kmesh_recvmsg6"`
-	KmeshSendmsg4 *ebpf.Program `ebpf:"kmesh_sendmsg4"`
-	KmeshSendmsg6 *ebpf.Program `ebpf:"kmesh_sendmsg6"`
+	KmeshConnect4   *ebpf.Program `ebpf:"kmesh_connect4"`
+	KmeshConnect6   *ebpf.Program `ebpf:"kmesh_connect6"`
+	KmeshGetpeer4   *ebpf.Program `ebpf:"kmesh_getpeer4"`
+	KmeshGetpeer6   *ebpf.Program `ebpf:"kmesh_getpeer6"`
+	KmeshGetsockopt *ebpf.Program `ebpf:"kmesh_getsockopt"`
+	KmeshRecvmsg4   *ebpf.Program `ebpf:"kmesh_recvmsg4"`
+	KmeshRecvmsg6   *ebpf.Program `ebpf:"kmesh_recvmsg6"`
+	KmeshSendmsg4   *ebpf.Program `ebpf:"kmesh_sendmsg4"`
+	KmeshSendmsg6   *ebpf.Program `ebpf:"kmesh_sendmsg6"`
 }
 
 func (p *sockAddrPrograms) Close() error {
@@ -421,6 +453,7 @@ func (p *sockAddrPrograms) Close() error {
 		p.KmeshConnect6,
 		p.KmeshGetpeer4,
 		p.KmeshGetpeer6,
+		p.KmeshGetsockopt,
 		p.KmeshRecvmsg4,
 		p.KmeshRecvmsg6,
 		p.KmeshSendmsg4,

@@ -177,6 +177,39 @@ static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct conn_t
 	}
 }
 
+/* Sidecar capture (sock_addr.c: sidecar_capture4): when a connect it
+ * redirected is established (before its ACK lets the sidecar accept), the
+ * original destination goes into kmesh_sidecar_orig under the connecting
+ * end's view of the connection, where the sidecar's SO_ORIGINAL_DST finds
+ * it; the socket gets the state callback so that the entry goes when it
+ * closes. Returns whether the socket is such a connect. */
+static __always_inline int record_sidecar(struct bpf_sock_ops *skops, const struct conn_tuple *t,
+					  int add)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return 0;
+	struct sock_orig *so = bpf_sk_storage_get(&kmesh_sock_orig, sk, NULL, 0);
+	if (!so || so->path != PATH_SIDECAR)
+		return 0;
+	struct splice_key k;
+	splice_key_set(&k, t->local, t->remote, t->local_port, t->remote_port,
+		       bpf_get_netns_cookie(skops));
+	if (!add) {
+		bpf_map_delete_elem(&kmesh_sidecar_orig, &k);
+		return 1;
+	}
+	struct orig_dst v = {.port = so->port};
+	__builtin_memcpy(v.addr, so->addr, sizeof(v.addr));
+	/* LRU: never full (kmesh_maps.h). A failure would leave the sidecar
+	 * with the kernel's answer (its own listener): counted. */
+	if (bpf_map_update_elem(&kmesh_sidecar_orig, &k, &v, BPF_ANY))
+		stat_inc(STAT_SIDECAR_NO_RECORD);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
 /* The node proxy's ports in a pod: connections to them are the tunnel
  * path's, which the proxy reports itself. */
 static __always_inline int is_proxy_port(__u16 port)
@@ -296,6 +329,26 @@ static __always_inline void conn_emit(struct bpf_sock_ops *skops, const struct c
  * the operator opts in; or namespaces opt in one by one (kmesh_splice_ns). */
 const volatile __u32 cfg_splice = 0;
 
+/* A leg between two sidecar-captured pods of this node (SPLICE_NS_SIDECAR):
+ * one sidecar's dial to the other's 15006, which the capture made at connect
+ * so that no NAT rewrote it. Spliced under the pod's own address (the end
+ * is the pod kmesh_sidecar names at that address) and only to another such
+ * pod, on 15006: the key's 4-tuple is then the connection's on both ends. */
+static __always_inline int sidecar_pair(const struct conn_tuple *t, __u64 cookie)
+{
+	if (t->local_port != bpf_htons(KMESH_INBOUND_PORT) &&
+	    t->remote_port != bpf_htons(KMESH_INBOUND_PORT))
+		return 0;
+	struct sidecar_key k;
+	__builtin_memcpy(k.addr, t->local, sizeof(k.addr));
+	struct sidecar_value *v = bpf_map_lookup_elem(&kmesh_sidecar, &k);
+	if (!v || v->netns_cookie != cookie)
+		return 0;
+	__builtin_memcpy(k.addr, t->remote, sizeof(k.addr));
+	v = bpf_map_lookup_elem(&kmesh_sidecar, &k);
+	return v && v->netns_cookie != cookie;
+}
+
 /* Whether the connection with tuple t is spliced from this end: see the
  * file comment. */
 static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struct conn_tuple *t,
@@ -311,6 +364,8 @@ static __always_inline int splice_wanted(struct bpf_sock_ops *skops, const struc
 	struct managed_value *mv = bpf_map_lookup_elem(&kmesh_managed, &cookie);
 	if (splice_same_netns(t->local, t->remote))
 		return (cfg_splice && mv) || (ns & SPLICE_NS_INPOD);
+	if (ns & SPLICE_NS_SIDECAR)
+		return sidecar_pair(t, cookie);
 	if (!mv || !(cfg_splice || (ns & SPLICE_NS_PEERS)))
 		return 0;
 	int family = addr_is_v4mapped(t->local) ? KMESH_FAMILY_V4 : KMESH_FAMILY_V6;
@@ -407,6 +462,7 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 		int tracked = skops->bpf_sock_ops_cb_flags & CONN_TRACKED;
 		record_tunnel(skops);
 		read_tuple(skops, &t);
+		record_sidecar(skops, &t, 1);
 		splice_insert(skops, &t, tracked);
 		if (tracked)
 			conn_emit(skops, &t, CONN_EV_OPEN, 0, 0);
@@ -426,6 +482,10 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			read_tuple(skops, &t);
+			/* A sidecar pod's socket is never a tracked one (not
+			 * enrolled): its callback was for the record alone. */
+			if (record_sidecar(skops, &t, 0))
+				break;
 			record_authed(skops, &t, 0);
 			conn_emit(skops, &t, CONN_EV_CLOSE, (__u8)skops->args[0], 0);
 		}

@@ -129,6 +129,13 @@ type sockOpsManagedValue struct {
 	Flags     uint32
 }
 
+type sockOpsOrigDst struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
 type sockOpsServiceValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -138,6 +145,16 @@ type sockOpsServiceValue struct {
 	Mode  uint8
 	Flags uint8
 	Pad   uint8
+}
+
+type sockOpsSidecarKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type sockOpsSidecarValue struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type sockOpsSockOrig struct {
@@ -222,32 +239,35 @@ type sockOpsVipValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockOpsMapKmeshAuthed   = "kmesh_authed"
-	sockOpsMapKmeshAuthz    = "kmesh_authz"
-	sockOpsMapKmeshBackend  = "kmesh_backend"
-	sockOpsMapKmeshDns      = "kmesh_dns"
-	sockOpsMapKmeshEndpoint = "kmesh_endpoint"
-	sockOpsMapKmeshEvents   = "kmesh_events"
-	sockOpsMapKmeshFrontend = "kmesh_frontend"
-	sockOpsMapKmeshInproxy  = "kmesh_inproxy"
-	sockOpsMapKmeshManaged  = "kmesh_managed"
-	sockOpsMapKmeshProxySk  = "kmesh_proxy_sk"
-	sockOpsMapKmeshService  = "kmesh_service"
-	sockOpsMapKmeshSockOrig = "kmesh_sock_orig"
-	sockOpsMapKmeshSplice   = "kmesh_splice"
-	sockOpsMapKmeshSpliceNs = "kmesh_splice_ns"
-	sockOpsMapKmeshSpliceRx = "kmesh_splice_rx"
-	sockOpsMapKmeshSpliceSk = "kmesh_splice_sk"
-	sockOpsMapKmeshSpliceTx = "kmesh_splice_tx"
-	sockOpsMapKmeshStats    = "kmesh_stats"
-	sockOpsMapKmeshStatsExt = "kmesh_stats_ext"
-	sockOpsMapKmeshTunnel   = "kmesh_tunnel"
-	sockOpsMapKmeshUdp      = "kmesh_udp"
-	sockOpsMapKmeshVip      = "kmesh_vip"
-	sockOpsProgKmeshSockops = "kmesh_sockops"
-	sockOpsVarCfgConnEvents = "cfg_conn_events"
-	sockOpsVarCfgSplice     = "cfg_splice"
-	sockOpsVarConnEventBtf  = "conn_event_btf"
+	sockOpsMapKmeshAuthed      = "kmesh_authed"
+	sockOpsMapKmeshAuthz       = "kmesh_authz"
+	sockOpsMapKmeshBackend     = "kmesh_backend"
+	sockOpsMapKmeshDns         = "kmesh_dns"
+	sockOpsMapKmeshEndpoint    = "kmesh_endpoint"
+	sockOpsMapKmeshEvents      = "kmesh_events"
+	sockOpsMapKmeshFrontend    = "kmesh_frontend"
+	sockOpsMapKmeshInproxy     = "kmesh_inproxy"
+	sockOpsMapKmeshManaged     = "kmesh_managed"
+	sockOpsMapKmeshProxySk     = "kmesh_proxy_sk"
+	sockOpsMapKmeshService     = "kmesh_service"
+	sockOpsMapKmeshSidecar     = "kmesh_sidecar"
+	sockOpsMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	sockOpsMapKmeshSidecarOrig = "kmesh_sidecar_orig"
+	sockOpsMapKmeshSockOrig    = "kmesh_sock_orig"
+	sockOpsMapKmeshSplice      = "kmesh_splice"
+	sockOpsMapKmeshSpliceNs    = "kmesh_splice_ns"
+	sockOpsMapKmeshSpliceRx    = "kmesh_splice_rx"
+	sockOpsMapKmeshSpliceSk    = "kmesh_splice_sk"
+	sockOpsMapKmeshSpliceTx    = "kmesh_splice_tx"
+	sockOpsMapKmeshStats       = "kmesh_stats"
+	sockOpsMapKmeshStatsExt    = "kmesh_stats_ext"
+	sockOpsMapKmeshTunnel      = "kmesh_tunnel"
+	sockOpsMapKmeshUdp         = "kmesh_udp"
+	sockOpsMapKmeshVip         = "kmesh_vip"
+	sockOpsProgKmeshSockops    = "kmesh_sockops"
+	sockOpsVarCfgConnEvents    = "cfg_conn_events"
+	sockOpsVarCfgSplice        = "cfg_splice"
+	sockOpsVarConnEventBtf     = "conn_event_btf"
 )
 
 // loadSockOps returns the embedded CollectionSpec for sockOps.
@@ -299,28 +319,31 @@ type sockOpsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockOpsMapSpecs struct {
-	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.MapSpec `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.MapSpec `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.MapSpec `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // sockOpsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -352,28 +375,31 @@ func (o *sockOpsObjects) Close() error {
 //
 // It can be passed to loadSockOpsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockOpsMaps struct {
-	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.Map `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.Map `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.Map `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.Map `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.Map `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.Map `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.Map `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *sockOpsMaps) Close() error {
@@ -389,6 +415,9 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
+		m.KmeshSidecarNs,
+		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,

@@ -778,21 +778,10 @@ func iptablesIn(t *testing.T, p *podnet.Pod, args ...string) {
 }
 
 // sidecarCapture installs the nat rules Istio's sidecar init installs
-// (istio-iptables), reduced to TCP: outbound to 15001 except the proxy's
-// own (uid 1337) and loopback; inbound to 15006.
+// (istio-iptables, default REDIRECT mode: podnet.IstioSidecarRules).
 func sidecarCapture(t *testing.T, p *podnet.Pod) {
 	t.Helper()
-	for _, r := range [][]string{
-		{"-t", "nat", "-N", "ISTIO_OUTPUT"},
-		{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-m", "owner", "--uid-owner", "1337", "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"},
-		{"-t", "nat", "-N", "ISTIO_INBOUND"},
-		{"-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "ISTIO_INBOUND"},
-		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15008", "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15006"},
-	} {
+	for _, r := range podnet.IstioSidecarRules() {
 		iptablesIn(t, p, r...)
 	}
 }
@@ -815,13 +804,22 @@ func startIn(t *testing.T, p *podnet.Pod, cg *podnet.Cgroup, cmd *exec.Cmd) {
 }
 
 // TestPrivilegedSidecarSplice: two pods that keep a sidecar (haproxy in
-// Envoy's place, uid 1337, captured by Istio's sidecar rules). Opted in,
-// their in-pod legs (the server-side sidecar's dial to the application
-// over loopback) go through sk_msg; bytes arrive intact either way. The
-// client-side leg, rewritten by NAT (the application's socket names the
-// original destination, the sidecar's the loopback listener), is not
-// spliced: its two ends' 4-tuples do not match, and guessing the pairing
-// could hand bytes to the wrong socket.
+// Envoy's place, uid 1337, captured by Istio's sidecar rules; each sidecar
+// finds where to go with SO_ORIGINAL_DST, as Envoy does). Three ways, the
+// same bytes arriving intact each time:
+//
+//   - not opted in: iptables captures every leg, nothing is spliced;
+//   - SpliceInPod: only the server sidecar's loopback dial to the
+//     application is spliced; the other two legs are rewritten by NAT (the
+//     application's socket names the original destination, the sidecar's
+//     the loopback listener), so their ends' 4-tuples differ and guessing
+//     the pairing could hand bytes to the wrong socket;
+//   - SpliceSidecar (the kernel's capture): connect sends the application
+//     to its pod address's 15001 and the client sidecar to the server pod's 15006
+//     itself, no NAT rewrites a leg, kmesh_getsockopt answers both
+//     sidecars' SO_ORIGINAL_DST (else the client sidecar would dial its own
+//     listener and the server sidecar 127.0.0.1:15006), and all three legs
+//     are spliced. The records go when the connections close.
 func TestPrivilegedSidecarSplice(t *testing.T) {
 	if _, err := exec.LookPath("haproxy"); err != nil {
 		t.Fatalf("haproxy is needed (apt-get install haproxy): %v", err)
@@ -841,10 +839,11 @@ func TestPrivilegedSidecarSplice(t *testing.T) {
 	for _, p := range []*podnet.Pod{f.client, f.server} {
 		sidecarCapture(t, p)
 	}
-	// Outbound sidecar: everything the application dials goes to the
-	// server (one upstream stands in for Envoy's routing).
-	startIn(t, f.client, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("client", "127.0.0.1:15001", "10.244.1.11:8080")))
-	startIn(t, f.server, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("server", ":15006", "127.0.0.1:8080")))
+	// Each sidecar forwards to the original destination: the client's to
+	// its address and port, the server's to the application on loopback at
+	// the original port.
+	startIn(t, f.client, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("client", ":15001", "0.0.0.0")))
+	startIn(t, f.server, f.env.Cgroup, exec.Command("haproxy", "-db", "-f", cfg("server", ":15006", "127.0.0.1")))
 	app := exec.Command("/proc/self/exe", "127.0.0.1:8080")
 	app.Env = append(os.Environ(), podnet.HelperEnv("echo-server"))
 	startIn(t, f.server, f.env.Cgroup, app)
@@ -853,29 +852,64 @@ func TestPrivilegedSidecarSplice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, opted := range []bool{false, true} {
-		flags := bpf.SpliceNS(0)
-		if opted {
-			flags = bpf.SpliceInPod
-		}
-		for _, c := range []uint64{f.clientCookie, serverCookie} {
-			if err := f.env.DP.Maps.SetSpliceNS(c, flags); err != nil {
+	m := f.env.DP.Maps
+	const leg = 128 << 20 // client-echo: 64 MiB each way
+	for _, mode := range []struct {
+		name  string
+		flags bpf.SpliceNS
+		legs  int
+	}{{"not opted in", 0, 0}, {"in-pod", bpf.SpliceInPod, 1}, {"sidecar capture", bpf.SpliceInPod | bpf.SpliceSidecar, 3}} {
+		for _, p := range []struct {
+			cookie uint64
+			addr   netip.Addr
+		}{{f.clientCookie, f.client.IPv4}, {serverCookie, f.server.IPv4}} {
+			if err := m.SetSpliceNS(p.cookie, mode.flags); err != nil {
+				t.Fatal(err)
+			}
+			if mode.flags&bpf.SpliceSidecar != 0 {
+				err = m.SetSidecarPod(p.cookie, p.addr)
+			} else {
+				err = m.DeleteSidecarPod(p.cookie)
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 		}
 		before := f.stats(t)
 		// The application dials the server's address; its sidecars carry it.
 		if err := f.run(t, "client-echo", "10.244.1.11:8080"); err != nil {
-			t.Fatalf("opted in %v: %v", opted, err)
+			t.Fatalf("%s: %v", mode.name, err)
 		}
 		after := f.stats(t)
-		moved := after["splice_bytes"] - before["splice_bytes"]
-		t.Logf("opted in %v: %d bytes through sk_msg, %d ends inserted", opted, moved, after["splice_insert"]-before["splice_insert"])
-		if opted && moved < 128<<20 {
-			t.Errorf("opted in: only %d bytes through sk_msg, want the server leg's 128 MiB", moved)
+		d := func(k string) uint64 { return after[k] - before[k] }
+		t.Logf("%s: %d bytes through sk_msg, %d ends inserted, %d connects captured, %d SO_ORIGINAL_DST answered",
+			mode.name, d("splice_bytes"), d("splice_insert"), d("sidecar_captured"), d("sidecar_orig"))
+		if moved, want := d("splice_bytes"), uint64(mode.legs)*leg; moved < want || moved > want+(1<<20) {
+			t.Errorf("%s: %d bytes through sk_msg, want the %d spliced legs' %d", mode.name, moved, mode.legs, want)
 		}
-		if !opted && moved != 0 {
-			t.Errorf("not opted in: %d bytes through sk_msg", moved)
+		captured, answered := uint64(0), uint64(0)
+		if mode.flags&bpf.SpliceSidecar != 0 {
+			captured, answered = 2, 2 // the application's connect and the client sidecar's
+		}
+		if d("sidecar_captured") != captured || d("sidecar_orig") < answered || d("sidecar_no_record") != 0 {
+			t.Errorf("%s: sidecar capture counters %d captured, %d answered, %d without record; want %d, >= %d, 0",
+				mode.name, d("sidecar_captured"), d("sidecar_orig"), d("sidecar_no_record"), captured, answered)
+		}
+		// Closed connections leave no original destination behind.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			recs, err := m.SidecarOrigs()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(recs) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%s: records left after the connections closed: %+v", mode.name, recs)
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 }

@@ -446,4 +446,14 @@ const (
 	// SplicePeers splices an enrolled pod's connections with other mesh
 	// workloads on this node, as Config.Splice does for every enrolled pod.
 	SplicePeers SpliceNS = 0x2
+	// SpliceSidecar: the pod keeps an Istio sidecar with the default
+	// capture, which the kernel performs at connect for IPv4 TCP (its
+	// iptables rules stay as the backstop), so that no leg is NAT'd and
+	// every leg can be spliced: the application's to its sidecar, the
+	// sidecar's to another such pod's sidecar (kmesh_sidecar) on this
+	// node. With SpliceInPod.
+	SpliceSidecar SpliceNS = 0x4
 )
+
+// pathSidecar: sock_orig.path of a connect the sidecar capture redirected.
+const pathSidecar = 16

@@ -145,6 +145,13 @@ type decideManagedValue struct {
 	Flags     uint32
 }
 
+type decideOrigDst struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
 type decideServiceValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -154,6 +161,16 @@ type decideServiceValue struct {
 	Mode  uint8
 	Flags uint8
 	Pad   uint8
+}
+
+type decideSidecarKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
+type decideSidecarValue struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type decideSockOrig struct {
@@ -238,31 +255,34 @@ type decideVipValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	decideMapKmeshAuthed   = "kmesh_authed"
-	decideMapKmeshAuthz    = "kmesh_authz"
-	decideMapKmeshBackend  = "kmesh_backend"
-	decideMapKmeshDns      = "kmesh_dns"
-	decideMapKmeshEndpoint = "kmesh_endpoint"
-	decideMapKmeshEvents   = "kmesh_events"
-	decideMapKmeshFrontend = "kmesh_frontend"
-	decideMapKmeshInproxy  = "kmesh_inproxy"
-	decideMapKmeshManaged  = "kmesh_managed"
-	decideMapKmeshProxySk  = "kmesh_proxy_sk"
-	decideMapKmeshService  = "kmesh_service"
-	decideMapKmeshSockOrig = "kmesh_sock_orig"
-	decideMapKmeshSplice   = "kmesh_splice"
-	decideMapKmeshSpliceNs = "kmesh_splice_ns"
-	decideMapKmeshSpliceRx = "kmesh_splice_rx"
-	decideMapKmeshSpliceSk = "kmesh_splice_sk"
-	decideMapKmeshSpliceTx = "kmesh_splice_tx"
-	decideMapKmeshStats    = "kmesh_stats"
-	decideMapKmeshStatsExt = "kmesh_stats_ext"
-	decideMapKmeshTunnel   = "kmesh_tunnel"
-	decideMapKmeshUdp      = "kmesh_udp"
-	decideMapKmeshVip      = "kmesh_vip"
-	decideProgKmeshTdecide = "kmesh_tdecide"
-	decideProgKmeshThammer = "kmesh_thammer"
-	decideVarReuseWindow   = "reuse_window"
+	decideMapKmeshAuthed      = "kmesh_authed"
+	decideMapKmeshAuthz       = "kmesh_authz"
+	decideMapKmeshBackend     = "kmesh_backend"
+	decideMapKmeshDns         = "kmesh_dns"
+	decideMapKmeshEndpoint    = "kmesh_endpoint"
+	decideMapKmeshEvents      = "kmesh_events"
+	decideMapKmeshFrontend    = "kmesh_frontend"
+	decideMapKmeshInproxy     = "kmesh_inproxy"
+	decideMapKmeshManaged     = "kmesh_managed"
+	decideMapKmeshProxySk     = "kmesh_proxy_sk"
+	decideMapKmeshService     = "kmesh_service"
+	decideMapKmeshSidecar     = "kmesh_sidecar"
+	decideMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	decideMapKmeshSidecarOrig = "kmesh_sidecar_orig"
+	decideMapKmeshSockOrig    = "kmesh_sock_orig"
+	decideMapKmeshSplice      = "kmesh_splice"
+	decideMapKmeshSpliceNs    = "kmesh_splice_ns"
+	decideMapKmeshSpliceRx    = "kmesh_splice_rx"
+	decideMapKmeshSpliceSk    = "kmesh_splice_sk"
+	decideMapKmeshSpliceTx    = "kmesh_splice_tx"
+	decideMapKmeshStats       = "kmesh_stats"
+	decideMapKmeshStatsExt    = "kmesh_stats_ext"
+	decideMapKmeshTunnel      = "kmesh_tunnel"
+	decideMapKmeshUdp         = "kmesh_udp"
+	decideMapKmeshVip         = "kmesh_vip"
+	decideProgKmeshTdecide    = "kmesh_tdecide"
+	decideProgKmeshThammer    = "kmesh_thammer"
+	decideVarReuseWindow      = "reuse_window"
 )
 
 // loadDecide returns the embedded CollectionSpec for decide.
@@ -315,28 +335,31 @@ type decideProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decideMapSpecs struct {
-	KmeshAuthed   *ebpf.MapSpec `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.MapSpec `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.MapSpec `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.MapSpec `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.MapSpec `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.MapSpec `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.MapSpec `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.MapSpec `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.MapSpec `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.MapSpec `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.MapSpec `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.MapSpec `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.MapSpec `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.MapSpec `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.MapSpec `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.MapSpec `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.MapSpec `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.MapSpec `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.MapSpec `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.MapSpec `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.MapSpec `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.MapSpec `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.MapSpec `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.MapSpec `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.MapSpec `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.MapSpec `ebpf:"kmesh_vip"`
 }
 
 // decideVariableSpecs contains global variables before they are loaded into the kernel.
@@ -366,28 +389,31 @@ func (o *decideObjects) Close() error {
 //
 // It can be passed to loadDecideObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decideMaps struct {
-	KmeshAuthed   *ebpf.Map `ebpf:"kmesh_authed"`
-	KmeshAuthz    *ebpf.Map `ebpf:"kmesh_authz"`
-	KmeshBackend  *ebpf.Map `ebpf:"kmesh_backend"`
-	KmeshDns      *ebpf.Map `ebpf:"kmesh_dns"`
-	KmeshEndpoint *ebpf.Map `ebpf:"kmesh_endpoint"`
-	KmeshEvents   *ebpf.Map `ebpf:"kmesh_events"`
-	KmeshFrontend *ebpf.Map `ebpf:"kmesh_frontend"`
-	KmeshInproxy  *ebpf.Map `ebpf:"kmesh_inproxy"`
-	KmeshManaged  *ebpf.Map `ebpf:"kmesh_managed"`
-	KmeshProxySk  *ebpf.Map `ebpf:"kmesh_proxy_sk"`
-	KmeshService  *ebpf.Map `ebpf:"kmesh_service"`
-	KmeshSockOrig *ebpf.Map `ebpf:"kmesh_sock_orig"`
-	KmeshSplice   *ebpf.Map `ebpf:"kmesh_splice"`
-	KmeshSpliceNs *ebpf.Map `ebpf:"kmesh_splice_ns"`
-	KmeshSpliceRx *ebpf.Map `ebpf:"kmesh_splice_rx"`
-	KmeshSpliceSk *ebpf.Map `ebpf:"kmesh_splice_sk"`
-	KmeshSpliceTx *ebpf.Map `ebpf:"kmesh_splice_tx"`
-	KmeshStats    *ebpf.Map `ebpf:"kmesh_stats"`
-	KmeshStatsExt *ebpf.Map `ebpf:"kmesh_stats_ext"`
-	KmeshTunnel   *ebpf.Map `ebpf:"kmesh_tunnel"`
-	KmeshUdp      *ebpf.Map `ebpf:"kmesh_udp"`
-	KmeshVip      *ebpf.Map `ebpf:"kmesh_vip"`
+	KmeshAuthed      *ebpf.Map `ebpf:"kmesh_authed"`
+	KmeshAuthz       *ebpf.Map `ebpf:"kmesh_authz"`
+	KmeshBackend     *ebpf.Map `ebpf:"kmesh_backend"`
+	KmeshDns         *ebpf.Map `ebpf:"kmesh_dns"`
+	KmeshEndpoint    *ebpf.Map `ebpf:"kmesh_endpoint"`
+	KmeshEvents      *ebpf.Map `ebpf:"kmesh_events"`
+	KmeshFrontend    *ebpf.Map `ebpf:"kmesh_frontend"`
+	KmeshInproxy     *ebpf.Map `ebpf:"kmesh_inproxy"`
+	KmeshManaged     *ebpf.Map `ebpf:"kmesh_managed"`
+	KmeshProxySk     *ebpf.Map `ebpf:"kmesh_proxy_sk"`
+	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
+	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
+	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
+	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
+	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
+	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
+	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
+	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
+	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
+	KmeshStatsExt    *ebpf.Map `ebpf:"kmesh_stats_ext"`
+	KmeshTunnel      *ebpf.Map `ebpf:"kmesh_tunnel"`
+	KmeshUdp         *ebpf.Map `ebpf:"kmesh_udp"`
+	KmeshVip         *ebpf.Map `ebpf:"kmesh_vip"`
 }
 
 func (m *decideMaps) Close() error {
@@ -403,6 +429,9 @@ func (m *decideMaps) Close() error {
 		m.KmeshManaged,
 		m.KmeshProxySk,
 		m.KmeshService,
+		m.KmeshSidecar,
+		m.KmeshSidecarNs,
+		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
 		m.KmeshSpliceNs,

@@ -143,6 +143,27 @@ struct dns_config {
 	__u16 pad;
 };
 
+/* kmesh_sidecar: the pods on this node whose sidecar capture the kernel
+ * performs (SPLICE_NS_SIDECAR), by pod IPv4 address (v4-mapped). The
+ * sidecar's dial to one of them goes to its 15006 at connect; the address
+ * is also how a cross-namespace leg proves its ends are those pods. */
+struct sidecar_key {
+	__u32 addr[4];
+};
+
+struct sidecar_value {
+	__u64 netns_cookie; /* the pod's network namespace */
+};
+
+/* kmesh_sidecar_orig value: where a connection the sidecar capture
+ * redirected was going (SO_ORIGINAL_DST), keyed by the connecting end's
+ * view of the connection (struct splice_key). */
+struct orig_dst {
+	__u32 addr[4]; /* IPv4 v4-mapped */
+	__u16 port;    /* network order */
+	__u16 pad;
+};
+
 /* kmesh_tunnel key: a tunnelled connection as the node proxy sees it when it
  * accepts on the pod's loopback: the client's address and port inside the
  * pod's network namespace. */

@@ -45,6 +45,9 @@
  * when they deny it, TUNNEL when the kernel has no verdict for the pair. */
 #define PATH_AUTHZ 7
 #define PATH_MAX   8
+/* sock_orig.path of a connect the sidecar capture sent to a sidecar
+ * (SPLICE_NS_SIDECAR): not a verdict, never in a frontend or backend. */
+#define PATH_SIDECAR 16
 
 /* backend_value.flags: what the verdicts were decided from, for dumps and
  * logs only; no program reads them. */
@@ -85,6 +88,22 @@
  * beyond what cfg_splice turns on for every enrolled pod. */
 #define SPLICE_NS_INPOD 0x1 /* connections inside the namespace (app <-> sidecar); any pod */
 #define SPLICE_NS_PEERS 0x2 /* an enrolled pod's connections with local mesh workloads */
+/* SPLICE_NS_SIDECAR: a pod whose Istio sidecar capture is the default one
+ * (REDIRECT to 15001 and 15006, proxy uid/gid 1337, every port and range;
+ * the pod is in kmesh_sidecar and kmesh_sidecar_ns): connect4 performs that
+ * capture itself for IPv4 TCP, so that no NAT
+ * rewrites the legs and both ends of each name the same 4-tuple (spliced).
+ * The pod's iptables rules stay: what the program leaves alone, or does
+ * while the daemon is away, they still capture. With SPLICE_NS_INPOD. */
+#define SPLICE_NS_SIDECAR 0x4
+
+/* The default Istio sidecar's identity and the inbound ports its capture
+ * exempts (tunnel, Prometheus, health, status). */
+#define KMESH_SIDECAR_UID	    1337
+#define KMESH_SIDECAR_EXEMPT_TUNNEL 15008
+#define KMESH_SIDECAR_EXEMPT_PROM   15090
+#define KMESH_SIDECAR_EXEMPT_HEALTH 15021
+#define KMESH_SIDECAR_EXEMPT_STATUS 15020
 
 /* conn_event.kind and .direction */
 #define CONN_EV_OPEN	  1
@@ -130,14 +149,17 @@ enum kmesh_stat {
 	 * growing it would break upgrades. Counters from STAT_MAX on live in
 	 * kmesh_stats_ext (index - STAT_MAX), which has room to grow into. */
 	STAT_MAX = 24,
-	STAT_AUTHZ_NO_ENTRY = 24, /* ... no verdict for the pair: sent to the tunnel */
-	STAT_INBOUND_AUTHED = 25, /* inbound plaintext authorized at connect: not steered */
-	STAT_SPLICE_INSERT = 26,  /* a connection end entered kmesh_splice */
-	STAT_SPLICE_FULL = 27,	  /* ... but the map was full (or the key taken): plain TCP */
-	STAT_SPLICE_BYTES = 28,	  /* bytes sk_msg moved straight into the peer socket */
-	STAT_SPLICE_NO_PEER = 29, /* first send found no peer: that direction stays TCP */
-	STAT_VIP_NO_PORT = 30,	  /* a service VIP on a port its service does not have: refused */
-	STAT_EXT_MAX = 64,	  /* size of kmesh_stats_ext */
+	STAT_AUTHZ_NO_ENTRY = 24,   /* ... no verdict for the pair: sent to the tunnel */
+	STAT_INBOUND_AUTHED = 25,   /* inbound plaintext authorized at connect: not steered */
+	STAT_SPLICE_INSERT = 26,    /* a connection end entered kmesh_splice */
+	STAT_SPLICE_FULL = 27,	    /* ... but the map was full (or the key taken): plain TCP */
+	STAT_SPLICE_BYTES = 28,	    /* bytes sk_msg moved straight into the peer socket */
+	STAT_SPLICE_NO_PEER = 29,   /* first send found no peer: that direction stays TCP */
+	STAT_VIP_NO_PORT = 30,	    /* a service VIP on a port its service does not have: refused */
+	STAT_SIDECAR_CAPTURED = 31, /* a sidecar pod's connect sent to a sidecar in the kernel */
+	STAT_SIDECAR_ORIG = 32,	    /* SO_ORIGINAL_DST answered from the capture's record */
+	STAT_SIDECAR_NO_RECORD = 33, /* no storage or record for it: left to iptables */
+	STAT_EXT_MAX = 64,	     /* size of kmesh_stats_ext */
 };
 
 /* The producer of connection events wakes the reader at each further

@@ -262,6 +262,40 @@ struct {
 	__type(value, __u32);
 } kmesh_splice_ns SEC(".maps");
 
+/* Pods whose sidecar capture the kernel performs (struct sidecar_key);
+ * written by the daemon next to their SPLICE_NS_SIDECAR opt-in. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sidecar_key);
+	__type(value, struct sidecar_value);
+} kmesh_sidecar SEC(".maps");
+
+/* The same pods by network namespace: the pod's own address, where the
+ * application's captured connects go (its sidecar's 15001 on that address,
+ * so the application still sees its pod address as its own). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct sidecar_key);
+} kmesh_sidecar_ns SEC(".maps");
+
+/* Original destinations of connections the sidecar capture redirected,
+ * for the sidecar's SO_ORIGINAL_DST (kmesh_getsockopt). sockops writes an
+ * entry when the connecting end is established (before the listener can
+ * accept) and deletes it when that end closes. LRU: inserting never fails
+ * (an entry evicted at 64Ki concurrent captured connections belongs to a
+ * connection accepted long ago); the loader sizes it as kmesh_splice. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct splice_key);
+	__type(value, struct orig_dst);
+} kmesh_sidecar_orig SEC(".maps");
+
 /* Per-CPU event counters, indexed by enum kmesh_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

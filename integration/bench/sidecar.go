@@ -7,30 +7,31 @@ import (
 	"path/filepath"
 
 	"kmesh.dev/kmesh/bpf"
+	"kmesh.dev/kmesh/integration/podnet"
 	"kmesh.dev/kmesh/integration/sim"
 )
 
 // The sidecar-pair arms: two pods outside the ambient mesh, each keeping an
-// Istio-style sidecar (haproxy in Envoy's place, uid 1337) captured the way
-// Istio's sidecar init (istio-iptables) captures: the client application's
-// dial to the server's pod IP is REDIRECTed to its sidecar's 15001; that
-// sidecar dials the original destination (SO_ORIGINAL_DST) as uid 1337,
-// which the capture exempts; in the server pod the inbound REDIRECT sends it
-// to the server sidecar's 15006, which dials the application over loopback
-// on the original port. Three legs:
+// Istio-style sidecar (haproxy in Envoy's place, uid 1337) captured by the
+// rules Istio's sidecar init (istio-iptables) installs
+// (podnet.IstioSidecarRules): the client application's dial to the server's
+// pod IP goes to its sidecar's 15001; that sidecar dials the original
+// destination (SO_ORIGINAL_DST) as uid 1337, which the outbound capture
+// exempts; in the server pod the inbound capture sends it to the server
+// sidecar's 15006, which dials the application over loopback on the
+// original port. Three legs:
 //
-//	app ─NAT→ 15001 │ sidecar ─pod-to-pod, NAT'd at 15006→ sidecar │ sidecar → app (loopback)
+//	app → 15001 │ sidecar → server pod's 15006 │ sidecar → app (loopback)
 //
-// sidecar-pair-spliced opts both pods' netns into SPLICE_NS_INPOD, which
-// splices the only leg whose two ends name the same 4-tuple: the server
-// sidecar's loopback dial to the application. The other two legs are
-// rewritten by NAT, so the two ends' keys differ (docs/sockmap.md): the
-// client leg's application socket names the original destination and the
-// sidecar's the 15001 listener; the pod-to-pod leg's client names
-// podIP:port and the server end podIP:15006. Pairing them without the port
-// the NAT rewrote (Istio's inbound capture may exclude ports, and Linux
-// reuses an ephemeral port for different destinations) could hand one
-// connection's bytes to another's socket, so they stay on TCP.
+// sidecar-pair: iptables captures, NAT rewrites the first two legs, nothing
+// is spliced. sidecar-pair-spliced: both pods get the kernel's sidecar
+// capture (bpf.SetSidecarPinned: SPLICE_NS_INPOD|SPLICE_NS_SIDECAR and
+// kmesh_sidecar, what the kmesh.dev/splice annotation makes the daemon do
+// for a pod with the default capture): connect4 sends the application to
+// its pod address's 15001 and the client sidecar to the server pod's 15006
+// before any packet exists, kmesh_getsockopt answers SO_ORIGINAL_DST, and
+// with no NAT on any leg all three are spliced. The iptables rules are the
+// same in both arms.
 
 // Sidecar ports, Istio's.
 const (
@@ -38,23 +39,6 @@ const (
 	sidecarInbound  = 15006
 	sidecarUID      = 1337
 )
-
-// sidecarCapture is Istio's sidecar init reduced to TCP (as
-// bpf.TestPrivilegedSidecarSplice installs it): outbound to 15001 except
-// the proxy's own (uid 1337) and loopback; inbound to 15006 except HBONE.
-func sidecarCapture() [][]string {
-	return [][]string{
-		{"-t", "nat", "-N", "ISTIO_OUTPUT"},
-		{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-m", "owner", "--uid-owner", fmt.Sprint(sidecarUID), "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", fmt.Sprint(sidecarOutbound)},
-		{"-t", "nat", "-N", "ISTIO_INBOUND"},
-		{"-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "ISTIO_INBOUND"},
-		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15008", "-j", "RETURN"},
-		{"-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", fmt.Sprint(sidecarInbound)},
-	}
-}
 
 // sidecarConfig is one sidecar: it listens on port and forwards every
 // connection to the destination the capture rewrote (haproxy reads it with
@@ -87,7 +71,7 @@ backend b
 // server's tools must already run; its sidecar is the arm's overhead.
 func (e *Env) sidecarPair(a *Arm, server *sim.Pod, splice bool) error {
 	for _, p := range []*sim.Pod{a.client, server} {
-		for _, r := range sidecarCapture() {
+		for _, r := range podnet.IstioSidecarRules() {
 			if err := e.iptables(p, r...); err != nil {
 				return err
 			}
@@ -127,7 +111,7 @@ func (e *Env) sidecarPair(a *Arm, server *sim.Pod, splice bool) error {
 		if err != nil {
 			return err
 		}
-		if err := bpf.SetSpliceNSPinned(filepath.Join(sim.PinParent, e.cluster.ID, e.cluster.Nodes[a.node].Name), cookie, bpf.SpliceInPod); err != nil {
+		if err := bpf.SetSidecarPinned(filepath.Join(sim.PinParent, e.cluster.ID, e.cluster.Nodes[a.node].Name), cookie, p.Net.IPv4); err != nil {
 			return fmt.Errorf("opting %s into splicing: %w", p.Key(), err)
 		}
 	}
