@@ -45,7 +45,8 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_vip":          dumpVIPs,
 	"kmesh_splice_tx":    dumpSpliceTx,
 	"kmesh_splice_rx":    dumpSpliceRx,
-	"kmesh_sidecar":      dumpSidecarPods,
+	"kmesh_sidecar":      dumpSidecarAddrs,
+	"kmesh_sidecar_ns":   dumpSidecarPods,
 	"kmesh_sidecar_orig": dumpSidecarOrigs,
 }
 
