@@ -63,6 +63,9 @@ func (a *Agent) startSidecarSplice(ctx context.Context) error {
 	a.Reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kmesh_sidecar_spliced_pods",
 		Help: "Pods that keep an Istio sidecar whose in-pod connections are spliced (kmesh.dev/splice)."},
 		func() float64 { return float64(len(r.Spliced())) }))
+	a.Reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kmesh_sidecar_captured_pods",
+		Help: "Spliced sidecar pods whose default Istio capture the kernel performs at connect, so that every leg of their connections is spliced."},
+		func() float64 { return float64(len(r.Captured())) }))
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()

@@ -13,6 +13,8 @@
 // ambiguous is not spliced.
 package sidecar
 
+import "net/netip"
+
 // Annotation opts a pod, or every pod of a namespace, into splicing: "true"
 // on, "false" off (a pod's value wins over its namespace's). Any other
 // value is off.
@@ -36,6 +38,11 @@ type Pod struct {
 	// is going away.
 	Running     bool
 	Annotations map[string]string
+	// IPv4 is the pod's IPv4 address (status.podIPs), invalid while
+	// unknown; ProxyUID and ProxyGID the istio-proxy container's
+	// runAsUser and runAsGroup (0 when unknown). Capture needs them.
+	IPv4               netip.Addr
+	ProxyUID, ProxyGID int64
 }
 
 // Namespace is what the decision needs of a namespace.

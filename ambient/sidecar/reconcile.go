@@ -3,6 +3,7 @@ package sidecar
 import (
 	"log/slog"
 	"maps"
+	"net/netip"
 	"sync"
 
 	"kmesh.dev/kmesh/bpf"
@@ -11,6 +12,8 @@ import (
 // SpliceMap is where opt-ins go (bpf.Maps; in memory in tests).
 type SpliceMap interface {
 	SetSpliceNS(netnsCookie uint64, flags bpf.SpliceNS) error
+	SetSidecarPod(netnsCookie uint64, addr netip.Addr) error
+	DeleteSidecarPod(netnsCookie uint64) error
 }
 
 // NetnsFinder finds pods' network namespaces (Finder; fake in tests):
@@ -36,6 +39,11 @@ type Reconciler struct {
 	nss  map[string]Namespace // by name
 	// spliced: pod UID -> netns cookie this reconciler opted in.
 	spliced map[string]uint64
+	// captured: pod UID -> the address registered for the kernel's
+	// sidecar capture (a subset of spliced).
+	captured map[string]netip.Addr
+	// uncaptured counts spliced pods left to iptables' capture, by why.
+	uncaptured map[CaptureReason]uint64
 	// refused counts pods that asked for splicing and were refused (the
 	// namespace not found, ambiguous, too many, a failed map write).
 	refused map[Reason]uint64
@@ -51,6 +59,7 @@ func (r *Reconciler) Refusals() map[Reason]uint64 {
 func (r *Reconciler) init() {
 	if r.pods == nil {
 		r.pods, r.nss, r.spliced, r.refused = map[string]Pod{}, map[string]Namespace{}, map[string]uint64{}, map[Reason]uint64{}
+		r.captured, r.uncaptured = map[string]netip.Addr{}, map[CaptureReason]uint64{}
 	}
 }
 
@@ -144,6 +153,22 @@ func (r *Reconciler) ns(p Pod) *Namespace {
 	return nil
 }
 
+// Captured returns the spliced pods whose capture the kernel performs:
+// UID -> pod address.
+func (r *Reconciler) Captured() map[string]netip.Addr {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.captured)
+}
+
+// Uncaptured returns how often a spliced pod was left to iptables'
+// capture (only its in-pod leg spliced), by reason.
+func (r *Reconciler) Uncaptured() map[CaptureReason]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.uncaptured)
+}
+
 // Spliced returns the pods this reconciler opted in: UID -> netns cookie.
 func (r *Reconciler) Spliced() map[string]uint64 {
 	r.mu.Lock()
@@ -161,6 +186,11 @@ func (r *Reconciler) unsplice(uid string) {
 	if !ok {
 		return
 	}
+	// The capture first: while the namespace is still opted in, its
+	// sockets keep being spliced, never captured without a record.
+	if !r.uncapture(uid) {
+		return
+	}
 	if err := r.Map.SetSpliceNS(cookie, 0); err != nil {
 		// Kept: the next event retries the removal.
 		r.log().Warn("clearing a pod's splicing opt-in", "uid", uid, "err", err)
@@ -174,8 +204,13 @@ func (r *Reconciler) apply(p Pod) {
 		r.unsplice(p.UID)
 		return
 	}
-	if _, ok := r.spliced[p.UID]; ok {
-		return // a changed sandbox is Retry's to find
+	if c, ok := r.spliced[p.UID]; ok {
+		// A changed sandbox is Retry's to find; what can change here is
+		// the capture (the pod's address arrives after it started).
+		if _, on := r.captured[p.UID]; !on && Capture(p) == KernelCapture {
+			r.capture(p, c)
+		}
+		return
 	}
 	if len(r.spliced) >= r.Max {
 		r.refuse(p, TooManyPods, nil)
@@ -214,6 +249,55 @@ func (r *Reconciler) splice(p Pod, f Found, err error) {
 	}
 	r.spliced[p.UID] = cookie
 	r.log().Info("splicing a sidecar pod's in-pod connections", "pod", p.Namespace+"/"+p.Name, "netns_cookie", cookie)
+	r.capture(p, cookie)
+}
+
+// capture hands spliced pod p's sidecar capture to the kernel when its
+// capture is the one the kernel implements (Capture), so that its other
+// legs splice too; else counts why not. Its iptables rules capture either
+// way.
+func (r *Reconciler) capture(p Pod, cookie uint64) {
+	why := Capture(p)
+	if why == KernelCapture {
+		for uid, a := range r.captured {
+			if a == p.IPv4 && uid != p.UID {
+				// Two pods at one address: one record is stale. The
+				// address must name one namespace, so neither guesses.
+				why = AddrInUse
+			}
+		}
+	}
+	if why == KernelCapture {
+		if err := r.Map.SetSidecarPod(cookie, p.IPv4); err != nil {
+			why = MapWriteCapture
+			r.log().Warn("registering a sidecar pod for the kernel's capture", "pod", p.Namespace+"/"+p.Name, "err", err)
+		} else if err := r.Map.SetSpliceNS(cookie, bpf.SpliceInPod|bpf.SpliceSidecar); err != nil {
+			why = MapWriteCapture
+			_ = r.Map.DeleteSidecarPod(cookie)
+			r.log().Warn("opting a sidecar pod into the kernel's capture", "pod", p.Namespace+"/"+p.Name, "err", err)
+		}
+	}
+	if why != KernelCapture {
+		r.uncaptured[why]++
+		r.log().Info("sidecar pod keeps iptables' capture: only its in-pod leg is spliced", "pod", p.Namespace+"/"+p.Name, "reason", string(why))
+		return
+	}
+	r.captured[p.UID] = p.IPv4
+	r.log().Info("the kernel captures a sidecar pod's connections: every leg spliced", "pod", p.Namespace+"/"+p.Name, "addr", p.IPv4)
+}
+
+// uncapture withdraws a pod's kernel capture; false when the map refused
+// (kept: the next event retries).
+func (r *Reconciler) uncapture(uid string) bool {
+	if _, ok := r.captured[uid]; !ok {
+		return true
+	}
+	if err := r.Map.DeleteSidecarPod(r.spliced[uid]); err != nil {
+		r.log().Warn("withdrawing a sidecar pod from the kernel's capture", "uid", uid, "err", err)
+		return false
+	}
+	delete(r.captured, uid)
+	return true
 }
 
 func (r *Reconciler) refuse(p Pod, why Reason, err error) {

@@ -2,12 +2,16 @@ package sidecar
 
 import (
 	"errors"
+	"net/netip"
 	"testing"
 
 	"kmesh.dev/kmesh/bpf"
 )
 
 type memMap map[uint64]bpf.SpliceNS
+
+func (m memMap) SetSidecarPod(uint64, netip.Addr) error { return nil }
+func (m memMap) DeleteSidecarPod(uint64) error          { return nil }
 
 func (m memMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
 	if c == 666 {
@@ -136,5 +140,97 @@ func TestPodUIDFromCgroup(t *testing.T) {
 		if got != c.want || ok != (c.want != "") {
 			t.Errorf("%s: %q %v, want %q", c.name, got, ok, c.want)
 		}
+	}
+}
+
+// captureMap records both opt-ins as the kernel's maps hold them.
+type captureMap struct {
+	ns   map[uint64]bpf.SpliceNS
+	pods map[uint64]netip.Addr
+	fail bool
+}
+
+func (m *captureMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
+	if f == 0 {
+		delete(m.ns, c)
+	} else {
+		m.ns[c] = f
+	}
+	return nil
+}
+
+func (m *captureMap) SetSidecarPod(c uint64, a netip.Addr) error {
+	if m.fail {
+		return errors.New("map full")
+	}
+	m.pods[c] = a
+	return nil
+}
+
+func (m *captureMap) DeleteSidecarPod(c uint64) error {
+	delete(m.pods, c)
+	return nil
+}
+
+// TestReconcilerCapture: a spliced pod with the default capture is handed
+// to the kernel's capture (kmesh_sidecar and SpliceSidecar) once its
+// address is known; one with a narrowed capture, or whose address another
+// spliced pod holds, keeps iptables' (in-pod leg only); withdrawal clears
+// the capture with the opt-in.
+func TestReconcilerCapture(t *testing.T) {
+	m := &captureMap{ns: map[uint64]bpf.SpliceNS{}, pods: map[uint64]netip.Addr{}}
+	r := &Reconciler{Node: "n1", Map: m, Finder: fakeFinder{"a": 11, "b": 12, "c": 13, "d": 14}, Max: 10}
+	def := func(uid, ip string, extra map[string]string) Pod {
+		a := map[string]string{Annotation: "true", annInterception: "REDIRECT", annIncludeOutbound: "*",
+			annIncludeInbound: "*", annExcludeInbound: "15020"}
+		for k, v := range extra {
+			a[k] = v
+		}
+		p := pod(uid, "ns1", a)
+		p.ProxyUID, p.ProxyGID = 1337, 1337
+		if ip != "" {
+			p.IPv4 = netip.MustParseAddr(ip)
+		}
+		return p
+	}
+	both := bpf.SpliceInPod | bpf.SpliceSidecar
+	check := func(step string, ns map[uint64]bpf.SpliceNS, pods map[uint64]string) {
+		t.Helper()
+		if len(m.ns) != len(ns) || len(m.pods) != len(pods) {
+			t.Fatalf("%s: namespaces %v pods %v, want %v %v", step, m.ns, m.pods, ns, pods)
+		}
+		for c, f := range ns {
+			if m.ns[c] != f {
+				t.Fatalf("%s: namespaces %v, want %v", step, m.ns, ns)
+			}
+		}
+		for c, a := range pods {
+			if m.pods[c].String() != a {
+				t.Fatalf("%s: pods %v, want %v", step, m.pods, pods)
+			}
+		}
+	}
+	r.Pod(def("a", "", nil))
+	check("address not known yet: in-pod only", map[uint64]bpf.SpliceNS{11: bpf.SpliceInPod}, nil)
+	r.Pod(def("a", "10.244.1.5", nil))
+	check("address known: the kernel captures", map[uint64]bpf.SpliceNS{11: both}, map[uint64]string{11: "10.244.1.5"})
+	r.Pod(def("b", "10.244.1.6", map[string]string{annExcludeOutPorts: "3306"}))
+	check("narrowed capture stays with iptables", map[uint64]bpf.SpliceNS{11: both, 12: bpf.SpliceInPod}, map[uint64]string{11: "10.244.1.5"})
+	r.Pod(def("c", "10.244.1.5", nil))
+	check("an address another pod holds", map[uint64]bpf.SpliceNS{11: both, 12: bpf.SpliceInPod, 13: bpf.SpliceInPod}, map[uint64]string{11: "10.244.1.5"})
+	m.fail = true
+	r.Pod(def("d", "10.244.1.8", nil))
+	check("map write failure: in-pod only", map[uint64]bpf.SpliceNS{11: both, 12: bpf.SpliceInPod, 13: bpf.SpliceInPod, 14: bpf.SpliceInPod},
+		map[uint64]string{11: "10.244.1.5"})
+	m.fail = false
+	r.Pod(def("a", "10.244.1.5", map[string]string{Annotation: "false"}))
+	check("opt-out clears both", map[uint64]bpf.SpliceNS{12: bpf.SpliceInPod, 13: bpf.SpliceInPod, 14: bpf.SpliceInPod}, nil)
+	for _, why := range []CaptureReason{NoIPv4, PartialCapture, AddrInUse, MapWriteCapture} {
+		if r.Uncaptured()[why] == 0 {
+			t.Errorf("reason %q not counted: %v", why, r.Uncaptured())
+		}
+	}
+	if len(r.Captured()) != 0 {
+		t.Errorf("captured after opt-out: %v", r.Captured())
 	}
 }

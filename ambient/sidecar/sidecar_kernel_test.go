@@ -115,11 +115,19 @@ func TestPrivilegedSidecarOptIn(t *testing.T) {
 		t.Fatalf("not opted in, yet %d bytes through sk_msg", moved)
 	}
 	r := &sidecar.Reconciler{Node: "n1", Map: env.DP.Maps, Finder: finder, Max: 16}
+	// What the injector writes with Istio's defaults: the kernel takes the
+	// capture over too.
 	r.Pod(sidecar.Pod{UID: uid, Namespace: "demo", Name: "app", NodeName: "n1", Running: true,
-		Annotations: map[string]string{"sidecar.istio.io/status": "{}", sidecar.Annotation: "true"}})
+		IPv4: pod.IPv4, ProxyUID: 1337, ProxyGID: 1337,
+		Annotations: map[string]string{"sidecar.istio.io/status": "{}", sidecar.Annotation: "true",
+			"sidecar.istio.io/interceptionMode": "REDIRECT", "traffic.sidecar.istio.io/includeOutboundIPRanges": "*",
+			"traffic.sidecar.istio.io/includeInboundPorts": "*", "traffic.sidecar.istio.io/excludeInboundPorts": "15020"}})
 	ns, err := env.DP.Maps.SpliceNamespaces()
-	if err != nil || ns[want] != bpf.SpliceInPod {
-		t.Fatalf("kmesh_splice_ns: %v %v, want %d in-pod", ns, err, want)
+	if err != nil || ns[want] != bpf.SpliceInPod|bpf.SpliceSidecar {
+		t.Fatalf("kmesh_splice_ns: %v %v, want %d in-pod and sidecar capture", ns, err, want)
+	}
+	if pods, err := env.DP.Maps.SidecarPods(); err != nil || pods[want] != pod.IPv4 {
+		t.Fatalf("kmesh_sidecar_ns: %v %v, want %d at %s", pods, err, want, pod.IPv4)
 	}
 	if moved := move(); moved < 4<<20 {
 		t.Errorf("opted in: %d bytes through sk_msg, want the 4 MiB", moved)
@@ -127,6 +135,9 @@ func TestPrivilegedSidecarOptIn(t *testing.T) {
 	r.PodGone(uid)
 	if ns, _ := env.DP.Maps.SpliceNamespaces(); len(ns) != 0 {
 		t.Errorf("after the pod went: %v", ns)
+	}
+	if pods, _ := env.DP.Maps.SidecarPods(); len(pods) != 0 {
+		t.Errorf("after the pod went, still captured: %v", pods)
 	}
 	if moved := move(); moved != 0 {
 		t.Errorf("after the pod went: %d bytes through sk_msg", moved)

@@ -43,20 +43,69 @@ type meta struct {
 	Annotations     map[string]string `json:"annotations"`
 }
 
+type securityContextJSON struct {
+	RunAsUser  *int64 `json:"runAsUser"`
+	RunAsGroup *int64 `json:"runAsGroup"`
+}
+
+type containerJSON struct {
+	Name            string               `json:"name"`
+	SecurityContext *securityContextJSON `json:"securityContext"`
+}
+
 type podJSON struct {
 	Metadata meta `json:"metadata"`
 	Spec     struct {
-		NodeName    string `json:"nodeName"`
-		HostNetwork bool   `json:"hostNetwork"`
+		NodeName        string               `json:"nodeName"`
+		HostNetwork     bool                 `json:"hostNetwork"`
+		SecurityContext *securityContextJSON `json:"securityContext"`
+		Containers      []containerJSON      `json:"containers"`
+		InitContainers  []containerJSON      `json:"initContainers"`
 	} `json:"spec"`
 	Status struct {
-		Phase string `json:"phase"`
+		Phase  string `json:"phase"`
+		PodIP  string `json:"podIP"`
+		PodIPs []struct {
+			IP string `json:"ip"`
+		} `json:"podIPs"`
 	} `json:"status"`
 }
 
+// proxyContainer is Istio's sidecar container's name (a native sidecar
+// is an init container of that name).
+const proxyContainer = "istio-proxy"
+
 func (p podJSON) pod() Pod {
-	return Pod{UID: p.Metadata.UID, Namespace: p.Metadata.Namespace, Name: p.Metadata.Name, NodeName: p.Spec.NodeName,
+	out := Pod{UID: p.Metadata.UID, Namespace: p.Metadata.Namespace, Name: p.Metadata.Name, NodeName: p.Spec.NodeName,
 		HostNetwork: p.Spec.HostNetwork, Running: p.Status.Phase == "Running", Annotations: p.Metadata.Annotations}
+	ips := []string{p.Status.PodIP}
+	for _, ip := range p.Status.PodIPs {
+		ips = append(ips, ip.IP)
+	}
+	out.IPv4 = firstIPv4(ips...)
+	// The sidecar's identity: its container's securityContext, else the
+	// pod's (Kubernetes' precedence); unknown stays 0, which is not 1337.
+	var uid, gid *int64
+	if sc := p.Spec.SecurityContext; sc != nil {
+		uid, gid = sc.RunAsUser, sc.RunAsGroup
+	}
+	for _, c := range append(p.Spec.Containers, p.Spec.InitContainers...) {
+		if c.Name == proxyContainer && c.SecurityContext != nil {
+			if c.SecurityContext.RunAsUser != nil {
+				uid = c.SecurityContext.RunAsUser
+			}
+			if c.SecurityContext.RunAsGroup != nil {
+				gid = c.SecurityContext.RunAsGroup
+			}
+		}
+	}
+	if uid != nil {
+		out.ProxyUID = *uid
+	}
+	if gid != nil {
+		out.ProxyGID = *gid
+	}
+	return out
 }
 
 type listJSON struct {

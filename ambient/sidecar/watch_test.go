@@ -2,9 +2,11 @@ package sidecar
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -22,6 +24,9 @@ func (l *lockedMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
 	defer l.mu.Unlock()
 	return l.m.SetSpliceNS(c, f)
 }
+
+func (l *lockedMap) SetSidecarPod(uint64, netip.Addr) error { return nil }
+func (l *lockedMap) DeleteSidecarPod(uint64) error          { return nil }
 
 func (l *lockedMap) get() map[uint64]bpf.SpliceNS {
 	l.mu.Lock()
@@ -121,5 +126,34 @@ func TestWatch(t *testing.T) {
 	defer mu.Unlock()
 	for _, b := range bad {
 		t.Error(b)
+	}
+}
+
+// TestPodJSON: what the capture decision needs is read from an injected
+// pod as the API server serves it: the IPv4 among the pod's addresses, and
+// the sidecar's identity from its container (or, for a native sidecar, its
+// init container), falling back to the pod's securityContext.
+func TestPodJSON(t *testing.T) {
+	for _, c := range []struct {
+		name, json string
+		ip         string
+		uid, gid   int64
+	}{
+		{"sidecar container, dual stack with IPv6 first",
+			`{"metadata":{"uid":"u"},"spec":{"containers":[{"name":"app"},{"name":"istio-proxy","securityContext":{"runAsUser":1337,"runAsGroup":1337}}]},` +
+				`"status":{"podIP":"fd00::5","podIPs":[{"ip":"fd00::5"},{"ip":"10.244.1.5"}]}}`, "10.244.1.5", 1337, 1337},
+		{"native sidecar (init container), group from the pod",
+			`{"metadata":{"uid":"u"},"spec":{"securityContext":{"runAsGroup":1337,"runAsUser":1000},"initContainers":[{"name":"istio-proxy","securityContext":{"runAsUser":1337}}]},` +
+				`"status":{"podIP":"10.244.1.6"}}`, "10.244.1.6", 1337, 1337},
+		{"IPv6 only, identity unknown", `{"metadata":{"uid":"u"},"spec":{"containers":[{"name":"istio-proxy"}]},"status":{"podIPs":[{"ip":"fd00::7"}]}}`, "invalid IP", 0, 0},
+	} {
+		var p podJSON
+		if err := json.Unmarshal([]byte(c.json), &p); err != nil {
+			t.Fatal(err)
+		}
+		got := p.pod()
+		if got.IPv4.String() != c.ip || got.ProxyUID != c.uid || got.ProxyGID != c.gid {
+			t.Errorf("%s: %s uid %d gid %d, want %s %d %d", c.name, got.IPv4, got.ProxyUID, got.ProxyGID, c.ip, c.uid, c.gid)
+		}
 	}
 }
