@@ -14,6 +14,7 @@ type SpliceMap interface {
 	SetSpliceNS(netnsCookie uint64, flags bpf.SpliceNS) error
 	SetSidecarPod(netnsCookie uint64, addr netip.Addr) error
 	DeleteSidecarPod(netnsCookie uint64) error
+	SidecarPods() (map[uint64]netip.Addr, error)
 }
 
 // NetnsFinder finds pods' network namespaces (Finder; fake in tests):
@@ -151,6 +152,37 @@ func (r *Reconciler) ns(p Pod) *Namespace {
 		return &n
 	}
 	return nil
+}
+
+// Sweep withdraws every kernel capture this reconciler does not hold: ones
+// a previous daemon left for pods that went while no daemon watched. Such
+// an entry is the one harmful leftover: a new pod given the old one's
+// address would have other sidecars' connections sent to a 15006 it may
+// not have. Called after each complete list of the node's pods; a pod this
+// reconciler has not found again yet keeps iptables' capture until it is.
+func (r *Reconciler) Sweep() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.init()
+	pods, err := r.Map.SidecarPods()
+	if err != nil {
+		r.log().Warn("listing the kernel's sidecar captures", "err", err)
+		return
+	}
+	held := map[uint64]bool{}
+	for uid := range r.captured {
+		held[r.spliced[uid]] = true
+	}
+	for cookie, addr := range pods {
+		if held[cookie] {
+			continue
+		}
+		if err := r.Map.DeleteSidecarPod(cookie); err != nil {
+			r.log().Warn("withdrawing a leftover sidecar capture", "netns_cookie", cookie, "addr", addr, "err", err)
+			continue
+		}
+		r.log().Info("withdrew a sidecar capture no pod of this node holds", "netns_cookie", cookie, "addr", addr)
+	}
 }
 
 // Captured returns the spliced pods whose capture the kernel performs:

@@ -10,8 +10,9 @@ import (
 
 type memMap map[uint64]bpf.SpliceNS
 
-func (m memMap) SetSidecarPod(uint64, netip.Addr) error { return nil }
-func (m memMap) DeleteSidecarPod(uint64) error          { return nil }
+func (m memMap) SetSidecarPod(uint64, netip.Addr) error      { return nil }
+func (m memMap) DeleteSidecarPod(uint64) error               { return nil }
+func (m memMap) SidecarPods() (map[uint64]netip.Addr, error) { return nil, nil }
 
 func (m memMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
 	if c == 666 {
@@ -167,6 +168,14 @@ func (m *captureMap) SetSidecarPod(c uint64, a netip.Addr) error {
 	return nil
 }
 
+func (m *captureMap) SidecarPods() (map[uint64]netip.Addr, error) {
+	out := map[uint64]netip.Addr{}
+	for c, a := range m.pods {
+		out[c] = a
+	}
+	return out, nil
+}
+
 func (m *captureMap) DeleteSidecarPod(c uint64) error {
 	delete(m.pods, c)
 	return nil
@@ -233,4 +242,13 @@ func TestReconcilerCapture(t *testing.T) {
 	if len(r.Captured()) != 0 {
 		t.Errorf("captured after opt-out: %v", r.Captured())
 	}
+
+	// A restarted daemon: captures a previous one left (pod 77 went while
+	// no daemon watched) are withdrawn after the first list; the ones it
+	// holds stay.
+	r.Pod(def("a", "10.244.1.5", nil))
+	m.pods[77] = netip.MustParseAddr("10.244.1.77")
+	r.Sweep()
+	check("leftover swept, own kept", map[uint64]bpf.SpliceNS{11: both, 12: bpf.SpliceInPod, 13: bpf.SpliceInPod, 14: bpf.SpliceInPod},
+		map[uint64]string{11: "10.244.1.5"})
 }

@@ -185,6 +185,7 @@ func (w *Watch) pods() handler {
 				}
 			}
 			known = seen
+			w.R.Sweep()
 			return nil
 		},
 		event: func(typ string, raw json.RawMessage) error {

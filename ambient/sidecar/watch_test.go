@@ -25,8 +25,9 @@ func (l *lockedMap) SetSpliceNS(c uint64, f bpf.SpliceNS) error {
 	return l.m.SetSpliceNS(c, f)
 }
 
-func (l *lockedMap) SetSidecarPod(uint64, netip.Addr) error { return nil }
-func (l *lockedMap) DeleteSidecarPod(uint64) error          { return nil }
+func (l *lockedMap) SetSidecarPod(uint64, netip.Addr) error      { return nil }
+func (l *lockedMap) DeleteSidecarPod(uint64) error               { return nil }
+func (l *lockedMap) SidecarPods() (map[uint64]netip.Addr, error) { return nil, nil }
 
 func (l *lockedMap) get() map[uint64]bpf.SpliceNS {
 	l.mu.Lock()
