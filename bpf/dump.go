@@ -48,6 +48,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_sidecar":      dumpSidecarAddrs,
 	"kmesh_sidecar_ns":   dumpSidecarPods,
 	"kmesh_sidecar_orig": dumpSidecarOrigs,
+	"kmesh_splice_sent":  dumpSpliceSent,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -231,6 +232,10 @@ func dumpInboundListeners(m *Maps) (Table, error) {
 	}
 	sortRows(t.Rows)
 	return t, err
+}
+
+func dumpSpliceSent(*Maps) (Table, error) {
+	return Table{Note: "per-socket storage (bytes each spliced socket redirected, its budget's count): it lives in the sockets and cannot be listed from user space"}, nil
 }
 
 func dumpProxySockets(*Maps) (Table, error) {

@@ -74,6 +74,12 @@ type Config struct {
 	// socket with splice(2) sees the FIN without the bytes (Linux 6.18).
 	// Namespaces opted in through Maps.SetSpliceNS are spliced either way.
 	Splice bool
+	// SpliceBudget is how many bytes one direction of a spliced
+	// connection may redirect before it goes to TCP for the rest of the
+	// connection: the kernel bounds nothing a spliced reader has not
+	// read (kmesh_maps.h, kmesh_splice_sent), TCP's flow control does.
+	// 0: 16 MiB.
+	SpliceBudget uint64
 }
 
 type attachment struct {
@@ -101,6 +107,8 @@ type Datapath struct {
 	noConnEvents bool
 	// splice: the sockops object splices enrolled pods' connections.
 	splice bool
+	// spliceBudget: the sk_msg object's cfg_splice_budget (0: its default).
+	spliceBudget uint64
 }
 
 // PinDir returns the directory of the current layout under root.
@@ -176,7 +184,8 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 
-	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents, splice: cfg.Splice}
+	dp := &Datapath{dir: dir, cgroup: cfg.CgroupPath, Reused: reused, noConnEvents: cfg.NoConnEvents, splice: cfg.Splice,
+		spliceBudget: cfg.SpliceBudget}
 	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -246,6 +255,11 @@ func (dp *Datapath) loadSockOps() error {
 		}
 		if o.name == "sockops" && dp.noConnEvents {
 			if err := spec.Variables["cfg_conn_events"].Set(uint32(0)); err != nil {
+				return err
+			}
+		}
+		if o.name == "sk_msg" && dp.spliceBudget > 0 {
+			if err := spec.Variables["cfg_splice_budget"].Set(dp.spliceBudget); err != nil {
 				return err
 			}
 		}

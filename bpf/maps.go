@@ -365,6 +365,7 @@ var statNames = []string{
 	"sidecar_captured",
 	"sidecar_orig",
 	"sidecar_no_record",
+	"splice_budget",
 }
 
 // Stats sums the per-CPU data path counters.

@@ -20,7 +20,15 @@
  * enters when the final ACK is processed, which can come after the client's
  * first send) and kept in kmesh_splice_sk for the socket's life. A
  * redirected socket whose peer has left the map (closed) sends through TCP,
- * which then answers with a reset as it would without splicing. */
+ * which then answers with a reset as it would without splicing.
+ *
+ * Budget. The kernel does not bound what waits at the peer (kmesh_maps.h:
+ * kmesh_splice_sent), so each direction redirects at most
+ * cfg_splice_budget bytes and then goes to TCP for the rest of the
+ * connection, whose flow control blocks a writer that outruns its reader.
+ * That switch keeps the order: the peer reads its psock queue (the older,
+ * redirected bytes) before its TCP queue. At most the budget plus TCP's own
+ * buffers wait at a reader, as without splicing. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -38,6 +46,9 @@
 char _license[] SEC("license") = "Dual BSD/GPL";
 
 #define MSG_U32(f) (*(volatile __u32 *)&msg->f)
+
+/* Bytes one direction may redirect (set at load from Config.SpliceBudget). */
+const volatile __u64 cfg_splice_budget = 16 << 20;
 
 /* Telemetry of spliced bytes (kmesh_maps.h): a reported socket (sockops
  * created its kmesh_splice_tx) counts what it sends, and what its peer
@@ -101,13 +112,24 @@ int kmesh_sk_msg(struct sk_msg_md *msg)
 	splice_key_set(&peer, remote, local, bpf_htons((__u16)bpf_ntohl(rport)),
 		       bpf_htons((__u16)lport), bpf_get_netns_cookie(msg));
 
+	__u64 *sent = bpf_sk_storage_get(&kmesh_splice_sent, sk, NULL, 0);
+	if (!sent)
+		goto tcp;
+	if (*sent + size > cfg_splice_budget) {
+		*st = SPLICE_TCP;
+		stat_inc(STAT_SPLICE_BUDGET);
+		return SK_PASS;
+	}
 	if (bpf_msg_redirect_hash(msg, &kmesh_splice, &peer, BPF_F_INGRESS) == SK_PASS) {
+		/* Sends of one socket run under its lock: no race here. */
+		*sent += size;
 		if (*st == SPLICE_UNDECIDED)
 			*st = SPLICE_REDIRECT;
 		stat_add(STAT_SPLICE_BYTES, size);
 		count_bytes(sk, &peer, size);
 		return SK_PASS;
 	}
+tcp:
 	if (*st == SPLICE_UNDECIDED) {
 		*st = SPLICE_TCP;
 		stat_inc(STAT_SPLICE_NO_PEER);

@@ -236,6 +236,7 @@ const (
 	skLookupMapKmeshSplice      = "kmesh_splice"
 	skLookupMapKmeshSpliceNs    = "kmesh_splice_ns"
 	skLookupMapKmeshSpliceRx    = "kmesh_splice_rx"
+	skLookupMapKmeshSpliceSent  = "kmesh_splice_sent"
 	skLookupMapKmeshSpliceSk    = "kmesh_splice_sk"
 	skLookupMapKmeshSpliceTx    = "kmesh_splice_tx"
 	skLookupMapKmeshStats       = "kmesh_stats"
@@ -313,6 +314,7 @@ type skLookupMapSpecs struct {
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.MapSpec `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -366,6 +368,7 @@ type skLookupMaps struct {
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.Map `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
@@ -395,6 +398,7 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
 		m.KmeshSpliceRx,
+		m.KmeshSpliceSent,
 		m.KmeshSpliceSk,
 		m.KmeshSpliceTx,
 		m.KmeshStats,

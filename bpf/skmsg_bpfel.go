@@ -236,6 +236,7 @@ const (
 	skMsgMapKmeshSplice      = "kmesh_splice"
 	skMsgMapKmeshSpliceNs    = "kmesh_splice_ns"
 	skMsgMapKmeshSpliceRx    = "kmesh_splice_rx"
+	skMsgMapKmeshSpliceSent  = "kmesh_splice_sent"
 	skMsgMapKmeshSpliceSk    = "kmesh_splice_sk"
 	skMsgMapKmeshSpliceTx    = "kmesh_splice_tx"
 	skMsgMapKmeshStats       = "kmesh_stats"
@@ -244,6 +245,7 @@ const (
 	skMsgMapKmeshUdp         = "kmesh_udp"
 	skMsgMapKmeshVip         = "kmesh_vip"
 	skMsgProgKmeshSkMsg      = "kmesh_sk_msg"
+	skMsgVarCfgSpliceBudget  = "cfg_splice_budget"
 )
 
 // loadSkMsg returns the embedded CollectionSpec for skMsg.
@@ -313,6 +315,7 @@ type skMsgMapSpecs struct {
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.MapSpec `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -326,6 +329,7 @@ type skMsgMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skMsgVariableSpecs struct {
+	CfgSpliceBudget *ebpf.VariableSpec `ebpf:"cfg_splice_budget"`
 }
 
 // skMsgObjects contains all objects after they have been loaded into the kernel.
@@ -366,6 +370,7 @@ type skMsgMaps struct {
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.Map `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
@@ -395,6 +400,7 @@ func (m *skMsgMaps) Close() error {
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
 		m.KmeshSpliceRx,
+		m.KmeshSpliceSent,
 		m.KmeshSpliceSk,
 		m.KmeshSpliceTx,
 		m.KmeshStats,
@@ -409,6 +415,7 @@ func (m *skMsgMaps) Close() error {
 //
 // It can be passed to loadSkMsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skMsgVariables struct {
+	CfgSpliceBudget *ebpf.Variable `ebpf:"cfg_splice_budget"`
 }
 
 // skMsgPrograms contains all programs after they have been loaded into the kernel.

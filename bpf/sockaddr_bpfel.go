@@ -238,6 +238,7 @@ const (
 	sockAddrMapKmeshSplice      = "kmesh_splice"
 	sockAddrMapKmeshSpliceNs    = "kmesh_splice_ns"
 	sockAddrMapKmeshSpliceRx    = "kmesh_splice_rx"
+	sockAddrMapKmeshSpliceSent  = "kmesh_splice_sent"
 	sockAddrMapKmeshSpliceSk    = "kmesh_splice_sk"
 	sockAddrMapKmeshSpliceTx    = "kmesh_splice_tx"
 	sockAddrMapKmeshStats       = "kmesh_stats"
@@ -332,6 +333,7 @@ type sockAddrMapSpecs struct {
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.MapSpec `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -386,6 +388,7 @@ type sockAddrMaps struct {
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.Map `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
@@ -415,6 +418,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
 		m.KmeshSpliceRx,
+		m.KmeshSpliceSent,
 		m.KmeshSpliceSk,
 		m.KmeshSpliceTx,
 		m.KmeshStats,

@@ -431,6 +431,13 @@ static __always_inline void splice_insert(struct bpf_sock_ops *skops, const stru
 			return;
 		}
 	}
+	/* The budget's count (kmesh_maps.h): without it the socket's sends
+	 * could not be bounded, so it is not spliced. */
+	if (!bpf_sk_storage_get(&kmesh_splice_sent, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE)) {
+		*st = SPLICE_TCP;
+		stat_inc(STAT_SPLICE_FULL);
+		return;
+	}
 	if (bpf_sock_hash_update(skops, &kmesh_splice, &k, BPF_NOEXIST)) {
 		*st = SPLICE_TCP;
 		stat_inc(STAT_SPLICE_FULL);

@@ -257,6 +257,7 @@ const (
 	sockOpsMapKmeshSplice      = "kmesh_splice"
 	sockOpsMapKmeshSpliceNs    = "kmesh_splice_ns"
 	sockOpsMapKmeshSpliceRx    = "kmesh_splice_rx"
+	sockOpsMapKmeshSpliceSent  = "kmesh_splice_sent"
 	sockOpsMapKmeshSpliceSk    = "kmesh_splice_sk"
 	sockOpsMapKmeshSpliceTx    = "kmesh_splice_tx"
 	sockOpsMapKmeshStats       = "kmesh_stats"
@@ -337,6 +338,7 @@ type sockOpsMapSpecs struct {
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.MapSpec `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -393,6 +395,7 @@ type sockOpsMaps struct {
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.Map `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
@@ -422,6 +425,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
 		m.KmeshSpliceRx,
+		m.KmeshSpliceSent,
 		m.KmeshSpliceSk,
 		m.KmeshSpliceTx,
 		m.KmeshStats,

@@ -94,7 +94,8 @@ func Start(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Agent, e
 	if err := kernel.Check(kernel.Probe()); err != nil {
 		return nil, err
 	}
-	dp, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath, Sizes: cfg.MapSizes(), NoPeerVIP: cfg.NoPeerVIP, NoConnEvents: !cfg.ConnEvents, Splice: cfg.Splice})
+	dp, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath, Sizes: cfg.MapSizes(), NoPeerVIP: cfg.NoPeerVIP, NoConnEvents: !cfg.ConnEvents, Splice: cfg.Splice,
+		SpliceBudget: cfg.SpliceBudget})
 	if err != nil {
 		return nil, err
 	}

@@ -29,6 +29,10 @@ type Config struct {
 	ConnEvents bool `mapstructure:"conn_events"`
 	// Splice: splice enrolled pods' same-node connections with sockmap.
 	Splice bool `mapstructure:"splice"`
+	// SpliceBudget: bytes one direction of a spliced connection may
+	// redirect before it goes to TCP (the kernel does not bound a spliced
+	// reader's queue; TCP's flow control then does).
+	SpliceBudget uint64 `mapstructure:"splice_budget"`
 	// SidecarSplice: splice the in-pod legs of sidecar pods annotated
 	// kmesh.dev/splice (ambient/sidecar), learnt from a node-local watch
 	// of the Kubernetes API at KubeAPI with the token and CA files.
@@ -150,6 +154,7 @@ var settings = []setting{
 	{"no_peer_vip", "KMESH_NO_PEER_VIP", "do not restore the service VIP as peer name (saves ~0.6us per connect)", false},
 	{"conn_events", "KMESH_CONN_EVENTS", "report kernel-path connections (Istio metrics, access logs for connections the proxy never sees; ~2us of sockops time per connection of an enrolled pod)", true},
 	{"splice", "KMESH_SPLICE", "splice enrolled pods' connections whose both ends are on this node (kernel path, the tunnel's in-pod legs) with sockmap; off by default: an application reading such a socket with splice(2) gets the FIN without the bytes (Linux 6.18)", false},
+	{"splice_budget", "KMESH_SPLICE_BUDGET", "bytes one direction of a spliced connection may move through sockmap before the rest goes through TCP: Linux 6.18 queues spliced bytes at the reader without bound (a writer faster than its reader would grow kernel memory until the node's TCP limit, then get ENOMEM), TCP's flow control bounds what follows", uint64(16 << 20)},
 	{"sidecar_splice", "KMESH_SIDECAR_SPLICE", "splice the sidecar-to-application loopback legs of pods that keep an Istio sidecar and are annotated kmesh.dev/splice: \"true\" (or whose namespace is); watches this node's pods and the namespaces in the Kubernetes API (needs the chart's sidecarSplice RBAC)", false},
 	{"kube_api", "KMESH_KUBE_API", "Kubernetes API server for sidecar_splice (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)", ""},
 	{"kube_token_file", "KMESH_KUBE_TOKEN_FILE", "service account token for the Kubernetes API (sidecar_splice)", "/var/run/secrets/kubernetes.io/serviceaccount/token"},
@@ -243,6 +248,8 @@ func Flags(fs *pflag.FlagSet) {
 			fs.Bool(name, d, help)
 		case uint32:
 			fs.Uint32(name, d, help)
+		case uint64:
+			fs.Uint64(name, d, help)
 		case time.Duration:
 			fs.Duration(name, d, help)
 		}

@@ -15,7 +15,8 @@ func TestPrecedence(t *testing.T) {
 	if err := os.WriteFile(file, []byte("xds_address: from-file:15012\ncluster_id: file-cluster\nmaps:\n  endpoint: 1000\nnode_name: file-node\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	env := map[string]string{"XDS_ADDRESS": "from-env:15012", "NODE_NAME": "env-node", "TERMINATION_GRACE_PERIOD_SECONDS": "30"}
+	env := map[string]string{"XDS_ADDRESS": "from-env:15012", "NODE_NAME": "env-node", "TERMINATION_GRACE_PERIOD_SECONDS": "30",
+		"KMESH_SPLICE_BUDGET": "1048576"}
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	Flags(fs)
 	if err := fs.Parse([]string{"--config", file, "--node-name", "flag-node", "--maps-frontend", "77"}); err != nil {
@@ -35,6 +36,7 @@ func TestPrecedence(t *testing.T) {
 		{"nested from file", c.Maps.Endpoint, uint32(1000)},
 		{"nested from flag", c.Maps.Frontend, uint32(77)},
 		{"default", c.Maps.Backend, uint32(131072)},
+		{"uint64 from env", c.SpliceBudget, uint64(1 << 20)},
 		{"CA defaults to xDS", c.CAAddress, "from-env:15012"},
 		{"ztunnel's seconds, drained as ztunnel: all but 5 s", c.DrainDuration, 25 * time.Second},
 	} {

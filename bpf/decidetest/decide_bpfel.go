@@ -273,6 +273,7 @@ const (
 	decideMapKmeshSplice      = "kmesh_splice"
 	decideMapKmeshSpliceNs    = "kmesh_splice_ns"
 	decideMapKmeshSpliceRx    = "kmesh_splice_rx"
+	decideMapKmeshSpliceSent  = "kmesh_splice_sent"
 	decideMapKmeshSpliceSk    = "kmesh_splice_sk"
 	decideMapKmeshSpliceTx    = "kmesh_splice_tx"
 	decideMapKmeshStats       = "kmesh_stats"
@@ -353,6 +354,7 @@ type decideMapSpecs struct {
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.MapSpec `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.MapSpec `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.MapSpec `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.MapSpec `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.MapSpec `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.MapSpec `ebpf:"kmesh_stats"`
@@ -407,6 +409,7 @@ type decideMaps struct {
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
 	KmeshSpliceNs    *ebpf.Map `ebpf:"kmesh_splice_ns"`
 	KmeshSpliceRx    *ebpf.Map `ebpf:"kmesh_splice_rx"`
+	KmeshSpliceSent  *ebpf.Map `ebpf:"kmesh_splice_sent"`
 	KmeshSpliceSk    *ebpf.Map `ebpf:"kmesh_splice_sk"`
 	KmeshSpliceTx    *ebpf.Map `ebpf:"kmesh_splice_tx"`
 	KmeshStats       *ebpf.Map `ebpf:"kmesh_stats"`
@@ -436,6 +439,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshSplice,
 		m.KmeshSpliceNs,
 		m.KmeshSpliceRx,
+		m.KmeshSpliceSent,
 		m.KmeshSpliceSk,
 		m.KmeshSpliceTx,
 		m.KmeshStats,

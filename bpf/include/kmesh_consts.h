@@ -159,6 +159,7 @@ enum kmesh_stat {
 	STAT_SIDECAR_CAPTURED = 31, /* a sidecar pod's connect sent to a sidecar in the kernel */
 	STAT_SIDECAR_ORIG = 32,	    /* SO_ORIGINAL_DST answered from the capture's record */
 	STAT_SIDECAR_NO_RECORD = 33, /* no storage or record for it: left to iptables */
+	STAT_SPLICE_BUDGET = 34,     /* a direction past its splice budget went to TCP */
 	STAT_EXT_MAX = 64,	     /* size of kmesh_stats_ext */
 };
 

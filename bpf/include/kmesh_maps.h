@@ -228,6 +228,22 @@ struct {
 	__type(value, __u32);
 } kmesh_splice_sk SEC(".maps");
 
+/* Per spliced socket: the bytes sk_msg redirected from it (its budget's
+ * count). Linux 6.18 queues a redirected send at the peer without charging
+ * it to the peer's receive buffer, so a writer whose reader is slower never
+ * blocks: the queue grows until the node's TCP memory limit, then writes
+ * fail with ENOMEM (TestPrivilegedSplice, "no backpressure"). What a reader
+ * has consumed is invisible to these program types (the read hook would be
+ * a tracing program, refused under kernel lockdown), so each direction may
+ * redirect cfg_splice_budget bytes in all and then goes to TCP, whose flow
+ * control bounds the rest. Created by sockops with the socket's insertion. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} kmesh_splice_sent SEC(".maps");
+
 /* Telemetry of spliced bytes, which TCP never sees (bytes_acked and
  * bytes_received miss them); only for the sockets telemetry reports (the
  * kernel path's). kmesh_splice_tx: per socket, the bytes sk_msg redirected
