@@ -49,6 +49,7 @@ var dumpers = map[string]func(*Maps) (Table, error){
 	"kmesh_sidecar_ns":   dumpSidecarPods,
 	"kmesh_sidecar_orig": dumpSidecarOrigs,
 	"kmesh_splice_sent":  dumpSpliceSent,
+	"kmesh_sidecar_on":   dumpSidecarOn,
 }
 
 // Dump decodes every entry of the named map (kmesh_*), every field and
@@ -232,6 +233,12 @@ func dumpInboundListeners(m *Maps) (Table, error) {
 	}
 	sortRows(t.Rows)
 	return t, err
+}
+
+func dumpSidecarOn(m *Maps) (Table, error) {
+	var on uint32
+	err := m.byName["kmesh_sidecar_on"].Lookup(uint32(0), &on)
+	return Table{Header: []string{"ANY POD CAPTURED"}, Rows: [][]string{{fmt.Sprint(on != 0)}}}, err
 }
 
 func dumpSpliceSent(*Maps) (Table, error) {

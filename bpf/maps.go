@@ -600,7 +600,11 @@ func (m *Maps) SetSidecarPod(netnsCookie uint64, addr netip.Addr) error {
 	if err := byAddr.Update(&k, &sockAddrSidecarValue{NetnsCookie: netnsCookie}, ebpf.UpdateAny); err != nil {
 		return wrapErr(byAddr, "update", err)
 	}
-	return wrapErr(byNS, "update", byNS.Update(netnsCookie, &k, ebpf.UpdateAny))
+	if err := byNS.Update(netnsCookie, &k, ebpf.UpdateAny); err != nil {
+		return wrapErr(byNS, "update", err)
+	}
+	on := m.byName["kmesh_sidecar_on"]
+	return wrapErr(on, "update", on.Update(uint32(0), uint32(1), ebpf.UpdateAny))
 }
 
 // DeleteSidecarPod withdraws SetSidecarPod; absent is not an error.
@@ -621,6 +625,12 @@ func (m *Maps) DeleteSidecarPod(netnsCookie uint64) error {
 		if err := byAddr.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return wrapErr(byAddr, "delete", err)
 		}
+	}
+	// The last one gone: other connects skip the capture again.
+	var any uint64
+	if err := byNS.NextKey(nil, &any); errors.Is(err, ebpf.ErrKeyNotExist) {
+		on := m.byName["kmesh_sidecar_on"]
+		return wrapErr(on, "update", on.Update(uint32(0), uint32(0), ebpf.UpdateAny))
 	}
 	return nil
 }
@@ -668,7 +678,7 @@ func (m *Maps) SidecarOrigs() ([]SidecarOrig, error) {
 // kmesh_sidecar.
 func SetSidecarPinned(root string, netnsCookie uint64, addr netip.Addr) error {
 	m := &Maps{byName: map[string]*ebpf.Map{}}
-	for _, name := range []string{"kmesh_splice_ns", "kmesh_sidecar", "kmesh_sidecar_ns"} {
+	for _, name := range []string{"kmesh_splice_ns", "kmesh_sidecar", "kmesh_sidecar_ns", "kmesh_sidecar_on"} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(PinDir(root), name), nil)
 		if err != nil {
 			return err

@@ -231,6 +231,7 @@ const (
 	skLookupMapKmeshService     = "kmesh_service"
 	skLookupMapKmeshSidecar     = "kmesh_sidecar"
 	skLookupMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	skLookupMapKmeshSidecarOn   = "kmesh_sidecar_on"
 	skLookupMapKmeshSidecarOrig = "kmesh_sidecar_orig"
 	skLookupMapKmeshSockOrig    = "kmesh_sock_orig"
 	skLookupMapKmeshSplice      = "kmesh_splice"
@@ -309,6 +310,7 @@ type skLookupMapSpecs struct {
 	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.MapSpec `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
@@ -363,6 +365,7 @@ type skLookupMaps struct {
 	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.Map `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
@@ -393,6 +396,7 @@ func (m *skLookupMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSidecar,
 		m.KmeshSidecarNs,
+		m.KmeshSidecarOn,
 		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,

@@ -231,6 +231,7 @@ const (
 	skMsgMapKmeshService     = "kmesh_service"
 	skMsgMapKmeshSidecar     = "kmesh_sidecar"
 	skMsgMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	skMsgMapKmeshSidecarOn   = "kmesh_sidecar_on"
 	skMsgMapKmeshSidecarOrig = "kmesh_sidecar_orig"
 	skMsgMapKmeshSockOrig    = "kmesh_sock_orig"
 	skMsgMapKmeshSplice      = "kmesh_splice"
@@ -310,6 +311,7 @@ type skMsgMapSpecs struct {
 	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.MapSpec `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
@@ -365,6 +367,7 @@ type skMsgMaps struct {
 	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.Map `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
@@ -395,6 +398,7 @@ func (m *skMsgMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSidecar,
 		m.KmeshSidecarNs,
+		m.KmeshSidecarOn,
 		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,

@@ -318,6 +318,10 @@ static __always_inline int sidecar_capture4(struct bpf_sock_addr *ctx)
 
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return 0;
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&kmesh_sidecar_on, &zero);
+	if (!on || !*on)
+		return 0;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	struct sidecar_key *self = bpf_map_lookup_elem(&kmesh_sidecar_ns, &cookie);
 	if (!self)

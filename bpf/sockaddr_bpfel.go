@@ -233,6 +233,7 @@ const (
 	sockAddrMapKmeshService     = "kmesh_service"
 	sockAddrMapKmeshSidecar     = "kmesh_sidecar"
 	sockAddrMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	sockAddrMapKmeshSidecarOn   = "kmesh_sidecar_on"
 	sockAddrMapKmeshSidecarOrig = "kmesh_sidecar_orig"
 	sockAddrMapKmeshSockOrig    = "kmesh_sock_orig"
 	sockAddrMapKmeshSplice      = "kmesh_splice"
@@ -328,6 +329,7 @@ type sockAddrMapSpecs struct {
 	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.MapSpec `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
@@ -383,6 +385,7 @@ type sockAddrMaps struct {
 	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.Map `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
@@ -413,6 +416,7 @@ func (m *sockAddrMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSidecar,
 		m.KmeshSidecarNs,
+		m.KmeshSidecarOn,
 		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,

@@ -252,6 +252,7 @@ const (
 	sockOpsMapKmeshService     = "kmesh_service"
 	sockOpsMapKmeshSidecar     = "kmesh_sidecar"
 	sockOpsMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	sockOpsMapKmeshSidecarOn   = "kmesh_sidecar_on"
 	sockOpsMapKmeshSidecarOrig = "kmesh_sidecar_orig"
 	sockOpsMapKmeshSockOrig    = "kmesh_sock_orig"
 	sockOpsMapKmeshSplice      = "kmesh_splice"
@@ -333,6 +334,7 @@ type sockOpsMapSpecs struct {
 	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.MapSpec `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
@@ -390,6 +392,7 @@ type sockOpsMaps struct {
 	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.Map `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
@@ -420,6 +423,7 @@ func (m *sockOpsMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSidecar,
 		m.KmeshSidecarNs,
+		m.KmeshSidecarOn,
 		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,

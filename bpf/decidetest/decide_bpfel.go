@@ -268,6 +268,7 @@ const (
 	decideMapKmeshService     = "kmesh_service"
 	decideMapKmeshSidecar     = "kmesh_sidecar"
 	decideMapKmeshSidecarNs   = "kmesh_sidecar_ns"
+	decideMapKmeshSidecarOn   = "kmesh_sidecar_on"
 	decideMapKmeshSidecarOrig = "kmesh_sidecar_orig"
 	decideMapKmeshSockOrig    = "kmesh_sock_orig"
 	decideMapKmeshSplice      = "kmesh_splice"
@@ -349,6 +350,7 @@ type decideMapSpecs struct {
 	KmeshService     *ebpf.MapSpec `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.MapSpec `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.MapSpec `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.MapSpec `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.MapSpec `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.MapSpec `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.MapSpec `ebpf:"kmesh_splice"`
@@ -404,6 +406,7 @@ type decideMaps struct {
 	KmeshService     *ebpf.Map `ebpf:"kmesh_service"`
 	KmeshSidecar     *ebpf.Map `ebpf:"kmesh_sidecar"`
 	KmeshSidecarNs   *ebpf.Map `ebpf:"kmesh_sidecar_ns"`
+	KmeshSidecarOn   *ebpf.Map `ebpf:"kmesh_sidecar_on"`
 	KmeshSidecarOrig *ebpf.Map `ebpf:"kmesh_sidecar_orig"`
 	KmeshSockOrig    *ebpf.Map `ebpf:"kmesh_sock_orig"`
 	KmeshSplice      *ebpf.Map `ebpf:"kmesh_splice"`
@@ -434,6 +437,7 @@ func (m *decideMaps) Close() error {
 		m.KmeshService,
 		m.KmeshSidecar,
 		m.KmeshSidecarNs,
+		m.KmeshSidecarOn,
 		m.KmeshSidecarOrig,
 		m.KmeshSockOrig,
 		m.KmeshSplice,
