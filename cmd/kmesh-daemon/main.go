@@ -32,6 +32,8 @@ const usage = `kmesh-daemon [run | proxy ztunnel | uninstall] [flags]
 `
 
 func main() {
+	// First: the runtime's monitor thread must not park (sysmon.go).
+	sysmonErr := reexecForSysmon()
 	fs := pflag.NewFlagSet("kmesh-daemon", pflag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(os.Stderr, usage, fs.FlagUsages()) }
 	config.Flags(fs)
@@ -47,6 +49,9 @@ func main() {
 	cfg.Level.Set(level(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.Level}))
 	slog.SetDefault(log)
+	if sysmonErr != nil {
+		log.Warn("running with the Go runtime's default sysmon: re-executing with GODEBUG="+sysmonSchedtrace+" failed", "err", sysmonErr)
+	}
 
 	switch cmd := strings.Join(fs.Args(), " "); cmd {
 	case "", "run", "proxy ztunnel":

@@ -1,8 +1,10 @@
 package sim_test
 
 import (
+	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -10,12 +12,25 @@ import (
 	"kmesh.dev/kmesh/integration/sim"
 )
 
-// /logging and /quitquitquit on a real daemon process: the level changes
+// /logging and /quitquitquit on a real daemon process (which runs with
+// sysmon kept awake: its GODEBUG): the level changes
 // what it logs, and a POST to /quitquitquit makes it exit as SIGTERM does
 // (status 0, the kernel data path left in place).
 func TestPrivilegedSimAdminLoggingAndQuit(t *testing.T) {
 	c := startClusterWith(t, sim.Options{Nodes: 1, Objects: objects})
 	d := c.Nodes[0].Daemon
+	// The daemon re-executed itself so that the Go runtime's monitor
+	// thread never parks (cmd/kmesh-daemon/sysmon.go, issue 17).
+	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", d.Pid()))
+	godebug := ""
+	for _, kv := range strings.Split(string(env), "\x00") {
+		if v, ok := strings.CutPrefix(kv, "GODEBUG="); ok {
+			godebug = v
+		}
+	}
+	if err != nil || !strings.Contains(godebug, "schedtrace=2147483647") {
+		t.Errorf("the daemon's GODEBUG is %q (%v), want schedtrace=2147483647 in it", godebug, err)
+	}
 	post := func(path string) string {
 		resp, err := http.Post("http://"+d.AdminAddr+path, "", nil)
 		if err != nil {
