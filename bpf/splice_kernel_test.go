@@ -1000,20 +1000,6 @@ func TestPrivilegedSidecarSplice(t *testing.T) {
 				mode.name, d("sidecar_captured"), d("sidecar_orig"), d("sidecar_no_record"), captured, answered)
 		}
 		// Closed connections leave no original destination behind.
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			recs, err := m.SidecarOrigs()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(recs) == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%s: records left after the connections closed: %+v", mode.name, recs)
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitNoSidecarOrigs(t, m)
 	}
 }
