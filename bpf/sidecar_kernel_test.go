@@ -117,6 +117,26 @@ func TestPrivilegedSidecarCapture(t *testing.T) {
 		cmd := exec.Command("/proc/self/exe", ports...)
 		cmd.Env = append(os.Environ(), podnet.HelperEnv("sidecar-listen"))
 		startIn(t, p, f.env.Cgroup, cmd)
+		// Ready when each port answers on the pod's loopback, dialled
+		// from this process: outside the test's cgroup, so no program
+		// and no counter sees these connects.
+		for _, port := range ports {
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+				err := p.NS.Do(func() error {
+					c, err := net.DialTimeout("tcp4", "127.0.0.1:"+port, time.Second)
+					if err == nil {
+						c.Close()
+					}
+					return err
+				})
+				if err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("listener %s:%s not up: %v", p.Name, port, err)
+				}
+			}
+		}
 	}
 	listen(f.client, "15001")
 	listen(f.server, "15006", "8080", "15020")
