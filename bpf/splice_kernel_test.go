@@ -606,6 +606,14 @@ func (f *spliceFixture) enroll(t *testing.T) {
 // addr "local:…", inside the client pod).
 func (f *spliceFixture) run(t *testing.T, scenario, addr string, extra ...string) error {
 	t.Helper()
+	_, err := f.runOut(t, scenario, addr, extra...)
+	return err
+}
+
+// runOut is run that also returns the scenario's result (its JSON output
+// decoded; "" when it reports none).
+func (f *spliceFixture) runOut(t *testing.T, scenario, addr string, extra ...string) (string, error) {
+	t.Helper()
 	nsf, err := f.server.NS.File()
 	if err != nil {
 		t.Fatal(err)
@@ -614,8 +622,8 @@ func (f *spliceFixture) run(t *testing.T, scenario, addr string, extra ...string
 	cmd := exec.Command("/proc/self/exe", append([]string{scenario, addr}, extra...)...)
 	cmd.Env = append(os.Environ(), podnet.HelperEnv("splice-pair"))
 	cmd.ExtraFiles = []*os.File{nsf}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := f.client.Start(cmd, f.env.Cgroup); err != nil {
 		t.Fatal(err)
 	}
@@ -623,31 +631,9 @@ func (f *spliceFixture) run(t *testing.T, scenario, addr string, extra ...string
 	timer := time.AfterFunc(25*time.Second, func() { _ = cmd.Process.Signal(syscall.SIGQUIT) })
 	defer timer.Stop()
 	if err := cmd.Wait(); err != nil {
-		return fmt.Errorf("%s: %w: %s", scenario, err, strings.TrimSpace(stderr.String()))
-	}
-	return nil
-}
-
-// runOut is run for a scenario that reports a result: its output.
-func (f *spliceFixture) runOut(t *testing.T, scenario, addr string) (string, error) {
-	t.Helper()
-	nsf, err := f.server.NS.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nsf.Close()
-	var out string
-	cmd := exec.Command("/proc/self/exe", scenario, addr)
-	cmd.Env = append(os.Environ(), podnet.HelperEnv("splice-pair"))
-	cmd.ExtraFiles = []*os.File{nsf}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := f.client.Start(cmd, f.env.Cgroup); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Wait(); err != nil {
 		return "", fmt.Errorf("%s: %w: %s", scenario, err, strings.TrimSpace(stderr.String()))
 	}
+	var out string
 	if err := json.Unmarshal(stdout.Bytes(), &out); err != nil {
 		return "", fmt.Errorf("%s: output %q: %w", scenario, stdout.String(), err)
 	}
