@@ -44,6 +44,9 @@ var mesh struct {
 	self      string // this test binary: the apps' image
 	kubelets  []*cluster.KubeletAPI
 	cancel    context.CancelFunc
+	// stopProxy stops the kube-proxy stand-in and waits for its loop: it
+	// enters the nodes' namespaces, so it must stop before they close.
+	stopProxy func()
 	took      time.Duration
 	out       string
 	err       error
@@ -110,7 +113,10 @@ func installed(t *testing.T) *sim.Cluster {
 			}
 			return out
 		}, Logf: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }}
-		go sp.Run(ctx, 300*time.Millisecond)
+		spCtx, spCancel := context.WithCancel(ctx)
+		spDone := make(chan struct{})
+		mesh.stopProxy = func() { spCancel(); <-spDone }
+		go func() { defer close(spDone); sp.Run(spCtx, 300*time.Millisecond) }()
 		// Each node's kubelet API (port-forward: istioctl ztunnel-config),
 		// inside the node at its address.
 		for _, n := range c.Nodes {
@@ -162,6 +168,12 @@ func stopMesh() error {
 	shared.egress.SetDialer(nil)
 	for _, k := range mesh.kubelets {
 		_ = k.Close()
+	}
+	// The stand-in writes DNAT rules into the nodes' namespaces: stopped
+	// and waited for first, so that it never enters a closed (and perhaps
+	// reused) namespace descriptor.
+	if mesh.stopProxy != nil {
+		mesh.stopProxy()
 	}
 	err := mesh.c.Close()
 	mesh.cancel()
