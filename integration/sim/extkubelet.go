@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -851,5 +850,3 @@ func (p *extPod) execIn(ctx context.Context, ec *extContainer, argv []string) ([
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, UseCgroupFD: true, CgroupFD: int(cgf.Fd())}
 	return cmd.CombinedOutput()
 }
-
-var _ = strings.TrimSpace

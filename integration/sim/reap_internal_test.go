@@ -49,7 +49,10 @@ func TestPrivilegedSimReapDetachesMounts(t *testing.T) {
 		detachMountsUnder(dir)
 		_ = os.RemoveAll(dir)
 	}
-	b, _ := os.ReadFile("/proc/self/mountinfo")
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if strings.Contains(string(b), dir) {
 		t.Errorf("mounts under %s stay", dir)
 	}

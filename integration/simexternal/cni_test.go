@@ -205,7 +205,11 @@ func inode(path string) uint64 {
 func machineIstioRules(t *testing.T) int {
 	n := 0
 	for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
-		out, _ := exec.Command(save).CombinedOutput()
+		out, err := exec.Command(save).CombinedOutput()
+		if err != nil {
+			// A missing tool would count 0 rules, before and after.
+			t.Fatalf("%s: %v: %s", save, err, out)
+		}
 		n += strings.Count(string(out), "ISTIO")
 	}
 	return n

@@ -394,7 +394,10 @@ func leavesNothing(t *testing.T, c *sim.Cluster) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	root, _ := kernel.Cgroup2Root()
+	root, err := kernel.Cgroup2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, p := range []string{filepath.Join(root, "kmesh-sim-"+c.ID), filepath.Join(sim.PinParent, c.ID), c.RunDir} {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("left behind: %s", p)
@@ -405,7 +408,10 @@ func leavesNothing(t *testing.T, c *sim.Cluster) {
 			t.Errorf("node init %d still runs", pid)
 		}
 	}
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if strings.Contains(string(mounts), c.RunDir) {
 		t.Errorf("mounts left under %s", c.RunDir)
 	}
