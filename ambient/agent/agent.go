@@ -477,8 +477,9 @@ func handoverTime(drain time.Duration) time.Duration {
 }
 
 // Close stops the daemon's work and releases its handles. The data path
-// stays attached and pinned: connections keep flowing until the next
-// daemon takes over.
+// stays attached and pinned (connections keep flowing until the next
+// daemon takes over), unless RemoveWhenIdle finds the node uninstalled
+// (removeIfUninstalled).
 //
 // Connections the node proxy carries are drained for DrainDuration (an
 // upgraded daemon already listens beside this one), then closed.
@@ -521,10 +522,12 @@ func (a *Agent) Close() error {
 // stops for good: no newer daemon took the pinned links over (an upgrade
 // would have, before this one was stopped) and no pod is enrolled in the
 // kernel (kmesh_managed is empty: uninstalling Istio takes the pods out of
-// the mesh first, and istio-cni hands each removal to us over ZDS). With
-// no pod enrolled the programs act on nothing, so removing them changes no
-// connection; anything else keeps the data path for the next daemon, as
-// after a crash.
+// the mesh first, and istio-cni hands each removal to us over ZDS) and no
+// network namespace is opted into splicing (kmesh_splice_ns: pods that keep
+// a sidecar, whose spliced connections live in kmesh_splice and would lose
+// the bytes queued in it). With neither, the programs act on nothing, so
+// removing them changes no connection; anything else keeps the data path
+// for the next daemon, as after a crash.
 func (a *Agent) removeIfUninstalled() (bool, error) {
 	superseded, err := a.DP.Superseded()
 	if err != nil || superseded {
@@ -532,6 +535,10 @@ func (a *Agent) removeIfUninstalled() (bool, error) {
 	}
 	managed, err := a.DP.Maps.Managed()
 	if err != nil || len(managed) > 0 {
+		return false, err
+	}
+	spliced, err := a.DP.Maps.SpliceNamespaces()
+	if err != nil || len(spliced) > 0 {
 		return false, err
 	}
 	return true, a.DP.Uninstall()

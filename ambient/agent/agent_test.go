@@ -205,6 +205,18 @@ func TestPrivilegedAgentRemoveWhenIdle(t *testing.T) {
 			t.Error("the data path was removed while a pod was enrolled")
 		}
 	})
+	t.Run("a sidecar pod opted into splicing: kept", func(t *testing.T) {
+		a, cfg := start(t)
+		if err := a.DP.Maps.SetSpliceNS(12345, bpf.SpliceInPod); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if !pinned(cfg) {
+			t.Error("the data path was removed while a namespace was spliced")
+		}
+	})
 	t.Run("a newer daemon took over: kept", func(t *testing.T) {
 		a, cfg := start(t)
 		next, err := bpf.Load(bpf.Config{PinRoot: cfg.PinRoot, CgroupPath: cfg.CgroupPath})

@@ -189,7 +189,7 @@ var settings = []setting{
 	{"listener_holder", "KMESH_LISTENER_HOLDER", "listener holder socket (kmesh-daemon hold): the pods' listeners outlive a crash of the daemon there, new connections wait instead of being refused (empty: none)", ""},
 	{"local_xds_path", "LOCAL_XDS_PATH", "YAML file of workloads and services used instead of istiod", ""},
 	{"drain_duration", "TERMINATION_GRACE_PERIOD_SECONDS", "time to drain connections on shutdown (from the env: the pod's grace period in seconds, of which the drain takes all but 5 s, 1 s when it is 10 s or less, as ztunnel)", 5 * time.Second},
-	{"remove_when_idle", "KMESH_REMOVE_WHEN_IDLE", "at a graceful stop with no pod enrolled in the kernel and no newer daemon holding the data path (an uninstall: Istio takes pods out of the mesh first), detach the programs and remove the pinned state, as kmesh-daemon uninstall does; the chart and the istioctl profile turn it on", false},
+	{"remove_when_idle", "KMESH_REMOVE_WHEN_IDLE", "at a graceful stop with no pod enrolled in the kernel or opted into splicing and no newer daemon holding the data path (an uninstall: Istio takes pods out of the mesh first), detach the programs and remove the pinned state, as kmesh-daemon uninstall does; the chart and the istioctl profile turn it on", false},
 	{"log_level", "KMESH_LOG_LEVEL", "error, warn, info, debug, trace or off (the admin port's /logging changes it at runtime)", "info"},
 	{"log_format", "LOG_FORMAT", "json for JSON logs (ztunnel's variable), text otherwise", ""},
 	{"access_log", "KMESH_ACCESS_LOG", "log each connection as it ends, ztunnel's access log (switchable at runtime)", true},
