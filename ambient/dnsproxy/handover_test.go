@@ -19,7 +19,7 @@ import (
 // second daemon does in the pod's namespace; here on the test's loopback).
 func reuseSockets(t *testing.T, addr string) *Sockets {
 	t.Helper()
-	lc := net.ListenConfig{Control: podsock.Control(true)}
+	lc := net.ListenConfig{Control: podsock.Control()}
 	u, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		t.Fatal(err)

@@ -61,7 +61,7 @@ func OpenSockets(netns *os.File, port int) (*Sockets, error) {
 // listenBoth opens addr's UDP socket and TCP listener (in the calling
 // thread's namespace), marked and with SO_REUSEPORT.
 func listenBoth(addr string) (*net.UDPConn, *net.TCPListener, error) {
-	lc := net.ListenConfig{Control: podsock.Control(true)}
+	lc := net.ListenConfig{Control: podsock.Control()}
 	u, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, nil, err

@@ -37,12 +37,12 @@ type OwnSockets interface {
 // (kernel.InNetns bound to the pod's namespace descriptor).
 type InNetns func(fn func() error) error
 
-// Control is a net.ListenConfig / net.Dialer Control that sets the proxy
-// mark (istio-cni's rules, when they coexist, leave the proxy's packets
-// alone) and, with reuse, SO_REUSEPORT: a second daemon (an upgrade) binds
-// the same ports beside us and the kernel spreads new connections and
-// datagrams over both until we close.
-func Control(reuse bool) func(string, string, syscall.RawConn) error {
+// Control is a net.ListenConfig Control that sets the proxy mark
+// (istio-cni's rules, when they coexist, leave the proxy's packets alone)
+// and SO_REUSEPORT: a second daemon (an upgrade) binds the same ports
+// beside us and the kernel spreads new connections and datagrams over both
+// until we close.
+func Control() func(string, string, syscall.RawConn) error {
 	return func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
@@ -50,10 +50,8 @@ func Control(reuse bool) func(string, string, syscall.RawConn) error {
 				serr = fmt.Errorf("SO_MARK: %w", serr)
 				return
 			}
-			if reuse {
-				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
-					serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
-				}
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+				serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
 			}
 		})
 		if err != nil {

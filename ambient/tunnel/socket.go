@@ -29,7 +29,7 @@ type podNetns struct {
 func (n podNetns) listen(addr string) (*net.TCPListener, error) {
 	var l net.Listener
 	err := kernel.InNetns(n.fd, func() (err error) {
-		lc := net.ListenConfig{Control: podsock.Control(true)}
+		lc := net.ListenConfig{Control: podsock.Control()}
 		// Plain TCP, not Go's default MPTCP for listeners: the kernel's
 		// inbound enforcement holds the 15006 listener in a sockhash,
 		// which takes TCP sockets only (MPTCP ones fail with EOPNOTSUPP),
