@@ -193,6 +193,9 @@ func (d *Dataplane) Sweep() error {
 		deadBackends = append(deadBackends, b.ID)
 	}
 	errs = append(errs, d.maps.DeleteBackends(deadBackends))
+	// VIPs of services that went while no daemon ran: kmesh_vip is
+	// otherwise reconciled only when a batch changes a service.
+	errs = append(errs, d.syncVIPs())
 	for _, id := range deadSets {
 		d.setIDs.put(id)
 	}
