@@ -179,7 +179,7 @@ func (c *Cluster) addExternalNode(ctx context.Context, idx int) (*Node, error) {
 	}
 	// The API server from the node's network namespace (hostNetwork pods,
 	// CNI plugins).
-	if err := n.forwardAPIServer(n.Net.NS); err != nil {
+	if _, err := n.forwardAPIServer(n.Net.NS); err != nil {
 		return nil, err
 	}
 	if err := n.register(ctx); err != nil {
@@ -357,7 +357,7 @@ func (n *Node) renewLease(ctx context.Context) error {
 // forwardAPIServer listens on the API server's loopback address inside ns
 // and forwards each connection to the API server in the simulator's
 // network namespace. It dials nothing else.
-func (n *Node) forwardAPIServer(ns *podnet.Netns) error {
+func (n *Node) forwardAPIServer(ns *podnet.Netns) (stop func(), err error) {
 	c := n.cluster
 	addr := c.opts.External.APIServer
 	var l net.Listener
@@ -365,16 +365,20 @@ func (n *Node) forwardAPIServer(ns *podnet.Netns) error {
 		l, err = net.Listen("tcp", addr)
 		return err
 	}); err != nil {
-		return fmt.Errorf("API server forwarder in %s: %w", ns.Name, err)
+		return nil, fmt.Errorf("API server forwarder in %s: %w", ns.Name, err)
 	}
-	stop := context.AfterFunc(c.ctx, func() { l.Close() })
+	unhook := context.AfterFunc(c.ctx, func() { l.Close() })
 	c.onClose(func() error {
-		stop()
+		unhook()
 		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			return err
 		}
 		return nil
 	})
+	// A pod's forwarder goes with the pod: its listener would keep the
+	// pod's namespace (and its veth on the node) alive until the cluster
+	// closes.
+	stop = func() { unhook(); l.Close() }
 	go func() {
 		for {
 			in, err := l.Accept()
@@ -399,7 +403,7 @@ func (n *Node) forwardAPIServer(ns *podnet.Netns) error {
 			}()
 		}
 	}()
-	return nil
+	return stop, nil
 }
 
 // DialContext connects from inside the node's network namespace (the

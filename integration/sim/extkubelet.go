@@ -45,6 +45,7 @@ type extPod struct {
 	cgroup   *podnet.Cgroup
 	hostNet  bool
 	net      *podnet.Pod   // nil for hostNetwork pods
+	stopAPI  func()        // closes the pod's API server forwarder
 	netns    *podnet.Netns // the pod's, or the node's
 	pin      string        // netns pin (host path), "" for hostNetwork
 	pinName  string
@@ -377,7 +378,7 @@ func (p *extPod) sandbox() error {
 		if err := pinNetns(np.NS, p.pin); err != nil {
 			return err
 		}
-		if err := n.forwardAPIServer(np.NS); err != nil {
+		if p.stopAPI, err = n.forwardAPIServer(np.NS); err != nil {
 			return err
 		}
 	}
@@ -624,6 +625,9 @@ func (p *extPod) terminate() {
 // teardown removes the sandbox: CNI DEL, the pin, the namespace, the
 // cgroup, the pod's files.
 func (p *extPod) teardown() {
+	if p.stopAPI != nil {
+		p.stopAPI()
+	}
 	if p.net != nil {
 		if err := p.cniDel(); err != nil {
 			p.logf("CNI DEL failed", "err", err)
