@@ -41,10 +41,6 @@ type KubeletAPI struct {
 	srv *http.Server
 }
 
-// KubeletPort is the kubelet's default port, where the simulated nodes
-// serve KubeletAPI.
-const KubeletPort = 10250
-
 // Serve serves on ln (TLS with a self-signed certificate: the API server
 // does not verify kubelets without --kubelet-certificate-authority) until
 // Close.

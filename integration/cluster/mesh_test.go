@@ -122,7 +122,7 @@ func installed(t *testing.T) *sim.Cluster {
 		for _, n := range c.Nodes {
 			var ln net.Listener
 			if err := n.Net.NS.Do(func() (err error) {
-				ln, err = net.Listen("tcp", net.JoinHostPort(n.Net.Uplink4().String(), fmt.Sprint(cluster.KubeletPort)))
+				ln, err = net.Listen("tcp", net.JoinHostPort(n.Net.Uplink4().String(), fmt.Sprint(sim.KubeletPort)))
 				return err
 			}); err != nil {
 				mesh.err = fmt.Errorf("kubelet API on %s: %w", n.Name, err)

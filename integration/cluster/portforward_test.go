@@ -20,6 +20,7 @@ import (
 	"kmesh.dev/kmesh/integration/cluster"
 	"kmesh.dev/kmesh/integration/kerneltest"
 	"kmesh.dev/kmesh/integration/podnet"
+	"kmesh.dev/kmesh/integration/sim"
 )
 
 // forward opens a port-forward to ns/name:port through the API server (as
@@ -98,7 +99,7 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	var kl net.Listener
 	if err := node.NS.Do(func() error {
 		var err error
-		kl, err = net.Listen("tcp", netip.AddrPortFrom(nodeIP, cluster.KubeletPort).String())
+		kl, err = net.Listen("tcp", netip.AddrPortFrom(nodeIP, sim.KubeletPort).String())
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -120,7 +121,7 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = kube.CoreV1().Nodes().Delete(context.Background(), "pf-node", metav1.DeleteOptions{}) })
 	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: nodeIP.String()}, {Type: corev1.NodeHostName, Address: "pf-node"}}
-	n.Status.DaemonEndpoints.KubeletEndpoint.Port = cluster.KubeletPort
+	n.Status.DaemonEndpoints.KubeletEndpoint.Port = sim.KubeletPort
 	if _, err := kube.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +157,7 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 			t.Fatalf("through the port-forward: %q, %v; egress %+v", b, err, shared.egressProxy.Events())
 		}
 	}
-	kubelet := net.JoinHostPort(nodeIP.String(), strconv.Itoa(cluster.KubeletPort))
+	kubelet := net.JoinHostPort(nodeIP.String(), strconv.Itoa(sim.KubeletPort))
 	if !hasEvent(shared.egressProxy.Events(), func(e cluster.EgressEvent) bool { return e.Target == kubelet && e.Dialed == kubelet }) {
 		t.Errorf("the API server did not reach the kubelet through the egress proxy: %+v", shared.egressProxy.Events())
 	}
