@@ -41,6 +41,9 @@ func TestMain(m *testing.M) {
 	if shared.cp != nil {
 		shared.cp.Close()
 	}
+	for _, p := range shared.egress {
+		_ = p.Close()
+	}
 	if shared.run != nil && code == 0 {
 		_ = shared.run.Close()
 	}
@@ -134,6 +137,10 @@ var shared struct {
 	run   *cluster.Run
 	cp    *cluster.ControlPlane
 	paths map[string]string
+	// egress: the API server's only ways out, loopback only (these tests
+	// need no call into the nodes; the nodes' InternalIPs are not reachable
+	// from the machine's namespace and must never be dialled from it).
+	egress []*cluster.EgressProxy
 	err   error
 }
 
@@ -161,7 +168,17 @@ func controlPlane(t *testing.T) (*cluster.ControlPlane, map[string]string) {
 		if shared.err = os.Mkdir(dir, 0o700); shared.err != nil {
 			return
 		}
-		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: shared.paths, Log: t.Logf})
+		socks := &cluster.EgressSockets{Cluster: filepath.Join(dir, "egress-cluster.sock"), ControlPlane: filepath.Join(dir, "egress-controlplane.sock")}
+		for _, sock := range []string{socks.Cluster, socks.ControlPlane} {
+			// Its refusals may come after the test that started it ended.
+			p, err := cluster.ListenLoopbackEgress(sock, func(f string, a ...any) { fmt.Fprintf(os.Stderr, "egress: "+f+"\n", a...) })
+			if err != nil {
+				shared.err = err
+				return
+			}
+			shared.egress = append(shared.egress, p)
+		}
+		shared.cp, shared.err = cluster.Start(context.Background(), cluster.Options{Dir: dir, Bins: shared.paths, Log: t.Logf, Egress: socks})
 	})
 	if shared.err != nil {
 		t.Fatal(shared.err)
