@@ -141,7 +141,7 @@ var shared struct {
 	// need no call into the nodes; the nodes' InternalIPs are not reachable
 	// from the machine's namespace and must never be dialled from it).
 	egress []*cluster.EgressProxy
-	err   error
+	err    error
 }
 
 // controlPlane starts integration/cluster's control plane once per test
