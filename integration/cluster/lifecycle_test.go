@@ -22,6 +22,7 @@ import (
 // and tallies answers and failures.
 type load struct {
 	stop chan struct{}
+	once sync.Once
 	wg   sync.WaitGroup
 	mu   sync.Mutex
 	ok   map[string]int
@@ -30,6 +31,9 @@ type load struct {
 
 func startLoad(t *testing.T, from *meshPod, urls map[string]string) *load {
 	l := &load{stop: make(chan struct{}), ok: map[string]int{}, errs: map[string]int{}}
+	// Stopped however the test ends (a Fatal in a helper too), so that
+	// no load runs into the next test.
+	t.Cleanup(func() { l.end() })
 	for path, url := range urls {
 		l.wg.Add(1)
 		go func() {
@@ -59,8 +63,9 @@ func startLoad(t *testing.T, from *meshPod, urls map[string]string) *load {
 	return l
 }
 
+// end stops the load (once; later calls only wait) and returns its counts.
 func (l *load) end() (map[string]int, map[string]int) {
-	close(l.stop)
+	l.once.Do(func() { close(l.stop) })
 	l.wg.Wait()
 	return l.ok, l.errs
 }
@@ -104,7 +109,6 @@ func TestPrivilegedClusterRollout(t *testing.T) {
 	patch := `{"spec":{"template":{"spec":{"containers":[{"name":"istio-proxy","env":[{"name":"RUST_LOG","value":"warn"}]}]}}}}`
 	ds, err := kube.AppsV1().DaemonSets(cluster.IstioNamespace).Patch(ctx, "ztunnel", types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{})
 	if err != nil {
-		l.end()
 		t.Fatal(err)
 	}
 	gen := ds.Generation
@@ -112,7 +116,6 @@ func TestPrivilegedClusterRollout(t *testing.T) {
 	for {
 		ds, err := kube.AppsV1().DaemonSets(cluster.IstioNamespace).Get(ctx, "ztunnel", metav1.GetOptions{})
 		if err != nil {
-			l.end()
 			t.Fatal(err)
 		}
 		st := ds.Status
@@ -130,7 +133,6 @@ func TestPrivilegedClusterRollout(t *testing.T) {
 			break
 		}
 		if time.Since(start) > 3*time.Minute {
-			l.end()
 			dumpPods(t)
 			t.Fatalf("the rollout did not finish in 3 minutes: %s", last)
 		}
@@ -170,7 +172,6 @@ func TestPrivilegedClusterIstiodRestart(t *testing.T) {
 	time.Sleep(time.Second)
 	start := time.Now()
 	if err := kube.CoreV1().Pods(cluster.IstioNamespace).Delete(ctx, olds[0].Name, metav1.DeleteOptions{}); err != nil {
-		l.end()
 		t.Fatal(err)
 	}
 	for {
@@ -180,7 +181,6 @@ func TestPrivilegedClusterIstiodRestart(t *testing.T) {
 			break
 		}
 		if time.Since(start) > 2*time.Minute {
-			l.end()
 			dumpPods(t)
 			t.Fatal("istiod was not replaced within 2 minutes")
 		}
