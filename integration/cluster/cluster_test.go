@@ -29,6 +29,7 @@ import (
 	"kmesh.dev/kmesh/integration/daemonproc"
 	"kmesh.dev/kmesh/integration/kerneltest"
 	"kmesh.dev/kmesh/integration/podnet"
+	"kmesh.dev/kmesh/integration/sim"
 	"kmesh.dev/kmesh/kernel"
 )
 
@@ -222,12 +223,12 @@ func createRunningPod(t *testing.T, ctx context.Context, kube kubernetes.Interfa
 			Containers: []corev1.Container{{Name: "app", Image: "registry.k8s.io/pause:3.10"}},
 		},
 	}
-	pod, err := kube.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{})
-	if err != nil {
+	pods := kube.CoreV1().Pods(ns)
+	if _, err := pods.Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
 	}
 	now := metav1.Now()
-	pod.Status = corev1.PodStatus{
+	status := corev1.PodStatus{
 		Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: "10.255.0.201", StartTime: &now,
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
@@ -238,7 +239,8 @@ func createRunningPod(t *testing.T, ctx context.Context, kube kubernetes.Interfa
 		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Ready: true, Started: ptr(true), Image: "registry.k8s.io/pause:3.10",
 			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}}},
 	}
-	if pod, err = kube.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+	pod, err := sim.Modify(ctx, name, pods.Get, pods.UpdateStatus, func(p *corev1.Pod) { p.Status = status })
+	if err != nil {
 		t.Fatalf("writing pod %s/%s status: %v", ns, name, err)
 	}
 	return pod

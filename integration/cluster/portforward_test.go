@@ -115,14 +115,17 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = k.Close() })
 
-	n, err := kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "pf-node"}}, metav1.CreateOptions{})
-	if err != nil {
+	if _, err := kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "pf-node"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = kube.CoreV1().Nodes().Delete(context.Background(), "pf-node", metav1.DeleteOptions{}) })
-	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: nodeIP.String()}, {Type: corev1.NodeHostName, Address: "pf-node"}}
-	n.Status.DaemonEndpoints.KubeletEndpoint.Port = sim.KubeletPort
-	if _, err := kube.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+	// The node lifecycle controller taints a new node at once: the status
+	// write retries on its conflict (a CI run failed here without it).
+	nodes := kube.CoreV1().Nodes()
+	if _, err := sim.Modify(ctx, "pf-node", nodes.Get, nodes.UpdateStatus, func(n *corev1.Node) {
+		n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: nodeIP.String()}, {Type: corev1.NodeHostName, Address: "pf-node"}}
+		n.Status.DaemonEndpoints.KubeletEndpoint.Port = sim.KubeletPort
+	}); err != nil {
 		t.Fatal(err)
 	}
 	const ns = "kmesh-pf"
@@ -133,14 +136,15 @@ func TestPrivilegedClusterPortForward(t *testing.T) {
 		_ = kube.CoreV1().Pods(ns).Delete(context.Background(), "target", metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(0))})
 		_ = kube.CoreV1().Namespaces().Delete(context.Background(), ns, metav1.DeleteOptions{})
 	})
-	pod, err := kube.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "target"},
-		Spec: corev1.PodSpec{NodeName: "pf-node", Containers: []corev1.Container{{Name: "app", Image: "x"}}}}, metav1.CreateOptions{})
-	if err != nil {
+	pods := kube.CoreV1().Pods(ns)
+	if _, err := pods.Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "target"},
+		Spec: corev1.PodSpec{NodeName: "pf-node", Containers: []corev1.Container{{Name: "app", Image: "x"}}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	pod.Status.Phase, pod.Status.PodIP = corev1.PodRunning, podIP.String()
-	pod.Status.PodIPs = []corev1.PodIP{{IP: podIP.String()}}
-	if _, err := kube.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+	if _, err := sim.Modify(ctx, "target", pods.Get, pods.UpdateStatus, func(pod *corev1.Pod) {
+		pod.Status.Phase, pod.Status.PodIP = corev1.PodRunning, podIP.String()
+		pod.Status.PodIPs = []corev1.PodIP{{IP: podIP.String()}}
+	}); err != nil {
 		t.Fatal(err)
 	}
 

@@ -308,12 +308,9 @@ func TestPrivilegedClusterAuthorization(t *testing.T) {
 	})
 
 	// DENY the client.
-	p, err := aps.Get(ctx, "web", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.Spec.Action = securityapi.AuthorizationPolicy_DENY
-	if _, err := aps.Update(ctx, p, metav1.UpdateOptions{}); err != nil {
+	if _, err := sim.Modify(ctx, "web", aps.Get, aps.Update, func(p *securityclient.AuthorizationPolicy) {
+		p.Spec.Action = securityapi.AuthorizationPolicy_DENY
+	}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "DENY: the client refused on both backends", func() (bool, string) {

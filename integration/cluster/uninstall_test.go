@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"kmesh.dev/kmesh/integration/cluster"
@@ -114,12 +115,10 @@ func TestPrivilegedClusterUninstall(t *testing.T) {
 	// ambient data plane before uninstalling Istio": the namespace label
 	// goes, istio-cni removes the pods' rules and annotation and tells the
 	// node proxy (ZDS del).
-	ns, err := kube.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	delete(ns.Labels, "istio.io/dataplane-mode")
-	if _, err := kube.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
+	nss := kube.CoreV1().Namespaces()
+	if _, err := sim.Modify(ctx, "shop", nss.Get, nss.Update, func(ns *corev1.Namespace) {
+		delete(ns.Labels, "istio.io/dataplane-mode")
+	}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the shop's pods out of the mesh (annotation and in-pod rules gone)", func() (bool, string) {

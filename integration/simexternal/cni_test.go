@@ -31,6 +31,7 @@ import (
 	"kmesh.dev/kmesh/integration/cluster"
 	"kmesh.dev/kmesh/integration/cluster/bins"
 	"kmesh.dev/kmesh/integration/installpkg"
+	"kmesh.dev/kmesh/integration/sim"
 )
 
 // render runs `istioctl manifest generate --manifests <make manifests
@@ -273,12 +274,13 @@ func TestPrivilegedSimExternalIstioCNI(t *testing.T) {
 	}
 
 	// The namespace joins: the running pod is enrolled through /proc.
-	nso, err := k.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	nso.Labels["istio.io/dataplane-mode"] = "ambient"
-	if _, err := k.CoreV1().Namespaces().Update(ctx, nso, metav1.UpdateOptions{}); err != nil {
+	nss := k.CoreV1().Namespaces()
+	if _, err := sim.Modify(ctx, ns, nss.Get, nss.Update, func(nso *corev1.Namespace) {
+		if nso.Labels == nil {
+			nso.Labels = map[string]string{}
+		}
+		nso.Labels["istio.io/dataplane-mode"] = "ambient"
+	}); err != nil {
 		t.Fatal(err)
 	}
 	enrolled := func(pod *corev1.Pod) {
