@@ -36,7 +36,7 @@ test: ## all test tiers (the product under -race; allocation counts, which sync.
 	@rc=0; \
 	if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory cluster-bins || rc=1; fi; \
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -race -timeout 30m $(RACE_PKGS) || rc=1; \
-	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -run 'RoundTripAllocs$$' ./ambient/tunnel || rc=1; \
+	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -run 'RoundTripAllocs$$|IdleMemory$$' ./ambient/tunnel || rc=1; \
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -timeout 30m $(NORACE_PKGS) || rc=1; \
 	$(GO) run ./integration/cmd/testsummary $(GO) test -json -count=1 -p 1 -timeout 30m $(CLUSTER_PKGS) || rc=1; \
 	exit $$rc

@@ -139,6 +139,19 @@ func (s *Stream) endRecv() {
 	s.cond.Broadcast()
 }
 
+// Wait returns when Read would not block: bytes are queued, the peer
+// ended its side, or the stream failed. A relay waits here before taking
+// a copy buffer, so an idle stream's relay holds none. Like Read, it
+// tells the read loop the caller is done with what Read returned before.
+func (s *Stream) Wait() {
+	s.mu.Lock()
+	s.readerBusy = false
+	for s.off == len(s.buf) && !s.recvEnd && s.err == nil {
+		s.cond.Wait()
+	}
+	s.mu.Unlock()
+}
+
 // Read reads what the peer sent; io.EOF once it ended its side.
 func (s *Stream) Read(p []byte) (int, error) {
 	if len(p) == 0 {

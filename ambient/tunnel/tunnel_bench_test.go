@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -41,6 +42,19 @@ func BenchmarkTunnelPingPong(b *testing.B) {
 // inbound side, to an echo server.
 func tunnelPair(b testing.TB) *net.TCPConn {
 	b.Helper()
+	return newTestTunnel(b).open(b)
+}
+
+// testTunnel: both ends of the tunnel in this process, one HBONE
+// connection over TLS on loopback; open adds an application connection
+// carried by a stream of its own.
+type testTunnel struct {
+	cc    *hbone.Conn
+	front *net.TCPListener
+}
+
+func newTestTunnel(b testing.TB) *testTunnel {
+	b.Helper()
 	listen := func() *net.TCPListener {
 		l, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
@@ -73,7 +87,7 @@ func tunnelPair(b testing.TB) *net.TCPConn {
 				if tc.Handshake() != nil {
 					return
 				}
-				_ = hbone.Serve(nc, hbone.Config{}, func(st *hbone.Stream, _ *hbone.Request) {
+				_ = hbone.Serve(nc, hbone.Config{MaxStreams: 1000}, func(st *hbone.Stream, _ *hbone.Request) {
 					app, err := net.DialTCP("tcp", nil, echo.Addr().(*net.TCPAddr))
 					if err != nil || st.Respond(200) != nil {
 						return
@@ -97,20 +111,24 @@ func tunnelPair(b testing.TB) *net.TCPConn {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { cc.Close() })
-	st, status, err := cc.Connect(context.Background(), "127.0.0.1:1", nil)
+	return &testTunnel{cc: cc, front: listen()}
+}
+
+func (t *testTunnel) open(b testing.TB) *net.TCPConn {
+	b.Helper()
+	st, status, err := t.cc.Connect(context.Background(), "127.0.0.1:1", nil)
 	if err != nil || status != 200 {
 		b.Fatalf("CONNECT: %d %v", status, err)
 	}
-	front := listen()
 	go func() {
-		c, err := front.AcceptTCP()
+		c, err := t.front.AcceptTCP()
 		if err != nil {
 			return
 		}
 		_, _, _ = pipe(c, st)
 		c.Close()
 	}()
-	client, err := net.DialTCP("tcp", nil, front.Addr().(*net.TCPAddr))
+	client, err := net.DialTCP("tcp", nil, t.front.Addr().(*net.TCPAddr))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -140,5 +158,54 @@ func TestTunnelRoundTripAllocs(t *testing.T) {
 	}
 	if a := testing.AllocsPerRun(500, rt); a > 2.5 {
 		t.Errorf("%.1f allocations per round trip, want at most crypto/tls's 2", a)
+	}
+}
+
+// idleConnKiB bounds TestTunnelIdleMemory.
+const idleConnKiB = 64
+
+// TestTunnelIdleMemory: what an idle tunnelled connection holds, both
+// ends of the tunnel together (two pipes, their goroutines and the HBONE
+// stream on each side), after one exchange. Node proxies carry thousands
+// of pooled, mostly idle connections: a relay must not keep a copy buffer
+// while it waits. The echo server's goroutine and sockets are counted
+// too (a few KiB).
+func TestTunnelIdleMemory(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's shadow memory makes heap figures meaningless (go test without -race runs this)")
+	}
+	tun := newTestTunnel(t)
+	msg, got := make([]byte, 512), make([]byte, 512)
+	roundTrip := func(c *net.TCPConn) {
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	roundTrip(tun.open(t)) // warm: TLS, pools, the HBONE connection's buffers
+	inUse := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapInuse + m.StackInuse
+	}
+	const n = 200
+	before := inUse()
+	conns := make([]*net.TCPConn, n)
+	for i := range conns {
+		conns[i] = tun.open(t)
+		roundTrip(conns[i])
+	}
+	time.Sleep(100 * time.Millisecond) // both ends back in their waits
+	per := (float64(inUse()) - float64(before)) / n / 1024
+	t.Logf("%.1f KiB per idle tunnelled connection (both ends, %d connections)", per, n)
+	if per > idleConnKiB {
+		t.Errorf("%.1f KiB per idle tunnelled connection, want at most %d", per, idleConnKiB)
+	}
+	for _, c := range conns {
+		roundTrip(c) // still working after the wait
 	}
 }
