@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"syscall"
 	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 )
 
 // ConnEventKind says what happened to a kernel-path connection.
@@ -101,9 +103,14 @@ type ConnEvents struct {
 	// rec is reused by every Read (ReadInto keeps its buffer): one reader
 	// goroutine, and the decoded event copies what it needs.
 	rec ringbuf.Record
+	// wake is a duplicate of the ring's descriptor registered with Go's
+	// network poller, so that Wait parks a goroutine rather than a thread
+	// (nil if the poller refused it: Wait then sleeps).
+	wake   *os.File
+	wakeRC syscall.RawConn
 }
 
-// ErrEventsClosed is returned by Read after Close.
+// ErrEventsClosed is returned by Read and Wait after Close.
 var ErrEventsClosed = errors.New("kmesh_events reader closed")
 
 // OpenConnEvents starts reading kernel-path connection events.
@@ -116,11 +123,28 @@ func (m *Maps) OpenConnEvents() (*ConnEvents, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading kmesh_events: %w", err)
 	}
-	return &ConnEvents{r: r}, nil
+	c := &ConnEvents{r: r}
+	// O_NONBLOCK on the duplicate is on the map's open file too; nothing
+	// reads or writes a map's descriptor, so it changes nothing else.
+	if fd, err := unix.FcntlInt(uintptr(em.FD()), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+		if unix.SetNonblock(fd, true) != nil {
+			unix.Close(fd)
+		} else {
+			f := os.NewFile(uintptr(fd), "kmesh_events")
+			if rc, err := f.SyscallConn(); err == nil && f.SetReadDeadline(time.Time{}) == nil {
+				c.wake, c.wakeRC = f, rc
+			} else {
+				f.Close()
+			}
+		}
+	}
+	return c, nil
 }
 
-// Read (not safe for concurrent use) waits for the next event, at most until the deadline set with
-// SetDeadline (then it returns os.ErrDeadlineExceeded).
+// Read (not safe for concurrent use) returns the next queued event. With
+// a deadline in the past it never waits (os.ErrDeadlineExceeded when the
+// ring is empty); otherwise it waits in epoll_wait at most until the
+// deadline set with SetDeadline, a thread blocked in a system call.
 func (c *ConnEvents) Read() (ConnEvent, error) {
 	err := c.r.ReadInto(&c.rec)
 	if errors.Is(err, ringbuf.ErrClosed) {
@@ -135,11 +159,54 @@ func (c *ConnEvents) Read() (ConnEvent, error) {
 // SetDeadline bounds the wait of Read.
 func (c *ConnEvents) SetDeadline(t time.Time) { c.r.SetDeadline(t) }
 
+// Wait returns at until, or earlier when the kernel wakes the ring's
+// readers (sockops.c forces a wakeup at each KMESH_EVENTS_WAKE_BYTES
+// queued). The goroutine waits in Go's network poller: a Read that waits
+// in epoll_wait holds its thread in a system call, and the runtime's
+// monitor, taking the thread's P after 10 ms, goes back to polling every
+// 20 µs — about 770 wake-ups a second on an idle node with the monitor
+// kept awake (cmd/kmesh-daemon/sysmon.go). It may return early for no
+// reason; the caller drains with a deadline in the past and waits again.
+func (c *ConnEvents) Wait(until time.Time) error {
+	if c.wake == nil {
+		if d := time.Until(until); d > 0 {
+			time.Sleep(d)
+		}
+		return nil
+	}
+	if err := c.wake.SetReadDeadline(until); err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return ErrEventsClosed
+		}
+		return err
+	}
+	first := true
+	err := c.wakeRC.Read(func(uintptr) bool {
+		if first { // readiness is only known from the poller
+			first = false
+			return false
+		}
+		return true
+	})
+	switch {
+	case err == nil, errors.Is(err, os.ErrDeadlineExceeded):
+		return nil
+	case errors.Is(err, os.ErrClosed):
+		return ErrEventsClosed
+	}
+	return err
+}
+
 // IsTimeout reports whether Read returned because of the deadline.
 func IsTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
 
-// Close stops the reader; a blocked Read returns ErrEventsClosed.
-func (c *ConnEvents) Close() error { return c.r.Close() }
+// Close stops the reader; a blocked Read or Wait returns ErrEventsClosed.
+func (c *ConnEvents) Close() error {
+	if c.wake != nil {
+		c.wake.Close()
+	}
+	return c.r.Close()
+}
 
 func dumpEvents(m *Maps) (Table, error) {
 	if m.byName["kmesh_events"].Type() != ebpf.RingBuf {

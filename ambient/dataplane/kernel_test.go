@@ -448,8 +448,8 @@ func TestPrivilegedRestartKeepsServing(t *testing.T) {
 // service VIP, to a pod IP, and from an unmanaged pod, next to the wall time
 // of a whole connect+read+close as seen by the client.
 // drainConnEvents reads kmesh_events as the daemon's telemetry reader does
-// (a read with a 100 ms deadline, in a loop), so the programs' cost
-// includes waking a live reader, as on a node.
+// (drain without waiting, then wait up to 100 ms in the network poller),
+// so the programs' cost includes waking a live reader, as on a node.
 func drainConnEvents(b *testing.B, f *fixture) {
 	ev, err := f.env.DP.Maps.OpenConnEvents()
 	if err != nil {
@@ -458,9 +458,18 @@ func drainConnEvents(b *testing.B, f *fixture) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		ev.SetDeadline(time.Unix(1, 0))
 		for {
-			ev.SetDeadline(time.Now().Add(100 * time.Millisecond))
-			if _, err := ev.Read(); errors.Is(err, bpf.ErrEventsClosed) {
+			for {
+				_, err := ev.Read()
+				if errors.Is(err, bpf.ErrEventsClosed) {
+					return
+				}
+				if err != nil {
+					break
+				}
+			}
+			if errors.Is(ev.Wait(time.Now().Add(100*time.Millisecond)), bpf.ErrEventsClosed) {
 				return
 			}
 		}

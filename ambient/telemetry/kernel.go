@@ -40,6 +40,9 @@ type Pods interface {
 type EventSource interface {
 	Read() (bpf.ConnEvent, error)
 	SetDeadline(time.Time)
+	// Wait returns at the time given or when the kernel wakes the ring's
+	// readers, without holding a thread in a system call.
+	Wait(time.Time) error
 	Close() error
 }
 
@@ -162,31 +165,42 @@ func (k *KernelReader) Run(ctx context.Context) {
 		<-ctx.Done()
 		k.cfg.Events.Close()
 	}()
+	// Reads never wait in the kernel (a deadline in the past): the waits
+	// are Events.Wait's, in Go's network poller (see bpf.ConnEvents.Wait).
+	k.cfg.Events.SetDeadline(time.Unix(1, 0))
 	next := time.Now().Add(k.cfg.Interval)
 	for {
-		// The kernel does not wake us per event (sockops.c submits with
-		// BPF_RB_NO_WAKEUP below a fill level): drain every pollEvery.
-		deadline := time.Now().Add(pollEvery)
-		if next.Before(deadline) {
-			deadline = next
-		}
-		k.cfg.Events.SetDeadline(deadline)
-		ev, err := k.cfg.Events.Read()
-		switch {
-		case err == nil:
-			k.Handle(ev)
-		case bpf.IsTimeout(err):
-		case ctx.Err() != nil:
-			return
-		default:
-			k.cfg.Logger.Warn("reading kernel-path connection events", "err", err)
-			if err == bpf.ErrEventsClosed {
+		for { // drain what is queued
+			ev, err := k.cfg.Events.Read()
+			if err == nil {
+				k.Handle(ev)
+				continue
+			}
+			if bpf.IsTimeout(err) {
+				break
+			}
+			if ctx.Err() != nil || err == bpf.ErrEventsClosed {
 				return
 			}
+			k.cfg.Logger.Warn("reading kernel-path connection events", "err", err)
+			break
 		}
 		if now := time.Now(); !now.Before(next) {
 			k.Walk()
 			next = now.Add(k.cfg.Interval)
+		}
+		// The kernel does not wake us per event (sockops.c submits with
+		// BPF_RB_NO_WAKEUP below a fill level): drain every pollEvery.
+		until := time.Now().Add(pollEvery)
+		if next.Before(until) {
+			until = next
+		}
+		if err := k.cfg.Events.Wait(until); err != nil {
+			if ctx.Err() != nil || err == bpf.ErrEventsClosed {
+				return
+			}
+			k.cfg.Logger.Warn("waiting for kernel-path connection events", "err", err)
+			time.Sleep(pollEvery) // never spin
 		}
 	}
 }
