@@ -147,9 +147,24 @@ func (s *Stream) Wait() {
 	s.mu.Lock()
 	s.readerBusy = false
 	for s.off == len(s.buf) && !s.recvEnd && s.err == nil {
+		s.releaseIdleLocked()
 		s.cond.Wait()
 	}
 	s.mu.Unlock()
+}
+
+// keepBuf is the largest receive buffer a stream keeps while it waits
+// with nothing queued. The buffer grows to the stream window (4 MiB) when
+// the sink cannot take the bytes; kept, every pooled connection that once
+// had a burst for a slow reader would hold it for its whole idle life.
+const keepBuf = 64 << 10
+
+// releaseIdleLocked drops an empty receive buffer larger than keepBuf.
+// Called with s.mu held, only when nothing is queued.
+func (s *Stream) releaseIdleLocked() {
+	if cap(s.buf) > keepBuf {
+		s.buf, s.off = nil, 0
+	}
 }
 
 // Read reads what the peer sent; io.EOF once it ended its side.
@@ -160,6 +175,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 	s.mu.Lock()
 	s.readerBusy = false // the caller is done with what we returned before
 	for s.off == len(s.buf) && !s.recvEnd && s.err == nil {
+		s.releaseIdleLocked()
 		s.cond.Wait()
 	}
 	if s.off < len(s.buf) {

@@ -161,8 +161,12 @@ func TestTunnelRoundTripAllocs(t *testing.T) {
 	}
 }
 
-// idleConnKiB bounds TestTunnelIdleMemory.
-const idleConnKiB = 64
+// idleConnKiB bounds TestTunnelIdleMemory (23.6 KiB measured; one copy
+// buffer kept per connection would add 64). burstKeptKiB bounds what a
+// connection keeps after a burst: a stream keeps a receive buffer of up to
+// 64 KiB (hbone's keepBuf), one per end; 1.9 MiB measured when streams
+// kept the buffers they grew to the window.
+const idleConnKiB, burstKeptKiB = 64, 256
 
 // TestTunnelIdleMemory: what an idle tunnelled connection holds, both
 // ends of the tunnel together (two pipes, their goroutines and the HBONE
@@ -207,5 +211,34 @@ func TestTunnelIdleMemory(t *testing.T) {
 	}
 	for _, c := range conns {
 		roundTrip(c) // still working after the wait
+	}
+
+	// A burst its reader did not take at once: the tunnel queued it in
+	// the streams' receive buffers (up to the 4 MiB stream window) until
+	// the application read; idle again, the buffers are let go.
+	const burst, k = 32 << 20, 10 // past the sockets' buffers (loopback: several MiB each way)
+	big := make([]byte, burst)
+	before = inUse()
+	for _, c := range conns[:k] {
+		go func() { _, _ = c.Write(big) }()
+	}
+	time.Sleep(300 * time.Millisecond) // every buffer on the way fills
+	// Read them together: the streams share one HBONE connection, whose
+	// 16 MiB window four unread 4 MiB streams use up (HTTP/2).
+	errs := make(chan error, k)
+	for _, c := range conns[:k] {
+		go func() { _, err := io.ReadFull(c, make([]byte, burst)); errs <- err }()
+	}
+	for range k {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	grown := (float64(inUse()) - float64(before)) / k / 1024
+	runtime.KeepAlive(big)
+	t.Logf("%.1f KiB more per idle tunnelled connection after a %d MiB burst", grown, burst>>20)
+	if grown > burstKeptKiB {
+		t.Errorf("%.1f KiB more per idle tunnelled connection after a burst, want at most %d", grown, burstKeptKiB)
 	}
 }
