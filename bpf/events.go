@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -108,6 +109,7 @@ type ConnEvents struct {
 	// (nil if the poller refused it: Wait then sleeps).
 	wake   *os.File
 	wakeRC syscall.RawConn
+	closed atomic.Bool
 }
 
 // ErrEventsClosed is returned by Read and Wait after Close.
@@ -168,6 +170,9 @@ func (c *ConnEvents) SetDeadline(t time.Time) { c.r.SetDeadline(t) }
 // kept awake (cmd/kmesh-daemon/sysmon.go). It may return early for no
 // reason; the caller drains with a deadline in the past and waits again.
 func (c *ConnEvents) Wait(until time.Time) error {
+	if c.closed.Load() {
+		return ErrEventsClosed
+	}
 	if c.wake == nil {
 		if d := time.Until(until); d > 0 {
 			time.Sleep(d)
@@ -175,7 +180,7 @@ func (c *ConnEvents) Wait(until time.Time) error {
 		return nil
 	}
 	if err := c.wake.SetReadDeadline(until); err != nil {
-		if errors.Is(err, os.ErrClosed) {
+		if c.closed.Load() {
 			return ErrEventsClosed
 		}
 		return err
@@ -191,7 +196,9 @@ func (c *ConnEvents) Wait(until time.Time) error {
 	switch {
 	case err == nil, errors.Is(err, os.ErrDeadlineExceeded):
 		return nil
-	case errors.Is(err, os.ErrClosed):
+	case c.closed.Load():
+		// A closed os.File reports "use of closed file", which is not
+		// os.ErrClosed: the flag says it.
 		return ErrEventsClosed
 	}
 	return err
@@ -202,6 +209,7 @@ func IsTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
 
 // Close stops the reader; a blocked Read or Wait returns ErrEventsClosed.
 func (c *ConnEvents) Close() error {
+	c.closed.Store(true)
 	if c.wake != nil {
 		c.wake.Close()
 	}

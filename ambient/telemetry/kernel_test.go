@@ -566,4 +566,27 @@ func TestPrivilegedReaderWaitsInPoller(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the reader did not stop")
 	}
+
+	// Close ends a Wait parked in the poller with ErrEventsClosed (the
+	// poller says "use of closed file", which is not os.ErrClosed), and a
+	// Wait after Close says the same.
+	ev, err := f.env.DP.Maps.OpenConnEvents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- ev.Wait(time.Now().Add(time.Minute)) }()
+	time.Sleep(50 * time.Millisecond)
+	ev.Close()
+	select {
+	case err := <-waited:
+		if err != bpf.ErrEventsClosed {
+			t.Errorf("Wait ended by Close: %v, want ErrEventsClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not end a parked Wait")
+	}
+	if err := ev.Wait(time.Now().Add(time.Minute)); err != bpf.ErrEventsClosed {
+		t.Errorf("Wait after Close: %v, want ErrEventsClosed", err)
+	}
 }
