@@ -57,22 +57,39 @@ func telServer(args []string) (any, error) {
 }
 
 // telClient connects to args[0], sends args[1] bytes, waits args[2], half-
-// closes and reads the answer: it prints the bytes read, or the error.
+// closes and reads the answer: it prints the bytes read, or the error. With
+// args[3] it does so that many times, one connection after another (one
+// helper process, not one per connection: under -race each costs ~1 s).
 func telClient(args []string) (any, error) {
 	n, _ := strconv.Atoi(args[1])
 	hold, _ := time.ParseDuration(args[2])
-	c, err := net.DialTimeout("tcp", args[0], 3*time.Second)
-	if err != nil {
-		return "error: " + err.Error(), nil
+	times := 1
+	if len(args) > 3 {
+		times, _ = strconv.Atoi(args[3])
 	}
-	defer c.Close()
-	if _, err := c.Write(make([]byte, n)); err != nil {
-		return nil, err
+	var out string
+	for range times {
+		c, err := net.DialTimeout("tcp", args[0], 3*time.Second)
+		if err != nil {
+			return "error: " + err.Error(), nil
+		}
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			c.Close()
+			return nil, err
+		}
+		time.Sleep(hold)
+		_ = c.(*net.TCPConn).CloseWrite()
+		got, err := io.Copy(io.Discard, c)
+		c.Close()
+		if err != nil {
+			return nil, err
+		}
+		if out != "" && out != fmt.Sprint(got) {
+			return fmt.Sprintf("error: read %s, then %d", out, got), nil
+		}
+		out = fmt.Sprint(got)
 	}
-	time.Sleep(hold)
-	_ = c.(*net.TCPConn).CloseWrite()
-	got, err := io.Copy(io.Discard, c)
-	return fmt.Sprint(got), err
+	return out, nil
 }
 
 type pods map[uint64]struct {
@@ -198,6 +215,17 @@ func (f *telFixture) connect(t *testing.T, addr string, n int, hold time.Duratio
 	t.Helper()
 	var out string
 	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), hold.String()); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// connectTimes is connect made times over, one connection after another,
+// from one helper process.
+func (f *telFixture) connectTimes(t *testing.T, addr string, n, times int) string {
+	t.Helper()
+	var out string
+	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), "0s", strconv.Itoa(times)); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -357,10 +385,9 @@ func TestPrivilegedKernelPathTelemetry(t *testing.T) {
 func TestPrivilegedRingBufferOverflowCounted(t *testing.T) {
 	f := newTelFixture(t, bpf.MapSizes{Events: 4096}, time.Second)
 	f.waitServer(t)
-	for range 60 { // 60 connections, 4 events each (~100 bytes) > 4 KiB
-		if got := f.connect(t, "10.244.1.11:8080", 1, 0); got != "300" {
-			t.Fatalf("client read %s", got)
-		}
+	// 60 connections, 4 events each (~100 bytes) > 4 KiB
+	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 60); got != "300" {
+		t.Fatalf("client read %s", got)
 	}
 	st, err := f.env.DP.Maps.Stats()
 	if err != nil {
@@ -378,10 +405,8 @@ func TestPrivilegedConnEventsOff(t *testing.T) {
 	for _, off := range []bool{true, false} {
 		f := newTelFixtureWith(t, bpf.Config{NoConnEvents: off}, time.Second)
 		f.waitServer(t)
-		for range 5 {
-			if got := f.connect(t, "10.244.1.11:8080", 1, 0); got != "300" {
-				t.Fatalf("client read %s", got)
-			}
+		if got := f.connectTimes(t, "10.244.1.11:8080", 1, 5); got != "300" {
+			t.Fatalf("client read %s", got)
 		}
 		st, err := f.env.DP.Maps.Stats()
 		if err != nil {
