@@ -2,13 +2,14 @@ package cluster
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
 	"syscall"
 	"time"
+
+	"kmesh.dev/kmesh/integration/freeport"
 )
 
 // process is one control-plane binary running for the test, its output in
@@ -102,16 +103,9 @@ func startOnSpawner(cmd *exec.Cmd) error {
 	return <-errc
 }
 
-// freePort picks a free loopback TCP port. Another process may take it
-// before ours binds; the start then fails with the port named in the log.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
+// freePort picks a free loopback TCP port (freeport.Port: below the
+// ephemeral range, so no outgoing connection takes it before ours binds).
+func freePort() (int, error) { return freeport.Port() }
 
 func freePorts(ps ...*int) error {
 	for _, p := range ps {

@@ -8,13 +8,14 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"strings"
 	"syscall"
 	"time"
+
+	"kmesh.dev/kmesh/integration/freeport"
 )
 
 // Build builds kmesh-daemon from this module into dir. Go's build cache
@@ -40,15 +41,8 @@ type Daemon struct {
 	done      chan struct{}
 }
 
-// FreeAddr returns a free 127.0.0.1 TCP address.
-func FreeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
+// FreeAddr returns a free 127.0.0.1 TCP address (freeport.Addr).
+func FreeAddr() (string, error) { return freeport.Addr() }
 
 // Start runs bin with this process's environment, admin, stats and
 // readiness servers on free loopback ports, then env (which wins over

@@ -28,6 +28,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"kmesh.dev/kmesh/integration/freeport"
 )
 
 // moduleDir is collector/ next to this file.
@@ -400,11 +402,4 @@ func key(m map[string]string) string {
 	return strings.Join(parts, ",")
 }
 
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
+func freeAddr() (string, error) { return freeport.Addr() }

@@ -16,7 +16,6 @@ import (
 	"hash/fnv"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -45,6 +44,7 @@ import (
 	"kmesh.dev/kmesh/ambient/xds/xdstest"
 	"kmesh.dev/kmesh/bpf"
 	"kmesh.dev/kmesh/integration/controlplane"
+	"kmesh.dev/kmesh/integration/freeport"
 	"kmesh.dev/kmesh/integration/podnet"
 )
 
@@ -196,12 +196,11 @@ func objects(n, e int) []k8sruntime.Object {
 }
 
 func freePort() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := freeport.Addr()
 	if err != nil {
 		fatalf("%v", err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
 func scrape(addr string) (map[string]*dto.MetricFamily, error) {
