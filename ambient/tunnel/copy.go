@@ -24,42 +24,16 @@ const bufSize = 64 << 10
 // direction of each end kept its own 64 KiB for the connection's life).
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// copyBuf copies src to dst with a pooled buffer held throughout. It
-// returns the bytes copied and the first error that is not the source's
-// EOF. For sources that may sit idle, relayConn and relayStream hold a
-// buffer only while bytes are waiting.
-func copyBuf(dst io.Writer, src io.Reader) (int64, error) {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	var n int64
-	for {
-		k, rerr := src.Read(buf)
-		if k > 0 {
-			w, werr := dst.Write(buf[:k])
-			n += int64(w)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if rerr != nil {
-			if rerr == io.EOF {
-				return n, nil
-			}
-			return n, rerr
-		}
-	}
-}
-
-// relayConn copies src to dst like copyBuf, but waits for src to be
-// readable holding no buffer: it reads through the socket's RawConn and
-// takes a pooled buffer only for a read that finds bytes. The write to dst
-// happens outside the RawConn callback, so closing src never waits for a
-// blocked dst (Close waits for a RawConn.Read in progress).
+// relayConn copies src to dst until src's EOF (nil) or the first error. It
+// waits for src to be readable holding no buffer: it reads through the
+// socket's RawConn and takes a pooled buffer only for a read that finds
+// bytes. The write to dst happens outside the RawConn callback, so closing
+// src never waits for a blocked dst (Close waits for a RawConn.Read in
+// progress).
 func relayConn(dst io.Writer, src *net.TCPConn) (int64, error) {
 	rc, err := src.SyscallConn()
 	if err != nil {
-		return copyBuf(dst, src)
+		return 0, err
 	}
 	var n int64
 	var bp *[]byte
@@ -81,31 +55,23 @@ func relayConn(dst io.Writer, src *net.TCPConn) (int64, error) {
 		return true
 	}
 	for {
-		if err := rc.Read(read); err != nil {
-			// Closed (by the other direction, or the proxy) or a deadline:
-			// the bytes read so far were written.
-			if bp != nil {
-				bufPool.Put(bp)
-				bp = nil
-			}
-			return n, err
+		// An error here: closed (by the other direction, or the proxy)
+		// or a deadline; the bytes read before were written.
+		err := rc.Read(read)
+		if err == nil && rerr != nil {
+			err = os.NewSyscallError("read", rerr)
 		}
-		switch {
-		case rerr != nil:
+		var w int
+		if err == nil && k > 0 {
+			w, err = dst.Write((*bp)[:k])
+		}
+		if bp != nil {
 			bufPool.Put(bp)
 			bp = nil
-			return n, os.NewSyscallError("read", rerr)
-		case k == 0:
-			bufPool.Put(bp)
-			bp = nil
-			return n, nil // EOF
 		}
-		w, werr := dst.Write((*bp)[:k])
-		bufPool.Put(bp)
-		bp = nil
 		n += int64(w)
-		if werr != nil {
-			return n, werr
+		if err != nil || k == 0 { // k == 0: EOF
+			return n, err
 		}
 	}
 }
