@@ -615,3 +615,43 @@ func TestPrivilegedReaderWaitsInPoller(t *testing.T) {
 		t.Errorf("Wait after Close: %v, want ErrEventsClosed", err)
 	}
 }
+
+// TestPrivilegedEventsWaitWokenByKernel: a Wait parked in the poller ends
+// when the kernel forces a wakeup (sockops.c, at each 64 KiB queued), not
+// only at its deadline, so a burst of connections is drained before the
+// ring fills.
+func TestPrivilegedEventsWaitWokenByKernel(t *testing.T) {
+	f := newTelFixture(t, bpf.MapSizes{}, time.Hour)
+	f.waitServer(t)
+	ev, err := f.env.DP.Maps.OpenConnEvents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ev.Close()
+	ev.SetDeadline(time.Unix(1, 0))
+	for { // start from an empty ring
+		if _, err := ev.Read(); err != nil {
+			break
+		}
+	}
+	const deadline = time.Minute
+	waited := make(chan time.Duration, 1)
+	go func() {
+		start := time.Now()
+		_ = ev.Wait(start.Add(deadline))
+		waited <- time.Since(start)
+	}()
+	time.Sleep(50 * time.Millisecond) // parked
+	// 300 connections, 4 events each of ~100 bytes: past 64 KiB.
+	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 300); got != "300" {
+		t.Fatalf("client read %s", got)
+	}
+	select {
+	case d := <-waited:
+		if d >= deadline {
+			t.Fatalf("Wait ran to its deadline (%v) although the kernel queued past 64 KiB", d)
+		}
+	case <-time.After(deadline / 2):
+		t.Fatal("Wait not woken by the kernel after 300 connections' events")
+	}
+}
