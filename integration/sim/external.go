@@ -24,7 +24,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/util/retry"
 
 	"kmesh.dev/kmesh/integration/podnet"
 )
@@ -261,17 +260,15 @@ func (n *Node) register(ctx context.Context) error {
 }
 
 // writeNodeStatus writes the node's status, again on a conflict (the node
-// lifecycle controller updates the same object).
+// lifecycle controller updates the same object: Modify).
 func (n *Node) writeNodeStatus(ctx context.Context) error {
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error { return n.writeNodeStatusOnce(ctx) })
+	nodes := n.cluster.ext.CoreV1().Nodes()
+	_, err := Modify(ctx, n.Name, nodes.Get, nodes.UpdateStatus, n.nodeStatus)
+	return err
 }
 
-func (n *Node) writeNodeStatusOnce(ctx context.Context) error {
-	k := n.cluster.ext
-	obj, err := k.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-	if err != nil {
-		return err
-	}
+// nodeStatus sets the status a kubelet reports on obj.
+func (n *Node) nodeStatus(obj *corev1.Node) {
 	now := metav1.Now()
 	obj.Status.Capacity = nodeAllocatable.DeepCopy()
 	obj.Status.Allocatable = nodeAllocatable.DeepCopy()
@@ -300,8 +297,6 @@ func (n *Node) writeNodeStatusOnce(ctx context.Context) error {
 		}
 	}
 	obj.Status.Conditions = want
-	_, err = k.CoreV1().Nodes().UpdateStatus(ctx, obj, metav1.UpdateOptions{})
-	return err
 }
 
 func kernelRelease() string {
