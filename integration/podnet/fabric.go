@@ -44,15 +44,7 @@ func NewFabric(cluster4, cluster6 netip.Prefix) (*Fabric, error) {
 		ns.Close()
 		return nil, err
 	}
-	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br-fabric"}}
-	if err := f.h.LinkAdd(br); err != nil {
-		f.Close()
-		return nil, err
-	}
-	if f.bridge, err = f.h.LinkByName("br-fabric"); err == nil {
-		err = f.h.LinkSetUp(f.bridge)
-	}
-	if err != nil {
+	if f.bridge, err = addBridge(f.h, "br-fabric"); err != nil {
 		f.Close()
 		return nil, err
 	}

@@ -1,9 +1,12 @@
 package podnet
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"testing"
+
+	"github.com/vishvananda/netlink"
 )
 
 func TestMain(m *testing.M) {
@@ -83,4 +86,65 @@ func TestPrivilegedFabric(t *testing.T) {
 	if res.Errors["ENETUNREACH"] != 1 {
 		t.Fatalf("a VIP must be unroutable from a pod: %+v", res)
 	}
+}
+
+// A node's pod bridge and the fabric keep their addresses while pods and
+// nodes come and go: the pods' ARP entries for their gateway stay right.
+// (A bridge takes its lowest port's address unless given one: it changed
+// with the first pod, and again whenever the pod holding it left, which
+// left the node's other pods unable to reach other nodes.)
+func TestPrivilegedBridgeKeepsItsAddress(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("KMESH_REQUIRE_PRIVILEGED") != "" {
+			t.Fatal("needs root")
+		}
+		t.Skip("needs root")
+	}
+	f, err := NewFabric(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n, err := f.AddNode("n1", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrOf := func(h *netlink.Handle, name string) string {
+		t.Helper()
+		l, err := h.LinkByName(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.Attrs().HardwareAddr.String()
+	}
+	node, fabric := addrOf(n.h, "br0"), addrOf(f.h, "br-fabric")
+	check := func(step string) {
+		t.Helper()
+		if got := addrOf(n.h, "br0"); got != node {
+			t.Fatalf("after %s the node's bridge is %s, was %s", step, got, node)
+		}
+		if got := addrOf(f.h, "br-fabric"); got != fabric {
+			t.Fatalf("after %s the fabric's bridge is %s, was %s", step, got, fabric)
+		}
+	}
+	p4, _ := f.NodePrefixes(1)
+	var pods []*Pod
+	for i := range 8 {
+		p, err := n.AddPod(fmt.Sprintf("p%d", i), hostIn(p4, 10+i), netip.Addr{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods = append(pods, p)
+		check(fmt.Sprintf("adding pod %d", i))
+	}
+	for i, p := range pods[:4] {
+		if err := n.RemovePod(p); err != nil {
+			t.Fatal(err)
+		}
+		check(fmt.Sprintf("removing pod %d", i))
+	}
+	if _, err := f.AddNode("n2", 2); err != nil {
+		t.Fatal(err)
+	}
+	check("adding a node")
 }
