@@ -3,6 +3,10 @@ package cluster_test
 import (
 	"context"
 	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -27,10 +31,15 @@ type load struct {
 	mu   sync.Mutex
 	ok   map[string]int
 	errs map[string]int
+	// start and failed: when the load began, and when each helper run
+	// that saw a failure ran (offsets from start), so that a failure can
+	// be matched against the daemons' logs.
+	start  time.Time
+	failed []string
 }
 
 func startLoad(t *testing.T, from *meshPod, urls map[string]string) *load {
-	l := &load{stop: make(chan struct{}), ok: map[string]int{}, errs: map[string]int{}}
+	l := &load{stop: make(chan struct{}), ok: map[string]int{}, errs: map[string]int{}, start: time.Now()}
 	// Stopped however the test ends (a Fatal in a helper too), so that
 	// no load runs into the next test.
 	t.Cleanup(func() { l.end() })
@@ -45,22 +54,79 @@ func startLoad(t *testing.T, from *meshPod, urls map[string]string) *load {
 				default:
 				}
 				var res podnet.ClientResult
-				if err := from.Helper(&res, "http", "-url", url, "-n", "20", "-timeout", "3s"); err != nil {
-					l.mu.Lock()
-					l.errs[path+": helper: "+err.Error()]++
-					l.mu.Unlock()
-					continue
-				}
+				began := time.Since(l.start)
+				err := from.Helper(&res, "http", "-url", url, "-n", "20", "-timeout", "3s")
+				ran := fmt.Sprintf("%s: run from +%s to +%s", path, began.Round(time.Millisecond), time.Since(l.start).Round(time.Millisecond))
 				l.mu.Lock()
-				l.ok[path] += res.Names.Total()
-				for k, v := range res.Errors {
-					l.errs[path+": "+k] += v
+				if err != nil {
+					l.errs[path+": helper: "+err.Error()]++
+					l.failed = append(l.failed, fmt.Sprintf("%s: helper: %v", ran, err))
+				} else {
+					l.ok[path] += res.Names.Total()
+					for k, v := range res.Errors {
+						l.errs[path+": "+k] += v
+					}
+					if len(res.Errors) > 0 {
+						l.failed = append(l.failed, fmt.Sprintf("%s: %d answered, failed: %v", ran, res.Names.Total(), res.Errors))
+					}
 				}
 				l.mu.Unlock()
 			}
 		}()
 	}
 	return l
+}
+
+// explain logs what a failed load needs looking into: when the failing
+// runs ran, and the lines every node's kmesh-daemon logged since the load
+// began (the run directory is gone once the test binary ends).
+func (l *load) explain(t *testing.T, c *sim.Cluster) {
+	t.Helper()
+	l.mu.Lock()
+	failed := append([]string(nil), l.failed...)
+	l.mu.Unlock()
+	t.Logf("load began at %s", l.start.UTC().Format(time.RFC3339Nano))
+	for _, f := range failed {
+		t.Logf("  %s", f)
+	}
+	// The simulator's kubelet writes <node>/<pod>_<container>.log, the
+	// external one <node>/logs/<namespace>_<pod>_<container>.log.
+	var logs []string
+	_ = filepath.WalkDir(c.RunDir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), cluster.IstioNamespace+"_ztunnel-") && strings.HasSuffix(d.Name(), ".log") {
+			logs = append(logs, path)
+		}
+		return nil
+	})
+	if len(logs) == 0 {
+		t.Logf("no ztunnel pod logs under %s", c.RunDir)
+	}
+	for _, f := range logs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Logf("%s: %v", f, err)
+			continue
+		}
+		var since []string
+		for _, line := range strings.Split(string(b), "\n") {
+			// The daemon's own log (time=...), and access log lines
+			// (time, tab, level) other than info: the connections that
+			// failed.
+			var ts string
+			if rest, ok := strings.CutPrefix(line, "time="); ok {
+				ts, _, _ = strings.Cut(rest, " ")
+			} else if fields := strings.SplitN(line, "\t", 3); len(fields) == 3 && fields[1] != "info" {
+				ts = fields[0]
+			}
+			if at, err := time.Parse(time.RFC3339Nano, ts); err == nil && !at.Before(l.start) {
+				since = append(since, line)
+			}
+		}
+		if len(since) > 200 {
+			since = since[len(since)-200:]
+		}
+		t.Logf("%s since the load began (%d lines shown):\n%s", f, len(since), strings.Join(since, "\n"))
+	}
 }
 
 // end stops the load (once; later calls only wait) and returns its counts.
@@ -106,7 +172,10 @@ func TestPrivilegedClusterRollout(t *testing.T) {
 	l := startLoad(t, client, urls)
 	time.Sleep(2 * time.Second) // load before the rollout
 	start := time.Now()
-	patch := `{"spec":{"template":{"spec":{"containers":[{"name":"istio-proxy","env":[{"name":"RUST_LOG","value":"warn"}]}]}}}}`
+	// With the restartedAt annotation `kubectl rollout restart` sets, so
+	// that each run (go test -count) rolls a new generation out.
+	patch := fmt.Sprintf(`{"spec":{"template":{"metadata":{"annotations":{"kubectl.kubernetes.io/restartedAt":%q}},`+
+		`"spec":{"containers":[{"name":"istio-proxy","env":[{"name":"RUST_LOG","value":"warn"}]}]}}}}`, time.Now().Format(time.RFC3339Nano))
 	ds, err := kube.AppsV1().DaemonSets(cluster.IstioNamespace).Patch(ctx, "ztunnel", types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -144,6 +213,7 @@ func TestPrivilegedClusterRollout(t *testing.T) {
 	t.Logf("rollout of %d nodes in %s (%s); requests answered: %v", len(c.Nodes), took.Round(time.Millisecond), last, ok)
 	if len(errs) > 0 {
 		t.Errorf("failed requests during the rollout: %v", errs)
+		l.explain(t, c)
 	}
 	for path := range urls {
 		if ok[path] == 0 {
@@ -191,6 +261,7 @@ func TestPrivilegedClusterIstiodRestart(t *testing.T) {
 	t.Logf("requests answered across the istiod restart: %v", ok)
 	if len(errs) > 0 {
 		t.Errorf("failed requests across the istiod restart: %v", errs)
+		l.explain(t, c)
 	}
 	// Reconnected: a DENY for the intruder, written now, is enforced on
 	// both backends, and lifted again.
