@@ -151,15 +151,13 @@ func ResolveCaptured(dir Directory, lb Picker, network string, dst netip.AddrPor
 		return Resolve(dir, network, bpf.TunnelOrig{Dst: dst, Path: bpf.PathWaypoint}, rnd)
 	}
 	// PathDirect, PathPlain, PathPassthrough: straight to where the kernel
-	// would have connected.
+	// would have connected. That includes a service's VIP on a port the
+	// service lacks when Pick let it through: Pick refuses a Kubernetes
+	// Service's ClusterIP there (kmesh_vip: nothing else answers at it),
+	// and leaves a ServiceEntry's address alone, as the kernel does (it
+	// may be a real host's, reachable on ports the entry does not name).
 	na := func(a netip.Addr) state.NetworkAddr { return state.NetworkAddr{Network: network, Addr: a.Unmap()} }
-	svc := dir.ServiceByVIP(na(dst.Addr()))
-	if svc != nil && !d.Rewritten && d.Path != bpf.PathPassthrough {
-		// A service's VIP on a port it does not have: nothing can answer
-		// there, and dialling it would send the VIP onto the network.
-		return Route{}, fmt.Errorf("%w: service %s has no port %d", ErrNoRoute, svc.Key(), dst.Port())
-	}
-	return Route{Plain: true, Dial: d.To, Target: d.To, Dst: dir.WorkloadByAddr(na(d.To.Addr())), Service: svc}, nil
+	return Route{Plain: true, Dial: d.To, Target: d.To, Dst: dir.WorkloadByAddr(na(d.To.Addr())), Service: dir.ServiceByVIP(na(dst.Addr()))}, nil
 }
 
 // resolveGateway finds a workload of a waypoint: the address is the

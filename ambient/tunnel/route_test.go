@@ -48,6 +48,9 @@ func routeFixture(t testing.TB) (*state.Store, *dataplane.Dataplane) {
 				VIPs: []state.NetworkAddr{{Addr: netip.MustParseAddr("10.96.0.11")}}, Ports: []state.Port{{ServicePort: 80, TargetPort: 9090}}},
 			{Name: "waypoint", Namespace: "app", Hostname: "waypoint.app.svc.cluster.local",
 				VIPs: []state.NetworkAddr{wpAddr}, Ports: []state.Port{{ServicePort: 15008, TargetPort: 15008}}},
+			// A ServiceEntry: its addresses may be a real host's.
+			{Name: "external", Namespace: "app", Hostname: "api.example.com",
+				VIPs: []state.NetworkAddr{{Addr: netip.MustParseAddr("240.240.0.1")}}, Ports: []state.Port{{ServicePort: 443, TargetPort: 443}}},
 			{Name: "guarded", Namespace: "app", Hostname: "guarded.app.svc.cluster.local",
 				VIPs: []state.NetworkAddr{{Addr: netip.MustParseAddr("10.96.0.12")}}, Ports: []state.Port{{ServicePort: 80, TargetPort: 8080}},
 				Waypoint: &state.GatewayAddress{Hostname: "app/waypoint.app.svc.cluster.local", HBONEMTLSPort: 15008}},
@@ -109,7 +112,11 @@ func TestResolve(t *testing.T) {
 			orig: bpf.TunnelOrig{Dst: ap("10.244.2.8:8080"), Path: waypoint},
 			want: Route{Dial: ap("10.244.3.7:15008"), Target: ap("10.244.2.8:8080"), Identity: wpID, Waypoint: true}},
 		{name: "waypoint verdict but the waypoint is gone", orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:80"), Path: waypoint}, err: true},
-		{name: "service port unknown", captured: true, orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:81")}, err: true},
+		{name: "a Kubernetes Service's VIP on a port it lacks: refused, as the kernel does (kmesh_vip)", captured: true,
+			orig: bpf.TunnelOrig{Dst: ap("10.96.0.10:81")}, err: true},
+		{name: "a ServiceEntry's address on a port it does not name: left alone, as the kernel does", captured: true,
+			orig: bpf.TunnelOrig{Dst: ap("240.240.0.1:8443")},
+			want: Route{Plain: true, Dial: ap("240.240.0.1:8443"), Target: ap("240.240.0.1:8443")}},
 		{name: "waypoint has no IPv6 address", orig: bpf.TunnelOrig{Dst: ap("[fd00:10:96::10]:80"), Path: waypoint}, err: true},
 		// Fail closed: what the kernel sent for mTLS never leaves in plaintext.
 		{name: "tunnel verdict, backend unknown here: refused",
