@@ -2,9 +2,11 @@ package podnet
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 )
@@ -35,12 +37,7 @@ func TestNth(t *testing.T) {
 // Pods on two nodes reach each other across the fabric, in both families;
 // nothing outside the cluster's prefixes has a route.
 func TestPrivilegedFabric(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("KMESH_REQUIRE_PRIVILEGED") != "" {
-			t.Fatal("needs root")
-		}
-		t.Skip("needs root")
-	}
+	needRoot(t)
 	f, err := NewFabric(netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/48"))
 	if err != nil {
 		t.Fatal(err)
@@ -94,21 +91,8 @@ func TestPrivilegedFabric(t *testing.T) {
 // with the first pod, and again whenever the pod holding it left, which
 // left the node's other pods unable to reach other nodes.)
 func TestPrivilegedBridgeKeepsItsAddress(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("KMESH_REQUIRE_PRIVILEGED") != "" {
-			t.Fatal("needs root")
-		}
-		t.Skip("needs root")
-	}
-	f, err := NewFabric(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	n, err := f.AddNode("n1", 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, nodes := ipv4Fabric(t, "n1")
+	n := nodes[0]
 	addrOf := func(h *netlink.Handle, name string) string {
 		t.Helper()
 		l, err := h.LinkByName(name)
@@ -147,4 +131,117 @@ func TestPrivilegedBridgeKeepsItsAddress(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("adding a node")
+}
+
+// The traffic that stalled: a pod's connections to another node, right
+// after the pod whose veth had the lowest address left its node. Before
+// bridges had an address of their own, br0 had taken that pod's, and the
+// other pods' gateway entry pointed at nobody: every connection timed out.
+func TestPrivilegedOffNodeTrafficSurvivesAPodLeaving(t *testing.T) {
+	_, nodes := ipv4Fabric(t, "n1", "n2")
+	n1, n2 := nodes[0], nodes[1]
+	client, err := n1.AddPod("client", netip.MustParseAddr("10.244.1.10"), netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := n2.AddPod("server", netip.MustParseAddr("10.244.2.10"), netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := server.Listen("tcp", "10.244.2.10:8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go ServeTCPName(l, "server")
+	// A pod whose veth has the lowest address a veth can have.
+	ports := func() map[string]bool {
+		links, err := n1.h.LinkList()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, l := range links {
+			if l.Attrs().MasterIndex == n1.bridge.Attrs().Index {
+				out[l.Attrs().Name] = true
+			}
+		}
+		return out
+	}
+	before := ports()
+	low, err := n1.AddPod("low", netip.MustParseAddr("10.244.1.11"), netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lowVeth string
+	for name := range ports() {
+		if !before[name] {
+			lowVeth = name
+			veth, err := n1.h.LinkByName(name)
+			if err == nil {
+				err = n1.h.LinkSetHardwareAddr(veth, net.HardwareAddr{0x02, 0, 0, 0, 0, 1})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cg, err := NewCgroup("", "kmesh-fabric-test-"+RandomSuffix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Remove()
+	connect := func(when string) {
+		t.Helper()
+		var res ClientResult
+		if err := client.Helper(cg, &res, "tcp", "-addr", "10.244.2.10:8080", "-n", "3", "-timeout", "1s"); err != nil {
+			t.Fatal(err)
+		}
+		if res.Names["server"] != 3 {
+			t.Fatalf("%s: connections to the other node: %+v", when, res)
+		}
+	}
+	connect("before the pod left") // the client's gateway entry is now resolved
+	if err := n1.RemovePod(low); err != nil {
+		t.Fatal(err)
+	}
+	// The veth goes with the pod's namespace, which the kernel tears down
+	// in the background.
+	for deadline := time.Now().Add(10 * time.Second); ports()[lowVeth]; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still on the bridge 10 s after its pod left", lowVeth)
+		}
+	}
+	connect("right after the pod left")
+}
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("KMESH_REQUIRE_PRIVILEGED") != "" {
+			t.Fatal("needs root")
+		}
+		t.Skip("needs root")
+	}
+}
+
+// ipv4Fabric is a fabric of IPv4 nodes named names (numbered from 1),
+// removed when the test ends.
+func ipv4Fabric(t *testing.T, names ...string) (*Fabric, []*Node) {
+	t.Helper()
+	needRoot(t)
+	f, err := NewFabric(netip.MustParsePrefix("10.244.0.0/16"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.Close() })
+	var nodes []*Node
+	for i, name := range names {
+		n, err := f.AddNode(name, i+1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
+	}
+	return f, nodes
 }
