@@ -213,19 +213,15 @@ func newTelFixtureWith(t *testing.T, cfg bpf.Config, interval time.Duration) *te
 
 func (f *telFixture) connect(t *testing.T, addr string, n int, hold time.Duration) string {
 	t.Helper()
-	var out string
-	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), hold.String()); err != nil {
-		t.Fatal(err)
-	}
-	return out
+	return f.connectTimes(t, addr, n, hold, 1)
 }
 
 // connectTimes is connect made times over, one connection after another,
 // from one helper process.
-func (f *telFixture) connectTimes(t *testing.T, addr string, n, times int) string {
+func (f *telFixture) connectTimes(t *testing.T, addr string, n int, hold time.Duration, times int) string {
 	t.Helper()
 	var out string
-	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), "0s", strconv.Itoa(times)); err != nil {
+	if err := f.client.Helper(f.env.Cgroup, &out, "tel-client", addr, strconv.Itoa(n), hold.String(), strconv.Itoa(times)); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -386,7 +382,7 @@ func TestPrivilegedRingBufferOverflowCounted(t *testing.T) {
 	f := newTelFixture(t, bpf.MapSizes{Events: 4096}, time.Second)
 	f.waitServer(t)
 	// 60 connections, 4 events each (~100 bytes) > 4 KiB
-	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 60); got != "300" {
+	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 0, 60); got != "300" {
 		t.Fatalf("client read %s", got)
 	}
 	st, err := f.env.DP.Maps.Stats()
@@ -405,7 +401,7 @@ func TestPrivilegedConnEventsOff(t *testing.T) {
 	for _, off := range []bool{true, false} {
 		f := newTelFixtureWith(t, bpf.Config{NoConnEvents: off}, time.Second)
 		f.waitServer(t)
-		if got := f.connectTimes(t, "10.244.1.11:8080", 1, 5); got != "300" {
+		if got := f.connectTimes(t, "10.244.1.11:8080", 1, 0, 5); got != "300" {
 			t.Fatalf("client read %s", got)
 		}
 		st, err := f.env.DP.Maps.Stats()
@@ -643,7 +639,7 @@ func TestPrivilegedEventsWaitWokenByKernel(t *testing.T) {
 	}()
 	time.Sleep(50 * time.Millisecond) // parked
 	// 300 connections, 4 events each of ~100 bytes: past 64 KiB.
-	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 300); got != "300" {
+	if got := f.connectTimes(t, "10.244.1.11:8080", 1, 0, 300); got != "300" {
 		t.Fatalf("client read %s", got)
 	}
 	select {

@@ -80,9 +80,8 @@ func (n *Node) init() error {
 // pod whose veth had it leaves, the bridge takes the next lowest, and the
 // other pods' ARP entries for the gateway point at an address nobody owns
 // any more: their traffic off the node (across the fabric: the tunnel
-// path) goes nowhere until the entry is probed again. Measured in a
-// scratch namespace pair: every connection timed out for the 20 s
-// watched; with the bridge's own address, none did. A pod leaving a node
+// path) goes nowhere until the entry is probed again
+// (TestPrivilegedOffNodeTrafficSurvivesAPodLeaving). A pod leaving a node
 // (istiod's old pod in TestPrivilegedClusterIstiodRestart) must not
 // disturb the other pods, as on a real node, where the CNI's bridge keeps
 // its address.
